@@ -1,0 +1,7 @@
+"""``python -m lbproxy``: the same as the ``lbproxy`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""The access log: one line per HTTP request, one per WebSocket tunnel when it closes.
+
+Owns formatting (text or JSON) and writing. Lines are handed to a queue and written by a
+single background thread, so a slow disk or a blocked stderr never stalls the event loop;
+``close`` flushes what is queued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import queue
+import sys
+import time
+from typing import Any
+
+from .config import AccessLog as AccessLogConfig
+
+
+class AccessLog:
+    """One per process; ``configure`` swaps its destination in place on reload, so tunnels
+    opened before the reload still log their close."""
+
+    def __init__(self, config: AccessLogConfig) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._logger = logging.getLogger(f"lbproxy.access.{id(self)}")
+        self._logger.propagate = False
+        self._logger.setLevel(logging.INFO)
+        self._logger.addHandler(logging.handlers.QueueHandler(self._queue))
+        self._listener: logging.handlers.QueueListener | None = None
+        self._target: logging.Handler | None = None
+        self.config = config
+        self.enabled = config.enabled
+        self.json = config.format == "json"
+
+    def start(self) -> None:
+        self._open(self.config)
+
+    def _open(self, config: AccessLogConfig) -> None:
+        target: logging.Handler
+        if config.path:
+            target = logging.FileHandler(config.path, encoding="utf-8")
+        else:
+            target = logging.StreamHandler(sys.stderr)
+        target.setFormatter(logging.Formatter("%(message)s"))
+        self._target = target
+        self._listener = logging.handlers.QueueListener(self._queue, target)
+        self._listener.start()
+
+    def configure(self, config: AccessLogConfig) -> None:
+        """Apply a reloaded access_log section (a new path is opened before the old is closed)."""
+        if config == self.config:
+            return
+        old_listener, old_target = self._listener, self._target
+        if old_listener is not None:
+            old_listener.stop()
+        if old_target is not None:
+            old_target.close()
+        self.config = config
+        self.enabled = config.enabled
+        self.json = config.format == "json"
+        self._open(config)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()  # drains the queue, then joins the writer thread
+            self._listener = None
+        if self._target is not None:
+            self._target.close()
+            self._target = None
+
+    def _emit(self, fields: dict[str, Any]) -> None:
+        if self.json:
+            line = json.dumps(fields, separators=(",", ":"))
+        else:
+            line = " ".join(_text(k, v) for k, v in fields.items())
+        self._logger.info(line)
+
+    def request(
+        self,
+        *,
+        client: str,
+        listener: str,
+        method: str,
+        path: str,
+        status: int,
+        server: str,
+        upstream_time: float | None,
+        total_time: float,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        self._emit(
+            {
+                "time": _now(),
+                "type": "http",
+                "client": client,
+                "listener": listener,
+                "method": method,
+                "path": path,
+                "status": status,
+                "server": server or "-",
+                "upstream_time": None if upstream_time is None else round(upstream_time, 6),
+                "total_time": round(total_time, 6),
+                "bytes_in": bytes_in,
+                "bytes_out": bytes_out,
+            }
+        )
+
+    def tunnel(
+        self,
+        *,
+        client: str,
+        listener: str,
+        method: str,
+        path: str,
+        server: str,
+        duration: float,
+        bytes_in: int,
+        bytes_out: int,
+        reason: str,
+    ) -> None:
+        self._emit(
+            {
+                "time": _now(),
+                "type": "websocket",
+                "client": client,
+                "listener": listener,
+                "method": method,
+                "path": path,
+                "status": 101,
+                "server": server,
+                "duration": round(duration, 6),
+                "total_time": round(duration, 6),
+                "bytes_in": bytes_in,
+                "bytes_out": bytes_out,
+                "close_reason": reason,
+            }
+        )
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def _text(key: str, value: Any) -> str:
+    if value is None:
+        value = "-"
+    text = str(value)
+    if not text or any(c in text for c in ' "\\') or not text.isprintable():
+        text = json.dumps(text)
+    return f"{key}={text}"

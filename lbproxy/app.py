@@ -1,0 +1,241 @@
+"""The running proxy: wires the pure core to the I/O owners and runs their one lifecycle.
+
+Owns ``Proxy``: start (build the first snapshot, bind, start checks and admin), ``reload``
+(load -> validate -> build -> bind -> swap, all or nothing) and ``close``, the single ordered
+shutdown path: stop accepting, let HTTP requests in flight finish, give WebSocket tunnels up
+to ``shutdown_timeout``, close what remains, then stop the background owners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import metrics
+from .access_log import AccessLog
+from .checker import Checker
+from .config import Config, ConfigError, load_config
+from .health import Event, Transition
+from .http_proxy import ClientConnection, Context, Health
+from .listener import BindError, Listeners
+from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
+from .tunnel import Tunnel
+
+log = logging.getLogger("lbproxy")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    changed: bool
+    message: str  # the summary of what changed, or every problem found
+    problems: tuple[str, ...] = ()
+
+
+class PassiveHealth(Health):
+    """Passive failures feed the same state machine as active checks, and are logged once."""
+
+    def __init__(self, on_transition: Callable[[ServerState, Transition], None]) -> None:
+        self._on_transition = on_transition
+
+    def passive_failure(self, server: ServerState, reason: str) -> None:
+        t = server.health.observe(
+            Event.PASSIVE_FAIL,
+            reason,
+            time.monotonic(),
+            healthy_threshold=1,
+            unhealthy_threshold=1,
+        )
+        if t is not None:
+            self._on_transition(server, t)
+
+
+class Proxy:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config_path = config_path
+        self.registry = metrics.Registry()
+        self.state = RuntimeState(self.registry)
+        snap, _ = self.state.build(config)
+        self.state.commit(snap)
+        self.holder = Holder(snap)
+        self.access = AccessLog(config.access_log)
+        self.ctx = Context(self.registry, self.access, PassiveHealth(self._transition))
+        self.listeners = Listeners(self.ctx)
+        self.checker = Checker(self._transition, self.registry)
+        self.reload_lock = asyncio.Lock()
+        self.last_reload: tuple[float, bool, str] = (time.time(), True, "started")
+        self._removed: dict[str, ServerState] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+        self.admin: object | None = None  # the admin server, set by whoever starts one
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.holder.current
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        snap = self.holder.current
+        self.access.start()
+        try:
+            await self.listeners.apply(snap)
+        except BindError:
+            self.access.close()
+            raise
+        self._sync_backend_up(snap)
+        self.checker.apply(snap)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def reload(self, trigger: str) -> ReloadResult:
+        """Load the config file again and swap it in, or change nothing and say why."""
+        async with self.reload_lock:
+            assert self.config_path is not None
+            try:
+                config = load_config(self.config_path)
+            except ConfigError as exc:
+                return self._reload_failed(trigger, exc.problems)
+            return await self.apply_config(config, trigger)
+
+    async def apply_config(self, config: Config, trigger: str) -> ReloadResult:
+        old = self.holder.current
+        if config == old.config:
+            log.info("reload (%s): configuration unchanged, nothing to do", trigger)
+            self._reload_counted(True)
+            return ReloadResult(True, False, "configuration unchanged")
+        snap, changes = self.state.build(config)
+        try:
+            await self.listeners.apply(snap)
+        except BindError as exc:
+            return self._reload_failed(trigger, [str(exc)])
+        self.state.commit(snap)
+        self.holder.current = snap  # the swap: new connections and requests see it from here
+        self.access.configure(config.access_log)
+        self._retire(changes)
+        self._sync_backend_up(snap)
+        self.checker.apply(snap)
+        summary = changes.summary()
+        log.info("reload (%s): applied: %s", trigger, summary)
+        self._reload_counted(True, summary)
+        return ReloadResult(True, True, summary)
+
+    def _reload_failed(self, trigger: str, problems: list[str]) -> ReloadResult:
+        log.error(
+            "reload (%s) failed, keeping the running configuration:\n  %s",
+            trigger,
+            "\n  ".join(problems),
+        )
+        self._reload_counted(False, "; ".join(problems))
+        return ReloadResult(False, False, "\n".join(problems), tuple(problems))
+
+    def _reload_counted(self, ok: bool, message: str = "") -> None:
+        r = self.registry.reloads
+        if ok:
+            r.success += 1
+        else:
+            r.failure += 1
+        r.last_success = 1 if ok else 0
+        r.last_timestamp = time.time()
+        self.last_reload = (r.last_timestamp, ok, message)
+
+    def _retire(self, changes: Changes) -> None:
+        """Removed servers: idle pooled connections go now; series go with the last connection."""
+        for s in changes.removed_servers:
+            s.pool.close()
+            self._removed[s.id] = s
+        for s in changes.added_servers:
+            self._removed.pop(s.id, None)
+        self._forget_idle_removed()
+
+    def _forget_idle_removed(self) -> None:
+        for sid, s in list(self._removed.items()):
+            if s.active <= 0 and s.stats.idle:
+                del self._removed[sid]
+                if sid not in self.state.servers:
+                    self.registry.forget_server(sid)
+
+    def _transition(self, server: ServerState, t: Transition) -> None:
+        level = logging.INFO if t.new.value == "up" else logging.WARNING
+        log.log(
+            level,
+            "server %s is %s (was %s): %s",
+            server.id,
+            t.new.value.upper(),
+            t.old.value,
+            t.reason,
+        )
+        if server.id in self.state.servers:
+            self.registry.backend_up[server.id] = (
+                server.group,
+                server.label,
+                1 if server.health.available else 0,
+            )
+
+    def _sync_backend_up(self, snap: Snapshot) -> None:
+        up = self.registry.backend_up
+        for g in snap.groups.values():
+            for s in g.servers:
+                ok = s.health.available if g.checks else True
+                up[s.id] = (s.group, s.label, 1 if ok else 0)
+        for sid in list(up):
+            if sid not in self.state.servers:
+                del up[sid]
+
+    async def _sweep(self) -> None:
+        """Close expired idle upstream connections; forget drained removed servers."""
+        while True:
+            snap = self.holder.current
+            period = min((g.keepalive_timeout for g in snap.config.server_groups), default=1.0)
+            await asyncio.sleep(max(period / 2, 0.05))
+            now = asyncio.get_running_loop().time()
+            for g in self.holder.current.groups.values():
+                for s in g.servers:
+                    s.pool.expire(now, g.config.keepalive_timeout)
+            self._forget_idle_removed()
+
+    # ------------------------------------------------------------------ shutdown
+    def connections(self) -> list[ClientConnection | Tunnel]:
+        out: list[ClientConnection | Tunnel] = []
+        for ls in self.registry.listeners.values():
+            out.extend(ls.live)  # type: ignore[arg-type]
+        return out
+
+    async def close(self) -> None:
+        """The one ordered shutdown path (idempotent)."""
+        if self._closing:
+            return
+        self._closing = True
+        timeout = self.holder.current.config.shutdown_timeout
+        self.listeners.stop_accepting()
+        self.ctx.draining = True
+        for c in self.connections():
+            if isinstance(c, ClientConnection):
+                c.shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Poll rather than wire a completion event through every connection: shutdown is
+        # rare, and a 50 ms granularity is far below any timeout a user sets.
+        while self.connections() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.connections()
+        if left:
+            log.info("shutdown: closing %d connections still open", len(left))
+        for c in left:
+            if isinstance(c, Tunnel):
+                c.shutdown()
+            else:
+                c.transport.abort()
+                c.connection_lost(None)
+        await self.stop_background()
+
+    async def stop_background(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        await self.checker.close()
+        for s in self.state.servers.values():
+            s.pool.close()
+        self.access.close()

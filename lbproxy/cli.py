@@ -1,0 +1,139 @@
+"""Command line: ``lbproxy --config lb.yaml [--check]``. The only place that exits the process.
+
+Owns argument parsing, logging setup, the file-descriptor limit, the event loop (uvloop) and
+the signals: SIGHUP reloads, SIGTERM/SIGINT start the graceful shutdown and a second one
+exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import resource
+import signal
+import sys
+
+import uvloop
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("lbproxy")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lbproxy",
+        description="A layer-7 load balancer for real-time web apps (HTTP and WebSocket).",
+    )
+    p.add_argument("--config", "-c", required=True, help="path of the YAML config file")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and exit: 0 when valid, 2 after printing every problem",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level of the proxy's own log (default: info)",
+    )
+    p.add_argument("--version", action="version", version=f"lbproxy {__version__}")
+    return p
+
+
+def raise_fd_limit() -> None:
+    """Each proxied WebSocket costs two descriptors: take all the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"lbproxy: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        print(f"lbproxy: {args.config}: configuration is valid", file=sys.stderr)
+        return EXIT_OK
+    raise_fd_limit()
+    try:
+        return uvloop.run(_serve(config, os.path.abspath(args.config)))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+async def _serve(config: Config, path: str) -> int:
+    from .admin import AdminServer
+    from .app import Proxy
+    from .listener import BindError
+    from .reload import FileWatcher
+
+    proxy = Proxy(config, path)
+    try:
+        await proxy.start()
+    except BindError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    admin = AdminServer(proxy)
+    try:
+        await admin.start()
+    except OSError as exc:
+        log.error("admin.bind: cannot listen on %s: %s", config.admin.bind, exc.strerror or exc)
+        await proxy.close()
+        return EXIT_FAILURE
+    watcher = FileWatcher(proxy)
+    watcher.start()
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_stop(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s: shutting down gracefully (send it again to exit at once)", signame)
+            stop.set()
+        else:
+            log.warning("%s again: exiting now", signame)
+            os._exit(EXIT_OK)
+
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_hup() -> None:
+        task: asyncio.Task[object] = loop.create_task(proxy.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    for name in proxy.listeners.bound:
+        log.info("listening: %s on %s", name, proxy.listeners.address(name))
+    log.info("admin on http://%s/", admin.address)
+    await stop.wait()
+    await watcher.close()
+    await admin.close_listener()
+    await proxy.close()
+    await admin.close()
+    log.info("stopped")
+    return EXIT_OK

@@ -1,0 +1,150 @@
+"""Header rules: what a request looks like to the backend and a response to the client.
+
+Owns hop-by-hop removal (RFC 9110 section 7.6.1: Connection and every token it lists,
+Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-Connection), the X-Forwarded-*
+family, the upgrade hand-through, and the short error responses the proxy writes itself.
+Pure functions over parsed heads; the proxy calls them once per message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .http1 import RequestHead, ResponseHead
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
+_FORWARDED_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"})
+
+REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+def upstream_request_head(
+    req: RequestHead,
+    *,
+    client_ip: str,
+    scheme: bytes,
+    forwarded: bool,
+    default_host: bytes,
+    upgrade: bool,
+) -> bytes:
+    """The request head sent to a backend: always HTTP/1.1, keep-alive, hop-by-hop removed.
+
+    A chunked body is forwarded with its framing untouched, so Transfer-Encoding: chunked is
+    put back; an upgrade keeps ``Connection: Upgrade`` and its ``Upgrade`` value.
+    """
+    drop = HOP_BY_HOP | req.connection if req.connection else HOP_BY_HOP
+    lines = [req.method + b" " + req.target + b" HTTP/1.1"]
+    xff: list[bytes] = []
+    has_host = False
+    for name, value in req.headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if forwarded:
+            if lname == b"x-forwarded-for":
+                xff.append(value)
+                continue
+            if lname in _FORWARDED_SET:
+                continue
+        if lname == b"host":
+            has_host = True
+        lines.append(name + b": " + value)
+    host = req.host
+    if not has_host:
+        # An HTTP/1.0 client may omit Host; HTTP/1.1 to the backend requires one.
+        host = host or default_host
+        lines.append(b"Host: " + host)
+    if req.chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    if upgrade:
+        lines.append(b"Connection: Upgrade")
+        lines.append(b"Upgrade: " + _header_value(req, b"upgrade"))
+    if forwarded:
+        ip = client_ip.encode()
+        xff.append(ip)
+        lines.append(b"X-Forwarded-For: " + b", ".join(xff))
+        lines.append(b"X-Forwarded-Proto: " + scheme)
+        if host:
+            lines.append(b"X-Forwarded-Host: " + host)
+        lines.append(b"X-Real-IP: " + ip)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def _header_value(req: RequestHead, lname: bytes) -> bytes:
+    for name, value in req.headers:
+        if name.lower() == lname:
+            return value
+    return b""
+
+
+def client_response_head(
+    resp: ResponseHead,
+    *,
+    chunked: bool,
+    keep_alive: bool,
+    client_version: int,
+) -> bytes:
+    """The response head sent to the client, hop-by-hop removed.
+
+    ``chunked``: the body is relayed with its chunked framing, so say so. ``keep_alive``:
+    whether the client connection stays open after this response; HTTP/1.0 clients need it
+    said explicitly, HTTP/1.1 clients need to be told when it closes.
+    """
+    drop = HOP_BY_HOP | resp.connection if resp.connection else HOP_BY_HOP
+    lines = [b"HTTP/1.1 %d %s" % (resp.status, resp.reason)]
+    for name, value in resp.headers:
+        if name.lower() not in drop:
+            lines.append(name + b": " + value)
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    elif client_version == 0:
+        lines.append(b"Connection: keep-alive")
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def error_response(
+    status: int,
+    detail: str = "",
+    *,
+    extra: Iterable[tuple[str, str]] = (),
+    keep_alive: bool = False,
+) -> bytes:
+    """A short text/plain response the proxy writes itself (400, 502, 503, 504, ...)."""
+    reason = REASONS.get(status, "Error")
+    body = f"{status} {reason}{': ' + detail if detail else ''}\n".encode()
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+    ]
+    head.extend(f"{k}: {v}" for k, v in extra)
+    head.append("Connection: keep-alive" if keep_alive else "Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body

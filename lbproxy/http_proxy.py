@@ -1,0 +1,787 @@
+"""The client-side HTTP/1.x protocol: parse, choose a server, forward, stream, hand over.
+
+Owns one accepted client connection from its first byte until it closes or becomes a
+WebSocket tunnel (``tunnel.Tunnel`` takes both transports after a 101). Everything runs in
+Protocol callbacks; the only task is the connect to a backend that has no pooled connection.
+
+Per request it takes the listener's current runtime (so a keep-alive connection's next
+request sees a reload), picks a server, sends the rewritten head, streams the body both ways
+with transport backpressure, and retries on the next server where that is safe:
+- a failed connect (refused, timeout) marks the server down and tries another;
+- a fresh connection that resets before any response byte marks it down and tries another;
+- a reused pooled connection that turns out dead is a stale entry: retried, not counted;
+- never once response bytes reached the client; a non-idempotent request never after its
+  body was sent; an idempotent one only if its body (if any) is still small enough to replay.
+
+Errors map to statuses in one place (``_fail``): connect/reset -> 502, timeout -> 504,
+nothing available -> 503, a malformed request -> 400 (or the parser's 414/431/505).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from . import headers, upstream
+from .health import Event
+from .http1 import (
+    BODY_CHUNKED,
+    BODY_CLOSE,
+    BODY_LENGTH,
+    BODY_NONE,
+    ChunkedTracker,
+    Limits,
+    ParseError,
+    RequestHead,
+    ResponseHead,
+    parse_request_head,
+    parse_response_head,
+    request_body_kind,
+    response_body_kind,
+)
+from .tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from .access_log import AccessLog
+    from .metrics import Registry
+    from .snapshot import ListenerRuntime, ServerState
+
+log = logging.getLogger("lbproxy.http")
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+REPLAY_LIMIT = 65536  # bytes of an idempotent request body kept for a retry
+BUFFER_LIMIT = 65536  # client bytes buffered ahead (pipelining, body before connect)
+
+# Why client reading is paused (a bit each; reading resumes when none is left).
+_P_UPSTREAM_FULL = 1  # the backend is not reading the body as fast as the client sends it
+_P_WAITING = 2  # connecting, or a pipelined request waits for the current response
+
+_HEAD, _ACTIVE, _CLOSED = 0, 1, 2
+
+
+class Context:
+    """What every connection of the process shares: the health reporter, stats, access log."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        access: AccessLog,
+        report_health: Health,
+    ) -> None:
+        self.registry = registry
+        self.access = access
+        self.report_health = report_health
+        self.draining = False
+        self.limits = Limits()
+
+
+class Health:
+    """Passive health: a failure seen while proxying (implemented by the health owner)."""
+
+    def passive_failure(self, server: ServerState, reason: str) -> None:
+        server.health.observe(
+            Event.PASSIVE_FAIL, reason, 0.0, healthy_threshold=1, unhealthy_threshold=1
+        )
+
+
+class ListenerHandle:
+    """A listener's current runtime; replaced on reload, kept as-is if the listener is removed."""
+
+    __slots__ = ("runtime",)
+
+    def __init__(self, runtime: ListenerRuntime) -> None:
+        self.runtime = runtime
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, ctx: Context, handle: ListenerHandle) -> None:
+        self.ctx = ctx
+        self.handle = handle
+        self.lr = handle.runtime
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.client_ip = "-"
+        self.client_addr = "-"
+        self.phase = _HEAD
+        self.buf = bytearray()
+        self.paused = 0
+        self.client_eof = False
+        self.keep_alive = True
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.last = self.loop.time()
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_when = 0.0
+        # per request
+        self.req: RequestHead | None = None
+        self.req_kind = BODY_NONE
+        self.req_remaining = 0
+        self.req_tracker: ChunkedTracker | None = None
+        self.req_done = True
+        self.upgrade = False
+        self.pending: list[bytes] = []  # body bytes not yet written to a backend
+        self.pending_size = 0
+        self.replay: list[bytes] | None = None
+        self.body_sent = False
+        self.tried: list[ServerState] = []
+        self.server: ServerState | None = None
+        self.up: upstream.UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.resp: ResponseHead | None = None
+        self.resp_buf = bytearray()
+        self.resp_kind = BODY_NONE
+        self.resp_remaining = 0
+        self.resp_tracker: ChunkedTracker | None = None
+        self.resp_decode = False
+        self.resp_started = False
+        self.t_start = 0.0
+        self.t_sent = 0.0
+        self.t_headers: float | None = None
+        self.req_bytes_in = 0
+        self.req_bytes_out = 0
+
+    # ------------------------------------------------------------------ client transport events
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client_ip = str(peer[0])
+            self.client_addr = (
+                f"[{peer[0]}]:{peer[1]}" if ":" in self.client_ip else f"{peer[0]}:{peer[1]}"
+            )
+        ls = self.lr.stats
+        ls.connections_active += 1
+        ls.connections_total += 1
+        ls.live.add(self)
+        self._arm(self.last + self.lr.config.timeouts.idle)
+
+    def live_bytes(self) -> tuple[int, int]:
+        return self.bytes_in, self.bytes_out
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.loop.time()
+        self.bytes_in += len(data)
+        self.req_bytes_in += len(data)
+        if self.phase == _HEAD:
+            self.buf += data
+            self._read_head()
+        elif self.phase == _ACTIVE:
+            if not self.req_done:
+                self._request_body(data)
+            else:
+                self.buf += data
+                if len(self.buf) > BUFFER_LIMIT:
+                    self._pause(_P_WAITING)
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        self.keep_alive = False
+        if self.phase == _HEAD and not self.buf:
+            self._close()
+            return False
+        if self.phase == _ACTIVE and not self.req_done:
+            # The body can never complete now.
+            self._fail(400, "client closed before sending the whole body", kind=None)
+            return False
+        return True  # keep writing the response to a half-closed client
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase == _ACTIVE and self.req is not None:
+            # The client went away mid-request: nothing more can be delivered.
+            self._account(499)
+            self._release_server()
+        self._drop_upstream(reuse=False)
+        self._close()
+
+    def pause_writing(self) -> None:
+        if self.up is not None:
+            self.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None:
+            self.up.transport.resume_reading()
+
+    # ------------------------------------------------------------------ request side
+    def _read_head(self) -> None:
+        try:
+            req = parse_request_head(self.buf, self.ctx.limits)
+        except ParseError as exc:
+            log.info("%s: bad request: %s", self.client_addr, exc.reason)
+            self._error_response(exc.status, exc.reason)
+            return
+        if req is None:
+            return
+        del self.buf[: req.raw_len]
+        self._start_request(req)
+
+    def _start_request(self, req: RequestHead) -> None:
+        self.lr = lr = self.handle.runtime
+        self.phase = _ACTIVE
+        self.req = req
+        self.t_start = self.loop.time()
+        self.t_headers = None
+        self.req_bytes_in = req.raw_len
+        self.req_bytes_out = 0
+        self.tried = []
+        self.resp = None
+        self.resp_started = False
+        self.upgrade = req.upgrade == b"websocket"
+        self.keep_alive = req.keep_alive and not self.client_eof and not self.ctx.draining
+        kind = request_body_kind(req)
+        self.req_kind = kind
+        self.req_done = kind == BODY_NONE
+        if kind == BODY_LENGTH:
+            assert req.content_length is not None
+            self.req_remaining = req.content_length
+            self.req_done = req.content_length == 0
+        elif kind == BODY_CHUNKED:
+            self.req_tracker = ChunkedTracker()
+        self.pending = []
+        self.pending_size = 0
+        self.body_sent = False
+        self.replay = [] if req.method in IDEMPOTENT else None
+        if self.buf and not self.req_done:
+            data = bytes(self.buf)
+            self.buf.clear()
+            self._request_body(data)
+            if self.phase != _ACTIVE:
+                return
+        if self.buf:
+            self._pause(_P_WAITING)  # pipelined: answered in order, after this one
+        if req.expect_continue and self.req_kind != BODY_NONE:
+            pass  # the backend answers 100 Continue itself; it is relayed as an interim response
+        self._choose(lr)
+
+    def _request_body(self, data: bytes) -> None:
+        """Forward (or hold, while connecting) body bytes; the rest is the next request."""
+        rest = b""
+        if self.req_kind == BODY_LENGTH:
+            n = self.req_remaining
+            if len(data) > n:
+                data, rest = data[:n], data[n:]
+            self.req_remaining = n - len(data)
+            if self.req_remaining == 0:
+                self.req_done = True
+        else:
+            tracker = self.req_tracker
+            assert tracker is not None
+            try:
+                used = tracker.feed(data)
+            except ParseError as exc:
+                self._fail(exc.status, f"bad chunked body: {exc.reason}", kind=None)
+                return
+            if used < len(data):
+                data, rest = data[:used], data[used:]
+            if tracker.done:
+                self.req_done = True
+        if data:
+            if self.replay is not None:
+                self.replay.append(data)
+                if sum(map(len, self.replay)) > REPLAY_LIMIT:
+                    self.replay = None
+            up = self.up
+            if up is not None:
+                self.body_sent = True
+                self.req_bytes_out += 0
+                up.transport.write(data)
+            else:
+                self.pending.append(data)
+                self.pending_size += len(data)
+                if self.pending_size > BUFFER_LIMIT:
+                    self._pause(_P_WAITING)
+        if rest:
+            self.buf += rest
+            self._pause(_P_WAITING)
+
+    # ------------------------------------------------------------------ choosing and connecting
+    def _choose(self, lr: ListenerRuntime) -> None:
+        server = lr.group.pick(self.client_ip, self.tried)
+        if server is None:
+            if self.tried:
+                return  # _upstream_failed already answered
+            self._error_response(503, "no server available", extra=(("Retry-After", "1"),))
+            return
+        self.tried.append(server)
+        self.server = server
+        server.active += 1
+        gcfg = lr.group.config
+        conn = server.pool.take(self.loop.time(), gcfg.keepalive_timeout)
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self._pause(_P_WAITING)
+            self.connect_task = self.loop.create_task(
+                self._connect(server, lr.config.timeouts.connect)
+            )
+
+    async def _connect(self, server: ServerState, timeout: float) -> None:
+        try:
+            conn = await upstream.connect(server.address, timeout)
+        except TimeoutError:
+            self.connect_task = None
+            self._upstream_failed(server, "timeout", f"connect timeout after {timeout:g}s", True)
+        except OSError as exc:
+            self.connect_task = None
+            self._upstream_failed(server, "connect", _describe(exc), True)
+        else:
+            self.connect_task = None
+            if self.phase != _ACTIVE or self.server is not server:
+                conn.close()
+                return
+            self._attach(conn)
+
+    def _attach(self, conn: upstream.UpstreamConnection) -> None:
+        req = self.req
+        server = self.server
+        assert req is not None and server is not None
+        lr = self.lr
+        conn.handler = self
+        self.up = conn
+        head = headers.upstream_request_head(
+            req,
+            client_ip=self.client_ip,
+            scheme=b"http",
+            forwarded=lr.config.x_forwarded_for,
+            default_host=server.label.encode(),
+            upgrade=self.upgrade,
+        )
+        if self.pending:
+            head += b"".join(self.pending)
+            self.body_sent = True
+            self.pending = []
+            self.pending_size = 0
+        conn.transport.write(head)
+        self.t_sent = now = self.loop.time()
+        self.resp_buf.clear()
+        deadline = now + lr.config.timeouts.request
+        if deadline < self.timer_when:
+            self._arm(deadline)
+        if self.req_done and self.buf:
+            pass  # still waiting: the pipelined request goes after this response
+        else:
+            self._resume(_P_WAITING)
+
+    def _upstream_failed(self, server: ServerState, kind: str, reason: str, fresh: bool) -> None:
+        """The backend failed before any response byte; retry elsewhere or answer."""
+        if self.phase != _ACTIVE:
+            return
+        self._drop_upstream(reuse=False)
+        self._release_server()
+        group = self.lr.group
+        if fresh:
+            server.stats.errors[kind] += 1
+            log.warning(
+                "%s: upstream %s %s failed: %s", self.client_addr, group.name, server.label, reason
+            )
+            self.ctx.report_health.passive_failure(server, reason)
+        can_retry = not self.resp_started and (
+            not self.body_sent or (self.replay is not None and self.req_done)
+        )
+        if not fresh:
+            # A pooled connection closed under us: a stale entry, not evidence against the
+            # server. Only idempotent requests may be sent again.
+            can_retry = can_retry and self.replay is not None
+            if can_retry:
+                self.tried.remove(server)  # not this server's fault: it may be tried again
+        if can_retry:
+            if self.body_sent and self.replay is not None:
+                self.pending = list(self.replay)
+                self.pending_size = sum(map(len, self.pending))
+            self.body_sent = False
+            nxt = group.pick(self.client_ip, self.tried)
+            if nxt is not None:
+                if fresh:
+                    self.ctx.registry.count_retry(group.name)
+                self._choose(self.lr)
+                return
+        status = 504 if kind == "timeout" else 502
+        self._error_response(status, reason)
+
+    # ------------------------------------------------------------------ upstream events
+    def upstream_data(self, data: bytes) -> None:
+        self.last = self.loop.time()
+        if self.resp is None:
+            self.resp_buf += data
+            self._read_response_head()
+            return
+        self._response_body(data)
+
+    def _read_response_head(self) -> None:
+        buf = self.resp_buf
+        while self.resp is None and self.phase == _ACTIVE:
+            try:
+                resp = parse_response_head(buf)
+            except ParseError as exc:
+                self._bad_gateway(f"invalid response head: {exc.reason}")
+                return
+            if resp is None:
+                return
+            raw = bytes(buf[: resp.raw_len])
+            del buf[: resp.raw_len]
+            status = resp.status
+            if status == 101:
+                if self.upgrade:
+                    self._hand_over(raw, bytes(buf))
+                else:
+                    self._bad_gateway("101 Switching Protocols to a request that asked for none")
+                return
+            if status < 200:
+                # Interim responses (100 Continue, 103 Early Hints) go to HTTP/1.1 clients as-is.
+                assert self.req is not None
+                if self.req.version >= 1:
+                    self._write(raw)
+                continue
+            self._response_head(resp)
+            if buf and self.phase == _ACTIVE and self.resp is not None:
+                rest = bytes(buf)
+                buf.clear()
+                self._response_body(rest)
+            return
+
+    def _response_head(self, resp: ResponseHead) -> None:
+        req = self.req
+        server = self.server
+        assert req is not None and server is not None
+        now = self.loop.time()
+        self.t_headers = now - self.t_sent
+        server.stats.upstream_response.observe(self.t_headers)
+        self.resp = resp
+        kind = response_body_kind(req.method, resp)
+        self.resp_kind = kind
+        chunked_out = False
+        self.resp_decode = False
+        if kind == BODY_LENGTH:
+            assert resp.content_length is not None
+            self.resp_remaining = resp.content_length
+        elif kind == BODY_CHUNKED:
+            self.resp_tracker = ChunkedTracker()
+            if req.version >= 1:
+                chunked_out = True
+            else:
+                # HTTP/1.0 cannot read chunked: send the payload and end it by closing.
+                self.resp_decode = True
+                self.keep_alive = False
+        elif kind == BODY_CLOSE:
+            self.keep_alive = False
+        if not self.req_done:
+            self.keep_alive = False  # the rest of the body would be taken for a new request
+        head = headers.client_response_head(
+            resp, chunked=chunked_out, keep_alive=self.keep_alive, client_version=req.version
+        )
+        self._write(head)
+        self.resp_started = True
+        if kind == BODY_NONE or (kind == BODY_LENGTH and self.resp_remaining == 0):
+            self._finish()
+
+    def _response_body(self, data: bytes) -> None:
+        kind = self.resp_kind
+        if kind == BODY_LENGTH:
+            n = self.resp_remaining
+            if len(data) < n:
+                self.resp_remaining = n - len(data)
+                self._write(data)
+                return
+            if len(data) > n:
+                # Bytes beyond the declared length: the connection is not reusable.
+                self._write(data[:n])
+                self.resp_remaining = 0
+                self._finish(reuse=False)
+                return
+            self._write(data)
+            self.resp_remaining = 0
+            self._finish()
+        elif kind == BODY_CHUNKED:
+            tracker = self.resp_tracker
+            assert tracker is not None
+            try:
+                if self.resp_decode:
+                    pieces, used = tracker.feed_decode(data)
+                    for p in pieces:
+                        self._write(p)
+                else:
+                    used = tracker.feed(data)
+                    self._write(data[:used] if used < len(data) else data)
+            except ParseError as exc:
+                self._bad_gateway(f"invalid chunked response: {exc.reason}")
+                return
+            if tracker.done:
+                self._finish(reuse=used == len(data))
+        elif kind == BODY_CLOSE:
+            self._write(data)
+        else:
+            self._finish(reuse=False)  # bytes after a body-less response
+
+    def upstream_eof(self) -> None:
+        self._upstream_ended(None)
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self._upstream_ended(exc)
+
+    def _upstream_ended(self, exc: Exception | None) -> None:
+        if self.phase != _ACTIVE or self.up is None:
+            return
+        conn = self.up
+        if self.resp is None:
+            server = self.server
+            assert server is not None
+            reason = _describe(exc) if exc else "closed before responding"
+            if not self.resp_buf:
+                self._upstream_failed(server, "reset", reason, fresh=not conn.reused)
+            else:
+                self._bad_gateway(f"incomplete response head: {reason}")
+            return
+        if self.resp_kind == BODY_CLOSE:
+            self._finish(reuse=False)
+            return
+        # The response was cut short: the client can only learn it from a cut connection.
+        server = self.server
+        assert server is not None
+        server.stats.errors["reset"] += 1
+        log.warning("%s: upstream %s closed mid-response", self.client_addr, server.label)
+        self._account(self.resp.status)
+        self._release_server()
+        self._drop_upstream(reuse=False)
+        self.transport.abort()
+        self._close()
+
+    def upstream_pause(self) -> None:
+        self._pause(_P_UPSTREAM_FULL)
+
+    def upstream_resume(self) -> None:
+        self._resume(_P_UPSTREAM_FULL)
+
+    # ------------------------------------------------------------------ endings
+    def _finish(self, reuse: bool = True) -> None:
+        """The response is complete: account, release the backend, await the next request."""
+        assert self.resp is not None
+        self._account(self.resp.status)
+        self._release_server()
+        reuse = reuse and self.req_done and self.resp.keep_alive and self.resp_kind != BODY_CLOSE
+        self._drop_upstream(reuse=reuse)
+        self.req = None
+        if not self.keep_alive or self.ctx.draining:
+            self._close_after_write()
+            return
+        self.phase = _HEAD
+        self._resume(_P_WAITING)
+        if self.buf:
+            self._read_head()
+
+    def _hand_over(self, head: bytes, rest: bytes) -> None:
+        """101: the client and the backend now talk directly through a Tunnel."""
+        req, server, up = self.req, self.server, self.up
+        assert req is not None and server is not None and up is not None
+        lr = self.lr
+        now = self.loop.time()
+        self.t_headers = now - self.t_sent
+        server.stats.upstream_response.observe(self.t_headers)
+        self._account(101)
+        self.bytes_out += len(head)
+        self.transport.write(head)
+        ls = lr.stats
+        ls.live.discard(self)
+        ls.bytes_in += self.bytes_in
+        ls.bytes_out += self.bytes_out
+        self._cancel_timer()
+        self.phase = _CLOSED
+        up.handler = None
+        self.up = None
+        tunnel = Tunnel(
+            self.loop,
+            self.transport,
+            up.transport,
+            listener=ls,
+            group=lr.group.name,
+            server=server,
+            idle_timeout=lr.config.timeouts.idle,
+            client_addr=self.client_addr,
+            method_path=(req.method.decode("latin-1"), req.target.decode("latin-1")),
+            access=self.ctx.access,
+        )
+        client_pending = bytes(self.buf) + b"".join(self.pending)
+        self.buf.clear()
+        self.pending = []
+        self.paused = 0
+        tunnel.start(client_pending, rest)
+
+    def _bad_gateway(self, reason: str) -> None:
+        server = self.server
+        if server is not None:
+            log.warning("%s: upstream %s: %s", self.client_addr, server.label, reason)
+            self.ctx.report_health.passive_failure(server, reason)
+        if self.resp_started:
+            if self.resp is not None:
+                self._account(self.resp.status)
+            self._release_server()
+            self._drop_upstream(reuse=False)
+            self.transport.abort()
+            self._close()
+            return
+        self._drop_upstream(reuse=False)
+        self._release_server()
+        self._error_response(502, reason)
+
+    def _fail(self, status: int, reason: str, kind: str | None) -> None:
+        self._drop_upstream(reuse=False)
+        self._release_server()
+        if self.resp_started:
+            self.transport.abort()
+            self._close()
+        else:
+            self._error_response(status, reason)
+
+    def _error_response(
+        self, status: int, reason: str, extra: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        """Answer with the proxy's own short response and close the connection."""
+        if self.phase == _CLOSED:
+            return
+        if status >= 500:
+            log.info("%s: %d: %s", self.client_addr, status, reason)
+        self._write(headers.error_response(status, reason, extra=extra))
+        if self.req is not None or status != 400:
+            self._account(status)
+        else:
+            self.t_start = self.loop.time()
+            self._account(status)
+        self.req = None
+        self._close_after_write()
+
+    def _account(self, status: int) -> None:
+        """One request done: metrics and the access log line."""
+        now = self.loop.time()
+        lr = self.lr
+        server = self.server
+        label = server.label if server is not None and self.tried else ""
+        group = lr.group.name
+        lr.stats.count_request(group, label, status, now - self.t_start)
+        access = self.ctx.access
+        if access.enabled:
+            req = self.req
+            access.request(
+                client=self.client_addr,
+                listener=lr.name,
+                method=req.method.decode("latin-1") if req else "-",
+                path=req.target.decode("latin-1") if req else "-",
+                status=status,
+                server=label,
+                upstream_time=self.t_headers,
+                total_time=now - self.t_start,
+                bytes_in=self.req_bytes_in,
+                bytes_out=self.req_bytes_out,
+            )
+
+    def _release_server(self) -> None:
+        if self.server is not None and self.tried and self.server in self.tried:
+            self.server.active -= 1
+        self.server = None
+
+    def _drop_upstream(self, reuse: bool) -> None:
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        up = self.up
+        if up is None:
+            return
+        self.up = None
+        server = self.tried[-1] if self.tried else None
+        if reuse and server is not None and not up.closed:
+            up.transport.resume_reading()
+            server.pool.put(up, self.loop.time(), self.lr.group.config.keepalive_connections)
+        else:
+            up.close()
+
+    def _write(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.req_bytes_out += len(data)
+        self.transport.write(data)
+
+    def _close_after_write(self) -> None:
+        self.transport.close()  # flushes what is buffered first
+        self._close()
+
+    def _close(self) -> None:
+        if self.phase == _CLOSED and self.timer is None:
+            return
+        self.phase = _CLOSED
+        self._cancel_timer()
+        if not self.transport.is_closing():
+            self.transport.close()
+        ls = self.lr.stats
+        if self in ls.live:
+            ls.live.discard(self)
+            ls.connections_active -= 1
+            ls.bytes_in += self.bytes_in
+            ls.bytes_out += self.bytes_out
+
+    def shutdown(self) -> None:
+        """Graceful stop: an idle connection closes now, a busy one after its response."""
+        if self.phase == _HEAD and not self.buf:
+            self._close()
+
+    # ------------------------------------------------------------------ flow control and timer
+    def _pause(self, bit: int) -> None:
+        if not self.paused and self.phase != _CLOSED:
+            self.transport.pause_reading()
+        self.paused |= bit
+
+    def _resume(self, bit: int) -> None:
+        if self.paused & bit:
+            self.paused &= ~bit
+            if not self.paused and self.phase != _CLOSED:
+                self.transport.resume_reading()
+
+    def _arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_when = when
+        self.timer = self.loop.call_at(when, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.phase == _CLOSED:
+            return
+        now = self.loop.time()
+        t = self.lr.config.timeouts
+        if self.phase == _ACTIVE and self.up is not None and self.resp is None:
+            deadline = self.t_sent + t.request
+            if now >= deadline:
+                server = self.server
+                assert server is not None
+                server.stats.errors["timeout"] += 1
+                log.warning(
+                    "%s: upstream %s sent no response head within %gs",
+                    self.client_addr,
+                    server.label,
+                    t.request,
+                )
+                self._fail(504, f"no response from the server within {t.request:g}s", "timeout")
+                return
+        else:
+            deadline = self.last + t.idle
+            if now >= deadline:
+                if self.phase == _ACTIVE and self.resp_started:
+                    log.info("%s: idle timeout mid-response", self.client_addr)
+                    self._fail(504, "idle timeout", None)
+                elif self.phase == _ACTIVE:
+                    self._fail(504 if self.req_done else 408, "idle timeout", None)
+                else:
+                    self._close()
+                return
+        self._arm(deadline)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,417 @@
+"""Every metric lbproxy exposes, defined once, and the counters behind them.
+
+The data path never calls prometheus-client: it adds plain integers to slotted objects held
+by long-lived state (one ``ListenerStats`` per listener name, one ``ServerStats`` per server
+id), resolved once per connection. ``Collector`` turns them into Prometheus families only
+when /metrics is scraped, adding the bytes of connections still open. This keeps per-chunk
+work to an integer addition and makes summing over worker processes a matter of adding
+numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector as _PromCollector
+
+# Buckets for request and upstream times (seconds): sub-millisecond to a minute.
+TIME_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+# Buckets for WebSocket lifetimes: a second to a day.
+WS_BUCKETS = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
+
+WS_CLOSE_REASONS = ("client", "server", "idle_timeout", "shutdown", "error")
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset")
+
+
+class Histogram:
+    """Cumulative-on-export histogram: observe is a bisect and two additions."""
+
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def add(self, other: Histogram) -> None:
+        for i, c in enumerate(other.counts):
+            self.counts[i] += c
+        self.sum += other.sum
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, c in zip(self.buckets, self.counts, strict=False):
+            total += c
+            out.append((_fmt(bound), total))
+        total += self.counts[-1]
+        out.append(("+Inf", total))
+        return out
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v))
+
+
+class LiveConnection(Protocol):
+    """What the collector reads from a connection that is still open."""
+
+    def live_bytes(self) -> tuple[int, int]: ...
+
+
+class ListenerStats:
+    """Counters of one listener name; outlives config snapshots."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "connections_active",
+        "connections_refused",
+        "connections_total",
+        "live",
+        "name",
+        "request_duration",
+        "requests",
+        "ws_closes",
+        "ws_duration",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.connections_active = 0
+        self.connections_total = 0
+        self.connections_refused = 0
+        self.bytes_in = 0  # closed connections' bytes; open ones are read from `live`
+        self.bytes_out = 0
+        # (server_group, server, code) -> count
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.request_duration: dict[str, Histogram] = {}  # server_group -> histogram
+        self.ws_duration: dict[str, Histogram] = {}
+        self.ws_closes = dict.fromkeys(WS_CLOSE_REASONS, 0)
+        self.live: set[LiveConnection] = set()
+
+    def count_request(self, group: str, server: str, code: int, duration: float) -> None:
+        key = (group, server, str(code))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        h = self.request_duration.get(group)
+        if h is None:
+            h = self.request_duration[group] = Histogram(TIME_BUCKETS)
+        h.observe(duration)
+
+    def count_ws_close(self, group: str, reason: str, duration: float) -> None:
+        self.ws_closes[reason] += 1
+        h = self.ws_duration.get(group)
+        if h is None:
+            h = self.ws_duration[group] = Histogram(WS_BUCKETS)
+        h.observe(duration)
+
+
+class ServerStats:
+    """Counters of one server (by stable id); outlives config snapshots."""
+
+    __slots__ = (
+        "errors",
+        "group",
+        "health_checks",
+        "server",
+        "upstream_response",
+        "ws_active",
+        "ws_total",
+    )
+
+    def __init__(self, group: str, server: str) -> None:
+        self.group = group
+        self.server = server
+        self.upstream_response = Histogram(TIME_BUCKETS)
+        self.errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
+        self.health_checks = {"success": 0, "failure": 0}
+        self.ws_active: dict[str, int] = {}  # listener -> open tunnels
+        self.ws_total: dict[str, int] = {}  # listener -> tunnels established
+
+    def ws_opened(self, listener: str) -> None:
+        self.ws_active[listener] = self.ws_active.get(listener, 0) + 1
+        self.ws_total[listener] = self.ws_total.get(listener, 0) + 1
+
+    def ws_closed(self, listener: str) -> None:
+        self.ws_active[listener] -= 1
+
+    @property
+    def idle(self) -> bool:
+        return not any(self.ws_active.values())
+
+
+class ReloadStats:
+    __slots__ = ("failure", "last_success", "last_timestamp", "success")
+
+    def __init__(self) -> None:
+        self.success = 0
+        self.failure = 0
+        self.last_success = 1
+        self.last_timestamp = time.time()
+
+
+class Registry:
+    """All stats of one process. The data path holds references into it, never looks up."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, ListenerStats] = {}
+        self.servers: dict[str, ServerStats] = {}
+        self.retries: dict[str, int] = {}  # server_group -> retries
+        self.reloads = ReloadStats()
+        # Filled in by the owner of health state: server id -> (group, server, up)
+        self.backend_up: dict[str, tuple[str, str, int]] = {}
+
+    def listener(self, name: str) -> ListenerStats:
+        s = self.listeners.get(name)
+        if s is None:
+            s = self.listeners[name] = ListenerStats(name)
+        return s
+
+    def server(self, server_id: str, group: str, server: str) -> ServerStats:
+        s = self.servers.get(server_id)
+        if s is None:
+            s = self.servers[server_id] = ServerStats(group, server)
+        return s
+
+    def forget_server(self, server_id: str) -> None:
+        """Drop a removed server's series (called once its last connection has ended)."""
+        ss = self.servers.pop(server_id, None)
+        self.backend_up.pop(server_id, None)
+        if ss is None:
+            return
+        for ls in self.listeners.values():
+            for key in [k for k in ls.requests if k[0] == ss.group and k[1] == ss.server]:
+                del ls.requests[key]
+
+    def count_retry(self, group: str) -> None:
+        self.retries[group] = self.retries.get(group, 0) + 1
+
+
+class Collector(_PromCollector):
+    """Exposes a Registry as the lbproxy_* families (names and labels are fixed by the docs)."""
+
+    def __init__(self, registries: Iterable[Registry] | Registry) -> None:
+        self._registries = registries
+
+    def _all(self) -> list[Registry]:
+        r = self._registries
+        return [r] if isinstance(r, Registry) else list(r)
+
+    def collect(self) -> Iterator[Metric]:
+        regs = self._all()
+        requests = CounterMetricFamily(
+            "lbproxy_requests",
+            "HTTP requests answered",
+            labels=["listener", "server_group", "server", "code"],
+        )
+        req_dur = HistogramMetricFamily(
+            "lbproxy_request_duration_seconds",
+            "Time from request head to the end of the response",
+            labels=["listener", "server_group"],
+        )
+        up_resp = HistogramMetricFamily(
+            "lbproxy_upstream_response_seconds",
+            "Time from sending a request to receiving the backend's response head",
+            labels=["server_group", "server"],
+        )
+        conn_active = GaugeMetricFamily(
+            "lbproxy_connections_active", "Client connections open", labels=["listener"]
+        )
+        conn_total = CounterMetricFamily(
+            "lbproxy_connections", "Client connections accepted", labels=["listener"]
+        )
+        ws_active = GaugeMetricFamily(
+            "lbproxy_websockets_active",
+            "WebSocket tunnels open",
+            labels=["listener", "server_group", "server"],
+        )
+        ws_total = CounterMetricFamily(
+            "lbproxy_websockets",
+            "WebSocket tunnels established",
+            labels=["listener", "server_group", "server"],
+        )
+        ws_dur = HistogramMetricFamily(
+            "lbproxy_websocket_duration_seconds",
+            "WebSocket tunnel lifetime",
+            labels=["listener", "server_group"],
+        )
+        ws_closes = CounterMetricFamily(
+            "lbproxy_websocket_closes",
+            "WebSocket tunnels closed, by who closed them",
+            labels=["listener", "reason"],
+        )
+        nbytes = CounterMetricFamily(
+            "lbproxy_bytes",
+            "Bytes from clients (in) and to clients (out)",
+            labels=["listener", "direction"],
+        )
+        backend_up = GaugeMetricFamily(
+            "lbproxy_backend_up",
+            "1 when the server takes traffic",
+            labels=["server_group", "server"],
+        )
+        checks = CounterMetricFamily(
+            "lbproxy_health_checks",
+            "Active health checks by result",
+            labels=["server_group", "server", "result"],
+        )
+        errors = CounterMetricFamily(
+            "lbproxy_upstream_errors",
+            "Failures talking to backends",
+            labels=["server_group", "server", "kind"],
+        )
+        retries = CounterMetricFamily(
+            "lbproxy_retries", "Requests retried on another server", labels=["server_group"]
+        )
+        reloads = CounterMetricFamily(
+            "lbproxy_config_reloads", "Config reloads by result", labels=["result"]
+        )
+        last_ok = GaugeMetricFamily(
+            "lbproxy_config_last_reload_success", "1 when the last reload succeeded"
+        )
+        last_ts = GaugeMetricFamily(
+            "lbproxy_config_last_reload_timestamp_seconds", "Time of the last reload attempt"
+        )
+
+        # Sum over registries (one per worker process, or just this one).
+        req_sum: dict[tuple[str, str, str, str], int] = {}
+        dur_sum: dict[tuple[str, ...], Histogram] = {}
+        wsd_sum: dict[tuple[str, ...], Histogram] = {}
+        up_sum: dict[tuple[str, ...], Histogram] = {}
+        simple: dict[str, dict[tuple[str, ...], float]] = {
+            k: {}
+            for k in (
+                "conn_active",
+                "conn_total",
+                "ws_active",
+                "ws_total",
+                "ws_closes",
+                "bytes",
+                "up",
+                "checks",
+                "errors",
+                "retries",
+            )
+        }
+
+        def add(kind: str, key: tuple[str, ...], v: float) -> None:
+            d = simple[kind]
+            d[key] = d.get(key, 0) + v
+
+        def addh(d: dict[tuple[str, ...], Histogram], key: tuple[str, ...], h: Histogram) -> None:
+            acc = d.get(key)
+            if acc is None:
+                acc = d[key] = Histogram(h.buckets)
+            acc.add(h)
+
+        for reg in regs:
+            for ls in reg.listeners.values():
+                for (g, s, code), n in ls.requests.items():
+                    key = (ls.name, g, s, code)
+                    req_sum[key] = req_sum.get(key, 0) + n
+                for g, h in ls.request_duration.items():
+                    addh(dur_sum, (ls.name, g), h)
+                for g, h in ls.ws_duration.items():
+                    addh(wsd_sum, (ls.name, g), h)
+                add("conn_active", (ls.name,), ls.connections_active)
+                add("conn_total", (ls.name,), ls.connections_total)
+                for reason, n in ls.ws_closes.items():
+                    add("ws_closes", (ls.name, reason), n)
+                bin_, bout = ls.bytes_in, ls.bytes_out
+                for conn in list(ls.live):
+                    i, o = conn.live_bytes()
+                    bin_ += i
+                    bout += o
+                add("bytes", (ls.name, "in"), bin_)
+                add("bytes", (ls.name, "out"), bout)
+            for ss in reg.servers.values():
+                addh(up_sum, (ss.group, ss.server), ss.upstream_response)
+                for lname, n in ss.ws_active.items():
+                    add("ws_active", (lname, ss.group, ss.server), n)
+                for lname, n in ss.ws_total.items():
+                    add("ws_total", (lname, ss.group, ss.server), n)
+                for result, n in ss.health_checks.items():
+                    add("checks", (ss.group, ss.server, result), n)
+                for kind, n in ss.errors.items():
+                    add("errors", (ss.group, ss.server, kind), n)
+            for g, s, up in reg.backend_up.values():
+                add("up", (g, s), up)
+            for g, n in reg.retries.items():
+                add("retries", (g,), n)
+
+        for rkey, n in sorted(req_sum.items()):
+            requests.add_metric(list(rkey), n)
+        for hfam, hsum in ((req_dur, dur_sum), (up_resp, up_sum), (ws_dur, wsd_sum)):
+            for hkey, h in sorted(hsum.items()):
+                hfam.add_metric(list(hkey), h.cumulative(), h.sum)
+        for fam, kind in (
+            (conn_active, "conn_active"),
+            (conn_total, "conn_total"),
+            (ws_active, "ws_active"),
+            (ws_total, "ws_total"),
+            (ws_closes, "ws_closes"),
+            (nbytes, "bytes"),
+            (backend_up, "up"),
+            (checks, "checks"),
+            (errors, "errors"),
+            (retries, "retries"),
+        ):
+            for skey, v in sorted(simple[kind].items()):
+                fam.add_metric(list(skey), v)
+
+        if regs:
+            # Reloads happen in the process that validates config; take the first registry's.
+            rl = regs[0].reloads
+            reloads.add_metric(["success"], rl.success)
+            reloads.add_metric(["failure"], rl.failure)
+            last_ok.add_metric([], rl.last_success)
+            last_ts.add_metric([], rl.last_timestamp)
+
+        yield from (
+            requests,
+            req_dur,
+            up_resp,
+            conn_active,
+            conn_total,
+            ws_active,
+            ws_total,
+            ws_dur,
+            ws_closes,
+            nbytes,
+            backend_up,
+            checks,
+            errors,
+            retries,
+            reloads,
+            last_ok,
+            last_ts,
+        )

@@ -1,0 +1,145 @@
+"""Connections to backends: the upstream Protocol, the keep-alive pool, and connecting.
+
+Owns:
+- ``UpstreamConnection``: a Protocol that hands every event to the client-side handler
+  currently using it (``handler``), or, while it sits idle in a pool, closes on anything
+  the backend sends (an idle keep-alive connection has nothing legitimate to say);
+- ``Pool``: idle keep-alive connections of one server, newest first; an entry older than
+  the group's keepalive_timeout is closed instead of reused (checked lazily on take, and by
+  the owner's periodic ``expire`` so descriptors are not held forever);
+- ``connect``: a TCP connect bounded by the listener's connect timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Protocol
+
+from .config import Address
+
+
+class Handler(Protocol):
+    """What an upstream connection reports to the client side using it."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_eof(self) -> None: ...
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+    def upstream_pause(self) -> None: ...
+    def upstream_resume(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("closed", "handler", "idle_since", "reused", "transport")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.handler: Handler | None = None
+        self.reused = False  # True once taken from a pool: a reset then means "stale", not "dead"
+        self.closed = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        h = self.handler
+        if h is not None:
+            h.upstream_data(data)
+        else:
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        h = self.handler
+        if h is not None:
+            h.upstream_eof()
+        else:
+            self.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        h = self.handler
+        self.handler = None
+        if h is not None:
+            h.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.upstream_pause()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.upstream_resume()
+
+    def close(self) -> None:
+        self.handler = None
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.handler = None
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+
+class Pool:
+    """Idle keep-alive connections to one server."""
+
+    __slots__ = ("idle",)
+
+    def __init__(self) -> None:
+        self.idle: list[UpstreamConnection] = []
+
+    def take(self, now: float, max_idle_time: float) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if now - conn.idle_since >= max_idle_time:
+                conn.close()
+                continue
+            conn.reused = True
+            return conn
+        return None
+
+    def put(self, conn: UpstreamConnection, now: float, max_size: int) -> None:
+        conn.handler = None
+        if conn.closed or len(self.idle) >= max_size:
+            conn.close()
+            return
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def expire(self, now: float, max_idle_time: float) -> None:
+        keep = []
+        for conn in self.idle:
+            if conn.closed:
+                continue
+            if now - conn.idle_since >= max_idle_time:
+                conn.close()
+            else:
+                keep.append(conn)
+        self.idle = keep
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle = []
+
+
+async def connect(address: Address, timeout: float) -> UpstreamConnection:
+    """Open a TCP connection to ``address``; raises OSError or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        _, proto = await loop.create_connection(UpstreamConnection, address.host, address.port)
+    sock = proto.transport.get_extra_info("socket")
+    if sock is not None:
+        # Not TCP (tests may use other families): nothing to tune.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return proto
