@@ -6,7 +6,6 @@ the proxy's state and asks ``Proxy.reload``; the numbers come from ``metrics``.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -129,8 +128,7 @@ class AdminServer:
         await self.runner.setup()
         self.site = web.TCPSite(self.runner, bind.host, bind.port, reuse_address=True)
         await self.site.start()
-        server = self.site._server
-        assert isinstance(server, asyncio.Server)
+        server: Any = self.site._server  # an asyncio or uvloop Server: both have .sockets
         host, port = server.sockets[0].getsockname()[:2]
         self.address = Address(host, port)
 

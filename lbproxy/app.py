@@ -202,12 +202,13 @@ class Proxy:
             out.extend(ls.live)  # type: ignore[arg-type]
         return out
 
-    async def close(self) -> None:
-        """The one ordered shutdown path (idempotent)."""
+    async def close(self, timeout: float | None = None) -> None:
+        """The one ordered shutdown path (idempotent); ``timeout`` overrides shutdown_timeout."""
         if self._closing:
             return
         self._closing = True
-        timeout = self.holder.current.config.shutdown_timeout
+        if timeout is None:
+            timeout = self.holder.current.config.shutdown_timeout
         self.listeners.stop_accepting()
         self.ctx.draining = True
         for c in self.connections():
