@@ -12,10 +12,13 @@ import logging
 import logging.handlers
 import queue
 import sys
+import threading
 import time
 from typing import Any
 
 from .config import AccessLog as AccessLogConfig
+
+_log = logging.getLogger("lbproxy")
 
 
 class AccessLog:
@@ -27,9 +30,11 @@ class AccessLog:
         self._logger = logging.getLogger(f"lbproxy.access.{id(self)}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
-        self._logger.addHandler(logging.handlers.QueueHandler(self._queue))
+        self._handler = logging.handlers.QueueHandler(self._queue)
+        self._logger.addHandler(self._handler)
         self._listener: logging.handlers.QueueListener | None = None
         self._target: logging.Handler | None = None
+        self._retiring: list[threading.Thread] = []  # writers of replaced destinations
         self.config = config
         self.enabled = config.enabled
         self.json = config.format == "json"
@@ -48,21 +53,51 @@ class AccessLog:
         self._listener = logging.handlers.QueueListener(self._queue, target)
         self._listener.start()
 
+    def problem(self, config: AccessLogConfig) -> str | None:
+        """Why ``config`` could not be applied (its file cannot be opened), or None."""
+        if not config.enabled or not config.path or config.path == self.config.path:
+            return None
+        try:
+            with open(config.path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            return f"access_log.path: cannot open {config.path}: {exc.strerror or exc}"
+        return None
+
     def configure(self, config: AccessLogConfig) -> None:
-        """Apply a reloaded access_log section (a new path is opened before the old is closed)."""
+        """Apply a reloaded access_log section. The new destination is opened first (if it
+        cannot be, the old one stays and the error is logged); lines from here on go to a new
+        queue, and the old writer finishes its own queue on a thread of its own, so a
+        destination that stopped draining never holds up the event loop."""
         if config == self.config:
             return
-        old_listener, old_target = self._listener, self._target
-        if old_listener is not None:
-            old_listener.stop()
-        if old_target is not None:
-            old_target.close()
+        old = (self._handler, self._listener, self._target)
+        new_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        queue_, self._queue = self._queue, new_queue
+        try:
+            self._open(config)
+        except OSError as exc:
+            self._queue = queue_
+            _log.error(
+                "access_log.path: cannot open %s: %s; still logging to the previous destination",
+                config.path,
+                exc.strerror or exc,
+            )
+            return
+        self._handler = logging.handlers.QueueHandler(new_queue)
+        self._logger.addHandler(self._handler)
+        self._logger.removeHandler(old[0])
         self.config = config
         self.enabled = config.enabled
         self.json = config.format == "json"
-        self._open(config)
+        t = threading.Thread(target=_retire, args=old[1:], name="access-log-retire", daemon=True)
+        t.start()
+        self._retiring = [x for x in self._retiring if x.is_alive()] + [t]
 
     def close(self) -> None:
+        for t in self._retiring:
+            t.join()  # lines queued before a reload reach their destination too
+        self._retiring = []
         if self._listener is not None:
             self._listener.stop()  # drains the queue, then joins the writer thread
             self._listener = None
@@ -138,6 +173,16 @@ class AccessLog:
                 "close_reason": reason,
             }
         )
+
+
+def _retire(
+    listener: logging.handlers.QueueListener | None, target: logging.Handler | None
+) -> None:
+    """Write out what is queued for a replaced destination, then close it (off the loop)."""
+    if listener is not None:
+        listener.stop()
+    if target is not None:
+        target.close()
 
 
 def _now() -> str:

@@ -100,15 +100,24 @@ class Proxy:
             return await self.apply_config(config, trigger)
 
     async def apply_config(self, config: Config, trigger: str) -> ReloadResult:
+        if self._closing:
+            # Applying now would open listeners again (and start checks) mid-shutdown.
+            problem = "shutting down: reload ignored"
+            log.warning("reload (%s): %s", trigger, problem)
+            return ReloadResult(False, False, problem, (problem,))
         old = self.holder.current
         if config == old.config:
             log.info("reload (%s): configuration unchanged, nothing to do", trigger)
             self._reload_counted(True)
             return ReloadResult(True, False, "configuration unchanged")
+        log_problem = self.access.problem(config.access_log)
+        if log_problem is not None:
+            return self._reload_failed(trigger, [log_problem])
         snap, changes = self.state.build(config)
         try:
             await self.listeners.apply(snap)
         except BindError as exc:
+            self._discard(changes)
             return self._reload_failed(trigger, [str(exc)])
         self.state.commit(snap)
         self.holder.current = snap  # the swap: new connections and requests see it from here
@@ -120,6 +129,16 @@ class Proxy:
         log.info("reload (%s): applied: %s", trigger, summary)
         self._reload_counted(True, summary)
         return ReloadResult(True, True, summary)
+
+    def _discard(self, changes: Changes) -> None:
+        """A snapshot never swapped in leaves no metric series of what only it added."""
+        for s in changes.added_servers:
+            if s.id not in self._removed:  # a removed one still draining shares its series
+                self.registry.forget_server(s.id)
+        for name in changes.added_listeners:
+            ls = self.registry.listeners.get(name)
+            if ls is not None and not ls.live and ls.connections_total == 0:
+                del self.registry.listeners[name]
 
     def _reload_failed(self, trigger: str, problems: list[str]) -> ReloadResult:
         log.error(
@@ -153,6 +172,8 @@ class Proxy:
         for sid, s in list(self._removed.items()):
             if s.active <= 0 and s.stats.idle:
                 del self._removed[sid]
+                # Requests in flight at the reload pooled their connections on finishing.
+                s.pool.close()
                 if sid not in self.state.servers:
                     self.registry.forget_server(sid)
 

@@ -19,13 +19,13 @@ import time
 from collections.abc import Callable
 
 from . import metrics
-from .config import HealthCheck
+from .config import Address, HealthCheck
 from .health import Event, Transition, codes_match
 from .snapshot import ServerState, Snapshot
 
 log = logging.getLogger("lbproxy.checker")
 
-MAX_STATUS_LINE = 4096
+MAX_STATUS_LINE = 4096  # bytes; a longer first line is not an HTTP status line
 
 
 class CheckFailed(Exception):
@@ -37,12 +37,16 @@ async def run_check(server: ServerState, hc: HealthCheck) -> str:
     port = hc.port or server.address.port
     try:
         async with asyncio.timeout(hc.timeout):
-            reader, writer = await asyncio.open_connection(server.address.host, port)
+            reader, writer = await asyncio.open_connection(
+                server.address.host, port, limit=MAX_STATUS_LINE
+            )
             try:
                 if hc.protocol == "tcp":
                     return "connected"
                 host = hc.host or (
-                    server.label if port == server.address.port else f"{server.address.host}:{port}"
+                    server.label
+                    if port == server.address.port
+                    else str(Address(server.address.host, port))  # brackets IPv6
                 )
                 writer.write(
                     f"{hc.method} {hc.path} HTTP/1.1\r\nHost: {host}\r\n"
@@ -58,6 +62,8 @@ async def run_check(server: ServerState, hc: HealthCheck) -> str:
         raise CheckFailed("refused") from None
     except ConnectionResetError:
         raise CheckFailed("reset") from None
+    except ValueError:  # the stream's limit: a status line longer than MAX_STATUS_LINE
+        raise CheckFailed("not an HTTP response (status line too long)") from None
     except OSError as exc:
         raise CheckFailed((exc.strerror or str(exc)).lower()) from None
     parts = line.split(None, 2)
@@ -99,7 +105,12 @@ class Checker:
                 self._settings.pop(sid, None)
         loop = asyncio.get_running_loop()
         for sid, (s, hc, i, n) in wanted.items():
+            old = self._settings.get(sid)
             self._settings[sid] = hc
+            if old is not None and old != hc and sid in self._tasks:
+                # New settings apply now, not after the old interval's sleep (1m -> 2s must
+                # not wait a minute). The health state is kept; only the loop restarts.
+                self._tasks.pop(sid).cancel()
             if sid not in self._tasks:
                 self._tasks[sid] = loop.create_task(self._loop(s, i, n), name=f"check {sid}")
 

@@ -93,6 +93,10 @@ async def _serve(config: Config, path: str) -> int:
     except BindError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
+    except OSError as exc:  # the one file start() opens: the access log
+        path = config.access_log.path
+        log.error("access_log.path: cannot open %s: %s", path, exc.strerror or exc)
+        return EXIT_FAILURE
     admin = AdminServer(proxy)
     try:
         await admin.start()

@@ -33,6 +33,9 @@ DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_ADMIN_BIND = "127.0.0.1:8404"
+DEFAULT_STICKY_COOKIE = "SERVERID"
+DEFAULT_STICKY_COOKIE_TIMEOUT = 1000.0
+DEFAULT_SOCKETIO_PATH = "/socket.io/"
 
 
 class ConfigError(Exception):
@@ -62,6 +65,16 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Rule:
+    """A forwarding rule: requests for ``host`` (exact, ``*.suffix`` or None for any host)
+    whose path starts with ``path`` go to ``server_group``. Precedence: ``rules.Router``."""
+
+    host: str | None  # lower case, no trailing dot; "*.example.com" for a wildcard
+    path: str  # a prefix starting with "/"
+    server_group: str
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     bind: Address
@@ -69,6 +82,7 @@ class Listener:
     protocol: str = "http"
     timeouts: Timeouts = field(default_factory=Timeouts)
     x_forwarded_for: bool = True
+    rules: tuple[Rule, ...] = ()  # in file order; the listener's server_group is the default
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +113,28 @@ class ServerGroup:
     scheduler: str = "rr"
     health_check: HealthCheck = field(default_factory=HealthCheck)
     keepalive_connections: int = 32  # idle upstream connections kept per server
-    keepalive_timeout: float = 30.0  # an idle pooled upstream connection is closed after this
+    # An idle pooled upstream connection is closed after this; below common backend keep-alive
+    # timeouts (Node.js: 5 s) so a connection the backend is about to close is never reused.
+    keepalive_timeout: float = 4.0
+    hash_key: str = "client_ip"  # what sh hashes: "client_ip" or "x_forwarded_for"
+    sticky: StickySession | None = None  # None: no session persistence
+
+
+@dataclass(frozen=True, slots=True)
+class StickySession:
+    """Session persistence of a group (``sticky_session``); see ``sticky.py``.
+
+    ``type`` None means no cookie persistence (only Socket.IO sid routing, ``socketio``).
+    ``insert``: the proxy sets cookie ``cookie`` to an opaque token of the server, with
+    Max-Age ``cookie_timeout``. ``server``: the backend's own cookie ``cookie`` pins the client
+    to the server that set it; ``cookie_timeout`` is then how long an unused value is remembered.
+    """
+
+    type: str | None = None  # None, "insert" or "server"
+    cookie: str = DEFAULT_STICKY_COOKIE
+    cookie_timeout: float = DEFAULT_STICKY_COOKIE_TIMEOUT
+    socketio: bool = False
+    socketio_path: str = DEFAULT_SOCKETIO_PATH
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +227,7 @@ def _show(value: Any) -> str:
     if isinstance(value, Mapping):
         return "a mapping"
     if isinstance(value, list):
-        return "a list"
+        return "a list" if value else "an empty list"
     return repr(value)
 
 
@@ -215,11 +250,16 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+_HOST = re.compile(r"[A-Za-z0-9._-]+")  # a DNS name (docker-style '_' too) or an IPv4 address
+
+
 def parse_address(value: Any, *, allow_port_zero: bool = False) -> Address:
     """``host:port`` or ``[v6]:port`` -> Address. Port 0 (any free port) only where allowed."""
     if not isinstance(value, str):
         raise ValueError(f"expected host:port, got {_show(value)}")
     text = value.strip()
+    if "://" in text:  # "http://10.0.0.1:80", as nginx's proxy_pass would take it
+        raise ValueError(f"expected host:port without a scheme, got {value!r}")
     if text.startswith("["):
         end = text.find("]")
         if end < 0 or text[end + 1 : end + 2] != ":":
@@ -235,7 +275,9 @@ def parse_address(value: Any, *, allow_port_zero: bool = False) -> Address:
             raise ValueError(f"expected host:port, got {value!r}")
         if ":" in host:
             raise ValueError(f"an IPv6 address needs brackets, [{host}]:{port_text}, got {value!r}")
-    if not port_text.isdigit():
+        if not _HOST.fullmatch(host):
+            raise ValueError(f"expected host:port with a host name or IPv4 address, got {value!r}")
+    if not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"expected host:port with a numeric port, got {value!r}")
     port = int(port_text)
     low = 0 if allow_port_zero else 1
@@ -283,8 +325,68 @@ def _string(value: Any) -> str:
 
 
 def _path(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/") or any(c in value for c in " \r\n"):
+    if not isinstance(value, str) or not value.startswith("/") or not _header_safe(value):
         raise ValueError(f"expected a path starting with '/', got {_show(value)}")
+    return value
+
+
+def _header_safe(text: str) -> bool:
+    """No space or control character: ``text`` goes verbatim into a check's request head."""
+    return not any(c <= " " or c == "\x7f" for c in text)
+
+
+def _check_host(value: Any) -> str:
+    if not isinstance(value, str) or not _header_safe(value):
+        raise ValueError(f"expected a Host header value like example.com, got {_show(value)}")
+    return value
+
+
+_RULE_HOST = re.compile(r"(?:\*\.)?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+
+
+def _rule_host(value: Any) -> str:
+    """A rule's host: ``chat.example.com``, ``*.example.com`` or ``[::1]`` -> lower case,
+    without a trailing dot (requests are normalised the same way by ``rules.Router``)."""
+    wanted = "expected a host like chat.example.com or *.example.com"
+    if not isinstance(value, str):
+        raise ValueError(f"{wanted}, got {_show(value)}")
+    host = value.strip().lower()
+    if host.endswith("."):
+        host = host[:-1]
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in {value!r}") from None
+        return host
+    if _RULE_HOST.fullmatch(host):
+        return host
+    if host == "*":
+        raise ValueError("'*' matches every host: leave host out instead")
+    if "*" in host:
+        raise ValueError(f"a wildcard is only a leading '*.' like *.example.com, got {value!r}")
+    if ":" in host:
+        raise ValueError(f"a host without a port (rules match any port), got {value!r}")
+    raise ValueError(f"{wanted}, got {value!r}")
+
+
+def _prefix(value: Any) -> str:
+    """A path prefix: starts with '/', no space, control character, '?' or '#'."""
+    path = _path(value)
+    if "?" in path or "#" in path:
+        raise ValueError(f"expected a path prefix without '?' or '#', got {value!r}")
+    return path
+
+
+# RFC 6265 cookie-name: an RFC 2616 token.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _cookie_name(value: Any) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ValueError(
+            f"expected a cookie name of letters, digits and !#$%&'*+-.^_`|~, got {_show(value)}"
+        )
     return value
 
 
@@ -306,8 +408,19 @@ _LISTENER_KEYS = (
     "request_timeout",
     "connect_timeout",
     "x_forwarded_for",
+    "rules",
 )
-_GROUP_KEYS = ("scheduler", "servers", "health_check", "keepalive_connections", "keepalive_timeout")
+_RULE_KEYS = ("host", "path", "server_group")
+_GROUP_KEYS = (
+    "scheduler",
+    "servers",
+    "health_check",
+    "keepalive_connections",
+    "keepalive_timeout",
+    "hash_key",
+    "sticky_session",
+)
+_STICKY_KEYS = ("type", "cookie", "cookie_timeout", "socketio", "socketio_path")
 _SERVER_KEYS = ("address", "weight")
 _CHECK_KEYS = (
     "enabled",
@@ -334,7 +447,11 @@ def parse_config(doc: Any) -> Config:
         raise ConfigError(r.problems)
 
     groups = _server_groups(r, top.get("server_groups", _MISSING))
-    listeners = _listeners(r, top.get("listeners", _MISSING), {g.name for g in groups})
+    # Every group *declared*, valid or not: a group with its own problems (already reported)
+    # must not also make each listener that uses it report "no server group".
+    groups_doc = top.get("server_groups")
+    declared = {str(k) for k in groups_doc} if isinstance(groups_doc, Mapping) else set()
+    listeners = _listeners(r, top.get("listeners", _MISSING), declared)
 
     admin = Admin()
     admin_doc = r.mapping(top.get("admin"), "admin", ("bind",))
@@ -361,13 +478,9 @@ def parse_config(doc: Any) -> Config:
 
     shutdown = r.get(top, "shutdown_timeout", "", parse_duration, DEFAULT_SHUTDOWN_TIMEOUT)
 
-    binds: dict[Address, str] = {}
-    for i, lst in enumerate(listeners):
-        if lst.bind in binds:
-            r.error(f"listeners[{i}].bind", f"{lst.bind} is already used by {binds[lst.bind]!r}")
-        binds[lst.bind] = f"listener {lst.name}"
-    if admin.bind.port != 0 and admin.bind in binds:
-        r.error("admin.bind", f"{admin.bind} is already used by {binds[admin.bind]}")
+    for lst in listeners:
+        if admin.bind.port != 0 and admin.bind == lst.bind:
+            r.error("admin.bind", f"{admin.bind} is already used by listener {lst.name}")
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -390,6 +503,7 @@ def _listeners(r: _Reader, doc: Any, group_names: set[str]) -> list[Listener]:
         return []
     out: list[Listener] = []
     seen: set[str] = set()
+    binds: dict[Address, str] = {}
     for i, item in enumerate(doc):
         path = f"listeners[{i}]"
         m = r.mapping(item, path, _LISTENER_KEYS)
@@ -401,6 +515,11 @@ def _listeners(r: _Reader, doc: Any, group_names: set[str]) -> list[Listener]:
                 r.error(f"{path}.name", f"duplicate listener name {name!r}")
             seen.add(name)
         bind = r.get(m, "bind", path, lambda v: parse_address(v, allow_port_zero=True))
+        if bind is not None and bind.port != 0:  # port 0: a free port each, never a clash
+            if bind in binds:
+                r.error(f"{path}.bind", f"{bind} is already used by {binds[bind]}")
+            else:
+                binds[bind] = f"listener {name}" if name is not None else path
         protocol = r.get(m, "protocol", path, _choice("http"), "http")
         group = r.get(m, "server_group", path, _name)
         if group is not None and group not in group_names:
@@ -410,11 +529,13 @@ def _listeners(r: _Reader, doc: Any, group_names: set[str]) -> list[Listener]:
         request = r.get(m, "request_timeout", path, parse_duration, DEFAULT_REQUEST_TIMEOUT)
         connect = r.get(m, "connect_timeout", path, parse_duration, DEFAULT_CONNECT_TIMEOUT)
         xff = r.get(m, "x_forwarded_for", path, _bool, True)
-        if None in (name, bind, protocol, group, idle, request, connect, xff):
+        rules = _rules(r, m.get("rules"), f"{path}.rules", group_names)
+        if None in (name, bind, protocol, group, idle, request, connect, xff, rules):
             continue
         assert name and bind and protocol and group and idle and request and connect
-        assert xff is not None
-        out.append(Listener(name, bind, group, protocol, Timeouts(idle, request, connect), xff))
+        assert xff is not None and rules is not None
+        timeouts = Timeouts(idle, request, connect)
+        out.append(Listener(name, bind, group, protocol, timeouts, xff, rules))
     return out
 
 
@@ -446,12 +567,91 @@ def _server_groups(r: _Reader, doc: Any) -> list[ServerGroup]:
             g, "keepalive_connections", path, _int_in(0, 10000), d.keepalive_connections
         )
         ka_timeout = r.get(g, "keepalive_timeout", path, parse_duration, d.keepalive_timeout)
-        if None in (scheduler, servers, check, keepalive, ka_timeout):
+        hash_key = r.get(g, "hash_key", path, _choice("client_ip", "x_forwarded_for"), d.hash_key)
+        before = len(r.problems)
+        sticky = _sticky(r, g.get("sticky_session"), f"{path}.sticky_session")
+        if None in (scheduler, servers, check, keepalive, ka_timeout, hash_key):
+            continue
+        if len(r.problems) > before:
             continue
         assert scheduler and servers is not None and check and keepalive is not None
-        assert ka_timeout
-        out.append(ServerGroup(gname, servers, scheduler, check, keepalive, ka_timeout))
+        assert ka_timeout and hash_key
+        out.append(
+            ServerGroup(gname, servers, scheduler, check, keepalive, ka_timeout, hash_key, sticky)
+        )
     return out
+
+
+def _rules(r: _Reader, doc: Any, path: str, group_names: set[str]) -> tuple[Rule, ...] | None:
+    """``listeners[i].rules``; None when any rule is wrong (every problem reported)."""
+    if doc is None:
+        return ()
+    if not isinstance(doc, list):
+        r.error(path, f"expected a list of rules (host, path, server_group), got {_show(doc)}")
+        return None
+    before = len(r.problems)
+    out: list[Rule] = []
+    seen: dict[tuple[str | None, str], int] = {}
+    for j, item in enumerate(doc):
+        rpath = f"{path}[{j}]"
+        m = r.mapping(item, rpath, _RULE_KEYS)
+        if m is None:
+            continue
+        if "host" not in m and "path" not in m:
+            r.error(rpath, "a rule needs a host, a path or both")
+        host = r.get(m, "host", rpath, _rule_host, None)
+        prefix = r.get(m, "path", rpath, _prefix, "/")
+        group = r.get(m, "server_group", rpath, _name)
+        if group is not None and group not in group_names:
+            known = ", ".join(sorted(group_names)) or "none defined"
+            r.error(f"{rpath}.server_group", f"no server group {group!r} (known: {known})")
+        if prefix is None or group is None or (host is None and "host" in m):
+            continue
+        key = (host, prefix)
+        if key in seen:
+            shown = f"host {host!r} and path {prefix!r}" if host else f"path {prefix!r}"
+            r.error(rpath, f"duplicate rule: {shown} already in rules[{seen[key]}]")
+            continue
+        seen[key] = j
+        out.append(Rule(host, prefix, group))
+    return tuple(out) if len(r.problems) == before else None
+
+
+def _sticky(r: _Reader, doc: Any, path: str) -> StickySession | None:
+    """``server_groups.<name>.sticky_session``; None when absent (no persistence).
+
+    Errors are reported on ``r``; the caller compares problem counts. A key that would have no
+    effect (``cookie`` without ``type``, ``socketio_path`` without ``socketio: true``) is an
+    error, like an unknown key: the file must not look sticky when it is not.
+    """
+    if doc is None:
+        return None
+    m = r.mapping(doc, path, _STICKY_KEYS)
+    if m is None:
+        return None
+    d = StickySession()
+    kind = r.get(m, "type", path, _choice("insert", "server"), None)
+    if kind == "server" and "cookie" not in m:
+        r.error(f"{path}.cookie", "required with type: server (the name of the backend's cookie)")
+    cookie = r.get(m, "cookie", path, _cookie_name, d.cookie)
+    timeout = r.get(m, "cookie_timeout", path, parse_duration, d.cookie_timeout)
+    socketio = r.get(m, "socketio", path, _bool, d.socketio)
+    sio_path = r.get(m, "socketio_path", path, _prefix, d.socketio_path)
+    if "type" not in m:
+        for key in ("cookie", "cookie_timeout"):
+            if key in m:
+                r.error(f"{path}.{key}", "only used with type: insert or server")
+        if socketio is False:
+            r.error(
+                path,
+                "enables nothing: set type (insert or server) and/or socketio: true"
+                " (leave sticky_session out for no persistence)",
+            )
+    if socketio is False and "socketio_path" in m:
+        r.error(f"{path}.socketio_path", "only used with socketio: true")
+    if cookie is None or timeout is None or socketio is None or sio_path is None:
+        return None
+    return StickySession(kind, cookie, timeout, socketio, sio_path)
 
 
 def _servers(r: _Reader, doc: Any, path: str) -> tuple[Server, ...] | None:
@@ -497,7 +697,7 @@ def _health_check(r: _Reader, doc: Any, path: str) -> HealthCheck | None:
         r.get(m, "protocol", path, _choice("http", "tcp"), d.protocol),
         r.get(m, "path", path, _path, d.path),
         r.get(m, "method", path, _choice("HEAD", "GET"), d.method),
-        r.get(m, "host", path, _string, d.host),
+        r.get(m, "host", path, _check_host, d.host),
         r.get(m, "port", path, _int_in(0, 65535), d.port),
         r.get(m, "interval", path, parse_duration, d.interval),
         r.get(m, "timeout", path, parse_duration, d.timeout),
@@ -510,6 +710,28 @@ def _health_check(r: _Reader, doc: Any, path: str) -> HealthCheck | None:
     return HealthCheck(*values)  # type: ignore[arg-type]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader refusing a key given twice in one mapping (plain YAML keeps the last one, so a
+    second ``rs1:`` group or a second ``bind:`` would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor" merges; keys it brings may be overridden
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first.get(key)
+            except TypeError:
+                continue  # unhashable: SafeConstructor reports it
+            if line is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {line})", key_node.start_mark
+                )
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str) -> Config:
     """Read and validate the file at ``path``; every failure is a ConfigError with clear lines."""
     try:
@@ -520,7 +742,7 @@ def load_config(path: str) -> Config:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
     try:
-        doc = yaml.safe_load(raw)
+        doc = yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path

@@ -24,6 +24,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 _FORWARDED_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"})
+# Never removed because Connection lists them ("Connection: Content-Length"): the proxy frames
+# the body it relays by Content-Length, so dropping it would let the other side read that body
+# as the next message (request smuggling / response desync).
+_NEVER_DROPPED = frozenset({b"content-length", b"host"})
 
 REASONS = {
     400: "Bad Request",
@@ -55,7 +59,7 @@ def upstream_request_head(
     A chunked body is forwarded with its framing untouched, so Transfer-Encoding: chunked is
     put back; an upgrade keeps ``Connection: Upgrade`` and its ``Upgrade`` value.
     """
-    drop = HOP_BY_HOP | req.connection if req.connection else HOP_BY_HOP
+    drop = HOP_BY_HOP | (req.connection - _NEVER_DROPPED) if req.connection else HOP_BY_HOP
     lines = [req.method + b" " + req.target + b" HTTP/1.1"]
     xff: list[bytes] = []
     has_host = False
@@ -114,7 +118,7 @@ def client_response_head(
     whether the client connection stays open after this response; HTTP/1.0 clients need it
     said explicitly, HTTP/1.1 clients need to be told when it closes.
     """
-    drop = HOP_BY_HOP | resp.connection if resp.connection else HOP_BY_HOP
+    drop = HOP_BY_HOP | (resp.connection - _NEVER_DROPPED) if resp.connection else HOP_BY_HOP
     lines = [b"HTTP/1.1 %d %s" % (resp.status, resp.reason)]
     for name, value in resp.headers:
         if name.lower() not in drop:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from . import headers, upstream
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from .snapshot import ListenerRuntime, ServerState
 
 log = logging.getLogger("lbproxy.http")
+_clock = time.perf_counter
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 REPLAY_LIMIT = 65536  # bytes of an idempotent request body kept for a retry
@@ -135,9 +137,12 @@ class ClientConnection(asyncio.Protocol):
         self.resp_tracker: ChunkedTracker | None = None
         self.resp_decode = False
         self.resp_started = False
+        # Measurements use perf_counter (uvloop's loop.time() moves in whole milliseconds);
+        # timers use loop.time(): sent_at is when request_timeout started counting.
         self.t_start = 0.0
         self.t_sent = 0.0
         self.t_headers: float | None = None
+        self.sent_at = 0.0
         self.req_bytes_in = 0
         self.req_bytes_out = 0
 
@@ -162,7 +167,6 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last = self.loop.time()
         self.bytes_in += len(data)
-        self.req_bytes_in += len(data)
         if self.phase == _HEAD:
             self.buf += data
             self._read_head()
@@ -177,8 +181,11 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.client_eof = True
         self.keep_alive = False
-        if self.phase == _HEAD and not self.buf:
-            self._close()
+        if self.phase == _HEAD:
+            if self.buf:  # the head can never complete now
+                self._error_response(400, "client closed before sending the whole request head")
+            else:
+                self._close()
             return False
         if self.phase == _ACTIVE and not self.req_done:
             # The body can never complete now.
@@ -219,7 +226,7 @@ class ClientConnection(asyncio.Protocol):
         self.lr = lr = self.handle.runtime
         self.phase = _ACTIVE
         self.req = req
-        self.t_start = self.loop.time()
+        self.t_start = _clock()
         self.t_headers = None
         self.req_bytes_in = req.raw_len
         self.req_bytes_out = 0
@@ -276,6 +283,7 @@ class ClientConnection(asyncio.Protocol):
             if tracker.done:
                 self.req_done = True
         if data:
+            self.req_bytes_in += len(data)  # the head was counted when it parsed
             if self.replay is not None:
                 self.replay.append(data)
                 if sum(map(len, self.replay)) > REPLAY_LIMIT:
@@ -283,8 +291,14 @@ class ClientConnection(asyncio.Protocol):
             up = self.up
             if up is not None:
                 self.body_sent = True
-                self.req_bytes_out += 0
                 up.transport.write(data)
+                if self.req_done:
+                    # The whole request is with the server: request_timeout counts from here.
+                    self.t_sent = _clock()
+                    self.sent_at = now = self.loop.time()
+                    deadline = now + self.lr.config.timeouts.request
+                    if deadline < self.timer_when:
+                        self._arm(deadline)
             else:
                 self.pending.append(data)
                 self.pending_size += len(data)
@@ -295,8 +309,9 @@ class ClientConnection(asyncio.Protocol):
             self._pause(_P_WAITING)
 
     # ------------------------------------------------------------------ choosing and connecting
-    def _choose(self, lr: ListenerRuntime) -> None:
-        server = lr.group.pick(self.client_ip, self.tried)
+    def _choose(self, lr: ListenerRuntime, server: ServerState | None = None) -> None:
+        if server is None:
+            server = lr.group.pick(self.client_ip, self.tried)
         if server is None:
             if self.tried:
                 return  # _upstream_failed already answered
@@ -352,7 +367,8 @@ class ClientConnection(asyncio.Protocol):
             self.pending = []
             self.pending_size = 0
         conn.transport.write(head)
-        self.t_sent = now = self.loop.time()
+        self.t_sent = _clock()
+        self.sent_at = now = self.loop.time()
         self.resp_buf.clear()
         deadline = now + lr.config.timeouts.request
         if deadline < self.timer_when:
@@ -393,7 +409,7 @@ class ClientConnection(asyncio.Protocol):
             if nxt is not None:
                 if fresh:
                     self.ctx.registry.count_retry(group.name)
-                self._choose(self.lr)
+                self._choose(self.lr, nxt)
                 return
         status = 504 if kind == "timeout" else 502
         self._error_response(status, reason)
@@ -443,8 +459,7 @@ class ClientConnection(asyncio.Protocol):
         req = self.req
         server = self.server
         assert req is not None and server is not None
-        now = self.loop.time()
-        self.t_headers = now - self.t_sent
+        self.t_headers = _clock() - self.t_sent
         server.stats.upstream_response.observe(self.t_headers)
         self.resp = resp
         kind = response_body_kind(req.method, resp)
@@ -560,6 +575,7 @@ class ClientConnection(asyncio.Protocol):
         reuse = reuse and self.req_done and self.resp.keep_alive and self.resp_kind != BODY_CLOSE
         self._drop_upstream(reuse=reuse)
         self.req = None
+        self.tried = []
         if not self.keep_alive or self.ctx.draining:
             self._close_after_write()
             return
@@ -573,12 +589,10 @@ class ClientConnection(asyncio.Protocol):
         req, server, up = self.req, self.server, self.up
         assert req is not None and server is not None and up is not None
         lr = self.lr
-        now = self.loop.time()
-        self.t_headers = now - self.t_sent
+        self.t_headers = _clock() - self.t_sent
         server.stats.upstream_response.observe(self.t_headers)
-        self._account(101)
-        self.bytes_out += len(head)
-        self.transport.write(head)
+        self._write(head)
+        self._account(101, access_line=False)  # the tunnel logs one line when it closes
         ls = lr.stats
         ls.live.discard(self)
         ls.bytes_in += self.bytes_in
@@ -608,8 +622,9 @@ class ClientConnection(asyncio.Protocol):
     def _bad_gateway(self, reason: str) -> None:
         server = self.server
         if server is not None:
+            # Not a passive failure (health.py: only a failed connect or a fresh reset is):
+            # a bad answer to one request says nothing about the server's other requests.
             log.warning("%s: upstream %s: %s", self.client_addr, server.label, reason)
-            self.ctx.report_health.passive_failure(server, reason)
         if self.resp_started:
             if self.resp is not None:
                 self._account(self.resp.status)
@@ -639,25 +654,24 @@ class ClientConnection(asyncio.Protocol):
             return
         if status >= 500:
             log.info("%s: %d: %s", self.client_addr, status, reason)
+        if self.req is None:  # a request that never parsed: its time and bytes start now
+            self.t_start = _clock()
+            self.req_bytes_in, self.req_bytes_out = len(self.buf), 0
         self._write(headers.error_response(status, reason, extra=extra))
-        if self.req is not None or status != 400:
-            self._account(status)
-        else:
-            self.t_start = self.loop.time()
-            self._account(status)
+        self._account(status)
         self.req = None
         self._close_after_write()
 
-    def _account(self, status: int) -> None:
+    def _account(self, status: int, access_line: bool = True) -> None:
         """One request done: metrics and the access log line."""
-        now = self.loop.time()
+        now = _clock()
         lr = self.lr
-        server = self.server
-        label = server.label if server is not None and self.tried else ""
+        # The last server tried, even if it has been released (a 502 belongs to it).
+        label = self.tried[-1].label if self.tried else ""
         group = lr.group.name
         lr.stats.count_request(group, label, status, now - self.t_start)
         access = self.ctx.access
-        if access.enabled:
+        if access_line and access.enabled:
             req = self.req
             access.request(
                 client=self.client_addr,
@@ -749,8 +763,9 @@ class ClientConnection(asyncio.Protocol):
             return
         now = self.loop.time()
         t = self.lr.config.timeouts
-        if self.phase == _ACTIVE and self.up is not None and self.resp is None:
-            deadline = self.t_sent + t.request
+        if self.phase == _ACTIVE and self.up is not None and self.resp is None and self.req_done:
+            # Waiting for the response head; while the body is still coming, idle applies.
+            deadline = self.sent_at + t.request
             if now >= deadline:
                 server = self.server
                 assert server is not None

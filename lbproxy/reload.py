@@ -63,7 +63,10 @@ class FileWatcher:
                 continue
             digest = new_digest
             log.info("config file %s changed on disk", path)
-            await self.proxy.reload("file change")
+            try:
+                await self.proxy.reload("file change")
+            except Exception:  # a bug in one reload must not stop watching for the next
+                log.exception("reload after a file change failed unexpectedly")
 
     async def close(self) -> None:
         if self._task is not None:

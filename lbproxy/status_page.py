@@ -3,6 +3,10 @@
 Owns the markup only (no data gathering, no I/O): a table per server group with a row per
 server, coloured by state, and the listeners with their connection counts. Every value is
 HTML-escaped; the page loads nothing from elsewhere.
+
+Rates (requests and connections per second) are computed in the browser by a few lines of
+inline script: each refresh stores the totals and the proxy's clock in sessionStorage, and the
+next one divides the differences. Without script the page still refreshes and shows totals.
 """
 
 from __future__ import annotations
@@ -23,7 +27,32 @@ th{background:#eee} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.up td.state{background:#2e7d32;color:#fff;font-weight:bold}
 tr.down td.state{background:#c62828;color:#fff;font-weight:bold}
 tr.unknown td.state{background:#f9a825;color:#000;font-weight:bold}
+tr.down td{background:#fdecea} tr.unknown td{background:#fff8e1}
+td.state{text-align:center}
+td.rate{color:#1565c0}
 .bad{color:#c62828;font-weight:bold}
+"""
+
+# Fills every td.rate from its data-total and the totals of the previous refresh.
+_SCRIPT = """
+(function () {
+  var key = "lbproxy-status-rates", body = document.body;
+  var now = +body.dataset.time, pid = body.dataset.pid, prev = null, cur = {};
+  try { prev = JSON.parse(sessionStorage.getItem(key)); } catch (e) {}
+  var cells = document.querySelectorAll("td.rate");
+  for (var i = 0; i < cells.length; i++) {
+    var td = cells[i], total = +td.dataset.total;
+    cur[td.dataset.key] = total;
+    if (!prev || prev.pid !== pid || !(now > prev.time)) continue;
+    var before = prev.totals[td.dataset.key];
+    if (before === undefined || total < before) continue;
+    var rate = (total - before) / (now - prev.time);
+    td.textContent = rate < 10 ? rate.toFixed(1) : Math.round(rate);
+  }
+  try {
+    sessionStorage.setItem(key, JSON.stringify({pid: pid, time: now, totals: cur}));
+  } catch (e) {}
+})();
 """
 
 
@@ -35,19 +64,30 @@ def _ms(seconds: Any) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
+def _rate(key: str, total: Any) -> str:
+    """A per-second rate cell, filled in by the page's script ("-" until the next refresh)."""
+    return f"<td class='num rate' data-key='{_e(key)}' data-total='{_e(total)}'>-</td>"
+
+
 def render_status_page(st: dict[str, Any]) -> str:
     rows: list[str] = []
     add = rows.append
     add("<!doctype html><html lang=en><head><meta charset=utf-8>")
     add(f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">')
     add("<title>lbproxy status</title>")
-    add(f"<style>{_CSS}</style></head><body>")
+    add(f"<style>{_CSS}</style></head>")
+    add(f"<body data-time='{_e(st['time'])}' data-pid='{_e(st['pid'])}'>")
     add(f"<h1>lbproxy {_e(st['version'])}</h1>")
     rl = st["last_reload"]
     reload_text = "ok" if rl["success"] else '<span class="bad">FAILED</span>'
+    cfg = st["config"]
+    config_text = (
+        f"config {_e(cfg['path'])} (sha256 {_e((cfg['sha256'] or '')[:12])})"
+        if cfg["path"]
+        else "config not from a file"
+    )
     add(
-        f"<div class=meta>pid {_e(st['pid'])} · config {_e(st['config']['path'])} "
-        f"sha256 {_e((st['config']['sha256'] or '')[:12])} · last reload "
+        f"<div class=meta>pid {_e(st['pid'])} · {config_text} · last reload "
         f"{_e(time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rl['time'])))} {reload_text}"
         f" · refreshes every {REFRESH_SECONDS}s</div>"
     )
@@ -55,16 +95,19 @@ def render_status_page(st: dict[str, Any]) -> str:
         add(f"<pre class=bad>{_e(rl['message'])}</pre>")
 
     add("<h2>Listeners</h2><table><tr><th>name</th><th>bind</th><th>group</th>")
-    add("<th>connections</th><th>websockets</th><th>accepted</th><th>requests</th>")
-    add("<th>idle timeout</th></tr>")
+    add("<th>connections</th><th>websockets</th><th>accepted</th><th>conn/s</th>")
+    add("<th>requests</th><th>req/s</th><th>idle timeout</th></tr>")
     for lst in st["listeners"]:
+        name = lst["name"]
         add(
-            f"<tr class=listener><td>{_e(lst['name'])}</td><td>{_e(lst['bind'])}</td>"
-            f"<td>{_e(lst['server_group'])}</td>"
+            f"<tr class=listener data-listener='{_e(name)}'><td>{_e(name)}</td>"
+            f"<td>{_e(lst['bind'])}</td><td>{_e(lst['server_group'])}</td>"
             f"<td class=num>{_e(lst['connections_active'])}</td>"
             f"<td class=num>{_e(lst['websockets_active'])}</td>"
             f"<td class=num>{_e(lst['connections_total'])}</td>"
+            f"{_rate(f'l/{name}/conn', lst['connections_total'])}"
             f"<td class=num>{_e(lst['requests_total'])}</td>"
+            f"{_rate(f'l/{name}/req', lst['requests_total'])}"
             f"<td class=num>{_e(lst['idle_timeout'])} s</td></tr>"
         )
     add("</table>")
@@ -77,23 +120,27 @@ def render_status_page(st: dict[str, Any]) -> str:
         )
         add("<table><tr><th>server</th><th>state</th><th>weight</th><th>last check</th>")
         add("<th>latency</th><th>open</th><th>websockets</th><th>ws total</th>")
-        add("<th>requests</th><th>errors</th><th>checks ok/failed</th></tr>")
+        add("<th>requests</th><th>req/s</th><th>errors</th><th>checks ok/failed</th></tr>")
         for s in g["servers"]:
             errors = sum(s["upstream_errors"].values())
             hc = s["health_checks"]
+            check = s["last_check"] if s["checked"] else "checks disabled"
+            why = s["last_change_reason"] if s["state"] != "up" else None
+            rate = _rate(f"s/{s['id']}/req", s["requests_total"])
             add(
                 f"<tr class='server {_e(s['state'])}' data-server='{_e(s['address'])}'>"
                 f"<td>{_e(s['address'])}</td><td class=state>{_e(s['state']).upper()}</td>"
                 f"<td class=num>{_e(s['weight'])}</td>"
-                f"<td>{_e(s['last_check'] if s['checked'] else 'checks disabled')}</td>"
+                f"<td title='{_e(why or check)}'>{_e(check)}</td>"
                 f"<td class=num>{_ms(s['last_check_latency'])}</td>"
                 f"<td class=num>{_e(s['active_connections'])}</td>"
                 f"<td class=num>{_e(s['websockets_active'])}</td>"
                 f"<td class=num>{_e(s['websockets_total'])}</td>"
                 f"<td class=num>{_e(s['requests_total'])}</td>"
+                f"{rate}"
                 f"<td class=num>{_e(errors)}</td>"
                 f"<td class=num>{_e(hc['success'])}/{_e(hc['failure'])}</td></tr>"
             )
         add("</table>")
-    add("</body></html>")
+    add(f"<script>{_SCRIPT}</script></body></html>")
     return "".join(rows)

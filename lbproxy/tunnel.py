@@ -27,24 +27,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lbproxy.tunnel")
 
+# Bytes kept of each side's last chunk: enough to hold a whole close frame (at most 2 + 4 + 125).
+_TAIL = 131
+
 
 class _End(asyncio.Protocol):
     """One side of a tunnel: what arrives here is written to ``peer``."""
 
-    __slots__ = ("is_client", "peer", "tunnel")
+    __slots__ = ("is_client", "peer", "tail", "tunnel")
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport, is_client: bool) -> None:
         self.tunnel = tunnel
         self.peer = peer
         self.is_client = is_client
+        self.tail = b""  # the end of the last chunk from this side (see Tunnel._initiator)
 
     def data_received(self, data: bytes) -> None:
         t = self.tunnel
         t.last = t.loop.time()
+        n = len(data)
         if self.is_client:
-            t.bytes_in += len(data)
+            t.bytes_in += n
         else:
-            t.bytes_out += len(data)
+            t.bytes_out += n
+        self.tail = data if n <= _TAIL else data[-_TAIL:]
+        t.last_end = self
         self.peer.write(data)
 
     def eof_received(self) -> bool:
@@ -86,11 +93,13 @@ class Tunnel:
         "client",
         "client_addr",
         "closed",
+        "ends",
         "eofs",
         "first_closer",
         "group",
         "idle",
         "last",
+        "last_end",
         "listener",
         "loop",
         "method_path",
@@ -136,12 +145,15 @@ class Tunnel:
         self.reason: str | None = None
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None
+        self.ends: tuple[_End, _End] | None = None  # (client side, server side)
+        self.last_end: _End | None = None  # the side that sent the last chunk
 
     def start(self, client_pending: bytes, upstream_pending: bytes) -> None:
         """Hand both transports to the tunnel and flush what arrived with the handshake."""
         client, upstream = self.client, self.upstream
-        client.set_protocol(_End(self, upstream, True))
-        upstream.set_protocol(_End(self, client, False))
+        self.ends = (_End(self, upstream, True), _End(self, client, False))
+        client.set_protocol(self.ends[0])
+        upstream.set_protocol(self.ends[1])
         self.listener.live.add(self)
         self.server.stats.ws_opened(self.listener.name)
         if upstream_pending:
@@ -167,6 +179,22 @@ class Tunnel:
     def shutdown(self) -> None:
         self.close("shutdown")
 
+    def _initiator(self) -> str | None:
+        """Who started the WebSocket close handshake, if one passed through, else None.
+
+        TCP FIN order cannot tell: after a handshake the server closes first whoever began
+        (RFC 6455 section 7.1.1). Close frames are the last thing each side sends, so they
+        sit at the end of each side's last chunk; the reply is the later of the two."""
+        if self.ends is None:
+            return None
+        client, server = self.ends
+        c, s = _ends_with_close(client.tail), _ends_with_close(server.tail)
+        if c and s:
+            return "server" if self.last_end is client else "client"
+        if c or s:
+            return "client" if c else "server"
+        return None
+
     def close(self, reason: str | None) -> None:
         """Close both sides (pending writes are flushed first) and account for the tunnel."""
         if self.closed:
@@ -175,7 +203,7 @@ class Tunnel:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.reason = reason or self.reason or self.first_closer or "error"
+        self.reason = reason or self.reason or self._initiator() or self.first_closer or "error"
         self.client.close()
         self.upstream.close()
         now = self.loop.time()
@@ -202,3 +230,13 @@ class Tunnel:
             )
         if self.on_close is not None:
             self.on_close(self)
+
+
+def _ends_with_close(tail: bytes) -> bool:
+    """True if ``tail`` ends with a whole WebSocket close frame (masked or not)."""
+    n = len(tail)
+    for plen in range(126):
+        for size, second in ((2 + plen, plen), (6 + plen, 0x80 | plen)):
+            if size <= n and tail[n - size] == 0x88 and tail[n - size + 1] == second:
+                return True
+    return False

@@ -106,9 +106,7 @@ def backend_app(name: str) -> web.Application:
 
     async def ws(request: web.Request) -> web.WebSocketResponse:
         """Echo; ``close:NNNN`` closes with that code; ``whoami`` answers the backend name."""
-        resp = web.WebSocketResponse(
-            protocols=("chat", "superchat"), max_msg_size=0, compress=True
-        )
+        resp = web.WebSocketResponse(protocols=("chat", "superchat"), max_msg_size=0, compress=True)
         await resp.prepare(request)
         async for msg in resp:
             if msg.type == WSMsgType.TEXT:
@@ -228,3 +226,227 @@ async def raw_request(host: str, port: int, data: bytes, read_timeout: float = 5
         return out
     finally:
         writer.close()
+
+
+# ------------------------------------------------------------------ raw HTTP on both sides
+# Byte-level tools for what a real HTTP library would hide or refuse to do: hand-written
+# requests, exact response heads, and backends that misbehave on purpose.
+
+
+class RawResponse:
+    """A response read byte by byte: ``head`` as received, ``body`` de-chunked if it was."""
+
+    def __init__(
+        self,
+        status: int,
+        head: bytes,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        raw_body: bytes,
+        trailers: list[tuple[str, str]],
+    ) -> None:
+        self.status = status
+        self.head = head
+        self.headers = headers
+        self.body = body
+        self.raw_body = raw_body  # the body exactly as framed on the wire
+        self.trailers = trailers
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (any case), or None."""
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for k, v in self.headers if k.lower() == lname]
+
+    @property
+    def names(self) -> set[str]:
+        return {k.lower() for k, _ in self.headers}
+
+    def __repr__(self) -> str:
+        return f"RawResponse({self.head!r}, body={self.body[:80]!r})"
+
+
+def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
+    """Split a head (start line + fields, CRLFCRLF optional) into its first line and fields."""
+    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    fields = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        fields.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+    return lines[0].decode("latin-1"), fields
+
+
+async def read_response(reader: asyncio.StreamReader, method: str = "GET") -> RawResponse:
+    """Read one response (1xx interim responses skipped) and its body, however it is framed:
+    none (HEAD, 1xx, 204, 304), chunked, Content-Length, or until the connection closes."""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        start, headers = parse_head(head)
+        status = int(start.split(" ")[1])
+        if status >= 200 or status == 101:
+            break
+    resp = RawResponse(status, head, headers, b"", b"", [])
+    te = (resp.header("Transfer-Encoding") or "").lower()
+    length = resp.header("Content-Length")
+    if method == "HEAD" or status < 200 or status in (204, 304):
+        return resp
+    if te == "chunked":
+        body = bytearray()
+        raw = bytearray()
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            raw += line
+            size = int(line.split(b";")[0].strip(), 16)
+            if size == 0:
+                break
+            data = await reader.readexactly(size + 2)
+            raw += data
+            body += data[:-2]
+        while True:  # trailer section
+            line = await reader.readuntil(b"\r\n")
+            raw += line
+            if line == b"\r\n":
+                break
+            name, _, value = line.rstrip(b"\r\n").partition(b":")
+            resp.trailers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+        resp.body, resp.raw_body = bytes(body), bytes(raw)
+    elif length is not None:
+        resp.body = resp.raw_body = await reader.readexactly(int(length))
+    else:
+        resp.body = resp.raw_body = await reader.read(-1)
+    return resp
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]]:
+    """For raw backends: the request line and fields of the next request head."""
+    return parse_head(await reader.readuntil(b"\r\n\r\n"))
+
+
+async def at_eof(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
+    """True when the peer closed (nothing more to read) within ``timeout``."""
+    async with asyncio.timeout(timeout):
+        rest = await reader.read(-1)
+    assert rest == b"", f"unexpected bytes before EOF: {rest[:200]!r}"
+    return True
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A hand-written TCP server on 127.0.0.1 port 0: ``handler(reader, writer)`` runs per
+    connection (it owns closing the writer; leftovers are closed on ``stop``). Use it as a
+    backend that misbehaves on purpose, with health checks disabled in its group."""
+
+    def __init__(self, handler: RawHandler) -> None:
+        self.handler = handler
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._writers.add(writer)
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception as exc:  # surfaced by tests that check ``errors``
+            self.errors.append(exc)
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def start(self) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+            self.server = None
+
+    async def __aenter__(self) -> RawServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (the in-process proxy, the backends and the test)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class RssSampler:
+    """Samples RSS every few ms on the event loop while active; ``growth`` is the peak seen
+    minus the value at entry. ``async with RssSampler() as m: ...; assert m.growth < X``.
+    Given a proxy it also records ``buffered_peak``, the most ``proxy_buffered`` seen."""
+
+    def __init__(self, proxy: Proxy | None = None, period: float = 0.005) -> None:
+        self.proxy = proxy
+        self.period = period
+        self.start = 0
+        self.peak = 0
+        self.buffered_peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_bytes())
+            if self.proxy is not None:
+                self.buffered_peak = max(self.buffered_peak, proxy_buffered(self.proxy))
+            await asyncio.sleep(self.period)
+
+    @property
+    def growth(self) -> int:
+        return max(self.peak, rss_bytes()) - self.start
+
+    async def __aenter__(self) -> RssSampler:
+        self.start = self.peak = rss_bytes()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self.peak = max(self.peak, rss_bytes())
+
+
+async def open_proxy(
+    proxy: Proxy, listener: str = "web"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP connection to a listener of ``proxy``."""
+    a = proxy.listeners.address(listener)
+    return await asyncio.open_connection(a.host, a.port)
+
+
+def proxy_buffered(proxy: Proxy) -> int:
+    """Bytes the proxy holds in its transports' write buffers, over every live connection
+    (client and upstream side of HTTP connections and of WebSocket tunnels)."""
+    total = 0
+    for c in proxy.connections():
+        transports = [getattr(c, "transport", None), getattr(c, "client", None)]
+        up = getattr(c, "up", None)
+        transports.append(getattr(c, "upstream", None) or (up.transport if up else None))
+        for t in transports:
+            if t is not None and not t.is_closing():
+                total += t.get_write_buffer_size()
+    return total

@@ -1,0 +1,331 @@
+"""Session persistence: cookies, Engine.IO session ids and the tables that pin them to servers.
+
+Pure functions and in-memory tables only: no sockets, no clock (``now`` is always passed in),
+so the data path calls them from Protocol callbacks and tests run them directly.
+
+Cookies (``sticky_session.type``)
+    insert  ``server_token(server_id)`` is the cookie value the proxy sets
+            (``set_cookie_header``) and reads back (``find_cookie``); the value is an opaque
+            keyed hash of the server id, stable across processes and restarts, that does not
+            reveal the server's address.
+    server  the backend's own cookie: ``response_set_cookie`` finds the value a backend sets,
+            a ``CookieMap`` remembers value -> server, ``find_cookie`` reads it back.
+
+Socket.IO (``sticky_session.socketio``)
+    ``is_socketio(target, path)`` tells Engine.IO requests apart; ``sid_from_handshake`` reads
+    the session id from the open packet of a handshake response (Engine.IO v3 and v4,
+    long-polling); ``sid_from_query`` reads ``sid=`` from every later request; a ``SidTable``
+    maps sid -> server.
+
+Tables (``PinTable``, and its names ``SidTable`` and ``CookieMap``)
+    key -> server id with an idle expiry: every successful ``lookup`` pushes the expiry to
+    ``now + ttl``. Entries are kept in least-recently-used order, so ``expire`` (bounded work
+    per call) and eviction at ``max_size`` both take from the oldest end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Iterable
+from urllib.parse import unquote
+
+from .rules import target_path
+
+__all__ = [
+    "DEFAULT_MAX_ENTRIES",
+    "CookieMap",
+    "PinTable",
+    "SidTable",
+    "find_cookie",
+    "is_socketio",
+    "response_set_cookie",
+    "server_token",
+    "set_cookie_header",
+    "sid_from_handshake",
+    "sid_from_query",
+    "token_map",
+]
+
+DEFAULT_MAX_ENTRIES = 100_000
+MAX_KEY_LENGTH = 256  # a longer sid or cookie value is not a session id we pin
+MAX_HANDSHAKE = 65536  # bytes of a handshake body looked at; an open packet is ~100 bytes
+
+_TOKEN_KEY = b"lbproxy-sticky"
+_COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# RFC 6265 cookie-octet: printable US-ASCII except space, DQUOTE, comma, semicolon, backslash.
+_COOKIE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
+
+
+def server_token(server_id: str) -> str:
+    """An opaque 16-hex-digit token for ``server_id`` (``group/host:port``): a keyed BLAKE2b,
+    the same in every process and after restarts, from which the address cannot be read."""
+    digest = hashlib.blake2b(server_id.encode("utf-8"), key=_TOKEN_KEY, digest_size=8)
+    return digest.hexdigest()
+
+
+def token_map(server_ids: Iterable[str]) -> dict[str, str]:
+    """``server_token(id) -> id`` for the servers of a group: built once per snapshot, so a
+    cookie value is resolved with one dict lookup (a token of a removed server is absent)."""
+    return {server_token(sid): sid for sid in server_ids}
+
+
+def _unquote_value(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+def find_cookie(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
+    """The value of cookie ``name`` in the request's ``Cookie`` headers (every one of them,
+    ``;``-separated pairs, optional whitespace, a double-quoted value unquoted); the first
+    occurrence wins; None when absent. Names are case-sensitive, as in browsers."""
+    for key, raw in headers:
+        if len(key) != 6 or key.lower() != b"cookie":
+            continue
+        for pair in raw.decode("latin-1").split(";"):
+            pname, sep, value = pair.partition("=")
+            if sep and pname.strip() == name:
+                return _unquote_value(value)
+    return None
+
+
+def set_cookie_header(name: str, value: str, max_age: float, path: str = "/") -> bytes:
+    """The value of a ``Set-Cookie`` header: ``name=value; Max-Age=N; Path=/; HttpOnly;
+    SameSite=Lax``. ``max_age`` is rounded up to whole seconds (0 or less: ``Max-Age=0``,
+    which deletes the cookie). Raises ValueError for a name, value or path that cannot be
+    written safely into a header."""
+    if not _COOKIE_NAME.fullmatch(name):
+        raise ValueError(f"not a cookie name: {name!r}")
+    if not _COOKIE_VALUE.fullmatch(value):
+        raise ValueError(f"not a cookie value: {value!r}")
+    if not path.startswith("/") or any(c <= " " or c in ";\x7f" for c in path):
+        raise ValueError(f"not a cookie path: {path!r}")
+    seconds = max(0, math.ceil(max_age)) if math.isfinite(max_age) else 0
+    text = f"{name}={value}; Max-Age={seconds}; Path={path}; HttpOnly; SameSite=Lax"
+    return text.encode("ascii")
+
+
+def response_set_cookie(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
+    """The value a response sets for cookie ``name`` in its ``Set-Cookie`` headers, the last one
+    when set twice (as a browser keeps it); None when not set, or when the response clears it
+    (an empty value, or ``Max-Age`` of 0 or less)."""
+    found: str | None = None
+    for key, raw in headers:
+        if len(key) != 10 or key.lower() != b"set-cookie":
+            continue
+        pair, _, attributes = raw.decode("latin-1").partition(";")
+        cname, sep, value = pair.partition("=")
+        if not sep or cname.strip() != name:
+            continue
+        value = _unquote_value(value)
+        if not value or _clears(attributes):
+            found = None
+            continue
+        found = value
+    return found
+
+
+def _clears(attributes: str) -> bool:
+    for attribute in attributes.split(";"):
+        aname, _, avalue = attribute.partition("=")
+        if aname.strip().lower() == "max-age":
+            text = avalue.strip()
+            try:
+                return int(text) <= 0
+            except ValueError:
+                return False  # RFC 6265 5.2.2: an invalid Max-Age is ignored
+    return False
+
+
+# --- Socket.IO / Engine.IO ---------------------------------------------------------------
+
+
+def sid_from_query(target: bytes) -> str | None:
+    """The ``sid`` query parameter of a request target (percent-decoded), or None when absent,
+    empty or longer than ``MAX_KEY_LENGTH``."""
+    q = target.find(b"?")
+    if q < 0:
+        return None
+    query = target[q + 1 :]
+    h = query.find(b"#")
+    if h >= 0:
+        query = query[:h]
+    for param in query.split(b"&"):
+        if param.startswith(b"sid="):
+            value = param[4:]
+            if not value or len(value) > 3 * MAX_KEY_LENGTH:
+                return None
+            sid = value.decode("latin-1")
+            if "%" in sid:
+                sid = unquote(sid, encoding="latin-1")
+            return sid if 0 < len(sid) <= MAX_KEY_LENGTH else None
+    return None
+
+
+def is_socketio(target: bytes, path: str) -> bool:
+    """Whether the request target is under the Socket.IO path: ``/socket.io/`` (configured with
+    or without the trailing slash) matches ``/socket.io``, ``/socket.io/`` and
+    ``/socket.io/?EIO=4...``, not ``/socket.iox``."""
+    base = path.rstrip("/")
+    if not base:
+        return True
+    p = target_path(target)
+    return p == base or p.startswith(base + "/")
+
+
+_V3_BINARY_TYPES = (0, 1)
+
+
+def sid_from_handshake(body: bytes) -> str | None:
+    """The ``sid`` of the Engine.IO open packet at the start of a handshake response body.
+
+    Understood: v4 (``0{"sid":...}``, possibly followed by ``\\x1e`` and more packets), v3
+    text payloads (``96:0{"sid":...}2:40``), v3 binary payloads (``\\x00`` length digits
+    ``\\xff`` then the packet). Anything else (garbage, an error body, a JSONP payload, a
+    compressed body) gives None.
+    """
+    body = body[:MAX_HANDSHAKE]
+    packet: str
+    try:
+        if body[:1] == b"0":
+            text = body.decode("utf-8")
+            end = text.find("\x1e")
+            packet = text if end < 0 else text[:end]
+        elif body[:1].isdigit():
+            colon = body.find(b":", 0, 12)
+            if colon < 0 or not body[:colon].isdigit():
+                return None
+            length = int(body[:colon])
+            text = body[colon + 1 :].decode("utf-8")
+            packet = text[:length]  # v3 counts characters
+        elif body[:1] and body[0] in _V3_BINARY_TYPES:
+            stop = body.find(b"\xff", 1, 12)
+            digits = body[1:stop] if stop > 0 else b""
+            if body[0] != 0 or not digits or any(d > 9 for d in digits):
+                return None
+            length = int("".join(str(d) for d in digits))
+            # Binary packets may follow: decode leniently, the slice stops before them.
+            packet = body[stop + 1 :].decode("utf-8", "replace")[:length]
+        else:
+            return None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not packet.startswith("0{"):
+        return None
+    try:
+        data, _ = json.JSONDecoder().raw_decode(packet, 1)
+    except (ValueError, RecursionError):
+        return None
+    sid = data.get("sid") if isinstance(data, dict) else None
+    if not isinstance(sid, str) or not 0 < len(sid) <= MAX_KEY_LENGTH:
+        return None
+    return sid
+
+
+# --- tables --------------------------------------------------------------------------------
+
+
+class _Pin:
+    __slots__ = ("expires_at", "server_id", "ttl")
+
+    def __init__(self, server_id: str, ttl: float, expires_at: float) -> None:
+        self.server_id = server_id
+        self.ttl = ttl
+        self.expires_at = expires_at
+
+
+class PinTable:
+    """key -> server id, forgotten after ``ttl`` seconds without use, at most ``max_size``
+    entries (the least recently used is evicted first).
+
+    ``lookup`` never returns an expired entry. ``expire`` reclaims memory from the least
+    recently used end and stops at the first live entry, so with one ttl per table (the
+    normal case) it removes exactly the expired entries; with mixed ttls a stale entry further
+    in waits for its lookup or for eviction.
+    """
+
+    __slots__ = ("_entries", "max_size")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_ENTRIES) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        self.max_size = max_size
+        self._entries: OrderedDict[str, _Pin] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def learn(self, key: str, server_id: str, now: float, ttl: float) -> None:
+        """Pin ``key`` to ``server_id`` (replacing any previous pin) until ``now + ttl``.
+
+        A new key also drops up to two expired entries, so a table that only ever learns
+        shrinks back as sessions go idle even if ``expire`` is never called."""
+        entries = self._entries
+        pin = entries.get(key)
+        if pin is None:
+            self.expire(now, 2)
+            entries[key] = _Pin(server_id, ttl, now + ttl)
+            if len(entries) > self.max_size:
+                entries.popitem(last=False)
+        else:
+            pin.server_id = server_id
+            pin.ttl = ttl
+            pin.expires_at = now + ttl
+            entries.move_to_end(key)
+
+    def lookup(self, key: str, now: float) -> str | None:
+        """The server ``key`` is pinned to, refreshing its expiry; None when unknown or
+        expired (an expired entry is dropped)."""
+        pin = self._entries.get(key)
+        if pin is None:
+            return None
+        if pin.expires_at <= now:
+            del self._entries[key]
+            return None
+        pin.expires_at = now + pin.ttl
+        self._entries.move_to_end(key)
+        return pin.server_id
+
+    def forget(self, key: str) -> None:
+        """Drop ``key`` (the session ended); unknown keys are ignored."""
+        self._entries.pop(key, None)
+
+    def forget_server(self, server_id: str) -> int:
+        """Drop every pin to ``server_id`` (O(n): for a removed server, not per request)."""
+        stale = [k for k, pin in self._entries.items() if pin.server_id == server_id]
+        for k in stale:
+            del self._entries[k]
+        return len(stale)
+
+    def expire(self, now: float, limit: int = 1000) -> int:
+        """Drop up to ``limit`` expired entries from the least recently used end; the number
+        dropped. Call it periodically; when it returns ``limit``, more may be waiting."""
+        entries = self._entries
+        removed = 0
+        while removed < limit and entries:
+            key, pin = next(iter(entries.items()))
+            if pin.expires_at > now:
+                break
+            del entries[key]
+            removed += 1
+        return removed
+
+
+class SidTable(PinTable):
+    """Engine.IO session id -> the server that issued it (``sticky_session.socketio``)."""
+
+    __slots__ = ()
+
+
+class CookieMap(PinTable):
+    """A backend's cookie value -> the server that set it (``sticky_session.type: server``)."""
+
+    __slots__ = ()

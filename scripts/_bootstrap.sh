@@ -1,0 +1,62 @@
+# Shared by scripts/demo and scripts/test: make this checkout runnable on a fresh machine.
+# Installs Debian packages when missing (as root, or through sudo) and the Python packages
+# into a local virtual environment, .venv/, that nothing else on the machine sees.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+_apt_updated=0
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# ensure_apt BINARY:PACKAGE ...  — install PACKAGE when BINARY is not on the PATH.
+ensure_apt() {
+    local missing=()
+    for pair in "$@"; do
+        local bin="${pair%%:*}" pkg="${pair##*:}"
+        command -v "$bin" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+            say "missing Debian packages: ${missing[*]} (not root and no sudo: install them yourself)"
+            return 1
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "missing packages: ${missing[*]} (no apt-get here: install them yourself)"
+        return 1
+    fi
+    say "installing Debian packages: ${missing[*]}"
+    if [ "$_apt_updated" -eq 0 ]; then
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+        _apt_updated=1
+    fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${missing[@]}" >/dev/null
+}
+
+# ensure_venv EXTRA  — .venv with lbproxy installed (editable) plus the named extra.
+ensure_venv() {
+    local extra="$1"
+    local py="${PYTHON:-python3}"
+    if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        say "lbproxy needs Python 3.11 or newer ($py is $("$py" --version 2>&1))"
+        return 1
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        if ! "$py" -m venv "$VENV" 2>/dev/null; then
+            ensure_apt "false:python3-venv"
+            "$py" -m venv "$VENV"
+        fi
+    fi
+    local stamp="$VENV/.installed-$extra"
+    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+        say "installing Python packages into .venv ($extra)"
+        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$VENV/bin/python" -m pip install -q -e "$ROOT[$extra]"
+        touch "$stamp"
+    fi
+}

@@ -1,0 +1,343 @@
+"""The command line as an operator uses it: ``--check``, a real run, and the signals.
+
+Every test runs lbproxy as a subprocess (``python -m lbproxy`` or the ``lbproxy`` console
+script of the virtualenv) and looks only at its exit code, its stderr and its sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from lbproxy.config import _LISTENER_KEYS
+from tests.support import free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+CONSOLE_SCRIPT = str(Path(sys.executable).parent / "lbproxy")
+
+MODULE = [PYTHON, "-m", "lbproxy"]
+COMMANDS = pytest.mark.parametrize(
+    "command", [MODULE, [CONSOLE_SCRIPT]], ids=["python-m", "console-script"]
+)
+
+VALID = """\
+listeners:
+  - name: web
+    bind: 127.0.0.1:5000
+    server_group: rs1
+server_groups:
+  rs1:
+    servers:
+      - 127.0.0.1:5001
+      - address: 127.0.0.1:5002
+        weight: 50
+"""
+
+
+def run(command: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command, *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def check(command: list[str], path: Path | str) -> subprocess.CompletedProcess[str]:
+    return run(command, "--config", str(path), "--check")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "lb.yaml"
+    p.write_text(text)
+    return p
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------------------ --check
+
+
+@COMMANDS
+def test_check_valid_file(command, tmp_path):
+    path = write(tmp_path, VALID)
+    r = check(command, path)
+    assert r.returncode == 0
+    assert r.stdout == ""
+    assert r.stderr == f"lbproxy: {path}: configuration is valid\n"
+
+
+@COMMANDS
+def test_check_prints_every_problem_one_per_line(command, tmp_path):
+    text = (
+        VALID.replace("      - 127.0.0.1:5001\n", "      - 127.0.0.1:5001\n      - 127.0.0.1\n")
+        .replace("weight: 50", "weight: 500")
+        .replace("server_group: rs1", "server_group: rs1\n    idle_timout: 30s")
+        + "shutdown_timeout: 5 parsecs\n"
+    )
+    r = check(command, write(tmp_path, text))
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert r.stderr.splitlines() == [
+        "lbproxy: server_groups.rs1.servers[1].address: expected host:port, got '127.0.0.1'",
+        "lbproxy: server_groups.rs1.servers[2].weight: expected an integer 0..100, got 500",
+        "lbproxy: listeners[0].idle_timout: unknown key (allowed: "
+        + ", ".join(_LISTENER_KEYS)
+        + ")",
+        "lbproxy: shutdown_timeout: expected a duration like 60s, 500ms or 2m, got '5 parsecs'",
+    ]
+    assert_no_traceback(r)
+
+
+@COMMANDS
+def test_check_missing_file(command, tmp_path):
+    path = tmp_path / "nope.yaml"
+    r = check(command, path)
+    assert r.returncode == 2
+    assert r.stderr == f"lbproxy: {path}: config file not found\n"
+    assert_no_traceback(r)
+
+
+@COMMANDS
+def test_check_yaml_syntax_error_names_file_line_column(command, tmp_path):
+    path = write(
+        tmp_path, VALID.replace("    bind: 127.0.0.1:5000\n", "    bind: [127.0.0.1:5000\n")
+    )
+    r = check(command, path)
+    assert r.returncode == 2
+    assert (
+        r.stderr == f"lbproxy: {path}:4:17: YAML syntax error: expected ',' or ']', but got ':'\n"
+    )
+    assert_no_traceback(r)
+
+
+@COMMANDS
+def test_check_bad_value_is_one_clear_line(command, tmp_path):
+    r = check(command, write(tmp_path, VALID.replace("127.0.0.1:5000", "0.0.0.0")))
+    assert r.returncode == 2
+    assert r.stderr == "lbproxy: listeners[0].bind: expected host:port, got '0.0.0.0'\n"
+    assert_no_traceback(r)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "lbproxy: the config file is empty\n"),
+        ("- a\n- b\n", "lbproxy: expected a mapping, got a list\n"),
+    ],
+)
+def test_check_empty_or_non_mapping_file(text, expected, tmp_path):
+    r = check(MODULE, write(tmp_path, text))
+    assert (r.returncode, r.stderr) == (2, expected)
+
+
+def test_check_duplicate_key_is_refused(tmp_path):
+    path = write(tmp_path, VALID + "server_groups:\n  rs2:\n    servers: []\n")
+    r = check(MODULE, path)
+    assert r.returncode == 2
+    assert r.stderr == (
+        f"lbproxy: {path}:11:1: YAML syntax error: "
+        "duplicate key 'server_groups' (first on line 5)\n"
+    )
+
+
+def test_check_a_directory_is_one_line(tmp_path):
+    r = check(MODULE, tmp_path)
+    assert r.returncode == 2
+    assert r.stderr == f"lbproxy: {tmp_path}: cannot read config file: Is a directory\n"
+
+
+@COMMANDS
+@pytest.mark.parametrize("name", ["lb.yaml", "full.yaml"])
+def test_shipped_configs_pass_check(command, name):
+    r = check(command, REPO / "config" / name)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == f"lbproxy: {REPO / 'config' / name}: configuration is valid\n"
+
+
+def test_usage_errors_and_version():
+    r = run(MODULE)
+    assert r.returncode == 2
+    assert "--config" in r.stderr
+    assert_no_traceback(r)
+    r = run(MODULE, "--version")
+    assert (r.returncode, r.stdout) == (0, "lbproxy 0.1.0\n")
+
+
+# ------------------------------------------------------------------------------- a real run
+
+
+class Running:
+    """A started lbproxy subprocess whose stderr is collected line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        assert proc.stderr is not None
+        self._reader = asyncio.get_running_loop().create_task(self._read(proc.stderr))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    async def wait_logged(self, text: str, timeout: float = 10.0) -> None:
+        await wait_for(
+            lambda: self.logged(text) or self.proc.returncode is not None,
+            timeout,
+            f"{text!r} in the log",
+        )
+        assert self.logged(text), "\n".join(self.lines)
+
+    async def exit_code(self, timeout: float) -> int:
+        """The exit code within ``timeout`` seconds (and the whole log read)."""
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.wait_for(self._reader, 5)
+        return code
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+def config_text(listen: int, admin: int, servers: list[str], **top: object) -> str:
+    doc = {
+        "listeners": [{"name": "web", "bind": f"127.0.0.1:{listen}", "server_group": "rs1"}],
+        "server_groups": {
+            "rs1": {
+                "servers": servers,
+                "health_check": {"path": "/health", "interval": "200ms", "timeout": "1s"},
+            }
+        },
+        "admin": {"bind": f"127.0.0.1:{admin}"},
+        "access_log": {"enabled": False},
+        **top,
+    }
+    return yaml.safe_dump(doc)
+
+
+@contextlib.asynccontextmanager
+async def lbproxy(path: Path) -> AsyncIterator[Running]:
+    proc = await asyncio.create_subprocess_exec(
+        *MODULE,
+        "--config",
+        str(path),
+        cwd=REPO,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    running = Running(proc)
+    try:
+        yield running
+    finally:
+        await running.kill()
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str] | None:
+    try:
+        async with session.get(url) as r:
+            return r.status, await r.text()
+    except aiohttp.ClientError:
+        return None
+
+
+async def serving(session: aiohttp.ClientSession, url: str, body: str) -> bool:
+    return await get(session, url) == (200, body)
+
+
+async def test_real_run_serves_then_sigterm_exits_zero(make_backend, tmp_path):
+    backend = await make_backend("A")
+    listen, admin = free_port(), free_port()
+    path = write(tmp_path, config_text(listen, admin, [backend.address]))
+    async with lbproxy(path) as lb, aiohttp.ClientSession() as session:
+        await wait_for(
+            lambda: serving(session, f"http://127.0.0.1:{listen}/whoami", "A"),
+            timeout=15,
+            what="lbproxy to serve a request through its listener",
+        )
+        async with session.get(f"http://127.0.0.1:{admin}/healthz") as r:
+            assert r.status == 200
+        # the client's keep-alive connection to the listener stays open over the SIGTERM
+        start = time.monotonic()
+        lb.proc.send_signal(signal.SIGTERM)
+        assert await lb.exit_code(timeout=5) == 0
+        assert time.monotonic() - start < 5
+    assert f"listening: web on 127.0.0.1:{listen}" in "\n".join(lb.lines)
+    assert lb.logged("SIGTERM: shutting down gracefully")
+    assert lb.lines[-1].endswith(" INFO lbproxy: stopped")
+    assert not lb.logged("Traceback")
+    assert ("GET", "/whoami") in [(m, p) for m, p, _ in backend.requests]
+
+
+async def test_second_signal_exits_at_once_with_a_slow_request_in_flight(make_backend, tmp_path):
+    backend = await make_backend("A")
+    listen, admin = free_port(), free_port()
+    text = config_text(listen, admin, [backend.address], shutdown_timeout="30s")
+    path = write(tmp_path, text)
+    async with lbproxy(path) as lb, aiohttp.ClientSession() as session:
+        await wait_for(
+            lambda: serving(session, f"http://127.0.0.1:{listen}/whoami", "A"),
+            timeout=15,
+            what="lbproxy to serve",
+        )
+        slow = asyncio.create_task(get(session, f"http://127.0.0.1:{listen}/sleep/30"))
+        await wait_for(
+            lambda: any(p == "/sleep/30" for _, p, _ in backend.requests),
+            what="the slow request to reach the backend",
+        )
+        lb.proc.send_signal(signal.SIGTERM)
+        await lb.wait_logged("SIGTERM: shutting down gracefully")
+        await lb.wait_logged("stopped accepting")
+        assert lb.proc.returncode is None  # the graceful shutdown waits for /sleep/30
+        start = time.monotonic()
+        lb.proc.send_signal(signal.SIGINT)
+        assert await lb.exit_code(timeout=2) == 0
+        assert time.monotonic() - start < 2
+        assert lb.logged("SIGINT again: exiting now")
+        result = await asyncio.wait_for(slow, 5)
+        assert result is None  # the in-flight request was cut, not answered
+    assert not lb.logged("Traceback")
+
+
+async def test_port_in_use_exits_one_with_a_clear_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write(tmp_path, config_text(port, free_port(), []))
+        async with lbproxy(path) as lb:
+            assert await lb.exit_code(timeout=10) == 1
+    errors = [line for line in lb.lines if " ERROR " in line]
+    assert len(errors) == 1
+    assert f" ERROR lbproxy: listeners[0].bind: cannot listen on 127.0.0.1:{port}: " in errors[0]
+    assert errors[0].lower().endswith("address already in use")
+    assert not lb.logged("Traceback")
+
+
+async def test_unopenable_access_log_exits_one_with_a_clear_line(tmp_path):
+    missing = tmp_path / "no-such-dir" / "access.log"
+    text = config_text(free_port(), free_port(), [], access_log={"path": str(missing)})
+    async with lbproxy(write(tmp_path, text)) as lb:
+        assert await lb.exit_code(timeout=10) == 1
+    errors = [line for line in lb.lines if " ERROR " in line]
+    assert len(errors) == 1
+    assert errors[0].endswith(f"access_log.path: cannot open {missing}: No such file or directory")
+    assert not lb.logged("Traceback")

@@ -1,0 +1,401 @@
+"""Header rules on parsed heads: the request a backend sees and the response a client sees.
+
+Inputs are built with the real parser (``lbproxy.http1``), and outputs are asserted byte for
+byte and re-parsed, so a rule that produces a malformed head fails here too.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lbproxy import headers
+from lbproxy.http1 import (
+    Limits,
+    RequestHead,
+    ResponseHead,
+    parse_request_head,
+    parse_response_head,
+)
+
+CLIENT = "203.0.113.7"
+DEFAULT_HOST = b"10.0.0.5:8080"
+
+
+def request(raw: bytes) -> RequestHead:
+    head = parse_request_head(raw, Limits())
+    assert head is not None
+    return head
+
+
+def response(raw: bytes) -> ResponseHead:
+    head = parse_response_head(raw)
+    assert head is not None
+    return head
+
+
+def upstream(
+    raw: bytes, *, forwarded: bool = True, upgrade: bool = False, client_ip: str = CLIENT
+) -> bytes:
+    out = headers.upstream_request_head(
+        request(raw),
+        client_ip=client_ip,
+        scheme=b"http",
+        forwarded=forwarded,
+        default_host=DEFAULT_HOST,
+        upgrade=upgrade,
+    )
+    request(out)  # what the backend gets must itself be a valid request head
+    return out
+
+
+def lines(head: bytes) -> list[bytes]:
+    assert head.endswith(b"\r\n\r\n")
+    return head[:-4].split(b"\r\n")
+
+
+def values(head: bytes, name: bytes) -> list[bytes]:
+    out = []
+    for line in lines(head)[1:]:
+        n, _, v = line.partition(b": ")
+        if n.lower() == name.lower():
+            out.append(v)
+    return out
+
+
+# ------------------------------------------------------------------ request to the backend
+
+
+def test_plain_request_exact_bytes():
+    out = upstream(b"GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n\r\n")
+    assert out == (
+        b"GET /a?b=1 HTTP/1.1\r\n"
+        b"Host: example.com\r\n"
+        b"Accept: */*\r\n"
+        b"X-Forwarded-For: 203.0.113.7\r\n"
+        b"X-Forwarded-Proto: http\r\n"
+        b"X-Forwarded-Host: example.com\r\n"
+        b"X-Real-IP: 203.0.113.7\r\n"
+        b"\r\n"
+    )
+
+
+def test_hop_by_hop_headers_removed_end_to_end_kept_in_order():
+    raw = (
+        b"POST /submit HTTP/1.1\r\n"
+        b"Host: example.com\r\n"
+        b"Connection: keep-alive, X-Secret, x-other\r\n"
+        b"Keep-Alive: timeout=5\r\n"
+        b"TE: trailers\r\n"
+        b"Trailer: X-Checksum\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"Upgrade: h2c\r\n"
+        b"X-Secret: 1\r\n"
+        b"X-Other: 2\r\n"
+        b"Content-Type: text/plain\r\n"
+        b"Content-Length: 3\r\n"
+        b"Cookie: a=b\r\n"
+        b"\r\n"
+    )
+    out = upstream(raw, forwarded=False)
+    assert out == (
+        b"POST /submit HTTP/1.1\r\n"
+        b"Host: example.com\r\n"
+        b"Content-Type: text/plain\r\n"
+        b"Content-Length: 3\r\n"
+        b"Cookie: a=b\r\n"
+        b"\r\n"
+    )
+    assert request(out).keep_alive is True
+
+
+def test_connection_cannot_remove_content_length_or_host():
+    """``Connection: Content-Length`` would otherwise smuggle the body as a second request."""
+    raw = (
+        b"POST /x HTTP/1.1\r\nHost: a.example\r\nConnection: Content-Length, Host\r\n"
+        b"Content-Length: 33\r\n\r\n"
+    )
+    out = upstream(raw, forwarded=False)
+    assert out == b"POST /x HTTP/1.1\r\nHost: a.example\r\nContent-Length: 33\r\n\r\n"
+    assert request(out).content_length == 33
+
+
+def test_http10_keep_alive_request_goes_out_as_http11():
+    out = upstream(b"GET / HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n", forwarded=False)
+    assert out == b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def test_x_forwarded_for_appends_to_every_existing_value():
+    raw = (
+        b"GET / HTTP/1.1\r\n"
+        b"X-Forwarded-For: 198.51.100.1\r\n"
+        b"Host: h\r\n"
+        b"x-forwarded-for: 198.51.100.2, 198.51.100.3\r\n"
+        b"\r\n"
+    )
+    out = upstream(raw)
+    assert values(out, b"X-Forwarded-For") == [
+        b"198.51.100.1, 198.51.100.2, 198.51.100.3, 203.0.113.7"
+    ]
+    assert lines(out)[1] == b"Host: h"
+
+
+def test_x_forwarded_for_with_ipv6_client():
+    out = upstream(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", client_ip="2001:db8::1")
+    assert values(out, b"X-Forwarded-For") == [b"2001:db8::1"]
+    assert values(out, b"X-Real-IP") == [b"2001:db8::1"]
+
+
+def test_client_sent_proto_host_real_ip_are_replaced():
+    raw = (
+        b"GET / HTTP/1.1\r\n"
+        b"Host: real.example\r\n"
+        b"X-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: evil.example\r\n"
+        b"X-Real-IP: 127.0.0.1\r\n"
+        b"X-Forwarded-Proto: ftp\r\n"
+        b"\r\n"
+    )
+    out = upstream(raw)
+    assert values(out, b"X-Forwarded-Proto") == [b"http"]
+    assert values(out, b"X-Forwarded-Host") == [b"real.example"]
+    assert values(out, b"X-Real-IP") == [CLIENT.encode()]
+    assert values(out, b"X-Forwarded-For") == [CLIENT.encode()]
+
+
+def test_forwarded_false_leaves_them_alone():
+    raw = (
+        b"GET / HTTP/1.1\r\n"
+        b"Host: h\r\n"
+        b"X-Forwarded-For: 198.51.100.1\r\n"
+        b"X-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: other\r\n"
+        b"X-Real-IP: 198.51.100.1\r\n"
+        b"\r\n"
+    )
+    out = upstream(raw, forwarded=False)
+    assert out == raw  # unchanged, byte for byte
+
+
+def test_http10_request_without_host_gets_one():
+    out = upstream(b"GET /x HTTP/1.0\r\nAccept: */*\r\n\r\n", forwarded=False)
+    assert out == b"GET /x HTTP/1.1\r\nAccept: */*\r\nHost: 10.0.0.5:8080\r\n\r\n"
+    out = upstream(b"GET /x HTTP/1.0\r\n\r\n")
+    assert values(out, b"Host") == [DEFAULT_HOST]
+    assert values(out, b"X-Forwarded-Host") == [DEFAULT_HOST]
+
+
+def test_http10_absolute_form_target_host_is_used():
+    out = upstream(b"GET http://abs.example/x HTTP/1.0\r\n\r\n", forwarded=False)
+    assert out == b"GET http://abs.example/x HTTP/1.1\r\nHost: abs.example\r\n\r\n"
+
+
+def test_host_header_passes_unchanged():
+    out = upstream(b"GET / HTTP/1.1\r\nHost: Example.COM:8443\r\n\r\n", forwarded=False)
+    assert values(out, b"Host") == [b"Example.COM:8443"]
+
+
+def test_chunked_request_keeps_its_framing():
+    raw = (
+        b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    out = upstream(raw, forwarded=False)
+    assert out == (
+        b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Type: application/octet-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    assert request(out).chunked is True
+    assert values(out, b"Transfer-Encoding") == [b"chunked"]
+
+
+def test_content_length_request_has_no_transfer_encoding():
+    out = upstream(b"PUT / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n")
+    assert values(out, b"Transfer-Encoding") == []
+    assert request(out).content_length == 10
+
+
+WS_REQUEST = (
+    b"GET /ws HTTP/1.1\r\n"
+    b"Host: chat.example\r\n"
+    b"Connection: keep-alive, Upgrade\r\n"
+    b"Upgrade: WebSocket\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: chat, superchat\r\n"
+    b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
+    b"\r\n"
+)
+
+
+def test_upgrade_request_keeps_connection_upgrade_and_original_upgrade_value():
+    out = upstream(WS_REQUEST, upgrade=True, forwarded=False)
+    assert out == (
+        b"GET /ws HTTP/1.1\r\n"
+        b"Host: chat.example\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Protocol: chat, superchat\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Upgrade: WebSocket\r\n"
+        b"\r\n"
+    )
+    assert request(out).upgrade == b"websocket"
+
+
+def test_upgrade_request_with_forwarding():
+    out = upstream(WS_REQUEST, upgrade=True)
+    assert values(out, b"Connection") == [b"Upgrade"]
+    assert values(out, b"Upgrade") == [b"WebSocket"]
+    assert values(out, b"X-Forwarded-For") == [CLIENT.encode()]
+    assert values(out, b"X-Forwarded-Host") == [b"chat.example"]
+
+
+def test_upgrade_not_taken_strips_connection_and_upgrade():
+    out = upstream(WS_REQUEST, upgrade=False, forwarded=False)
+    assert values(out, b"Connection") == []
+    assert values(out, b"Upgrade") == []
+    assert request(out).upgrade is None
+
+
+# -------------------------------------------------------------------- response to the client
+
+
+def client(
+    raw: bytes, *, chunked: bool = False, keep_alive: bool = True, version: int = 1
+) -> bytes:
+    out = headers.client_response_head(
+        response(raw), chunked=chunked, keep_alive=keep_alive, client_version=version
+    )
+    response(out)  # well-formed
+    return out
+
+
+def test_response_exact_bytes_keep_alive_http11_client():
+    raw = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+        b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n"
+    )
+    assert client(raw) == raw  # nothing to change
+
+
+def test_response_hop_by_hop_removed():
+    raw = (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Connection: keep-alive, X-Backend-Secret\r\n"
+        b"Keep-Alive: timeout=5, max=100\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"Trailer: X-Checksum\r\n"
+        b"X-Backend-Secret: s3cr3t\r\n"
+        b"Transfer-Encoding: chunked\r\n"
+        b"Server: backend\r\n"
+        b"\r\n"
+    )
+    assert client(raw, chunked=True) == (
+        b"HTTP/1.1 200 OK\r\nServer: backend\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+
+
+def test_response_chunked_body_decoded_for_http10_client_says_close():
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    out = client(raw, chunked=False, keep_alive=False, version=0)
+    assert out == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+
+
+def test_response_connection_cannot_remove_content_length():
+    raw = b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\n"
+    assert client(raw) == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("version", "keep_alive", "connection"),
+    [
+        (1, True, []),
+        (1, False, [b"close"]),
+        (0, True, [b"keep-alive"]),
+        (0, False, [b"close"]),
+    ],
+)
+def test_response_connection_header_per_client_version(version, keep_alive, connection):
+    raw = b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
+    out = client(raw, keep_alive=keep_alive, version=version)
+    assert values(out, b"Connection") == connection
+    assert response(out).keep_alive is keep_alive
+
+
+def test_http10_backend_response_goes_out_as_http11():
+    out = client(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    assert out == b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_response_reason_kept_even_unusual_or_empty():
+    assert client(b"HTTP/1.1 299 All Good Here\r\nContent-Length: 0\r\n\r\n").startswith(
+        b"HTTP/1.1 299 All Good Here\r\n"
+    )
+    out = client(b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n")
+    assert lines(out)[0] == b"HTTP/1.1 200 "
+    assert response(out).status == 200
+
+
+# ------------------------------------------------------------------------- error responses
+
+
+def parse_error(raw: bytes) -> tuple[ResponseHead, bytes]:
+    head = response(raw)
+    return head, raw[head.raw_len :]
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        (400, b"Bad Request"),
+        (404, b"Not Found"),
+        (408, b"Request Timeout"),
+        (413, b"Content Too Large"),
+        (414, b"URI Too Long"),
+        (431, b"Request Header Fields Too Large"),
+        (500, b"Internal Server Error"),
+        (501, b"Not Implemented"),
+        (502, b"Bad Gateway"),
+        (503, b"Service Unavailable"),
+        (504, b"Gateway Timeout"),
+        (505, b"HTTP Version Not Supported"),
+        (599, b"Error"),
+    ],
+)
+def test_error_response_well_formed(status, reason):
+    raw = headers.error_response(status)
+    head, body = parse_error(raw)
+    assert (head.version, head.status, head.reason) == (1, status, reason)
+    assert body == b"%d %s\n" % (status, reason)
+    assert head.content_length == len(body)
+    assert values(raw[: head.raw_len], b"Content-Type") == [b"text/plain; charset=utf-8"]
+    assert values(raw[: head.raw_len], b"Cache-Control") == [b"no-store"]
+    assert values(raw[: head.raw_len], b"Connection") == [b"close"]
+    assert head.keep_alive is False
+
+
+def test_error_response_detail_extra_and_keep_alive():
+    raw = headers.error_response(
+        503, "no server available", extra=(("Retry-After", "1"),), keep_alive=True
+    )
+    assert raw == (
+        b"HTTP/1.1 503 Service Unavailable\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 45\r\n"
+        b"Cache-Control: no-store\r\n"
+        b"Retry-After: 1\r\n"
+        b"Connection: keep-alive\r\n"
+        b"\r\n"
+        b"503 Service Unavailable: no server available\n"
+    )
+    head, body = parse_error(raw)
+    assert head.content_length == len(body) == 45
+    assert head.keep_alive is True
+
+
+def test_error_response_content_length_counts_bytes_not_characters():
+    raw = headers.error_response(502, "backend “é” said no")
+    head, body = parse_error(raw)
+    assert head.content_length == len(body)
+    assert body.decode() == "502 Bad Gateway: backend “é” said no\n"

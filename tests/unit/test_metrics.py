@@ -1,0 +1,270 @@
+"""The metrics core without sockets: histogram buckets, forgetting a server, and the
+Collector's exposition (names, types, labels) summed over several registries."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lbproxy.metrics import (
+    TIME_BUCKETS,
+    WS_BUCKETS,
+    Collector,
+    Histogram,
+    Registry,
+)
+
+FAMILIES = {
+    "lbproxy_requests": "counter",
+    "lbproxy_request_duration_seconds": "histogram",
+    "lbproxy_upstream_response_seconds": "histogram",
+    "lbproxy_connections_active": "gauge",
+    "lbproxy_connections": "counter",
+    "lbproxy_websockets_active": "gauge",
+    "lbproxy_websockets": "counter",
+    "lbproxy_websocket_duration_seconds": "histogram",
+    "lbproxy_websocket_closes": "counter",
+    "lbproxy_bytes": "counter",
+    "lbproxy_backend_up": "gauge",
+    "lbproxy_health_checks": "counter",
+    "lbproxy_upstream_errors": "counter",
+    "lbproxy_retries": "counter",
+    "lbproxy_config_reloads": "counter",
+    "lbproxy_config_last_reload_success": "gauge",
+    "lbproxy_config_last_reload_timestamp_seconds": "gauge",
+}
+
+
+def exposition(*registries: Registry) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Render through prometheus-client and parse back: sample name -> {labels: value}."""
+    prom = CollectorRegistry(auto_describe=False)
+    prom.register(Collector(list(registries)))
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for fam in text_string_to_metric_families(generate_latest(prom).decode()):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def labels(**kw: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(kw.items()))
+
+
+class _Live:
+    def __init__(self, i: int, o: int) -> None:
+        self.i, self.o = i, o
+
+    def live_bytes(self) -> tuple[int, int]:
+        return self.i, self.o
+
+
+# ------------------------------------------------------------------ Histogram
+def test_histogram_buckets_are_cumulative_with_le_inclusive():
+    h = Histogram((0.1, 1.0, 10.0))
+    for v in (0.05, 0.1, 0.5, 1.0, 3.0, 100.0):
+        h.observe(v)
+    # A bucket counts values <= its bound; +Inf counts everything.
+    assert h.cumulative() == [("0.1", 2), ("1.0", 4), ("10.0", 5), ("+Inf", 6)]
+    assert h.sum == pytest.approx(104.65)
+
+
+def test_empty_histogram_has_every_bucket_at_zero():
+    h = Histogram(TIME_BUCKETS)
+    cum = h.cumulative()
+    assert [c for _, c in cum] == [0] * (len(TIME_BUCKETS) + 1)
+    assert cum[-1][0] == "+Inf"
+    assert [b for b, _ in cum[:-1]] == [repr(float(b)) for b in TIME_BUCKETS]
+
+
+def test_histogram_add_sums_counts_and_sum():
+    a, b = Histogram(WS_BUCKETS), Histogram(WS_BUCKETS)
+    a.observe(0.5)
+    b.observe(0.5)
+    b.observe(7200.0)
+    a.add(b)
+    assert dict(a.cumulative())["1.0"] == 2
+    assert dict(a.cumulative())["14400.0"] == 3
+    assert a.sum == pytest.approx(7201.0)
+
+
+# ------------------------------------------------------------------ Registry
+def test_registry_hands_out_one_stats_object_per_name_and_id():
+    reg = Registry()
+    assert reg.listener("web") is reg.listener("web")
+    assert reg.server("g/1.2.3.4:80", "g", "1.2.3.4:80") is reg.server("g/1.2.3.4:80", "g", "x")
+
+
+def test_forget_server_drops_only_that_servers_series():
+    reg = Registry()
+    web, api = reg.listener("web"), reg.listener("api")
+    gone = reg.server("g/10.0.0.1:80", "g", "10.0.0.1:80")
+    kept = reg.server("g/10.0.0.2:80", "g", "10.0.0.2:80")
+    other_group = reg.server("h/10.0.0.1:80", "h", "10.0.0.1:80")
+    for ss in (gone, kept, other_group):
+        ss.health_checks["success"] += 1
+        ss.upstream_response.observe(0.01)
+    web.count_request("g", "10.0.0.1:80", 200, 0.01)
+    api.count_request("g", "10.0.0.1:80", 500, 0.01)
+    web.count_request("g", "10.0.0.2:80", 200, 0.01)
+    web.count_request("h", "10.0.0.1:80", 200, 0.01)
+    web.count_request("g", "", 503, 0.01)
+    reg.backend_up["g/10.0.0.1:80"] = ("g", "10.0.0.1:80", 1)
+    reg.backend_up["g/10.0.0.2:80"] = ("g", "10.0.0.2:80", 1)
+
+    reg.forget_server("g/10.0.0.1:80")
+
+    assert set(reg.servers) == {"g/10.0.0.2:80", "h/10.0.0.1:80"}
+    assert set(reg.backend_up) == {"g/10.0.0.2:80"}
+    assert web.requests == {
+        ("g", "10.0.0.2:80", "200"): 1,
+        ("h", "10.0.0.1:80", "200"): 1,
+        ("g", "", "503"): 1,
+    }
+    assert api.requests == {}
+    # Listener-level totals are history, not per-server series: they stay.
+    assert web.request_duration["g"].cumulative()[-1] == ("+Inf", 3)
+    m = exposition(reg)
+    servers = {dict(k).get("server") for fam in m.values() for k in fam}
+    assert "10.0.0.1:80" in servers  # still there for group h
+    assert (
+        labels(server_group="g", server="10.0.0.1:80", result="success")
+        not in m["lbproxy_health_checks_total"]
+    )
+    reg.forget_server("g/10.0.0.1:80")  # a second time is harmless
+    reg.forget_server("never/seen:1")
+
+
+def test_ws_stats_track_open_and_established_per_listener():
+    reg = Registry()
+    ss = reg.server("g/s:1", "g", "s:1")
+    assert ss.idle
+    ss.ws_opened("web")
+    ss.ws_opened("web")
+    ss.ws_opened("api")
+    ss.ws_closed("web")
+    assert ss.ws_active == {"web": 1, "api": 1}
+    assert ss.ws_total == {"web": 2, "api": 1}
+    assert not ss.idle
+    ss.ws_closed("web")
+    ss.ws_closed("api")
+    assert ss.idle
+
+
+# ------------------------------------------------------------------ Collector
+def test_collector_exposes_every_family_with_its_type_and_help():
+    prom = CollectorRegistry(auto_describe=False)
+    prom.register(Collector(Registry()))
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(prom).decode())}
+    assert {n: f.type for n, f in fams.items()} == FAMILIES
+    assert all(f.documentation for f in fams.values())
+
+
+def _fill(reg: Registry, scale: int) -> None:
+    web = reg.listener("web")
+    web.connections_total += 3 * scale
+    web.connections_active += scale
+    web.bytes_in += 100 * scale
+    web.bytes_out += 1000 * scale
+    web.live.add(_Live(10 * scale, 20 * scale))
+    for _ in range(scale):
+        web.count_request("g", "s:1", 200, 0.003)
+    web.count_request("g", "", 503, 0.0001)
+    web.count_ws_close("g", "client", 2.0)
+    web.ws_closes["shutdown"] += scale
+    ss = reg.server("g/s:1", "g", "s:1")
+    ss.upstream_response.observe(0.002)
+    ss.ws_opened("web")
+    ss.errors["connect"] += scale
+    ss.health_checks["success"] += 5 * scale
+    ss.health_checks["failure"] += scale
+    reg.backend_up["g/s:1"] = ("g", "s:1", 1)
+    reg.count_retry("g")
+
+
+def test_collector_sums_over_registries():
+    one, two = Registry(), Registry()
+    _fill(one, 1)
+    _fill(two, 2)
+    two.reloads.success = 7  # reload counts come from the first registry only
+    one.reloads.success, one.reloads.failure, one.reloads.last_success = 2, 1, 0
+    one.reloads.last_timestamp = 1700000000.5
+    m = exposition(one, two)
+
+    assert m["lbproxy_requests_total"] == {
+        labels(listener="web", server_group="g", server="s:1", code="200"): 3,
+        labels(listener="web", server_group="g", server="", code="503"): 2,
+    }
+    assert m["lbproxy_connections_total"] == {labels(listener="web"): 9}
+    assert m["lbproxy_connections_active"] == {labels(listener="web"): 3}
+    # Closed connections' bytes plus what the still-open ones have moved so far.
+    assert m["lbproxy_bytes_total"] == {
+        labels(listener="web", direction="in"): 300 + 30,
+        labels(listener="web", direction="out"): 3000 + 60,
+    }
+    dur = m["lbproxy_request_duration_seconds_bucket"]
+    assert dur[labels(listener="web", server_group="g", le="0.001")] == 2  # the two 503s
+    assert dur[labels(listener="web", server_group="g", le="0.005")] == 5
+    assert dur[labels(listener="web", server_group="g", le="+Inf")] == 5
+    assert m["lbproxy_request_duration_seconds_count"] == {
+        labels(listener="web", server_group="g"): 5
+    }
+    assert m["lbproxy_upstream_response_seconds_count"] == {
+        labels(server_group="g", server="s:1"): 2
+    }
+    assert m["lbproxy_upstream_response_seconds_sum"][
+        labels(server_group="g", server="s:1")
+    ] == pytest.approx(0.004)
+    assert m["lbproxy_websockets_active"] == {
+        labels(listener="web", server_group="g", server="s:1"): 2
+    }
+    assert m["lbproxy_websockets_total"] == {
+        labels(listener="web", server_group="g", server="s:1"): 2
+    }
+    closes = m["lbproxy_websocket_closes_total"]
+    assert closes[labels(listener="web", reason="client")] == 2
+    assert closes[labels(listener="web", reason="shutdown")] == 3
+    assert closes[labels(listener="web", reason="error")] == 0
+    assert len(closes) == 5
+    assert m["lbproxy_websocket_duration_seconds_count"] == {
+        labels(listener="web", server_group="g"): 2
+    }
+    assert m["lbproxy_backend_up"] == {labels(server_group="g", server="s:1"): 2}
+    assert m["lbproxy_health_checks_total"] == {
+        labels(server_group="g", server="s:1", result="success"): 15,
+        labels(server_group="g", server="s:1", result="failure"): 3,
+    }
+    errors = m["lbproxy_upstream_errors_total"]
+    assert errors == {
+        labels(server_group="g", server="s:1", kind="connect"): 3,
+        labels(server_group="g", server="s:1", kind="timeout"): 0,
+        labels(server_group="g", server="s:1", kind="reset"): 0,
+    }
+    assert m["lbproxy_retries_total"] == {labels(server_group="g"): 2}
+    assert m["lbproxy_config_reloads_total"] == {
+        labels(result="success"): 2,
+        labels(result="failure"): 1,
+    }
+    assert m["lbproxy_config_last_reload_success"] == {(): 0}
+    assert m["lbproxy_config_last_reload_timestamp_seconds"] == {(): 1700000000.5}
+
+
+def test_collector_of_one_registry_equals_collector_of_a_list_of_it():
+    reg = Registry()
+    _fill(reg, 1)
+    prom = CollectorRegistry(auto_describe=False)
+    prom.register(Collector(reg))
+    single = generate_latest(prom)
+    prom2 = CollectorRegistry(auto_describe=False)
+    prom2.register(Collector([reg]))
+    assert generate_latest(prom2) == single
+
+
+def test_a_fresh_registry_reports_a_successful_start():
+    m = exposition(Registry())
+    assert m["lbproxy_config_reloads_total"] == {
+        labels(result="success"): 0,
+        labels(result="failure"): 0,
+    }
+    assert m["lbproxy_config_last_reload_success"] == {(): 1}
+    assert "lbproxy_requests_total" not in m  # no traffic, no series
