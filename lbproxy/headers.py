@@ -111,6 +111,7 @@ def client_response_head(
     chunked: bool,
     keep_alive: bool,
     client_version: int,
+    extra: tuple[bytes, ...] = (),
 ) -> bytes:
     """The response head sent to the client, hop-by-hop removed.
 
@@ -123,6 +124,7 @@ def client_response_head(
     for name, value in resp.headers:
         if name.lower() not in drop:
             lines.append(name + b": " + value)
+    lines.extend(extra)
     if chunked:
         lines.append(b"Transfer-Encoding: chunked")
     if not keep_alive:

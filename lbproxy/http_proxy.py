@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import headers, upstream
+from . import headers, sticky, upstream
 from .health import Event
 from .http1 import (
     BODY_CHUNKED,
@@ -46,7 +47,7 @@ from .tunnel import Tunnel
 if TYPE_CHECKING:
     from .access_log import AccessLog
     from .metrics import Registry
-    from .snapshot import ListenerRuntime, ServerState
+    from .snapshot import GroupRuntime, ListenerRuntime, ServerState
 
 log = logging.getLogger("lbproxy.http")
 _clock = time.perf_counter
@@ -54,6 +55,7 @@ _clock = time.perf_counter
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 REPLAY_LIMIT = 65536  # bytes of an idempotent request body kept for a retry
 BUFFER_LIMIT = 65536  # client bytes buffered ahead (pipelining, body before connect)
+SIO_PROBE_LIMIT = 4096  # bytes of an Engine.IO handshake body read for its sid (~100 needed)
 
 # Why client reading is paused (a bit each; reading resumes when none is left).
 _P_UPSTREAM_FULL = 1  # the backend is not reading the body as fast as the client sends it
@@ -127,6 +129,11 @@ class ClientConnection(asyncio.Protocol):
         self.replay: list[bytes] | None = None
         self.body_sent = False
         self.tried: list[ServerState] = []
+        self.group: GroupRuntime = self.lr.group  # the request's group (forwarding rules)
+        self.sticky_token: str | None = None  # the insert cookie the client sent
+        self.sio = False  # a request under the group's Socket.IO path
+        self.sid: str | None = None  # the Engine.IO session id the request carries
+        self.sio_probe: bytearray | None = None  # a Socket.IO handshake body being read
         self.server: ServerState | None = None
         self.up: upstream.UpstreamConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -231,8 +238,10 @@ class ClientConnection(asyncio.Protocol):
         self.req_bytes_in = req.raw_len
         self.req_bytes_out = 0
         self.tried = []
+        self.group = lr.route(req.host, req.target)
         self.resp = None
         self.resp_started = False
+        self.sio_probe = None
         self.upgrade = req.upgrade == b"websocket"
         self.keep_alive = req.keep_alive and not self.client_eof and not self.ctx.draining
         kind = request_body_kind(req)
@@ -256,9 +265,9 @@ class ClientConnection(asyncio.Protocol):
                 return
         if self.buf:
             self._pause(_P_WAITING)  # pipelined: answered in order, after this one
-        if req.expect_continue and self.req_kind != BODY_NONE:
-            pass  # the backend answers 100 Continue itself; it is relayed as an interim response
-        self._choose(lr)
+        # Expect: 100-continue needs nothing here: the backend's 100 is relayed as an interim
+        # response.
+        self._choose()
 
     def _request_body(self, data: bytes) -> None:
         """Forward (or hold, while connecting) body bytes; the rest is the next request."""
@@ -309,9 +318,13 @@ class ClientConnection(asyncio.Protocol):
             self._pause(_P_WAITING)
 
     # ------------------------------------------------------------------ choosing and connecting
-    def _choose(self, lr: ListenerRuntime, server: ServerState | None = None) -> None:
+    def _choose(self, server: ServerState | None = None) -> None:
+        lr, group = self.lr, self.group
         if server is None:
-            server = lr.group.pick(self.client_ip, self.tried)
+            if group.sticky is not None:
+                server = self._pinned(group)
+            if server is None:
+                server = group.pick(self._hash_key(group), self.tried)
         if server is None:
             if self.tried:
                 return  # _upstream_failed already answered
@@ -320,8 +333,7 @@ class ClientConnection(asyncio.Protocol):
         self.tried.append(server)
         self.server = server
         server.active += 1
-        gcfg = lr.group.config
-        conn = server.pool.take(self.loop.time(), gcfg.keepalive_timeout)
+        conn = server.pool.take(self.loop.time(), group.config.keepalive_timeout)
         if conn is not None:
             self._attach(conn)
         else:
@@ -329,6 +341,46 @@ class ClientConnection(asyncio.Protocol):
             self.connect_task = self.loop.create_task(
                 self._connect(server, lr.config.timeouts.connect)
             )
+
+    def _hash_key(self, group: GroupRuntime) -> str:
+        """What ``sh`` hashes: the client address, or the first X-Forwarded-For address."""
+        if group.hash_xff and self.req is not None:
+            for name, value in self.req.headers:
+                if name.lower() == b"x-forwarded-for":
+                    first = value.split(b",", 1)[0].strip()
+                    if first:
+                        return first.decode("latin-1")
+        return self.client_ip
+
+    def _pinned(self, group: GroupRuntime) -> ServerState | None:
+        """The server this request's session is pinned to, if it can still take it."""
+        req = self.req
+        cfg = group.sticky
+        assert req is not None and cfg is not None
+        now = self.loop.time()
+        server: ServerState | None = None
+        self.sid = None
+        self.sio = cfg.socketio and sticky.is_socketio(req.target, cfg.socketio_path)
+        token = self.sticky_token = (
+            sticky.find_cookie(req.headers, cfg.cookie) if cfg.type == "insert" else None
+        )
+        if self.sio:
+            self.sid = sid = sticky.sid_from_query(req.target)
+            if sid is not None:
+                sid_server = group.pins.sids.lookup(sid, now)
+                if sid_server is not None:
+                    server = group.by_id.get(sid_server)
+        if server is None and token is not None:
+            server = group.by_token.get(token)
+        elif server is None and cfg.type == "server":
+            value = sticky.find_cookie(req.headers, cfg.cookie)
+            if value is not None:
+                pinned_id = group.pins.cookies.lookup(value, now)
+                if pinned_id is not None:
+                    server = group.by_id.get(pinned_id)
+        if server is not None and group.pinnable(server) and server not in self.tried:
+            return server
+        return None  # gone, down or already failed: choose another (the cookie is replaced)
 
     async def _connect(self, server: ServerState, timeout: float) -> None:
         try:
@@ -384,7 +436,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._drop_upstream(reuse=False)
         self._release_server()
-        group = self.lr.group
+        group = self.group
         if fresh:
             server.stats.errors[kind] += 1
             log.warning(
@@ -405,11 +457,14 @@ class ClientConnection(asyncio.Protocol):
                 self.pending = list(self.replay)
                 self.pending_size = sum(map(len, self.pending))
             self.body_sent = False
-            nxt = group.pick(self.client_ip, self.tried)
+            if not fresh and group.pinnable(server):
+                nxt: ServerState | None = server  # a stale pooled entry: same server, new conn
+            else:
+                nxt = group.pick(self._hash_key(group), self.tried)
             if nxt is not None:
                 if fresh:
                     self.ctx.registry.count_retry(group.name)
-                self._choose(self.lr, nxt)
+                self._choose(nxt)
                 return
         status = 504 if kind == "timeout" else 502
         self._error_response(status, reason)
@@ -481,15 +536,61 @@ class ClientConnection(asyncio.Protocol):
             self.keep_alive = False
         if not self.req_done:
             self.keep_alive = False  # the rest of the body would be taken for a new request
+        extra = self._sticky_response(resp, server) if self.group.sticky is not None else ()
         head = headers.client_response_head(
-            resp, chunked=chunked_out, keep_alive=self.keep_alive, client_version=req.version
+            resp,
+            chunked=chunked_out,
+            keep_alive=self.keep_alive,
+            client_version=req.version,
+            extra=extra,
         )
         self._write(head)
         self.resp_started = True
         if kind == BODY_NONE or (kind == BODY_LENGTH and self.resp_remaining == 0):
             self._finish()
 
+    def _sticky_response(self, resp: ResponseHead, server: ServerState) -> tuple[bytes, ...]:
+        """Learn or set what pins the session to ``server``; the extra response headers."""
+        group = self.group
+        cfg = group.sticky
+        assert cfg is not None
+        now = self.loop.time()
+        extra: tuple[bytes, ...] = ()
+        if cfg.type == "insert" and self.sticky_token != server.token:
+            # New client, or its pinned server is gone or down: (re)pin it to this one.
+            cookie = sticky.set_cookie_header(cfg.cookie, server.token, cfg.cookie_timeout)
+            extra = (b"Set-Cookie: " + cookie,)
+        elif cfg.type == "server":
+            value = sticky.response_set_cookie(resp.headers, cfg.cookie)
+            if value is not None:
+                group.pins.cookies.learn(value, server.id, now, cfg.cookie_timeout)
+        if self.sio:
+            if self.sid is None and resp.status == 200:
+                self.sio_probe = bytearray()  # an Engine.IO handshake: its body names the sid
+            elif self.sid is not None and resp.status == 400:
+                group.pins.sids.forget(self.sid)  # "Session ID unknown": the session is over
+        return extra
+
+    def _probe_sid(self, data: bytes) -> None:
+        """Read an Engine.IO handshake body as it passes, and pin its sid to the server."""
+        probe = self.sio_probe
+        server = self.server
+        assert probe is not None and server is not None
+        probe += data[: SIO_PROBE_LIMIT - len(probe)]
+        body = bytes(probe)
+        if self.resp_kind == BODY_CHUNKED:
+            body = body.partition(b"\r\n")[2]  # the handshake fits the first chunk
+        sid = sticky.sid_from_handshake(body)
+        if sid is not None:
+            ttl = self.lr.config.timeouts.idle
+            self.group.pins.sids.learn(sid, server.id, self.loop.time(), ttl)
+            self.sio_probe = None
+        elif len(probe) >= SIO_PROBE_LIMIT:
+            self.sio_probe = None
+
     def _response_body(self, data: bytes) -> None:
+        if self.sio_probe is not None:
+            self._probe_sid(data)
         kind = self.resp_kind
         if kind == BODY_LENGTH:
             n = self.resp_remaining
@@ -606,12 +707,13 @@ class ClientConnection(asyncio.Protocol):
             self.transport,
             up.transport,
             listener=ls,
-            group=lr.group.name,
+            group=self.group.name,
             server=server,
             idle_timeout=lr.config.timeouts.idle,
             client_addr=self.client_addr,
             method_path=(req.method.decode("latin-1"), req.target.decode("latin-1")),
             access=self.ctx.access,
+            on_close=_forget_sid(self.group, self.sid) if self.sid is not None else None,
         )
         client_pending = bytes(self.buf) + b"".join(self.pending)
         self.buf.clear()
@@ -668,7 +770,7 @@ class ClientConnection(asyncio.Protocol):
         lr = self.lr
         # The last server tried, even if it has been released (a 502 belongs to it).
         label = self.tried[-1].label if self.tried else ""
-        group = lr.group.name
+        group = self.group.name
         lr.stats.count_request(group, label, status, now - self.t_start)
         access = self.ctx.access
         if access_line and access.enabled:
@@ -702,7 +804,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.tried[-1] if self.tried else None
         if reuse and server is not None and not up.closed:
             up.transport.resume_reading()
-            server.pool.put(up, self.loop.time(), self.lr.group.config.keepalive_connections)
+            server.pool.put(up, self.loop.time(), self.group.config.keepalive_connections)
         else:
             up.close()
 
@@ -790,6 +892,15 @@ class ClientConnection(asyncio.Protocol):
                     self._close()
                 return
         self._arm(deadline)
+
+
+def _forget_sid(group: GroupRuntime, sid: str) -> Callable[[Tunnel], None]:
+    """An upgraded Engine.IO session ends with its tunnel: its sid pin goes with it."""
+
+    def forget(_: Tunnel) -> None:
+        group.pins.sids.forget(sid)
+
+    return forget
 
 
 def _describe(exc: BaseException) -> str:

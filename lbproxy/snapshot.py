@@ -18,8 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import balancer, metrics
-from .config import Config, Listener, Server, ServerGroup
+from .config import Config, Listener, Server, ServerGroup, StickySession
 from .health import ServerHealth, State
+from .rules import Router
+from .sticky import CookieMap, SidTable, server_token
 from .upstream import Pool
 
 
@@ -30,7 +32,18 @@ def server_id(group: str, server: Server) -> str:
 class ServerState:
     """One backend server as seen across reloads: the scheduler's Candidate."""
 
-    __slots__ = ("active", "address", "group", "health", "id", "label", "pool", "stats", "weight")
+    __slots__ = (
+        "active",
+        "address",
+        "group",
+        "health",
+        "id",
+        "label",
+        "pool",
+        "stats",
+        "token",
+        "weight",
+    )
 
     def __init__(self, sid: str, group: str, server: Server, registry: metrics.Registry) -> None:
         self.id = sid
@@ -42,22 +55,60 @@ class ServerState:
         self.health = ServerHealth()
         self.pool = Pool()
         self.stats = registry.server(sid, group, self.label)
+        self.token = server_token(sid)  # the insert cookie's value: the server, not its address
 
     def __repr__(self) -> str:
         return f"<Server {self.id} {self.health.state.value} active={self.active}>"
 
 
+class Pins:
+    """A group's learned session pins (Socket.IO sids, backend cookies); outlive snapshots."""
+
+    __slots__ = ("cookies", "sids")
+
+    def __init__(self) -> None:
+        self.sids = SidTable()
+        self.cookies = CookieMap()
+
+
 class GroupRuntime:
-    __slots__ = ("checks", "config", "name", "scheduler", "servers")
+    __slots__ = (
+        "by_id",
+        "by_token",
+        "checks",
+        "config",
+        "hash_xff",
+        "name",
+        "pins",
+        "scheduler",
+        "servers",
+        "sticky",
+    )
 
     def __init__(
-        self, config: ServerGroup, servers: tuple[ServerState, ...], scheduler: balancer.Scheduler
+        self,
+        config: ServerGroup,
+        servers: tuple[ServerState, ...],
+        scheduler: balancer.Scheduler,
+        pins: Pins,
     ) -> None:
         self.config = config
         self.name = config.name
         self.servers = servers
         self.scheduler = scheduler
         self.checks = config.health_check.enabled
+        self.sticky: StickySession | None = config.sticky
+        self.pins = pins
+        self.hash_xff = config.hash_key == "x_forwarded_for"
+        self.by_id = {s.id: s for s in servers}
+        self.by_token = {s.token: s for s in servers}
+
+    def pinnable(self, server: ServerState | None) -> bool:
+        """Whether a session pinned to ``server`` may go on there: weight 0 drains only new
+        sessions (as HAProxy does); a down server loses its sessions."""
+        if server is None:
+            return False
+        return server.health.state is State.UP or not self.checks
 
     def available(self) -> list[ServerState]:
         if not self.checks:
@@ -75,13 +126,27 @@ class GroupRuntime:
 
 
 class ListenerRuntime:
-    __slots__ = ("config", "group", "name", "stats")
+    __slots__ = ("config", "group", "groups", "name", "router", "stats")
 
-    def __init__(self, config: Listener, group: GroupRuntime, stats: metrics.ListenerStats) -> None:
+    def __init__(
+        self,
+        config: Listener,
+        groups: dict[str, GroupRuntime],
+        stats: metrics.ListenerStats,
+    ) -> None:
         self.config = config
         self.name = config.name
-        self.group = group
+        self.group = groups[config.server_group]  # the default group
+        self.groups = groups
+        # Listeners without rules skip routing altogether (the common, fast case).
+        self.router = Router.for_listener(config) if config.rules else None
         self.stats = stats
+
+    def route(self, host: bytes | None, target: bytes) -> GroupRuntime:
+        router = self.router
+        if router is None:
+            return self.group
+        return self.groups[router.route(host, target)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +189,7 @@ class RuntimeState:
         self.registry = registry
         self.servers: dict[str, ServerState] = {}
         self.schedulers: dict[str, balancer.Scheduler] = {}
+        self.pins: dict[str, Pins] = {}
 
     def build(self, config: Config) -> tuple[Snapshot, Changes]:
         """A snapshot of ``config`` reusing the state of servers that persist.
@@ -147,15 +213,14 @@ class RuntimeState:
                 members.append(st)
             sched = balancer.make_scheduler(g.scheduler, self.schedulers.get(g.name))
             schedulers[g.name] = sched
-            groups[g.name] = GroupRuntime(g, tuple(members), sched)
+            group_pins = self.pins.get(g.name) or Pins()
+            groups[g.name] = GroupRuntime(g, tuple(members), sched, group_pins)
         listeners = {
-            lst.name: ListenerRuntime(
-                lst, groups[lst.server_group], self.registry.listener(lst.name)
-            )
+            lst.name: ListenerRuntime(lst, groups, self.registry.listener(lst.name))
             for lst in config.listeners
         }
         snap = Snapshot(config, listeners, groups)
-        self._pending = (servers, schedulers, config)
+        self._pending = (servers, schedulers, config, {n: g.pins for n, g in groups.items()})
         return snap, self._changes(snap, added, servers)
 
     def _changes(
@@ -184,13 +249,14 @@ class RuntimeState:
 
     def commit(self, snap: Snapshot) -> None:
         """Make ``snap``'s servers the known ones (weights follow the new config)."""
-        servers, schedulers, config = self._pending
+        servers, schedulers, config, pins = self._pending
         assert config is snap.config
         for g in config.server_groups:
             for srv in g.servers:
                 servers[server_id(g.name, srv)].weight = srv.weight
         self.servers = servers
         self.schedulers = schedulers
+        self.pins = pins
         self._config = config
 
 
