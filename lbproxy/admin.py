@@ -7,7 +7,7 @@ the proxy's state and asks ``Proxy.reload``; the numbers come from ``metrics``.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -15,22 +15,32 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
 from .config import Address
-from .metrics import Collector
+from .metrics import Collector, Registry, merge_registries
 from .status_page import render_status_page
 
 if TYPE_CHECKING:
     from .app import Proxy
 
 
-def status(proxy: Proxy) -> dict[str, Any]:
-    """Everything the status page shows, as JSON-ready data."""
+def status(
+    proxy: Proxy,
+    reg: Registry | None = None,
+    active: dict[str, int] | None = None,
+    workers: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Everything the status page shows, as JSON-ready data.
+
+    With workers, ``reg`` is the sum of their stats and ``active`` their open connections per
+    server id; alone, both come from this process.
+    """
     snap = proxy.holder.current
     cfg = snap.config
-    reg = proxy.registry
+    if reg is None:
+        reg = proxy.registry
     listeners = []
     for lst in cfg.listeners:
         ls = reg.listener(lst.name)
-        tunnels = sum(1 for c in ls.live if type(c).__name__ == "Tunnel")
+        tunnels = sum(ss.ws_active.get(lst.name, 0) for ss in reg.servers.values())
         bound = proxy.listeners.bound.get(lst.name)
         listeners.append(
             {
@@ -51,6 +61,7 @@ def status(proxy: Proxy) -> dict[str, Any]:
     for g in snap.groups.values():
         servers = []
         for s in g.servers:
+            st = reg.servers.get(s.id, s.stats)
             h = s.health
             state = h.state.value if g.checks else "up"
             requests = sum(
@@ -72,12 +83,12 @@ def status(proxy: Proxy) -> dict[str, Any]:
                         None if h.last_check_at is None else time.monotonic() - h.last_check_at
                     ),
                     "last_change_reason": getattr(h, "last_change_reason", "") or None,
-                    "active_connections": s.active,
-                    "websockets_active": sum(s.stats.ws_active.values()),
-                    "websockets_total": sum(s.stats.ws_total.values()),
+                    "active_connections": active.get(s.id, 0) if active is not None else s.active,
+                    "websockets_active": sum(st.ws_active.values()),
+                    "websockets_total": sum(st.ws_total.values()),
                     "requests_total": requests,
-                    "upstream_errors": dict(s.stats.errors),
-                    "health_checks": dict(s.stats.health_checks),
+                    "upstream_errors": dict(st.errors),
+                    "health_checks": dict(st.health_checks),
                 }
             )
         groups.append(
@@ -97,6 +108,7 @@ def status(proxy: Proxy) -> dict[str, Any]:
         "last_reload": {"time": when, "success": ok, "message": message},
         "listeners": listeners,
         "server_groups": groups,
+        "workers": workers or [],
         "time": time.time(),
     }
 
@@ -107,9 +119,20 @@ def _pid() -> int:
     return os.getpid()
 
 
+class Workers(Protocol):
+    """The supervisor's view of its workers, for /metrics and /status."""
+
+    async def gather(self) -> tuple[list[Registry], dict[str, int]]:
+        """Every live worker's stats, and open connections per server id summed over them."""
+        ...
+
+    def describe(self) -> list[dict[str, Any]]: ...
+
+
 class AdminServer:
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, workers: Workers | None = None) -> None:
         self.proxy = proxy
+        self.workers = workers
         self.prom = CollectorRegistry(auto_describe=False)
         self.prom.register(Collector(proxy.registry))
         self.app = web.Application()
@@ -147,14 +170,30 @@ class AdminServer:
         return web.Response(text="ok\n")
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.prom)
+        if self.workers is None:
+            body = generate_latest(self.prom)
+        else:
+            # This process's registry carries health checks, backend_up and reloads; the
+            # workers' carry the traffic. The collector sums them.
+            regs, _ = await self.workers.gather()
+            prom = CollectorRegistry(auto_describe=False)
+            prom.register(Collector([self.proxy.registry, *regs]))
+            body = generate_latest(prom)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _status(self) -> dict[str, Any]:
+        if self.workers is None:
+            return status(self.proxy)
+        regs, active = await self.workers.gather()
+        merged = merge_registries([self.proxy.registry, *regs])
+        return status(self.proxy, merged, active, self.workers.describe())
+
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(status(self.proxy))
+        return web.json_response(await self._status())
 
     async def page(self, request: web.Request) -> web.Response:
-        return web.Response(text=render_status_page(status(self.proxy)), content_type="text/html")
+        text = render_status_page(await self._status())
+        return web.Response(text=text, content_type="text/html")
 
     async def reload(self, request: web.Request) -> web.Response:
         result = await self.proxy.reload("admin")

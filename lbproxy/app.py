@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from . import metrics
 from .access_log import AccessLog
 from .checker import Checker
-from .config import Config, ConfigError, load_config
-from .health import Event, Transition
+from .config import Config, ConfigError, loads_config, read_config_file
+from .health import Event, State, Transition
 from .http_proxy import ClientConnection, Context, Health
-from .listener import BindError, Listeners
+from .listener import BindError, Listeners, probe_binds
 from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .tunnel import Tunnel
 
@@ -36,12 +36,23 @@ class ReloadResult:
 
 
 class PassiveHealth(Health):
-    """Passive failures feed the same state machine as active checks, and are logged once."""
+    """Passive failures feed the same state machine as active checks, and are logged once.
 
-    def __init__(self, on_transition: Callable[[ServerState, Transition], None]) -> None:
+    In a worker process ``report`` also tells the supervisor, which owns the health state
+    every worker sees; the local mark keeps this worker off the server until it hears back.
+    """
+
+    def __init__(
+        self,
+        on_transition: Callable[[ServerState, Transition], None],
+        report: Callable[[ServerState, str], None] | None = None,
+    ) -> None:
         self._on_transition = on_transition
+        self.report = report
 
     def passive_failure(self, server: ServerState, reason: str) -> None:
+        if self.report is not None:
+            self.report(server, reason)
         t = server.health.observe(
             Event.PASSIVE_FAIL,
             reason,
@@ -53,9 +64,24 @@ class PassiveHealth(Health):
             self._on_transition(server, t)
 
 
+@dataclass(frozen=True, slots=True)
+class Role:
+    """What this process does: alone it does everything; with workers the supervisor
+    checks health and serves admin (``serve=False``) and each worker serves traffic
+    (``check=False``, listeners shared with SO_REUSEPORT)."""
+
+    serve: bool = True
+    check: bool = True
+    reuse_port: bool = False
+
+
 class Proxy:
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(self, config: Config, config_path: str | None = None, role: Role = Role()) -> None:
+        self.role = role
         self.config_path = config_path
+        self.config_raw: bytes | None = None  # the bytes of the config in force, when known
+        self.on_applied: Callable[[bytes], None] | None = None
+        self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
         self.registry = metrics.Registry()
         self.state = RuntimeState(self.registry)
         snap, _ = self.state.build(config)
@@ -63,7 +89,7 @@ class Proxy:
         self.holder = Holder(snap)
         self.access = AccessLog(config.access_log)
         self.ctx = Context(self.registry, self.access, PassiveHealth(self._transition))
-        self.listeners = Listeners(self.ctx)
+        self.listeners = Listeners(self.ctx, reuse_port=role.reuse_port)
         self.checker = Checker(self._transition, self.registry)
         self.reload_lock = asyncio.Lock()
         self.last_reload: tuple[float, bool, str] = (time.time(), True, "started")
@@ -81,23 +107,39 @@ class Proxy:
         snap = self.holder.current
         self.access.start()
         try:
-            await self.listeners.apply(snap)
+            await self._bind(snap, None)
         except BindError:
             self.access.close()
             raise
         self._sync_backend_up(snap)
-        self.checker.apply(snap)
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if self.role.check:
+            self.checker.apply(snap)
+        if self.role.serve:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _bind(self, snap: Snapshot, old: Snapshot | None) -> None:
+        if self.role.serve:
+            await self.listeners.apply(snap)
+        else:
+            # The workers bind; here it is enough to know they will be able to.
+            await probe_binds(snap, old)
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Load the config file again and swap it in, or change nothing and say why."""
         async with self.reload_lock:
-            assert self.config_path is not None
+            path = self.config_path
+            assert path is not None
             try:
-                config = load_config(self.config_path)
+                raw = read_config_file(path)
+                config = loads_config(raw, path)
             except ConfigError as exc:
                 return self._reload_failed(trigger, exc.problems)
-            return await self.apply_config(config, trigger)
+            result = await self.apply_config(config, trigger)
+            if result.ok and result.changed:
+                self.config_raw = raw
+                if self.on_applied is not None:
+                    self.on_applied(raw)  # the supervisor hands the same bytes to every worker
+            return result
 
     async def apply_config(self, config: Config, trigger: str) -> ReloadResult:
         if self._closing:
@@ -108,14 +150,14 @@ class Proxy:
         old = self.holder.current
         if config == old.config:
             log.info("reload (%s): configuration unchanged, nothing to do", trigger)
-            self._reload_counted(True)
+            self._reload_counted(True, "configuration unchanged")
             return ReloadResult(True, False, "configuration unchanged")
         log_problem = self.access.problem(config.access_log)
         if log_problem is not None:
             return self._reload_failed(trigger, [log_problem])
         snap, changes = self.state.build(config)
         try:
-            await self.listeners.apply(snap)
+            await self._bind(snap, old)
         except BindError as exc:
             self._discard(changes)
             return self._reload_failed(trigger, [str(exc)])
@@ -124,7 +166,8 @@ class Proxy:
         self.access.configure(config.access_log)
         self._retire(changes)
         self._sync_backend_up(snap)
-        self.checker.apply(snap)
+        if self.role.check:
+            self.checker.apply(snap)
         summary = changes.summary()
         log.info("reload (%s): applied: %s", trigger, summary)
         self._reload_counted(True, summary)
@@ -179,6 +222,9 @@ class Proxy:
 
     def _transition(self, server: ServerState, t: Transition) -> None:
         level = logging.INFO if t.new.value == "up" else logging.WARNING
+        if not self.role.check:
+            # A worker's own mark after a passive failure: the supervisor logs the transition.
+            level = logging.DEBUG
         log.log(
             level,
             "server %s is %s (was %s): %s",
@@ -193,6 +239,19 @@ class Proxy:
                 server.label,
                 1 if server.health.available else 0,
             )
+        if self.on_health_change is not None:
+            self.on_health_change()
+
+    def set_health(self, states: dict[str, str]) -> None:
+        """A worker takes the supervisor's view of every server's health (id -> state)."""
+        for sid, value in states.items():
+            server = self.state.servers.get(sid)
+            if server is not None:
+                server.health.state = State(value)
+        self._sync_backend_up(self.holder.current)
+
+    def health_map(self) -> dict[str, str]:
+        return {sid: s.health.state.value for sid, s in self.state.servers.items()}
 
     def _sync_backend_up(self, snap: Snapshot) -> None:
         up = self.registry.backend_up

@@ -44,8 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="log level of the proxy's own log (default: info)",
     )
+    p.add_argument(
+        "--workers",
+        default="1",
+        type=_workers,
+        help="worker processes sharing the listeners (SO_REUSEPORT), or 'auto' for one per "
+        "core; with more than one, a supervisor runs health checks and admin (default: 1)",
+    )
     p.add_argument("--version", action="version", version=f"lbproxy {__version__}")
     return p
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) or 1
+    if not value.isdigit() or not 1 <= int(value) <= 256:
+        raise argparse.ArgumentTypeError(f"expected a number 1..256 or 'auto', got {value!r}")
+    return int(value)
 
 
 def raise_fd_limit() -> None:
@@ -75,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lbproxy: {args.config}: configuration is valid", file=sys.stderr)
         return EXIT_OK
     raise_fd_limit()
+    path = os.path.abspath(args.config)
     try:
-        return uvloop.run(_serve(config, os.path.abspath(args.config)))
+        if args.workers > 1:
+            return uvloop.run(_supervise(config, path, args.workers))
+        return uvloop.run(_serve(config, path))
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -138,6 +156,74 @@ async def _serve(config: Config, path: str) -> int:
     await watcher.close()
     await admin.close_listener()
     await proxy.close()
+    await admin.close()
+    log.info("stopped")
+    return EXIT_OK
+
+
+async def _supervise(config: Config, path: str, workers: int) -> int:
+    from .admin import AdminServer
+    from .config import ConfigError, read_config_file
+    from .listener import BindError
+    from .reload import FileWatcher
+    from .supervisor import Supervisor
+
+    try:
+        raw = read_config_file(path)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    for i, lst in enumerate(config.listeners):
+        if lst.bind.port == 0:
+            # Each worker would get a port of its own: nothing would be shared.
+            log.error("listeners[%d].bind: port 0 cannot be shared by workers; name a port", i)
+            return EXIT_CONFIG
+    sup = Supervisor(config, path, raw, workers)
+    try:
+        await sup.start()
+    except (BindError, RuntimeError) as exc:
+        log.error("%s", exc)
+        await sup.close(immediate=True)
+        return EXIT_FAILURE
+    admin = AdminServer(sup.proxy, sup)
+    try:
+        await admin.start()
+    except OSError as exc:
+        log.error("admin.bind: cannot listen on %s: %s", config.admin.bind, exc.strerror or exc)
+        await sup.close()
+        return EXIT_FAILURE
+    watcher = FileWatcher(sup.proxy)
+    watcher.start()
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_stop(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s: stopping %d workers gracefully (again to stop at once)", signame, workers)
+            stop.set()
+        else:
+            log.warning("%s again: stopping the workers now", signame)
+            sup.stop_now()
+
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_hup() -> None:
+        task: asyncio.Task[object] = loop.create_task(sup.proxy.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    log.info("admin on http://%s/", admin.address)
+    await stop.wait()
+    await watcher.close()
+    await admin.close_listener()
+    await sup.close()
     await admin.close()
     log.info("stopped")
     return EXIT_OK

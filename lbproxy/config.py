@@ -33,6 +33,10 @@ DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_ADMIN_BIND = "127.0.0.1:8404"
+# Multi-worker internals (not user settings): how long the supervisor waits for a worker to
+# start serving, and for a worker to answer a stats request before /metrics goes without it.
+WORKER_START_TIMEOUT = 30.0
+WORKER_STATS_TIMEOUT = 2.0
 DEFAULT_STICKY_COOKIE = "SERVERID"
 DEFAULT_STICKY_COOKIE_TIMEOUT = 1000.0
 DEFAULT_SOCKETIO_PATH = "/socket.io/"
@@ -734,13 +738,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_config(path: str) -> Config:
     """Read and validate the file at ``path``; every failure is a ConfigError with clear lines."""
+    return loads_config(read_config_file(path), path)
+
+
+def read_config_file(path: str) -> bytes:
+    """The config file's bytes; a missing or unreadable file is a one-line ConfigError."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            return f.read()
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file not found"]) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
+
+
+def loads_config(raw: bytes, path: str = "<config>") -> Config:
+    """Validate config file bytes (``path`` only names them in messages)."""
     try:
         doc = yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.MarkedYAMLError as exc:

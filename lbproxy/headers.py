@@ -120,6 +120,10 @@ def client_response_head(
     said explicitly, HTTP/1.1 clients need to be told when it closes.
     """
     drop = HOP_BY_HOP | (resp.connection - _NEVER_DROPPED) if resp.connection else HOP_BY_HOP
+    if resp.chunked:
+        # Chunked wins over a Content-Length sent alongside it (RFC 9112 6.3): passing both
+        # on would let the next hop frame the body differently.
+        drop = drop | {b"content-length"}
     lines = [b"HTTP/1.1 %d %s" % (resp.status, resp.reason)]
     for name, value in resp.headers:
         if name.lower() not in drop:

@@ -40,8 +40,11 @@ class _Bound:
 
 
 class Listeners:
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, reuse_port: bool = False) -> None:
         self.ctx = ctx
+        # Workers share each listening address through SO_REUSEPORT; a lone process does not
+        # set it, so a second lbproxy started by mistake fails to bind instead of sharing.
+        self.reuse_port = reuse_port
         self.bound: dict[str, _Bound] = {}
         self.handles: dict[str, ListenerHandle] = {}
 
@@ -109,6 +112,7 @@ class Listeners:
             port=address.port,
             backlog=BACKLOG,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
             family=socket.AF_INET6 if ":" in address.host else socket.AF_UNSPEC,
         )
         return bound
@@ -124,3 +128,28 @@ class Listeners:
             b.server.close()
             log.info("listener %s stopped accepting", name)
         self.bound.clear()
+
+
+async def probe_binds(new: Snapshot, old: Snapshot | None) -> None:
+    """Raise BindError if an address ``new`` adds could not be bound by the workers.
+
+    Binds and closes a socket with SO_REUSEPORT, as the workers will, so an address the
+    workers already share probes fine and one another program holds does not.
+    """
+    held = {lst.bind for lst in old.config.listeners} if old is not None else set()
+    for i, lst in enumerate(new.config.listeners):
+        if lst.bind in held or lst.bind.port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in lst.bind.host else socket.AF_INET
+        try:
+            infos = socket.getaddrinfo(
+                lst.bind.host, lst.bind.port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            )
+            with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(infos[0][4])
+        except OSError as exc:
+            raise BindError(
+                f"listeners[{i}].bind: cannot listen on {lst.bind}: {exc.strerror or exc}"
+            ) from None

@@ -415,3 +415,107 @@ class Collector(_PromCollector):
             last_ok,
             last_ts,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving stats between processes: a worker dumps its Registry as JSON-ready data and the
+# supervisor loads and sums them. Generic over the slots, so a counter added above travels
+# without touching this code. Open connections' bytes are folded in at dump time.
+
+_LOCAL = frozenset({"live", "name", "group", "server"})
+
+
+def _encode(value: object) -> object:
+    if isinstance(value, Histogram):
+        return {"h": [list(value.buckets), value.counts, value.sum]}
+    if isinstance(value, dict):
+        return {
+            "d": [[list(k) if isinstance(k, tuple) else k, _encode(v)] for k, v in value.items()]
+        }
+    return value
+
+
+def _decode(value: object) -> object:
+    if isinstance(value, dict) and "h" in value:
+        buckets, counts, total = value["h"]
+        h = Histogram(tuple(buckets))
+        h.counts = list(counts)
+        h.sum = total
+        return h
+    if isinstance(value, dict) and "d" in value:
+        return {(tuple(k) if isinstance(k, list) else k): _decode(v) for k, v in value["d"]}
+    return value
+
+
+def _add(into: object, other: object) -> object:
+    """``into + other`` for counters, histograms and dicts of them (dicts merged by key)."""
+    if isinstance(into, Histogram) and isinstance(other, Histogram):
+        into.add(other)
+        return into
+    if isinstance(into, dict) and isinstance(other, dict):
+        for k, v in other.items():
+            into[k] = _add(into[k], v) if k in into else _copy(v)
+        return into
+    if isinstance(into, int | float) and isinstance(other, int | float):
+        return into + other
+    return into
+
+
+def _copy(value: object) -> object:
+    return _decode(_encode(value))
+
+
+def _fields(obj: object) -> list[str]:
+    return [f for f in type(obj).__slots__ if f not in _LOCAL]  # type: ignore[attr-defined]
+
+
+def dump_registry(reg: Registry) -> dict[str, object]:
+    listeners: dict[str, object] = {}
+    for name, ls in reg.listeners.items():
+        fields = {f: _encode(getattr(ls, f)) for f in _fields(ls)}
+        for conn in list(ls.live):
+            i, o = conn.live_bytes()
+            fields["bytes_in"] = int(fields["bytes_in"]) + i  # type: ignore[call-overload]
+            fields["bytes_out"] = int(fields["bytes_out"]) + o  # type: ignore[call-overload]
+        listeners[name] = fields
+    servers = {
+        sid: {
+            "group": ss.group,
+            "server": ss.server,
+            **{f: _encode(getattr(ss, f)) for f in _fields(ss)},
+        }
+        for sid, ss in reg.servers.items()
+    }
+    return {"listeners": listeners, "servers": servers, "retries": dict(reg.retries)}
+
+
+def load_registry(data: dict[str, object]) -> Registry:
+    """A Registry holding a dumped worker's numbers (no live connections, no health, no reloads)."""
+    reg = Registry()
+    for name, fields in data["listeners"].items():  # type: ignore[attr-defined]
+        ls = reg.listener(name)
+        for f, v in fields.items():
+            setattr(ls, f, _decode(v))
+    for sid, fields in data["servers"].items():  # type: ignore[attr-defined]
+        ss = reg.server(sid, fields.pop("group"), fields.pop("server"))
+        for f, v in fields.items():
+            setattr(ss, f, _decode(v))
+    reg.retries = dict(data["retries"])  # type: ignore[call-overload]
+    return reg
+
+
+def merge_registries(regs: Iterable[Registry]) -> Registry:
+    """One Registry with the sums of ``regs`` (for /status over all workers)."""
+    out = Registry()
+    for reg in regs:
+        for name, ls in reg.listeners.items():
+            mine = out.listener(name)
+            for f in _fields(ls):
+                setattr(mine, f, _add(getattr(mine, f), getattr(ls, f)))
+        for sid, ss in reg.servers.items():
+            mine_s = out.server(sid, ss.group, ss.server)
+            for f in _fields(ss):
+                setattr(mine_s, f, _add(getattr(mine_s, f), getattr(ss, f)))
+        _add(out.retries, reg.retries)
+        out.backend_up.update(reg.backend_up)
+    return out

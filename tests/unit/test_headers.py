@@ -399,3 +399,13 @@ def test_error_response_content_length_counts_bytes_not_characters():
     head, body = parse_error(raw)
     assert head.content_length == len(body)
     assert body.decode() == "502 Bad Gateway: backend “é” said no\n"
+
+
+def test_chunked_response_drops_a_content_length_sent_alongside():
+    resp = response(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+    )
+    head = headers.client_response_head(resp, chunked=True, keep_alive=True, client_version=1)
+    assert values(head, b"content-length") == []
+    assert values(head, b"transfer-encoding") == [b"chunked"]
+    assert values(head, b"x-a") == [b"1"]

@@ -336,6 +336,7 @@ def test_absolute_form_variants(target: bytes, host: bytes) -> None:
         b"http://user@a.example/",
         b"http://user:pw@a.example/",
         b"http:///path",
+        b"http://:80/path",
         b"http://",
         b"ftp://a.example/",
         b"a.example/path",

@@ -1,0 +1,1 @@
+"""Tests of the sample chat backend (backends/chat)."""
