@@ -14,11 +14,16 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import uvloop
 
 from . import __version__
 from .config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from .app import Proxy
 
 log = logging.getLogger("lbproxy")
 
@@ -99,6 +104,44 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
 
+def _exit_now() -> None:
+    os._exit(EXIT_OK)
+
+
+class Signals:
+    """SIGHUP reloads; the first SIGTERM/SIGINT sets ``stop``; a second one calls ``now``."""
+
+    def __init__(self, proxy: Proxy, stopping: str, now: Callable[[], None]) -> None:
+        self.proxy = proxy
+        self.stopping = stopping
+        self.now = now
+        self.stop = asyncio.Event()
+        self._seen = 0
+        self._reloads: set[asyncio.Task[object]] = set()  # a reference keeps each task alive
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._on_stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signame: str) -> None:
+        self._seen += 1
+        if self._seen == 1:
+            log.info("%s: %s (send it again to stop at once)", signame, self.stopping)
+            self.stop.set()
+        else:
+            log.warning("%s again: stopping now", signame)
+            self.now()
+
+    def _on_hup(self) -> None:
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
+            self.proxy.reload("SIGHUP")
+        )
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+
 async def _serve(config: Config, path: str) -> int:
     from .admin import AdminServer
     from .app import Proxy
@@ -125,34 +168,12 @@ async def _serve(config: Config, path: str) -> int:
     watcher = FileWatcher(proxy)
     watcher.start()
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals_seen = 0
-
-    def on_stop(signame: str) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            log.info("%s: shutting down gracefully (send it again to exit at once)", signame)
-            stop.set()
-        else:
-            log.warning("%s again: exiting now", signame)
-            os._exit(EXIT_OK)
-
-    reloads: set[asyncio.Task[object]] = set()
-
-    def on_hup() -> None:
-        task: asyncio.Task[object] = loop.create_task(proxy.reload("SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    signals = Signals(proxy, "shutting down gracefully", _exit_now)
+    signals.start()
     for name in proxy.listeners.bound:
         log.info("listening: %s on %s", name, proxy.listeners.address(name))
     log.info("admin on http://%s/", admin.address)
-    await stop.wait()
+    await signals.stop.wait()
     await watcher.close()
     await admin.close_listener()
     await proxy.close()
@@ -195,32 +216,10 @@ async def _supervise(config: Config, path: str, workers: int) -> int:
     watcher = FileWatcher(sup.proxy)
     watcher.start()
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals_seen = 0
-
-    def on_stop(signame: str) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            log.info("%s: stopping %d workers gracefully (again to stop at once)", signame, workers)
-            stop.set()
-        else:
-            log.warning("%s again: stopping the workers now", signame)
-            sup.stop_now()
-
-    reloads: set[asyncio.Task[object]] = set()
-
-    def on_hup() -> None:
-        task: asyncio.Task[object] = loop.create_task(sup.proxy.reload("SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    signals = Signals(sup.proxy, f"stopping {workers} workers gracefully", sup.stop_now)
+    signals.start()
     log.info("admin on http://%s/", admin.address)
-    await stop.wait()
+    await signals.stop.wait()
     await watcher.close()
     await admin.close_listener()
     await sup.close()

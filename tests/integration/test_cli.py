@@ -311,7 +311,7 @@ async def test_second_signal_exits_at_once_with_a_slow_request_in_flight(make_ba
         lb.proc.send_signal(signal.SIGINT)
         assert await lb.exit_code(timeout=2) == 0
         assert time.monotonic() - start < 2
-        assert lb.logged("SIGINT again: exiting now")
+        assert lb.logged("SIGINT again: stopping now")
         result = await asyncio.wait_for(slow, 5)
         assert result is None  # the in-flight request was cut, not answered
     assert not lb.logged("Traceback")
