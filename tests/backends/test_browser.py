@@ -1,5 +1,5 @@
 """The chat page in headless Chromium: live chat across two backends, text-only rendering,
-and reconnection after its backend goes away. Skipped when no Chromium is installed."""
+and reconnection after its backend goes away. Fails (never skips) when no Chromium is installed."""
 
 from __future__ import annotations
 

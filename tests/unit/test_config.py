@@ -366,7 +366,7 @@ def test_a_broken_group_does_not_also_break_its_listeners():
         ("server_groups.rs1.bogus", cfg._GROUP_KEYS),
         ("server_groups.rs1.servers[0].bogus", cfg._SERVER_KEYS),
         ("server_groups.rs1.health_check.bogus", cfg._CHECK_KEYS),
-        ("admin.bogus", ("bind",)),
+        ("admin.bogus", ("bind", "token")),
         ("access_log.bogus", ("enabled", "format", "path")),
     ],
 )
@@ -497,7 +497,7 @@ def test_admin_on_a_listener_address():
     [
         ("name", "my web", "expected a name of letters, digits, '_', '.', '-', got 'my web'"),
         ("name", 7, "expected a name of letters, digits, '_', '.', '-', got 7"),
-        ("protocol", "tcp", "expected one of http, got 'tcp'"),
+        ("protocol", "tcp", "expected one of http, https, got 'tcp'"),
         ("x_forwarded_for", "yes", "expected true or false, got 'yes'"),
         ("request_timeout", 0, "expected a positive duration, got 0"),
         ("connect_timeout", "1e3", "expected a duration like 60s, 500ms or 2m, got '1e3'"),
@@ -878,6 +878,7 @@ def test_demo_config_is_the_documented_demo_with_defaults():
             "listeners": [{"name": "web", "bind": "0.0.0.0:5000", "server_group": "rs1"}],
             "server_groups": {
                 "rs1": {
+                    "scheduler": "wlc",  # the one non-default: WebSockets spread by open count
                     "servers": ["127.0.0.1:5001", "127.0.0.1:5002"],
                     "health_check": {"path": "/health"},
                 }
@@ -906,5 +907,5 @@ def test_full_config_shows_every_key():
     assert set().union(*(_keys(s) for s in servers)) == set(cfg._SERVER_KEYS)
     assert any(isinstance(s, str) for s in servers)  # the shorthand is shown too
     assert set().union(*(_keys(g["health_check"]) for g in groups)) == set(cfg._CHECK_KEYS)
-    assert _keys(doc["admin"]) == {"bind"}
+    assert _keys(doc["admin"]) == {"bind", "token"}
     assert _keys(doc["access_log"]) == {"enabled", "format", "path"}

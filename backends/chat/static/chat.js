@@ -81,6 +81,13 @@
     append(li);
   }
 
+  // One of the six badge colours in chat.css, the same for a backend name on every page.
+  function hue(name) {
+    let h = 0;
+    for (const ch of name) h = (h * 31 + ch.codePointAt(0)) >>> 0;
+    return h % 6;
+  }
+
   function appendMessage(m) {
     const li = document.createElement("li");
     li.className = "msg";
@@ -89,9 +96,16 @@
 
     const meta = document.createElement("div");
     meta.className = "meta";
+    // Reads "alice via ECS01"; the backend is a badge coloured per backend name.
     const who = document.createElement("span");
     who.className = "who";
-    who.textContent = `${m.user} via ${m.backend}`;
+    const user = document.createElement("span");
+    user.className = "user";
+    user.textContent = String(m.user);
+    const badge = document.createElement("span");
+    badge.className = `backend b${hue(String(m.backend))}`;
+    badge.textContent = String(m.backend);
+    who.append(user, " via ", badge);
     meta.append(who);
     if (typeof m.ts === "number") {
       const when = new Date(m.ts);
