@@ -6,6 +6,7 @@ the proxy's state and asks ``Proxy.reload``; the numbers come from ``metrics``.
 
 from __future__ import annotations
 
+import hmac
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -196,9 +197,27 @@ class AdminServer:
         return web.Response(text=text, content_type="text/html")
 
     async def reload(self, request: web.Request) -> web.Response:
+        token = self.proxy.holder.current.config.admin.token
+        if token and not _bearer_ok(request.headers.get("Authorization", ""), token):
+            return web.json_response(
+                {
+                    "result": "error",
+                    "errors": ["a valid 'Authorization: Bearer <token>' is needed"],
+                },
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="lbproxy admin"'},
+            )
         result = await self.proxy.reload("admin")
         if result.ok:
             return web.json_response(
                 {"result": "ok", "changed": result.changed, "summary": result.message}
             )
         return web.json_response({"result": "error", "errors": list(result.problems)}, status=400)
+
+
+def _bearer_ok(header: str, token: str) -> bool:
+    """``Authorization: Bearer <token>`` (scheme in any case), compared in constant time."""
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(credentials.strip().encode(), token.encode())

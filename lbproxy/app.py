@@ -273,6 +273,10 @@ class Proxy:
             for g in self.holder.current.groups.values():
                 for s in g.servers:
                     s.pool.expire(now, g.config.keepalive_timeout)
+                if g.sticky is not None:
+                    # Lookups already ignore expired pins; this returns their memory.
+                    g.pins.sids.expire(now)
+                    g.pins.cookies.expire(now)
             self._forget_idle_removed()
 
     # ------------------------------------------------------------------ shutdown

@@ -14,6 +14,7 @@ running with the new check settings (and keep their health), loops of removed se
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,14 @@ MAX_STATUS_LINE = 4096  # bytes; a longer first line is not an HTTP status line
 
 class CheckFailed(Exception):
     """A check did not pass; the message is the reason shown in logs and on the status page."""
+
+
+class CheckSkipped(Exception):
+    """The proxy itself could not check (out of descriptors or memory): no result at all, so
+    a local shortage never takes healthy servers down."""
+
+
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 async def run_check(server: ServerState, hc: HealthCheck) -> str:
@@ -65,6 +74,8 @@ async def run_check(server: ServerState, hc: HealthCheck) -> str:
     except ValueError:  # the stream's limit: a status line longer than MAX_STATUS_LINE
         raise CheckFailed("not an HTTP response (status line too long)") from None
     except OSError as exc:
+        if exc.errno in _OUT_OF_RESOURCES:
+            raise CheckSkipped((exc.strerror or str(exc)).lower()) from None
         raise CheckFailed((exc.strerror or str(exc)).lower()) from None
     parts = line.split(None, 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
@@ -125,6 +136,10 @@ class Checker:
             except CheckFailed as exc:
                 reason = str(exc)
                 ok = False
+            except CheckSkipped as exc:
+                log.warning("health check of %s skipped: %s", server.id, exc)
+                await asyncio.sleep(hc.interval)
+                continue
             except Exception as exc:  # a bug here must not stop checking the server
                 log.exception("health check of %s crashed", server.id)
                 reason, ok = f"internal error: {exc}", False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -24,13 +25,23 @@ from typing import Any, TypeVar
 
 import yaml
 
-from . import balancer, health
+from . import balancer, health, tls
 
 T = TypeVar("T")
 
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_CLIENT_HEADER_TIMEOUT = 10.0
+DEFAULT_MAX_REQUEST_LINE = 8192
+DEFAULT_MAX_HEADER_SIZE = 32768
+DEFAULT_MAX_HEADER_COUNT = 100
+# Not user settings: after accept() fails for lack of descriptors or memory (EMFILE, ENFILE,
+# ENOBUFS, ENOMEM) a listener stops accepting for this long, then tries again.
+ACCEPT_RETRY_DELAY = 0.1
+# Not a user setting: after an error answer to a client that may still be sending, how long
+# the proxy goes on reading (and dropping) before it closes (RFC 9112 9.6).
+LINGER_TIMEOUT = 2.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_ADMIN_BIND = "127.0.0.1:8404"
 # Multi-worker internals (not user settings): how long the supervisor waits for a worker to
@@ -66,6 +77,9 @@ class Timeouts:
     idle: float = DEFAULT_IDLE_TIMEOUT  # no byte either way for this long -> close
     request: float = DEFAULT_REQUEST_TIMEOUT  # upstream response head not received -> 504
     connect: float = DEFAULT_CONNECT_TIMEOUT  # upstream TCP connect
+    # A request head (and a new connection's TLS handshake and first head) must be complete
+    # this long after its first byte (for a new connection: after the accept), else 408.
+    client_header: float = DEFAULT_CLIENT_HEADER_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,14 +93,70 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class Tls:
+    """An https listener's certificate chain and private key (PEM files)."""
+
+    cert: str
+    key: str
+    # sha256 of both files' bytes, filled in by ``loads_config``: a renewed certificate makes
+    # the config differ, so a reload re-reads it even when the YAML is unchanged.
+    digest: str = ""
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Acl:
+    """Which client addresses a listener takes: ``allow`` only those in ``cidrs``, ``deny``
+    everyone but them. IPv4-mapped IPv6 clients (``::ffff:a.b.c.d``) count as IPv4."""
+
+    mode: str  # "allow" or "deny"
+    cidrs: tuple[IPNetwork, ...]
+    # (version, shift, network numbers): one set lookup per distinct prefix length.
+    _index: tuple[tuple[int, int, frozenset[int]], ...] = field(
+        init=False, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        by_len: dict[tuple[int, int], set[int]] = {}
+        for net in self.cidrs:
+            shift = net.max_prefixlen - net.prefixlen
+            by_len.setdefault((net.version, shift), set()).add(int(net.network_address) >> shift)
+        index = tuple((v, shift, frozenset(nums)) for (v, shift), nums in by_len.items())
+        object.__setattr__(self, "_index", index)
+
+    def matches(self, ip: str) -> bool:
+        """Whether ``ip`` (a peer address as the socket reports it) is in ``cidrs``."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        version, number = addr.version, int(addr)
+        return any(v == version and number >> s in nums for v, s, nums in self._index)
+
+    def allows(self, ip: str) -> bool:
+        return self.matches(ip) == (self.mode == "allow")
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     bind: Address
     server_group: str
-    protocol: str = "http"
+    protocol: str = "http"  # "http" or "https"
     timeouts: Timeouts = field(default_factory=Timeouts)
     x_forwarded_for: bool = True
     rules: tuple[Rule, ...] = ()  # in file order; the listener's server_group is the default
+    max_request_line: int = DEFAULT_MAX_REQUEST_LINE  # bytes; over it -> 414
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE  # bytes of the whole head; over it -> 431
+    max_header_count: int = DEFAULT_MAX_HEADER_COUNT  # header fields; over it -> 431
+    max_connections: int = 0  # open client connections; 0: unlimited
+    tls: Tls | None = None  # set exactly when protocol is https
+    redirect_https: int = 0  # an http listener answering 301 to https on this port; 0: off
+    acl: Acl | None = None  # None: every client
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +214,7 @@ class StickySession:
 @dataclass(frozen=True, slots=True)
 class Admin:
     bind: Address = Address("127.0.0.1", 8404)
+    token: str = ""  # non-empty: POST /-/reload needs "Authorization: Bearer <token>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +410,20 @@ def _header_safe(text: str) -> bool:
     return not any(c <= " " or c == "\x7f" for c in text)
 
 
+def _token(value: Any) -> str:
+    """A bearer token: visible ASCII, no spaces (it is compared with a header value)."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or not value.isascii()
+        or not value.isprintable()
+        or " " in value
+    ):
+        # The value is a secret: never echo it.
+        raise ValueError("expected a non-empty token of visible ASCII characters, no spaces")
+    return value
+
+
 def _check_host(value: Any) -> str:
     if not isinstance(value, str) or not _header_safe(value):
         raise ValueError(f"expected a Host header value like example.com, got {_show(value)}")
@@ -413,7 +498,17 @@ _LISTENER_KEYS = (
     "connect_timeout",
     "x_forwarded_for",
     "rules",
+    "client_header_timeout",
+    "max_request_line",
+    "max_header_size",
+    "max_header_count",
+    "max_connections",
+    "tls",
+    "redirect_https",
+    "acl",
 )
+_TLS_KEYS = ("cert", "key")
+_ACL_KEYS = ("mode", "cidrs")
 _RULE_KEYS = ("host", "path", "server_group")
 _GROUP_KEYS = (
     "scheduler",
@@ -458,8 +553,9 @@ def parse_config(doc: Any) -> Config:
     listeners = _listeners(r, top.get("listeners", _MISSING), declared)
 
     admin = Admin()
-    admin_doc = r.mapping(top.get("admin"), "admin", ("bind",))
+    admin_doc = r.mapping(top.get("admin"), "admin", ("bind", "token"))
     if admin_doc is not None:
+        token = r.get(admin_doc, "token", "admin", _token, "")
         bind = r.get(
             admin_doc,
             "bind",
@@ -467,8 +563,8 @@ def parse_config(doc: Any) -> Config:
             lambda v: parse_address(v, allow_port_zero=True),
             Admin().bind,
         )
-        if bind is not None:
-            admin = Admin(bind=bind)
+        if bind is not None and token is not None:
+            admin = Admin(bind=bind, token=token)
 
     access_log = AccessLog()
     log_doc = r.mapping(top.get("access_log"), "access_log", ("enabled", "format", "path"))
@@ -524,7 +620,7 @@ def _listeners(r: _Reader, doc: Any, group_names: set[str]) -> list[Listener]:
                 r.error(f"{path}.bind", f"{bind} is already used by {binds[bind]}")
             else:
                 binds[bind] = f"listener {name}" if name is not None else path
-        protocol = r.get(m, "protocol", path, _choice("http"), "http")
+        protocol = r.get(m, "protocol", path, _choice("http", "https"), "http")
         group = r.get(m, "server_group", path, _name)
         if group is not None and group not in group_names:
             known = ", ".join(sorted(group_names)) or "none defined"
@@ -534,13 +630,138 @@ def _listeners(r: _Reader, doc: Any, group_names: set[str]) -> list[Listener]:
         connect = r.get(m, "connect_timeout", path, parse_duration, DEFAULT_CONNECT_TIMEOUT)
         xff = r.get(m, "x_forwarded_for", path, _bool, True)
         rules = _rules(r, m.get("rules"), f"{path}.rules", group_names)
-        if None in (name, bind, protocol, group, idle, request, connect, xff, rules):
+        header = r.get(
+            m, "client_header_timeout", path, parse_duration, DEFAULT_CLIENT_HEADER_TIMEOUT
+        )
+        before = len(r.problems)
+        hardening = _hardening(r, m, path, protocol)
+        if None in (name, bind, protocol, group, idle, request, connect, xff, rules, header):
             continue
-        assert name and bind and protocol and group and idle and request and connect
+        if len(r.problems) > before:
+            continue
+        assert name and bind and protocol and group and idle and request and connect and header
         assert xff is not None and rules is not None
-        timeouts = Timeouts(idle, request, connect)
-        out.append(Listener(name, bind, group, protocol, timeouts, xff, rules))
+        timeouts = Timeouts(idle, request, connect, header)
+        out.append(Listener(name, bind, group, protocol, timeouts, xff, rules, **hardening))
     return out
+
+
+def _hardening(r: _Reader, m: Mapping[str, Any], path: str, protocol: str | None) -> dict[str, Any]:
+    """A listener's limits, TLS, https redirect and ACL, as Listener keyword arguments.
+
+    Problems are reported on ``r``; the caller compares problem counts."""
+    d = Listener("", Address("", 0), "")
+    out: dict[str, Any] = {
+        "max_request_line": r.get(
+            m, "max_request_line", path, _size(64, 1 << 20), d.max_request_line
+        ),
+        "max_header_size": r.get(
+            m, "max_header_size", path, _size(1024, 1 << 20), d.max_header_size
+        ),
+        "max_header_count": r.get(
+            m, "max_header_count", path, _int_in(1, 10000), d.max_header_count
+        ),
+        "max_connections": r.get(
+            m, "max_connections", path, _int_in(0, 10_000_000), d.max_connections
+        ),
+    }
+    line, size = out["max_request_line"], out["max_header_size"]
+    if line is not None and size is not None and line > size:
+        r.error(
+            f"{path}.max_header_size",
+            f"must be at least max_request_line ({line}): the request line is part of the head",
+        )
+    if "tls" in m:
+        if protocol == "http":
+            r.error(f"{path}.tls", "only used with protocol: https")
+        tls_doc = r.mapping(m["tls"], f"{path}.tls", _TLS_KEYS)
+        if tls_doc is not None:
+            cert = r.get(tls_doc, "cert", f"{path}.tls", _file_path)
+            key = r.get(tls_doc, "key", f"{path}.tls", _file_path)
+            if cert is not None and key is not None:
+                out["tls"] = Tls(cert, key)
+    elif protocol == "https":
+        r.error(f"{path}.tls", "required with protocol: https (cert and key, PEM files)")
+    if "redirect_https" in m:
+        if protocol == "https":
+            r.error(f"{path}.redirect_https", "only used with protocol: http")
+        out["redirect_https"] = r.get(m, "redirect_https", path, _int_in(1, 65535))
+    if "acl" in m:
+        out["acl"] = _acl(r, m["acl"], f"{path}.acl")
+    return out
+
+
+def _acl(r: _Reader, doc: Any, path: str) -> Acl | None:
+    m = r.mapping(doc, path, _ACL_KEYS)
+    if m is None:
+        return None
+    mode = r.get(m, "mode", path, _choice("allow", "deny"))
+    cidrs_doc = m.get("cidrs", _MISSING)
+    if cidrs_doc is _MISSING:
+        r.error(f"{path}.cidrs", "required (a list like [10.0.0.0/8, '2001:db8::/32'])")
+        return None
+    if not isinstance(cidrs_doc, list) or not cidrs_doc:
+        r.error(f"{path}.cidrs", f"expected a non-empty list of CIDRs, got {_show(cidrs_doc)}")
+        return None
+    cidrs: list[IPNetwork] = []
+    for i, item in enumerate(cidrs_doc):
+        try:
+            cidrs.append(_cidr(item))
+        except ValueError as exc:
+            r.error(f"{path}.cidrs[{i}]", str(exc))
+    if mode is None or len(cidrs) != len(cidrs_doc):
+        return None
+    return Acl(mode, tuple(cidrs))
+
+
+def _cidr(value: Any) -> IPNetwork:
+    """``10.0.0.0/8``, ``2001:db8::/32`` or a single address (a /32 or /128)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a CIDR like 10.0.0.0/8 or 2001:db8::/32, got {_show(value)}")
+    text = value.strip()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        pass
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"expected a CIDR like 10.0.0.0/8 or 2001:db8::/32, got {value!r}"
+        ) from None
+    raise ValueError(f"{value!r} has host bits set (did you mean {net}?)")
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|k|K|KB|KiB|M|MB|MiB)?\s*$")
+_SIZE_UNIT = {None: 1, "B": 1, "k": 1024, "K": 1024, "KB": 1024, "KiB": 1024}
+_SIZE_UNIT.update({"M": 1 << 20, "MB": 1 << 20, "MiB": 1 << 20})
+
+
+def parse_size(value: Any) -> int:
+    """``8192``, ``8KiB``, ``8k``, ``1MiB`` -> bytes (K and M are binary: 1024, 1048576)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 8192, 8KiB or 1MiB, got {_show(value)}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return int(m.group(1)) * _SIZE_UNIT[m.group(2)]
+    raise ValueError(f"expected a size like 8192, 8KiB or 1MiB, got {_show(value)}")
+
+
+def _size(low: int, high: int) -> Callable[[Any], int]:
+    def conv(value: Any) -> int:
+        n = parse_size(value)
+        if not low <= n <= high:
+            raise ValueError(f"expected a size {low}..{high} bytes, got {n}")
+        return n
+
+    return conv
+
+
+def _file_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a file path, got {_show(value)}")
+    return value
 
 
 def _server_groups(r: _Reader, doc: Any) -> list[ServerGroup]:
@@ -763,4 +984,28 @@ def loads_config(raw: bytes, path: str = "<config>") -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: YAML error: {exc}"]) from None
     config = parse_config(doc)
+    config = _load_tls_files(config, path)
     return replace(config, digest=hashlib.sha256(raw).hexdigest())
+
+
+def _load_tls_files(config: Config, path: str) -> Config:
+    """Check every https listener's certificate and key now (missing, unreadable, not PEM or
+    not a pair: a ConfigError, so a reload with a bad certificate changes nothing), and give
+    each its files' digest. Relative paths are relative to the config file's directory."""
+    problems: list[str] = []
+    listeners = list(config.listeners)
+    base = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
+    for i, lst in enumerate(listeners):
+        if lst.tls is None:
+            continue
+        cert = os.path.join(base, os.path.expanduser(lst.tls.cert))
+        key = os.path.join(base, os.path.expanduser(lst.tls.key))
+        try:
+            _, digest = tls.load(cert, key)
+        except tls.TlsError as exc:
+            problems.append(f"listeners[{i}].tls: {exc}")
+            continue
+        listeners[i] = replace(lst, tls=Tls(cert, key, digest))
+    if problems:
+        raise ConfigError(problems)
+    return replace(config, listeners=tuple(listeners))

@@ -30,6 +30,7 @@ _FORWARDED_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-
 _NEVER_DROPPED = frozenset({b"content-length", b"host"})
 
 REASONS = {
+    301: "Moved Permanently",
     400: "Bad Request",
     404: "Not Found",
     408: "Request Timeout",
@@ -75,6 +76,8 @@ def upstream_request_head(
                 continue
         if lname == b"host":
             has_host = True
+            if req.host is not None:
+                value = req.host  # the authority of an absolute-form target (RFC 9112 3.2.2)
         lines.append(name + b": " + value)
     host = req.host
     if not has_host:
@@ -96,6 +99,34 @@ def upstream_request_head(
         lines.append(b"X-Real-IP: " + ip)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def origin_form(target: bytes) -> bytes:
+    """The path and query of an absolute-form target (``http://a.example/p?q`` -> ``/p?q``),
+    the form a request to an origin server carries; ``/`` when it has none."""
+    start = target.find(b"://") + 3
+    stop = len(target)
+    for delimiter in b"/?#":
+        i = target.find(delimiter, start, stop)
+        if i >= 0:
+            stop = i
+    rest = target[stop:].partition(b"#")[0]  # a fragment is never sent
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    return rest
+
+
+def https_location(host: bytes, port: int, target: bytes) -> str:
+    """``https://<host>:<port><target>`` for ``redirect_https``: ``host`` is the request's
+    Host (its port, if any, replaced); the port is left out when it is 443. The parser has
+    already refused a Host or target with control characters or spaces."""
+    name = host.decode("latin-1")
+    # "[v6]:port" keeps its brackets; "name:port" and "a.b.c.d:port" lose the port.
+    name = name[: name.find("]") + 1] if name.startswith("[") else name.partition(":")[0]
+    if not target.startswith(b"/"):
+        target = b"/"  # asterisk-form (OPTIONS *)
+    netloc = name if port == 443 else f"{name}:{port}"
+    return f"https://{netloc}{target.decode('latin-1')}"
 
 
 def _header_value(req: RequestHead, lname: bytes) -> bytes:

@@ -20,12 +20,14 @@ nothing available -> 503, a malformed request -> 400 (or the parser's 414/431/50
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import headers, sticky, upstream
+from .config import LINGER_TIMEOUT
 from .health import Event
 from .http1 import (
     BODY_CHUNKED,
@@ -33,7 +35,6 @@ from .http1 import (
     BODY_LENGTH,
     BODY_NONE,
     ChunkedTracker,
-    Limits,
     ParseError,
     RequestHead,
     ResponseHead,
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbproxy.http")
 _clock = time.perf_counter
 
+# connect() failures that are the proxy's own shortage, not the backend's.
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 REPLAY_LIMIT = 65536  # bytes of an idempotent request body kept for a retry
 BUFFER_LIMIT = 65536  # client bytes buffered ahead (pipelining, body before connect)
@@ -77,7 +80,6 @@ class Context:
         self.access = access
         self.report_health = report_health
         self.draining = False
-        self.limits = Limits()
 
 
 class Health:
@@ -114,9 +116,12 @@ class ClientConnection(asyncio.Protocol):
         self.keep_alive = True
         self.bytes_in = 0
         self.bytes_out = 0
-        self.last = self.loop.time()
+        self.last = self.loop.time()  # the protocol is made at the accept: its time
         self.timer: asyncio.TimerHandle | None = None
         self.timer_when = 0.0
+        # When the request head being read started to count against client_header_timeout
+        # (the accept, or its first byte); 0.0 between requests.
+        self.head_start = self.last
         # per request
         self.req: RequestHead | None = None
         self.req_kind = BODY_NONE
@@ -133,6 +138,9 @@ class ClientConnection(asyncio.Protocol):
         self.sticky_token: str | None = None  # the insert cookie the client sent
         self.sio = False  # a request under the group's Socket.IO path
         self.sid: str | None = None  # the Engine.IO session id the request carries
+        # The request carries a sid this process has no pin for (learnt by another worker, or
+        # before a restart): servers are tried in turn until one does not answer 400.
+        self.sid_hunt = False
         self.sio_probe: bytearray | None = None  # a Socket.IO handshake body being read
         self.server: ServerState | None = None
         self.up: upstream.UpstreamConnection | None = None
@@ -166,7 +174,8 @@ class ClientConnection(asyncio.Protocol):
         ls.connections_active += 1
         ls.connections_total += 1
         ls.live.add(self)
-        self._arm(self.last + self.lr.config.timeouts.idle)
+        t = self.lr.config.timeouts
+        self._arm(min(self.last + t.idle, self.head_start + t.client_header))
 
     def live_bytes(self) -> tuple[int, int]:
         return self.bytes_in, self.bytes_out
@@ -175,6 +184,8 @@ class ClientConnection(asyncio.Protocol):
         self.last = self.loop.time()
         self.bytes_in += len(data)
         if self.phase == _HEAD:
+            if not self.head_start:
+                self._start_head_clock(self.last)
             self.buf += data
             self._read_head()
         elif self.phase == _ACTIVE:
@@ -188,6 +199,9 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.client_eof = True
         self.keep_alive = False
+        if self.phase == _CLOSED:  # lingering after an answer: the client is done too
+            self._close()
+            return False
         if self.phase == _HEAD:
             if self.buf:  # the head can never complete now
                 self._error_response(400, "client closed before sending the whole request head")
@@ -198,7 +212,9 @@ class ClientConnection(asyncio.Protocol):
             # The body can never complete now.
             self._fail(400, "client closed before sending the whole body", kind=None)
             return False
-        return True  # keep writing the response to a half-closed client
+        # Keep writing the response to a half-closed client; TLS has no half-close (the
+        # transport closes after the client's close_notify whatever this returns).
+        return self.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.phase == _ACTIVE and self.req is not None:
@@ -219,7 +235,7 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ request side
     def _read_head(self) -> None:
         try:
-            req = parse_request_head(self.buf, self.ctx.limits)
+            req = parse_request_head(self.buf, self.lr.limits)
         except ParseError as exc:
             log.info("%s: bad request: %s", self.client_addr, exc.reason)
             self._error_response(exc.status, exc.reason)
@@ -229,10 +245,22 @@ class ClientConnection(asyncio.Protocol):
         del self.buf[: req.raw_len]
         self._start_request(req)
 
+    def _start_head_clock(self, now: float) -> None:
+        """The first byte of a request head: client_header_timeout counts from ``now``."""
+        self.head_start = now
+        deadline = now + self.lr.config.timeouts.client_header
+        if deadline < self.timer_when:
+            self._arm(deadline)
+
     def _start_request(self, req: RequestHead) -> None:
         self.lr = lr = self.handle.runtime
         self.phase = _ACTIVE
         self.req = req
+        self.head_start = 0.0
+        if req.target[0] != 0x2F and req.method != b"CONNECT" and req.target != b"*":
+            # Absolute-form (RFC 9112 3.2.2): the parser took Host from its authority; rules
+            # and backends see the origin-form path.
+            req.target = headers.origin_form(req.target)
         self.t_start = _clock()
         self.t_headers = None
         self.req_bytes_in = req.raw_len
@@ -244,6 +272,9 @@ class ClientConnection(asyncio.Protocol):
         self.sio_probe = None
         self.upgrade = req.upgrade == b"websocket"
         self.keep_alive = req.keep_alive and not self.client_eof and not self.ctx.draining
+        if lr.config.redirect_https:
+            self._redirect_https(req, lr.config.redirect_https)
+            return
         kind = request_body_kind(req)
         self.req_kind = kind
         self.req_done = kind == BODY_NONE
@@ -257,6 +288,10 @@ class ClientConnection(asyncio.Protocol):
         self.pending_size = 0
         self.body_sent = False
         self.replay = [] if req.method in IDEMPOTENT else None
+        self.sid_hunt = False
+        sticky_cfg = self.group.sticky
+        if sticky_cfg is not None and sticky_cfg.socketio and b"sid=" in req.target:
+            self.replay = []  # an Engine.IO POST may have to go to another server (sid hunt)
         if self.buf and not self.req_done:
             data = bytes(self.buf)
             self.buf.clear()
@@ -370,6 +405,8 @@ class ClientConnection(asyncio.Protocol):
                 sid_server = group.pins.sids.lookup(sid, now)
                 if sid_server is not None:
                     server = group.by_id.get(sid_server)
+                else:
+                    self.sid_hunt = True
         if server is None and token is not None:
             server = group.by_token.get(token)
         elif server is None and cfg.type == "server":
@@ -390,7 +427,10 @@ class ClientConnection(asyncio.Protocol):
             self._upstream_failed(server, "timeout", f"connect timeout after {timeout:g}s", True)
         except OSError as exc:
             self.connect_task = None
-            self._upstream_failed(server, "connect", _describe(exc), True)
+            if exc.errno in _OUT_OF_RESOURCES:
+                self._out_of_resources(exc)
+            else:
+                self._upstream_failed(server, "connect", _describe(exc), True)
         else:
             self.connect_task = None
             if self.phase != _ACTIVE or self.server is not server:
@@ -408,7 +448,7 @@ class ClientConnection(asyncio.Protocol):
         head = headers.upstream_request_head(
             req,
             client_ip=self.client_ip,
-            scheme=b"http",
+            scheme=b"https" if lr.config.tls is not None else b"http",
             forwarded=lr.config.x_forwarded_for,
             default_host=server.label.encode(),
             upgrade=self.upgrade,
@@ -429,6 +469,24 @@ class ClientConnection(asyncio.Protocol):
             pass  # still waiting: the pipelined request goes after this response
         else:
             self._resume(_P_WAITING)
+
+    def _out_of_resources(self, exc: OSError) -> None:
+        """The proxy itself is out of descriptors or memory: not the server's fault (no
+        error counted, no passive failure), and nothing to retry elsewhere."""
+        log.warning("%s: cannot connect to a backend: %s", self.client_addr, exc.strerror)
+        self._drop_upstream(reuse=False)
+        self._release_server()
+        self._error_response(503, "proxy out of resources", extra=(("Retry-After", "1"),))
+
+    def _redirect_https(self, req: RequestHead, port: int) -> None:
+        """``redirect_https``: 301 to the same host name and target on https."""
+        host = req.host
+        if host is None:  # an HTTP/1.0 request without Host: the address it connected to
+            local = self.transport.get_extra_info("sockname")
+            name = str(local[0]) if isinstance(local, tuple) else "localhost"
+            host = (f"[{name}]" if ":" in name else name).encode()
+        location = headers.https_location(host, port, req.target)
+        self._error_response(301, location, extra=(("Location", location),))
 
     def _upstream_failed(self, server: ServerState, kind: str, reason: str, fresh: bool) -> None:
         """The backend failed before any response byte; retry elsewhere or answer."""
@@ -493,6 +551,8 @@ class ClientConnection(asyncio.Protocol):
             status = resp.status
             if status == 101:
                 if self.upgrade:
+                    if self.sid_hunt:
+                        self._sid_hunt(resp)  # found the session's server: pin it
                     self._hand_over(raw, bytes(buf))
                 else:
                     self._bad_gateway("101 Switching Protocols to a request that asked for none")
@@ -503,12 +563,38 @@ class ClientConnection(asyncio.Protocol):
                 if self.req.version >= 1:
                     self._write(raw)
                 continue
+            if self.sid_hunt and self._sid_hunt(resp):
+                return
             self._response_head(resp)
             if buf and self.phase == _ACTIVE and self.resp is not None:
                 rest = bytes(buf)
                 buf.clear()
                 self._response_body(rest)
             return
+
+    def _sid_hunt(self, resp: ResponseHead) -> bool:
+        """An unknown sid: a 400 means "not my session", so try the next server (True);
+        any other answer comes from the server that holds the session: pin it (False)."""
+        group, server = self.group, self.server
+        assert server is not None and self.sid is not None
+        if resp.status != 400:
+            ttl = self.lr.config.timeouts.idle
+            group.pins.sids.learn(self.sid, server.id, self.loop.time(), ttl)
+            self.sid_hunt = False
+            return False
+        if not self.req_done or self.replay is None:
+            return False  # the body cannot be sent again: the 400 goes to the client
+        nxt = group.pick(self._hash_key(group), self.tried)
+        if nxt is None:
+            return False  # every server said no: the session is gone
+        self._drop_upstream(reuse=False)  # the 400's body is not read: not reusable
+        self._release_server()
+        self.resp_buf.clear()
+        self.pending = list(self.replay)
+        self.pending_size = sum(map(len, self.pending))
+        self.body_sent = False
+        self._choose(nxt)
+        return True
 
     def _response_head(self, resp: ResponseHead) -> None:
         req = self.req
@@ -645,7 +731,7 @@ class ClientConnection(asyncio.Protocol):
             if not self.resp_buf:
                 self._upstream_failed(server, "reset", reason, fresh=not conn.reused)
             else:
-                self._bad_gateway(f"incomplete response head: {reason}")
+                self._bad_gateway(f"incomplete response head: {reason}", "reset")
             return
         if self.resp_kind == BODY_CLOSE:
             self._finish(reuse=False)
@@ -678,11 +764,13 @@ class ClientConnection(asyncio.Protocol):
         self.req = None
         self.tried = []
         if not self.keep_alive or self.ctx.draining:
-            self._close_after_write()
+            # Unread request body, or bytes left waiting in the socket: linger (see below).
+            self._close_after_write(linger=not self.req_done or self.paused != 0)
             return
         self.phase = _HEAD
         self._resume(_P_WAITING)
         if self.buf:
+            self._start_head_clock(self.loop.time())  # a pipelined request, waiting since
             self._read_head()
 
     def _hand_over(self, head: bytes, rest: bytes) -> None:
@@ -721,11 +809,12 @@ class ClientConnection(asyncio.Protocol):
         self.paused = 0
         tunnel.start(client_pending, rest)
 
-    def _bad_gateway(self, reason: str) -> None:
+    def _bad_gateway(self, reason: str, kind: str = "protocol") -> None:
         server = self.server
         if server is not None:
             # Not a passive failure (health.py: only a failed connect or a fresh reset is):
             # a bad answer to one request says nothing about the server's other requests.
+            server.stats.errors[kind] += 1
             log.warning("%s: upstream %s: %s", self.client_addr, server.label, reason)
         if self.resp_started:
             if self.resp is not None:
@@ -762,7 +851,7 @@ class ClientConnection(asyncio.Protocol):
         self._write(headers.error_response(status, reason, extra=extra))
         self._account(status)
         self.req = None
-        self._close_after_write()
+        self._close_after_write(linger=True)
 
     def _account(self, status: int, access_line: bool = True) -> None:
         """One request done: metrics and the access log line."""
@@ -813,15 +902,30 @@ class ClientConnection(asyncio.Protocol):
         self.req_bytes_out += len(data)
         self.transport.write(data)
 
-    def _close_after_write(self) -> None:
-        self.transport.close()  # flushes what is buffered first
+    def _close_after_write(self, linger: bool = False) -> None:
+        """Close once what is buffered is written. With ``linger``, when the client may still
+        be sending (RFC 9112 9.6): send FIN after the answer and read and drop what comes for
+        at most LINGER_TIMEOUT (or until the client closes), for a close with unread bytes
+        sends a reset, which can destroy the answer before the client reads it."""
+        transport = self.transport
+        if linger and not self.client_eof and transport.can_write_eof():
+            transport.write_eof()  # after what is buffered
+            self._close(linger=True)
+            return
+        transport.close()  # flushes what is buffered first
         self._close()
 
-    def _close(self) -> None:
+    def _close(self, linger: bool = False) -> None:
         if self.phase == _CLOSED and self.timer is None:
             return
         self.phase = _CLOSED
         self._cancel_timer()
+        if linger:
+            # Still open (and counted) until the client closes or the time is up.
+            self.paused = 0
+            self.transport.resume_reading()
+            self.timer = self.loop.call_later(LINGER_TIMEOUT, self._close)
+            return
         if not self.transport.is_closing():
             self.transport.close()
         ls = self.lr.stats
@@ -882,16 +986,50 @@ class ClientConnection(asyncio.Protocol):
                 return
         else:
             deadline = self.last + t.idle
+            head_deadline = 0.0
+            if self.phase == _HEAD and self.head_start:
+                head_deadline = self.head_start + t.client_header
+                if now >= head_deadline:
+                    if not self.buf:
+                        self._close()  # never sent a byte (a browser's preconnect, say)
+                        return
+                    log.info(
+                        "%s: request head not complete within %gs",
+                        self.client_addr,
+                        t.client_header,
+                    )
+                    self._error_response(
+                        408, f"request head not complete within {t.client_header:g}s"
+                    )
+                    return
             if now >= deadline:
                 if self.phase == _ACTIVE and self.resp_started:
                     log.info("%s: idle timeout mid-response", self.client_addr)
                     self._fail(504, "idle timeout", None)
+                elif self.phase == _ACTIVE and self._upstream_stopped_reading():
+                    self._fail(504, "the server stopped reading the request body", "timeout")
                 elif self.phase == _ACTIVE:
                     self._fail(504 if self.req_done else 408, "idle timeout", None)
+                elif self.buf:
+                    self._error_response(408, "idle timeout in the request head")
                 else:
                     self._close()
                 return
+            if head_deadline and head_deadline < deadline:
+                deadline = head_deadline
         self._arm(deadline)
+
+    def _upstream_stopped_reading(self) -> bool:
+        """The body stalled because the backend stopped reading it (the client was paused for
+        it): a backend timeout, counted as one, not the client's (408)."""
+        server = self.server
+        if self.req_done or not self.paused & _P_UPSTREAM_FULL or server is None:
+            return False
+        server.stats.errors["timeout"] += 1
+        log.warning(
+            "%s: upstream %s stopped reading the request body", self.client_addr, server.label
+        )
+        return True
 
 
 def _forget_sid(group: GroupRuntime, sid: str) -> Callable[[Tunnel], None]:

@@ -45,7 +45,10 @@ TIME_BUCKETS = (
 WS_BUCKETS = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 
 WS_CLOSE_REASONS = ("client", "server", "idle_timeout", "shutdown", "error")
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset")
+# protocol: a response the proxy cannot pass on (garbage, a head too large, bad framing).
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
+# Why a listener closed a connection at once, before reading from it.
+REFUSE_REASONS = ("max_connections", "acl")
 
 
 class Histogram:
@@ -109,7 +112,7 @@ class ListenerStats:
         self.name = name
         self.connections_active = 0
         self.connections_total = 0
-        self.connections_refused = 0
+        self.connections_refused = dict.fromkeys(REFUSE_REASONS, 0)
         self.bytes_in = 0  # closed connections' bytes; open ones are read from `live`
         self.bytes_out = 0
         # (server_group, server, code) -> count
@@ -249,6 +252,11 @@ class Collector(_PromCollector):
         conn_total = CounterMetricFamily(
             "lbproxy_connections", "Client connections accepted", labels=["listener"]
         )
+        conn_refused = CounterMetricFamily(
+            "lbproxy_connections_refused",
+            "Client connections closed at once, without reading from them",
+            labels=["listener", "reason"],
+        )
         ws_active = GaugeMetricFamily(
             "lbproxy_websockets_active",
             "WebSocket tunnels open",
@@ -312,6 +320,7 @@ class Collector(_PromCollector):
             for k in (
                 "conn_active",
                 "conn_total",
+                "conn_refused",
                 "ws_active",
                 "ws_total",
                 "ws_closes",
@@ -344,6 +353,8 @@ class Collector(_PromCollector):
                     addh(wsd_sum, (ls.name, g), h)
                 add("conn_active", (ls.name,), ls.connections_active)
                 add("conn_total", (ls.name,), ls.connections_total)
+                for reason, n in ls.connections_refused.items():
+                    add("conn_refused", (ls.name, reason), n)
                 for reason, n in ls.ws_closes.items():
                     add("ws_closes", (ls.name, reason), n)
                 bin_, bout = ls.bytes_in, ls.bytes_out
@@ -376,6 +387,7 @@ class Collector(_PromCollector):
         for fam, kind in (
             (conn_active, "conn_active"),
             (conn_total, "conn_total"),
+            (conn_refused, "conn_refused"),
             (ws_active, "ws_active"),
             (ws_total, "ws_total"),
             (ws_closes, "ws_closes"),
@@ -402,6 +414,7 @@ class Collector(_PromCollector):
             up_resp,
             conn_active,
             conn_total,
+            conn_refused,
             ws_active,
             ws_total,
             ws_dur,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from . import balancer, metrics
 from .config import Config, Listener, Server, ServerGroup, StickySession
 from .health import ServerHealth, State
+from .http1 import Limits
 from .rules import Router
 from .sticky import CookieMap, SidTable, server_token
 from .upstream import Pool
@@ -126,7 +127,7 @@ class GroupRuntime:
 
 
 class ListenerRuntime:
-    __slots__ = ("config", "group", "groups", "name", "router", "stats")
+    __slots__ = ("config", "group", "groups", "limits", "name", "router", "stats")
 
     def __init__(
         self,
@@ -141,6 +142,9 @@ class ListenerRuntime:
         # Listeners without rules skip routing altogether (the common, fast case).
         self.router = Router.for_listener(config) if config.rules else None
         self.stats = stats
+        self.limits = Limits(
+            config.max_request_line, config.max_header_size, config.max_header_count
+        )
 
     def route(self, host: bytes | None, target: bytes) -> GroupRuntime:
         router = self.router

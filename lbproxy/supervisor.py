@@ -158,23 +158,25 @@ class Supervisor:
             if self._stopping:
                 return
             lived = time.monotonic() - w.started_at
+            if lived >= STABLE_AFTER:
+                delay = RESTART_DELAY  # it had been running fine: not a crash loop
             log.warning(
                 "worker %d (pid %s) exited with %s after %.1fs; restarting in %.1fs",
                 w.index,
                 w.pid,
                 code,
                 lived,
-                delay if lived < STABLE_AFTER else RESTART_DELAY,
+                delay,
             )
-            delay = RESTART_DELAY if lived >= STABLE_AFTER else min(delay * 2, RESTART_DELAY_MAX)
             for fut in w.waiters.values():
                 fut.cancel()
             w.waiters.clear()
-            await asyncio.sleep(delay / 2 if lived >= STABLE_AFTER else delay)
+            await asyncio.sleep(delay)
             if self._stopping:
                 return
             w.restarts += 1
             await self._spawn(w)
+            delay = min(delay * 2, RESTART_DELAY_MAX)  # if this one dies soon too, wait longer
 
     # ------------------------------------------------------------------ health and config
     def _passive(self, sid: str, reason: str) -> None:

@@ -65,7 +65,10 @@ class _End(asyncio.Protocol):
         if t.eofs >= 2:
             t.close(None)
             return False
-        return True
+        # A TLS side cannot stay half-open (the transport closes after a close_notify and
+        # warns if asked to stay open): its connection_lost then closes the tunnel.
+        own = t.client if self.is_client else t.upstream
+        return own.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         t = self.tunnel

@@ -93,12 +93,14 @@ async def serve() -> int:
         ch.send({"op": "passive", "server": server.id, "reason": reason})
 
     proxy.ctx.report_health.report = report  # type: ignore[attr-defined]
+    # Before binding: a connection accepted on the first listener while the next one binds
+    # must not find every server still "unknown" (a 503).
+    proxy.set_health(first.get("health", {}))
     try:
         await proxy.start()
     except BindError as exc:
         log.error("%s", exc)
         return 1
-    proxy.set_health(first.get("health", {}))
     ch.send({"op": "ready", "pid": os.getpid()})
 
     loop = asyncio.get_running_loop()

@@ -223,7 +223,7 @@ async def test_request_counts_by_listener_group_server_and_code(
             ("gretry", B),
             ("greset", closer.address),
         ]
-        for kind in ("connect", "timeout", "reset")
+        for kind in ("connect", "timeout", "reset", "protocol")
     }
     errors[("gdead", dead, "connect")] = 1
     errors[("gslow", A, "timeout")] = 1

@@ -21,6 +21,7 @@ FAMILIES = {
     "lbproxy_upstream_response_seconds": "histogram",
     "lbproxy_connections_active": "gauge",
     "lbproxy_connections": "counter",
+    "lbproxy_connections_refused": "counter",
     "lbproxy_websockets_active": "gauge",
     "lbproxy_websockets": "counter",
     "lbproxy_websocket_duration_seconds": "histogram",
@@ -164,6 +165,8 @@ def _fill(reg: Registry, scale: int) -> None:
     web = reg.listener("web")
     web.connections_total += 3 * scale
     web.connections_active += scale
+    web.connections_refused["acl"] += scale
+    web.connections_refused["max_connections"] += 2 * scale
     web.bytes_in += 100 * scale
     web.bytes_out += 1000 * scale
     web.live.add(_Live(10 * scale, 20 * scale))
@@ -239,6 +242,11 @@ def test_collector_sums_over_registries():
         labels(server_group="g", server="s:1", kind="connect"): 3,
         labels(server_group="g", server="s:1", kind="timeout"): 0,
         labels(server_group="g", server="s:1", kind="reset"): 0,
+        labels(server_group="g", server="s:1", kind="protocol"): 0,
+    }
+    assert m["lbproxy_connections_refused_total"] == {
+        labels(listener="web", reason="max_connections"): 6,
+        labels(listener="web", reason="acl"): 3,
     }
     assert m["lbproxy_retries_total"] == {labels(server_group="g"): 2}
     assert m["lbproxy_config_reloads_total"] == {
