@@ -13,8 +13,6 @@ Owns:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from typing import Protocol
 
 from .config import Address
@@ -137,9 +135,5 @@ async def connect(address: Address, timeout: float) -> UpstreamConnection:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         _, proto = await loop.create_connection(UpstreamConnection, address.host, address.port)
-    sock = proto.transport.get_extra_info("socket")
-    if sock is not None:
-        # Not TCP (tests may use other families): nothing to tune.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # uvloop sets TCP_NODELAY on every TCP transport itself: nothing to tune here.
     return proto
