@@ -26,7 +26,7 @@ from typing import Any
 
 from .app import Proxy, Role
 from .config import WORKER_START_TIMEOUT, WORKER_STATS_TIMEOUT, Config
-from .metrics import Registry, load_registry
+from .metrics import Registry, load_registry, merge_registries
 from .worker import CONTROL_LINE_LIMIT
 
 log = logging.getLogger("lbproxy.supervisor")
@@ -48,6 +48,7 @@ class WorkerHandle:
         self.started_at = 0.0
         self.reader_task: asyncio.Task[None] | None = None
         self.waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.last_stats: Registry | None = None  # its numbers at the last scrape
 
     @property
     def alive(self) -> bool:
@@ -71,6 +72,7 @@ class Supervisor:
         self._ids = itertools.count()
         self._monitors: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.retired = Registry()  # counters of workers that died, kept in the sums
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -171,6 +173,7 @@ class Supervisor:
             for fut in w.waiters.values():
                 fut.cancel()
             w.waiters.clear()
+            self._retire_stats(w)
             await asyncio.sleep(delay)
             if self._stopping:
                 return
@@ -198,8 +201,22 @@ class Supervisor:
         self._broadcast_health()
 
     # ------------------------------------------------------------------ admin view
+    def _retire_stats(self, w: WorkerHandle) -> None:
+        """A dead worker's counters stay in the sums (its replacement starts from zero, and a
+        Prometheus counter must not go down); its gauges end with it. What it counted after
+        the last scrape is lost: its process is gone."""
+        last = w.last_stats
+        w.last_stats = None
+        if last is None:
+            return
+        for ls in last.listeners.values():
+            ls.connections_active = 0
+        for ss in last.servers.values():
+            ss.ws_active = {}
+        self.retired = merge_registries([self.retired, last])
+
     async def gather(self) -> tuple[list[Registry], dict[str, int]]:
-        futures = []
+        futures: list[tuple[WorkerHandle, asyncio.Future[dict[str, Any]]]] = []
         for w in self.workers:
             if not (w.alive and w.ready.is_set()):
                 continue
@@ -207,19 +224,21 @@ class Supervisor:
             fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             w.waiters[n] = fut
             w.send({"op": "stats", "id": n})
-            futures.append(fut)
-        regs: list[Registry] = []
+            futures.append((w, fut))
+        regs: list[Registry] = [self.retired]
         active: dict[str, int] = {}
         if not futures:
             return regs, active
-        done, pending = await asyncio.wait(futures, timeout=WORKER_STATS_TIMEOUT)
+        done, pending = await asyncio.wait([f for _, f in futures], timeout=WORKER_STATS_TIMEOUT)
         for fut in pending:
             fut.cancel()
-        for fut in done:
-            if fut.cancelled():
+        for w, fut in futures:
+            if fut not in done or fut.cancelled():
                 continue
             msg = fut.result()
-            regs.append(load_registry(msg["data"]))
+            reg = load_registry(msg["data"])
+            w.last_stats = reg
+            regs.append(reg)
             for sid, n in msg.get("active", {}).items():
                 active[sid] = active.get(sid, 0) + n
         return regs, active
