@@ -503,7 +503,7 @@ async def test_killed_worker_is_restarted_while_traffic_continues(make_backend, 
     failures = [r for r in results if not (isinstance(r, Reply) and r.status == 200)]
     assert failures == []
     assert during >= 5  # the other worker served alone while worker 0 was being restarted
-    assert 0.5 <= spawned_at - killed_at[0][1] < 0.95  # RESTART_DELAY, not more
+    assert 0.48 <= spawned_at - killed_at[0][1] < 0.95  # RESTART_DELAY (ms clock), not more
     st = await lb.status()
     w0, w1 = st["workers"]
     assert (w0["index"], w0["alive"], w0["serving"], w0["restarts"]) == (0, True, True, 1)
@@ -520,7 +520,7 @@ async def test_killed_worker_is_restarted_while_traffic_continues(make_backend, 
     second = w0["pid"]
     os.kill(second, signal.SIGKILL)
     killed = time.monotonic()
-    assert 1.0 <= await respawned(lb, 0, second) - killed < 1.9
+    assert 0.98 <= await respawned(lb, 0, second) - killed < 1.9
     await wait_for(lambda: serving(lb, 0), 10, "worker 0 serving again")
     assert lb.logged(f"worker 0 (pid {second}) exited with -9 after ") == 1
     assert lb.logged("; restarting in 1.0s") == 1
