@@ -576,9 +576,8 @@ async def test_backend_that_never_reads_the_body_is_a_504_not_the_clients_fault(
             assert (
                 resp.body == b"504 Gateway Timeout: the server stopped reading the request body\n"
             )
-            assert (
-                0.48 <= elapsed < 3
-            )  # the loop clock moves in whole ms: a timer may fire 1 ms early
+            # The loop clock moves in whole ms: a timer may fire 1 ms early.
+            assert 0.48 <= elapsed < 3
         assert errors_of(proxy, bad.address) == only("timeout")
 
 
