@@ -156,6 +156,13 @@ class AdminServer:
         host, port = server.sockets[0].getsockname()[:2]
         self.address = Address(host, port)
 
+    async def prepare(self, bind: Address) -> PendingBind:
+        """Listen on ``bind`` as well (raises OSError); the reload then commits or cancels."""
+        assert self.runner is not None
+        site = web.TCPSite(self.runner, bind.host, bind.port, reuse_address=True)
+        await site.start()
+        return PendingBind(self, site)
+
     async def close_listener(self) -> None:
         """Stop accepting admin connections (first step of shutdown)."""
         if self.site is not None:
@@ -221,3 +228,24 @@ def _bearer_ok(header: str, token: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(credentials.strip().encode(), token.encode())
+
+
+class PendingBind:
+    """A new admin socket opened by a reload: ``commit`` moves to it (the old one stops
+    accepting; connections already open finish), ``cancel`` closes it again."""
+
+    def __init__(self, admin: AdminServer, site: web.TCPSite) -> None:
+        self.admin = admin
+        self.site = site
+
+    async def commit(self) -> None:
+        admin = self.admin
+        old, admin.site = admin.site, self.site
+        server: Any = self.site._server
+        host, port = server.sockets[0].getsockname()[:2]
+        admin.address = Address(host, port)
+        if old is not None:
+            await old.stop()
+
+    async def cancel(self) -> None:
+        await self.site.stop()

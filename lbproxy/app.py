@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import metrics
 from .access_log import AccessLog
@@ -23,6 +24,9 @@ from .http_proxy import ClientConnection, Context, Health
 from .listener import BindError, Listeners, probe_binds
 from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from .admin import AdminServer, PendingBind
 
 log = logging.getLogger("lbproxy")
 
@@ -96,7 +100,7 @@ class Proxy:
         self._removed: dict[str, ServerState] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
-        self.admin: object | None = None  # the admin server, set by whoever starts one
+        self.admin: AdminServer | None = None  # set by whoever starts one; moved on reload
 
     @property
     def snapshot(self) -> Snapshot:
@@ -156,11 +160,25 @@ class Proxy:
         if log_problem is not None:
             return self._reload_failed(trigger, [log_problem])
         snap, changes = self.state.build(config)
+        admin_move: PendingBind | None = None
+        if self.admin is not None and config.admin.bind != old.config.admin.bind:
+            try:
+                admin_move = await self.admin.prepare(config.admin.bind)
+            except OSError as exc:
+                self._discard(changes)
+                reason = exc.strerror or str(exc)
+                problem = f"admin.bind: cannot listen on {config.admin.bind}: {reason}"
+                return self._reload_failed(trigger, [problem])
         try:
             await self._bind(snap, old)
         except BindError as exc:
             self._discard(changes)
+            if admin_move is not None:
+                await admin_move.cancel()
             return self._reload_failed(trigger, [str(exc)])
+        if admin_move is not None:
+            await admin_move.commit()
+            log.info("admin now on http://%s/", config.admin.bind)
         self.state.commit(snap)
         self.holder.current = snap  # the swap: new connections and requests see it from here
         self.access.configure(config.access_log)

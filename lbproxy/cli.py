@@ -165,6 +165,7 @@ async def _serve(config: Config, path: str) -> int:
         log.error("admin.bind: cannot listen on %s: %s", config.admin.bind, exc.strerror or exc)
         await proxy.close()
         return EXIT_FAILURE
+    proxy.admin = admin  # a reload may move it
     watcher = FileWatcher(proxy)
     watcher.start()
 
@@ -213,6 +214,7 @@ async def _supervise(config: Config, path: str, workers: int) -> int:
         log.error("admin.bind: cannot listen on %s: %s", config.admin.bind, exc.strerror or exc)
         await sup.close()
         return EXIT_FAILURE
+    sup.proxy.admin = admin  # a reload may move it
     watcher = FileWatcher(sup.proxy)
     watcher.start()
 

@@ -810,3 +810,48 @@ async def test_admin_reload_answers_with_summary_or_errors(make_backend, lbproxy
     assert p.logged("reload (admin) failed") == 1
     assert p.logged("file change") == 0
     assert await p.stop() == 0
+
+
+async def test_admin_bind_moves_on_reload_and_a_bad_one_changes_nothing(make_backend, make_proxy):
+    from lbproxy.admin import AdminServer
+
+    a = await make_backend("A")
+    first, second = free_port(), free_port()
+    d = config_doc([a.address])
+    d["admin"] = {"bind": f"127.0.0.1:{first}"}
+    proxy = await make_proxy(d)
+    admin = AdminServer(proxy)
+    await admin.start()
+    proxy.admin = admin
+
+    async def healthz(port: int) -> int | None:
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"http://127.0.0.1:{port}/healthz") as r,
+            ):
+                return r.status
+        except aiohttp.ClientConnectionError:
+            return None
+
+    try:
+        assert await healthz(first) == 200
+        # A port someone else holds: the reload fails and the admin stays where it was.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            d["admin"] = {"bind": f"127.0.0.1:{busy}"}
+            result = await proxy.apply_config(parse_config(d), "test")
+            assert not result.ok
+            assert result.problems[0].startswith(f"admin.bind: cannot listen on 127.0.0.1:{busy}")
+        assert await healthz(first) == 200
+        # A free one: the admin moves, the old port stops answering.
+        d["admin"] = {"bind": f"127.0.0.1:{second}"}
+        result = await apply(proxy, d)
+        assert result.ok and result.changed
+        assert await healthz(second) == 200
+        assert await healthz(first) is None
+        assert admin.address is not None and admin.address.port == second
+    finally:
+        await admin.close()
