@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+from .config import ACCESS_LOG_DRAIN_TIMEOUT
 from .config import AccessLog as AccessLogConfig
 
 _log = logging.getLogger("lbproxy")
@@ -95,12 +96,26 @@ class AccessLog:
         self._retiring = [x for x in self._retiring if x.is_alive()] + [t]
 
     def close(self) -> None:
+        """Write out what is queued, waiting at most ACCESS_LOG_DRAIN_TIMEOUT in all: a
+        destination that stopped draining (a FIFO nobody reads) must not hold up shutdown."""
+        deadline = time.monotonic() + ACCESS_LOG_DRAIN_TIMEOUT
         for t in self._retiring:
-            t.join()  # lines queued before a reload reach their destination too
+            t.join(max(0.0, deadline - time.monotonic()))  # lines queued before a reload
         self._retiring = []
-        if self._listener is not None:
-            self._listener.stop()  # drains the queue, then joins the writer thread
-            self._listener = None
+        listener = self._listener
+        self._listener = None
+        if listener is not None:
+            listener.enqueue_sentinel()
+            thread = listener._thread
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    _log.warning(
+                        "access log: its destination took no lines for %gs; some are lost",
+                        ACCESS_LOG_DRAIN_TIMEOUT,
+                    )
+                    return  # the writer is stuck in a write: leave the target to it
+            listener._thread = None
         if self._target is not None:
             self._target.close()
             self._target = None

@@ -48,6 +48,8 @@ DEFAULT_ADMIN_BIND = "127.0.0.1:8404"
 # start serving, and for a worker to answer a stats request before /metrics goes without it.
 WORKER_START_TIMEOUT = 30.0
 WORKER_STATS_TIMEOUT = 2.0
+# At exit, how long the access log may take to write out its queued lines.
+ACCESS_LOG_DRAIN_TIMEOUT = 5.0
 DEFAULT_STICKY_COOKIE = "SERVERID"
 DEFAULT_STICKY_COOKIE_TIMEOUT = 1000.0
 DEFAULT_SOCKETIO_PATH = "/socket.io/"

@@ -348,3 +348,31 @@ async def test_unwritable_path_on_reload_keeps_the_old_log(tmp_path, make_backen
         assert r.status == 200
     lines = [json.loads(x) for x in await wait_lines(log, 1)]
     assert lines[0]["status"] == 200
+
+
+@pytest.mark.timeout(30)
+async def test_a_stuck_log_does_not_hold_up_shutdown(tmp_path, make_backend, monkeypatch):
+    from lbproxy import access_log
+    from tests.support import start_proxy
+
+    monkeypatch.setattr(access_log, "ACCESS_LOG_DRAIN_TIMEOUT", 0.5)
+    a = await make_backend("A")
+    fifo = StuckFifo(tmp_path / "fifo")
+    proxy = await start_proxy(log_doc([a.address], fifo.path))
+    assert proxy.access._listener is not None
+    writer = proxy.access._listener._thread
+    assert writer is not None
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                async with s.get(proxy_url(proxy, path="/whoami")) as r:
+                    assert r.status == 200
+        await wait_for(lambda: fifo.queued() > 4096 - 512, what="the pipe to fill")
+        t = time.monotonic()
+        await proxy.close(timeout=0.1)
+        assert time.monotonic() - t < 0.5 + 1.0  # the drain timeout, not forever
+    finally:
+        fifo.drain()
+        # The abandoned writer finishes once the FIFO is read again; then it can close.
+        await wait_for(lambda: not writer.is_alive(), what="the writer to finish")
+        fifo.close()
