@@ -310,95 +310,47 @@ class Collector(_PromCollector):
             "lbproxy_config_last_reload_timestamp_seconds", "Time of the last reload attempt"
         )
 
-        # Sum over registries (one per worker process, or just this one).
-        req_sum: dict[tuple[str, str, str, str], int] = {}
-        dur_sum: dict[tuple[str, ...], Histogram] = {}
-        wsd_sum: dict[tuple[str, ...], Histogram] = {}
-        up_sum: dict[tuple[str, ...], Histogram] = {}
-        simple: dict[str, dict[tuple[str, ...], float]] = {
-            k: {}
-            for k in (
-                "conn_active",
-                "conn_total",
-                "conn_refused",
-                "ws_active",
-                "ws_total",
-                "ws_closes",
-                "bytes",
-                "up",
-                "checks",
-                "errors",
-                "retries",
-            )
-        }
-
-        def add(kind: str, key: tuple[str, ...], v: float) -> None:
-            d = simple[kind]
-            d[key] = d.get(key, 0) + v
-
-        def addh(d: dict[tuple[str, ...], Histogram], key: tuple[str, ...], h: Histogram) -> None:
-            acc = d.get(key)
-            if acc is None:
-                acc = d[key] = Histogram(h.buckets)
-            acc.add(h)
-
-        for reg in regs:
-            for ls in reg.listeners.values():
-                for (g, s, code), n in ls.requests.items():
-                    key = (ls.name, g, s, code)
-                    req_sum[key] = req_sum.get(key, 0) + n
-                for g, h in ls.request_duration.items():
-                    addh(dur_sum, (ls.name, g), h)
-                for g, h in ls.ws_duration.items():
-                    addh(wsd_sum, (ls.name, g), h)
-                add("conn_active", (ls.name,), ls.connections_active)
-                add("conn_total", (ls.name,), ls.connections_total)
-                for reason, n in ls.connections_refused.items():
-                    add("conn_refused", (ls.name, reason), n)
-                for reason, n in ls.ws_closes.items():
-                    add("ws_closes", (ls.name, reason), n)
-                bin_, bout = ls.bytes_in, ls.bytes_out
-                for conn in list(ls.live):
+        # One set of numbers: the sum over the registries (one per worker process, or just
+        # this one), by the same rules that carry a dead worker's counters.
+        total = merge_registries(regs)
+        for name, ls in sorted(total.listeners.items()):
+            for (g, s, code), n in sorted(ls.requests.items()):
+                requests.add_metric([name, g, s, code], n)
+            for g, h in sorted(ls.request_duration.items()):
+                req_dur.add_metric([name, g], h.cumulative(), h.sum)
+            for g, h in sorted(ls.ws_duration.items()):
+                ws_dur.add_metric([name, g], h.cumulative(), h.sum)
+            conn_active.add_metric([name], ls.connections_active)
+            conn_total.add_metric([name], ls.connections_total)
+            for reason, n in sorted(ls.connections_refused.items()):
+                conn_refused.add_metric([name, reason], n)
+            for reason, n in sorted(ls.ws_closes.items()):
+                ws_closes.add_metric([name, reason], n)
+            # Open connections' bytes live on the connections, not in the counters.
+            bin_, bout = ls.bytes_in, ls.bytes_out
+            for reg in regs:
+                for conn in list(reg.listeners[name].live) if name in reg.listeners else ():
                     i, o = conn.live_bytes()
                     bin_ += i
                     bout += o
-                add("bytes", (ls.name, "in"), bin_)
-                add("bytes", (ls.name, "out"), bout)
-            for ss in reg.servers.values():
-                addh(up_sum, (ss.group, ss.server), ss.upstream_response)
-                for lname, n in ss.ws_active.items():
-                    add("ws_active", (lname, ss.group, ss.server), n)
-                for lname, n in ss.ws_total.items():
-                    add("ws_total", (lname, ss.group, ss.server), n)
-                for result, n in ss.health_checks.items():
-                    add("checks", (ss.group, ss.server, result), n)
-                for kind, n in ss.errors.items():
-                    add("errors", (ss.group, ss.server, kind), n)
-            for g, s, up in reg.backend_up.values():
-                add("up", (g, s), up)
-            for g, n in reg.retries.items():
-                add("retries", (g,), n)
-
-        for rkey, n in sorted(req_sum.items()):
-            requests.add_metric(list(rkey), n)
-        for hfam, hsum in ((req_dur, dur_sum), (up_resp, up_sum), (ws_dur, wsd_sum)):
-            for hkey, h in sorted(hsum.items()):
-                hfam.add_metric(list(hkey), h.cumulative(), h.sum)
-        for fam, kind in (
-            (conn_active, "conn_active"),
-            (conn_total, "conn_total"),
-            (conn_refused, "conn_refused"),
-            (ws_active, "ws_active"),
-            (ws_total, "ws_total"),
-            (ws_closes, "ws_closes"),
-            (nbytes, "bytes"),
-            (backend_up, "up"),
-            (checks, "checks"),
-            (errors, "errors"),
-            (retries, "retries"),
-        ):
-            for skey, v in sorted(simple[kind].items()):
-                fam.add_metric(list(skey), v)
+            nbytes.add_metric([name, "in"], bin_)
+            nbytes.add_metric([name, "out"], bout)
+        for ss in sorted(total.servers.values(), key=lambda x: (x.group, x.server)):
+            up_resp.add_metric(
+                [ss.group, ss.server], ss.upstream_response.cumulative(), ss.upstream_response.sum
+            )
+            for lname, n in sorted(ss.ws_active.items()):
+                ws_active.add_metric([lname, ss.group, ss.server], n)
+            for lname, n in sorted(ss.ws_total.items()):
+                ws_total.add_metric([lname, ss.group, ss.server], n)
+            for result, n in sorted(ss.health_checks.items()):
+                checks.add_metric([ss.group, ss.server, result], n)
+            for kind, n in sorted(ss.errors.items()):
+                errors.add_metric([ss.group, ss.server, kind], n)
+        for g, srv, up in sorted(total.backend_up.values()):
+            backend_up.add_metric([g, srv], up)
+        for g, n in sorted(total.retries.items()):
+            retries.add_metric([g], n)
 
         if regs:
             # Reloads happen in the process that validates config; take the first registry's.
@@ -530,5 +482,7 @@ def merge_registries(regs: Iterable[Registry]) -> Registry:
             for f in _fields(ss):
                 setattr(mine_s, f, _add(getattr(mine_s, f), getattr(ss, f)))
         _add(out.retries, reg.retries)
-        out.backend_up.update(reg.backend_up)
+        for sid, (g, srv, up) in reg.backend_up.items():
+            prev = out.backend_up.get(sid)
+            out.backend_up[sid] = (g, srv, up + (prev[2] if prev else 0))
     return out
