@@ -211,7 +211,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         if self.phase == _ACTIVE and not self.req_done:
             # The body can never complete now.
-            self._fail(400, "client closed before sending the whole body", kind=None)
+            self._fail(400, "client closed before sending the whole body")
             return False
         # Keep writing the response to a half-closed client; TLS has no half-close (the
         # transport closes after the client's close_notify whatever this returns).
@@ -321,7 +321,7 @@ class ClientConnection(asyncio.Protocol):
             try:
                 used = tracker.feed(data)
             except ParseError as exc:
-                self._fail(exc.status, f"bad chunked body: {exc.reason}", kind=None)
+                self._fail(exc.status, f"bad chunked body: {exc.reason}")
                 return
             if used < len(data):
                 data, rest = data[:used], data[used:]
@@ -362,8 +362,6 @@ class ClientConnection(asyncio.Protocol):
             if server is None:
                 server = group.pick(self._hash_key(group), self.tried)
         if server is None:
-            if self.tried:
-                return  # _upstream_failed already answered
             self._error_response(503, "no server available", extra=(("Retry-After", "1"),))
             return
         self.tried.append(server)
@@ -753,10 +751,7 @@ class ClientConnection(asyncio.Protocol):
         server.stats.errors["reset"] += 1
         log.warning("%s: upstream %s closed mid-response", self.client_addr, server.label)
         self._account(self.resp.status)
-        self._release_server()
-        self._drop_upstream(reuse=False)
-        self.transport.abort()
-        self._close()
+        self._cut()
 
     def upstream_pause(self) -> None:
         self._pause(_P_UPSTREAM_FULL)
@@ -830,26 +825,26 @@ class ClientConnection(asyncio.Protocol):
             # a bad answer to one request says nothing about the server's other requests.
             server.stats.errors[kind] += 1
             log.warning("%s: upstream %s: %s", self.client_addr, server.label, reason)
+        if self.resp_started and self.resp is not None:
+            self._account(self.resp.status)
+        self._fail(502, reason)
+
+    def _fail(self, status: int, reason: str) -> None:
+        """Give up on the request: answer ``status``, or cut the connection if the response
+        has already started."""
         if self.resp_started:
-            if self.resp is not None:
-                self._account(self.resp.status)
-            self._release_server()
-            self._drop_upstream(reuse=False)
-            self.transport.abort()
-            self._close()
+            self._cut()
             return
         self._drop_upstream(reuse=False)
         self._release_server()
-        self._error_response(502, reason)
+        self._error_response(status, reason)
 
-    def _fail(self, status: int, reason: str, kind: str | None) -> None:
-        self._drop_upstream(reuse=False)
+    def _cut(self) -> None:
+        """The response has started: the client can only learn of a failure from a cut."""
         self._release_server()
-        if self.resp_started:
-            self.transport.abort()
-            self._close()
-        else:
-            self._error_response(status, reason)
+        self._drop_upstream(reuse=False)
+        self.transport.abort()
+        self._close()
 
     def _error_response(
         self, status: int, reason: str, extra: tuple[tuple[str, str], ...] = ()
@@ -1001,7 +996,7 @@ class ClientConnection(asyncio.Protocol):
                     server.label,
                     t.request,
                 )
-                self._fail(504, f"no response from the server within {t.request:g}s", "timeout")
+                self._fail(504, f"no response from the server within {t.request:g}s")
                 return
         else:
             deadline = self.last + t.idle
@@ -1024,11 +1019,11 @@ class ClientConnection(asyncio.Protocol):
             if now >= deadline:
                 if self.phase == _ACTIVE and self.resp_started:
                     log.info("%s: idle timeout mid-response", self.client_addr)
-                    self._fail(504, "idle timeout", None)
+                    self._fail(504, "idle timeout")
                 elif self.phase == _ACTIVE and self._upstream_stopped_reading():
-                    self._fail(504, "the server stopped reading the request body", "timeout")
+                    self._fail(504, "the server stopped reading the request body")
                 elif self.phase == _ACTIVE:
-                    self._fail(504 if self.req_done else 408, "idle timeout", None)
+                    self._fail(504 if self.req_done else 408, "idle timeout")
                 elif self.buf:
                     self._error_response(408, "idle timeout in the request head")
                 else:
