@@ -14,7 +14,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import uvloop
@@ -23,6 +23,7 @@ from . import __version__
 from .config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
+    from .admin import Workers
     from .app import Proxy
 
 log = logging.getLogger("lbproxy")
@@ -143,10 +144,8 @@ class Signals:
 
 
 async def _serve(config: Config, path: str) -> int:
-    from .admin import AdminServer
     from .app import Proxy
     from .listener import BindError
-    from .reload import FileWatcher
 
     proxy = Proxy(config, path)
     try:
@@ -158,36 +157,14 @@ async def _serve(config: Config, path: str) -> int:
         path = config.access_log.path
         log.error("access_log.path: cannot open %s: %s", path, exc.strerror or exc)
         return EXIT_FAILURE
-    admin = AdminServer(proxy)
-    try:
-        await admin.start()
-    except OSError as exc:
-        log.error("admin.bind: cannot listen on %s: %s", config.admin.bind, exc.strerror or exc)
-        await proxy.close()
-        return EXIT_FAILURE
-    proxy.admin = admin  # a reload may move it
-    watcher = FileWatcher(proxy)
-    watcher.start()
-
-    signals = Signals(proxy, "shutting down gracefully", _exit_now)
-    signals.start()
     for name in proxy.listeners.bound:
         log.info("listening: %s on %s", name, proxy.listeners.address(name))
-    log.info("admin on http://%s/", admin.address)
-    await signals.stop.wait()
-    await watcher.close()
-    await admin.close_listener()
-    await proxy.close()
-    await admin.close()
-    log.info("stopped")
-    return EXIT_OK
+    return await _run(proxy, None, "shutting down gracefully", _exit_now, proxy.close)
 
 
 async def _supervise(config: Config, path: str, workers: int) -> int:
-    from .admin import AdminServer
     from .config import ConfigError, read_config_file
     from .listener import BindError
-    from .reload import FileWatcher
     from .supervisor import Supervisor
 
     try:
@@ -207,24 +184,40 @@ async def _supervise(config: Config, path: str, workers: int) -> int:
         log.error("%s", exc)
         await sup.close(immediate=True)
         return EXIT_FAILURE
-    admin = AdminServer(sup.proxy, sup)
+    stopping = f"stopping {workers} workers gracefully"
+    return await _run(sup.proxy, sup, stopping, sup.stop_now, sup.close)
+
+
+async def _run(
+    proxy: Proxy,
+    workers: Workers | None,
+    stopping: str,
+    now: Callable[[], None],
+    close: Callable[[], Awaitable[None]],
+) -> int:
+    """Admin, file watch and signals around a started proxy (or supervisor), until a stop
+    signal; then the shutdown order: watcher, admin listener, ``close``, admin."""
+    from .admin import AdminServer
+    from .reload import FileWatcher
+
+    admin = AdminServer(proxy, workers)
     try:
         await admin.start()
     except OSError as exc:
-        log.error("admin.bind: cannot listen on %s: %s", config.admin.bind, exc.strerror or exc)
-        await sup.close()
+        bind = proxy.holder.current.config.admin.bind
+        log.error("admin.bind: cannot listen on %s: %s", bind, exc.strerror or exc)
+        await close()
         return EXIT_FAILURE
-    sup.proxy.admin = admin  # a reload may move it
-    watcher = FileWatcher(sup.proxy)
+    proxy.admin = admin  # a reload may move it
+    watcher = FileWatcher(proxy)
     watcher.start()
-
-    signals = Signals(sup.proxy, f"stopping {workers} workers gracefully", sup.stop_now)
+    signals = Signals(proxy, stopping, now)
     signals.start()
     log.info("admin on http://%s/", admin.address)
     await signals.stop.wait()
     await watcher.close()
     await admin.close_listener()
-    await sup.close()
+    await close()
     await admin.close()
     log.info("stopped")
     return EXIT_OK
