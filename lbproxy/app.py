@@ -20,7 +20,7 @@ from .access_log import AccessLog
 from .checker import Checker
 from .config import Config, ConfigError, loads_config, read_config_file
 from .health import Event, State, Transition
-from .http_proxy import ClientConnection, Context, Health
+from .http_proxy import ClientConnection, Context
 from .listener import BindError, Listeners, probe_binds
 from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .tunnel import Tunnel
@@ -39,7 +39,7 @@ class ReloadResult:
     problems: tuple[str, ...] = ()
 
 
-class PassiveHealth(Health):
+class PassiveHealth:
     """Passive failures feed the same state machine as active checks, and are logged once.
 
     In a worker process ``report`` also tells the supervisor, which owns the health state

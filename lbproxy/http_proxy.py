@@ -24,11 +24,10 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import headers, sticky, upstream
 from .config import LINGER_TIMEOUT
-from .health import Event
 from .http1 import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -82,13 +81,10 @@ class Context:
         self.draining = False
 
 
-class Health:
-    """Passive health: a failure seen while proxying (implemented by the health owner)."""
+class Health(Protocol):
+    """Passive health: where a failure seen while proxying goes (app.PassiveHealth)."""
 
-    def passive_failure(self, server: ServerState, reason: str) -> None:
-        server.health.observe(
-            Event.PASSIVE_FAIL, reason, 0.0, healthy_threshold=1, unhealthy_threshold=1
-        )
+    def passive_failure(self, server: ServerState, reason: str) -> None: ...
 
 
 class ListenerHandle:
