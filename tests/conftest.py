@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from aiohttp import web
 
 from lbproxy.app import Proxy
 from tests.support import Backend, backend_app, start_proxy
@@ -14,11 +15,14 @@ from tests.support import Backend, backend_app, start_proxy
 
 @pytest.fixture
 async def make_backend() -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
-    """``await make_backend("A")``: a started backend named A on a free port."""
+    """``await make_backend("A")``: a started backend named A on a free port (``app`` builds
+    another kind of backend app from the name)."""
     started: list[Backend] = []
 
-    async def make(name: str, port: int = 0) -> Backend:
-        b = await Backend(backend_app(name), port).start()
+    async def make(
+        name: str, port: int = 0, app: Callable[[str], web.Application] = backend_app
+    ) -> Backend:
+        b = await Backend(app(name), port).start()
         started.append(b)
         return b
 

@@ -58,18 +58,15 @@ def session_backend(name: str) -> web.Application:
 
 
 @pytest.fixture
-async def backends() -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
+async def backends(
+    make_backend: Callable[..., Awaitable[Backend]],
+) -> Callable[..., Awaitable[Backend]]:
     """``await backends("A")``: a started ``session_backend``; ``port`` restarts one."""
-    started: list[Backend] = []
 
     async def make(name: str, port: int = 0) -> Backend:
-        b = await Backend(session_backend(name), port).start()
-        started.append(b)
-        return b
+        return await make_backend(name, port, app=session_backend)
 
-    yield make
-    for b in started:
-        await b.stop()
+    return make
 
 
 @pytest.fixture
