@@ -17,6 +17,12 @@ Socket.IO (``sticky_session.socketio``)
     long-polling); ``sid_from_query`` reads ``sid=`` from every later request; a ``SidTable``
     maps sid -> server.
 
+One request (``Affinity``)
+    the routing decisions the data path asks for, per request: the server a request's session
+    is pinned to (sid pin, insert token, backend cookie), whether an unknown sid starts a
+    hunt (servers tried in turn until one does not answer 400), what the response must teach
+    the tables or set in a cookie, and reading a handshake body for its sid as it passes.
+
 Tables (``PinTable``, and its names ``SidTable`` and ``CookieMap``)
     key -> server id with an idle expiry: every successful ``lookup`` pushes the expiry to
     ``now + ttl``. Entries are kept in least-recently-used order, so ``expire`` (bounded work
@@ -30,13 +36,17 @@ import json
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
 from urllib.parse import unquote
 
+from .config import StickySession
 from .rules import target_path
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
+    "HANDSHAKE_PROBE_LIMIT",
+    "Affinity",
     "CookieMap",
     "PinTable",
     "SidTable",
@@ -53,6 +63,7 @@ __all__ = [
 DEFAULT_MAX_ENTRIES = 100_000
 MAX_KEY_LENGTH = 256  # a longer sid or cookie value is not a session id we pin
 MAX_HANDSHAKE = 65536  # bytes of a handshake body looked at; an open packet is ~100 bytes
+HANDSHAKE_PROBE_LIMIT = 4096  # bytes of a passing handshake body kept for its sid (~100 needed)
 
 _TOKEN_KEY = b"lbproxy-sticky"
 _COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -329,3 +340,128 @@ class CookieMap(PinTable):
     """A backend's cookie value -> the server that set it (``sticky_session.type: server``)."""
 
     __slots__ = ()
+
+
+# --- one request ---------------------------------------------------------------------------
+
+_S = TypeVar("_S")
+
+
+class Affinity:
+    """One request's session affinity under its group's ``sticky_session``.
+
+    Made from the request's target and headers; holds the group's ``sids`` and ``cookies``
+    tables. The caller resolves server ids to its own server objects (``by_id``, ``by_token``)
+    and checks that the server may still take the session; ``now`` is passed to every call.
+    """
+
+    __slots__ = ("config", "cookies", "hunt", "probe", "sid", "sids", "sio", "token")
+
+    def __init__(
+        self,
+        config: StickySession,
+        sids: PinTable,
+        cookies: PinTable,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.config = config
+        self.sids = sids
+        self.cookies = cookies
+        self.sio = config.socketio and is_socketio(target, config.socketio_path)
+        self.sid = sid_from_query(target) if self.sio else None  # the session id it carries
+        # The insert cookie the client sent (compared with the server that answers).
+        self.token = find_cookie(headers, config.cookie) if config.type == "insert" else None
+        # The sid has no pin in this process (learnt by another worker, or before a restart):
+        # servers are tried in turn until one does not answer 400.
+        self.hunt = False
+        self.probe: bytearray | None = None  # a handshake body being read for its sid
+
+    def pinned(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        by_id: Mapping[str, _S],
+        by_token: Mapping[str, _S],
+        now: float,
+    ) -> _S | None:
+        """The server the session is pinned to: the sid's pin first, then the insert token or
+        the backend cookie's pin; None when unpinned or pinned to a server no longer known.
+        An unknown sid starts a hunt (``hunt``)."""
+        server: _S | None = None
+        sid = self.sid
+        if sid is not None:
+            sid_server = self.sids.lookup(sid, now)
+            if sid_server is not None:
+                server = by_id.get(sid_server)
+            else:
+                self.hunt = True
+        if server is None and self.token is not None:
+            server = by_token.get(self.token)
+        elif server is None and self.config.type == "server":
+            value = find_cookie(headers, self.config.cookie)
+            if value is not None:
+                pinned_id = self.cookies.lookup(value, now)
+                if pinned_id is not None:
+                    server = by_id.get(pinned_id)
+        return server
+
+    def hunt_answer(self, status: int, server_id: str, now: float, ttl: float) -> bool:
+        """During a hunt: True when the server answered 400 ("not my session": try the next
+        one); any other answer comes from the server holding the session, which is pinned
+        (``ttl``: the pin's idle expiry) and the hunt ends."""
+        if status == 400:
+            return True
+        assert self.sid is not None
+        self.sids.learn(self.sid, server_id, now, ttl)
+        self.hunt = False
+        return False
+
+    def response(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        server_id: str,
+        server_token: str,
+        now: float,
+    ) -> tuple[bytes, ...]:
+        """Learn or set what pins the session to the server that answered; the extra
+        response header lines (an insert cookie for a new or re-pinned client)."""
+        cfg = self.config
+        extra: tuple[bytes, ...] = ()
+        if cfg.type == "insert" and self.token != server_token:
+            # New client, or its pinned server is gone or down: (re)pin it to this one.
+            cookie = set_cookie_header(cfg.cookie, server_token, cfg.cookie_timeout)
+            extra = (b"Set-Cookie: " + cookie,)
+        elif cfg.type == "server":
+            value = response_set_cookie(headers, cfg.cookie)
+            if value is not None:
+                self.cookies.learn(value, server_id, now, cfg.cookie_timeout)
+        if self.sio:
+            if self.sid is None and status == 200:
+                self.probe = bytearray()  # an Engine.IO handshake: its body names the sid
+            elif self.sid is not None and status == 400:
+                self.sids.forget(self.sid)  # "Session ID unknown": the session is over
+        return extra
+
+    def read_handshake(
+        self, data: bytes, chunked: bool, server_id: str, now: float, ttl: float
+    ) -> None:
+        """Read a handshake body as it passes (``probe`` set by ``response``) and pin its sid
+        to the server; gives up after ``HANDSHAKE_PROBE_LIMIT`` bytes."""
+        probe = self.probe
+        assert probe is not None
+        probe += data[: HANDSHAKE_PROBE_LIMIT - len(probe)]
+        body = bytes(probe)
+        if chunked:
+            body = body.partition(b"\r\n")[2]  # the handshake fits the first chunk
+        sid = sid_from_handshake(body)
+        if sid is not None:
+            self.sids.learn(sid, server_id, now, ttl)
+            self.probe = None
+        elif len(probe) >= HANDSHAKE_PROBE_LIMIT:
+            self.probe = None
+
+    def tunnel_closed(self, _tunnel: object) -> None:
+        """An upgraded Engine.IO session ends with its tunnel: its sid pin goes with it."""
+        if self.sid is not None:
+            self.sids.forget(self.sid)

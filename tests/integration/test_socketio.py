@@ -431,7 +431,10 @@ def waiting_for_response(proxy: Proxy) -> int:
     return sum(
         1
         for c in proxy.connections()
-        if isinstance(c, ClientConnection) and c.up is not None and c.resp is None
+        if isinstance(c, ClientConnection)
+        and (ex := c.exchange) is not None
+        and ex.up is not None
+        and ex.response.head is None
     )
 
 

@@ -1,0 +1,824 @@
+"""One proxied request and its response, whatever front end the request came in on.
+
+Owns, per request: its head and body framing toward the backend, the choice of a server
+(asking ``sticky.Affinity`` for the session's pin), connecting, retries, the response
+(``Response``: head, body framing, relay) and the accounting (metrics, access log).
+
+An ``Exchange`` never touches the client's socket: it talks to its front end through the
+small ``Downstream`` interface (write a response head, body bytes, end, pause, resume, cut,
+answer an error, give the transport to a tunnel). ``http_proxy.ClientConnection`` is the
+HTTP/1.1 front end; another (an HTTP/2 stream) can drive the same exchange.
+
+Retries, where they are safe:
+- a failed connect (refused, timeout) marks the server down and tries another;
+- a fresh connection that resets before any response byte marks it down and tries another;
+- a reused pooled connection that turns out dead is a stale entry: retried, not counted;
+- never once response bytes reached the client; a non-idempotent request never after its
+  body was sent; an idempotent one only if its body (if any) is still small enough to replay.
+
+Errors map to statuses in one place (``_fail``): connect/reset -> 502, timeout -> 504,
+nothing available -> 503, a malformed body -> 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from . import headers, sticky, upstream
+from .http1 import (
+    BODY_CHUNKED,
+    BODY_CLOSE,
+    BODY_LENGTH,
+    BODY_NONE,
+    ChunkedTracker,
+    ParseError,
+    RequestHead,
+    ResponseHead,
+    parse_response_head,
+    request_body_kind,
+    response_body_kind,
+)
+from .tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from .access_log import AccessLog
+    from .metrics import Registry
+    from .snapshot import GroupRuntime, ListenerRuntime, ServerState
+
+log = logging.getLogger("lbproxy.http")
+_clock = time.perf_counter
+
+# connect() failures that are the proxy's own shortage, not the backend's.
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+REPLAY_LIMIT = 65536  # bytes of an idempotent request body kept for a retry
+BUFFER_LIMIT = 65536  # client bytes buffered ahead (pipelining, body before connect)
+
+# Why the exchange takes no more request body (a bit each; reading resumes when none is left).
+_P_UPSTREAM_FULL = 1  # the backend is not reading the body as fast as the client sends it
+_P_WAITING = 2  # connecting, or body bytes piling up before a connection is there
+
+
+class Health(Protocol):
+    """Passive health: where a failure seen while proxying goes (app.PassiveHealth)."""
+
+    def passive_failure(self, server: ServerState, reason: str) -> None: ...
+
+
+class Context:
+    """What every connection of the process shares: the health reporter, stats, access log."""
+
+    def __init__(self, registry: Registry, access: AccessLog, report_health: Health) -> None:
+        self.registry = registry
+        self.access = access
+        self.report_health = report_health
+        self.draining = False
+
+
+class Downstream(Protocol):
+    """The client side of an exchange, as the exchange sees it (one per front end).
+
+    Writes are counted by the exchange for its access-log line; the front end counts its own.
+    """
+
+    client_ip: str
+    client_addr: str
+    last: float  # loop time of the last activity (upstream bytes keep the client side alive)
+    chunked_ok: bool  # whether a chunked response body may go out with its framing
+
+    def send_head(
+        self, resp: ResponseHead, extra: tuple[bytes, ...], kind: int, ended: bool
+    ) -> int:
+        """Start the response (``kind``: its body framing; ``ended``: it has no body);
+        returns the bytes it takes on the wire. May be held back to go with the first body
+        bytes (``flush`` sends it alone)."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Response bytes (an interim response, or body bytes as framed for this client)."""
+        ...
+
+    def flush(self) -> None:
+        """Send a held-back response head now: no body bytes came with it."""
+        ...
+
+    def end(self) -> None:
+        """The response is complete and the exchange is over (the backend released)."""
+        ...
+
+    def send_error(self, status: int, reason: str, extra: tuple[tuple[str, str], ...]) -> int:
+        """Answer with the proxy's own short response and close; returns the bytes written."""
+        ...
+
+    def cut(self) -> None:
+        """The response started and cannot complete: the client learns it from a cut."""
+        ...
+
+    def pause_reading(self) -> None:
+        """Take no more request body for now."""
+        ...
+
+    def resume_reading(self) -> None: ...
+
+    def wake_at(self, when: float) -> None:
+        """Check this exchange's timeouts at loop time ``when`` at the latest."""
+        ...
+
+    def upgrade(self, head: bytes) -> tuple[asyncio.Transport, bytes]:
+        """Write the 101 ``head`` and give up the client transport to a tunnel; returns it and
+        the client bytes read beyond the request."""
+        ...
+
+    def local_host(self) -> bytes:
+        """The address the client connected to, as a Host value."""
+        ...
+
+
+def record(
+    ctx: Context,
+    lr: ListenerRuntime,
+    client_addr: str,
+    group: str,
+    server: str,
+    status: int,
+    req: RequestHead | None,
+    t_start: float,
+    upstream_time: float | None,
+    bytes_in: int,
+    bytes_out: int,
+    access_line: bool = True,
+) -> None:
+    """One request done: metrics and the access log line."""
+    now = _clock()
+    lr.stats.count_request(group, server, status, now - t_start)
+    access = ctx.access
+    if access_line and access.enabled:
+        access.request(
+            client=client_addr,
+            listener=lr.name,
+            method=req.method.decode("latin-1") if req else "-",
+            path=req.target.decode("latin-1") if req else "-",
+            status=status,
+            server=server,
+            upstream_time=upstream_time,
+            total_time=now - t_start,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+        )
+
+
+class Exchange:
+    """One request and its response, from the parsed head until the response is complete,
+    failed, or handed to a tunnel. The front end calls ``begin``, ``request_data`` (the body
+    as it arrives), ``choose``, and the timeout and client-event methods."""
+
+    def __init__(
+        self, ctx: Context, lr: ListenerRuntime, req: RequestHead, down: Downstream
+    ) -> None:
+        self.ctx = ctx
+        self.lr = lr
+        self.loop = asyncio.get_running_loop()
+        self.down = down
+        self.req = req
+        self.done = False  # answered, failed, cut, handed over, or the client went away
+        self.t_start = _clock()
+        # Measurements use perf_counter (uvloop's loop.time() moves in whole milliseconds);
+        # timers use loop.time(): sent_at is when request_timeout started counting.
+        self.t_sent = 0.0
+        self.t_headers: float | None = None
+        self.sent_at = 0.0
+        self.bytes_in = req.raw_len
+        self.bytes_out = 0
+        self.group: GroupRuntime = lr.route(req.host, req.target)
+        self.upgrade = req.upgrade == b"websocket"
+        kind = request_body_kind(req)
+        self.kind = kind
+        self.remaining = 0
+        self.tracker: ChunkedTracker | None = None
+        self.req_done = kind == BODY_NONE
+        if kind == BODY_LENGTH:
+            assert req.content_length is not None
+            self.remaining = req.content_length
+            self.req_done = req.content_length == 0
+        elif kind == BODY_CHUNKED:
+            self.tracker = ChunkedTracker()
+        self.pending: list[bytes] = []  # body bytes not yet written to a backend
+        self.pending_size = 0
+        self.replay: list[bytes] | None = [] if req.method in IDEMPOTENT else None
+        self.body_sent = False
+        self.paused = 0
+        self.tried: list[ServerState] = []
+        self.server: ServerState | None = None
+        self.up: upstream.UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.response = Response(self)
+        self.affinity: sticky.Affinity | None = None
+        cfg = self.group.sticky
+        if cfg is not None:
+            pins = self.group.pins
+            self.affinity = sticky.Affinity(cfg, pins.sids, pins.cookies, req.target, req.headers)
+            if cfg.socketio and b"sid=" in req.target:
+                self.replay = []  # an Engine.IO POST may have to go to another server (hunt)
+
+    def begin(self) -> bool:
+        """False when the listener answers the request itself (``redirect_https``)."""
+        port = self.lr.config.redirect_https
+        if port:
+            host = self.req.host
+            if host is None:  # an HTTP/1.0 request without Host: the address it connected to
+                host = self.down.local_host()
+            location = headers.https_location(host, port, self.req.target)
+            self._answer(301, location, (("Location", location),))
+            return False
+        return True
+
+    # ------------------------------------------------------------------ request body
+    def request_data(self, data: bytes) -> bytes:
+        """Forward (or hold, while connecting) body bytes; returns what follows the body
+        (the next request's bytes)."""
+        rest = b""
+        if self.kind == BODY_LENGTH:
+            n = self.remaining
+            if len(data) > n:
+                data, rest = data[:n], data[n:]
+            self.remaining = n - len(data)
+            if self.remaining == 0:
+                self.req_done = True
+        else:
+            tracker = self.tracker
+            assert tracker is not None
+            try:
+                used = tracker.feed(data)
+            except ParseError as exc:
+                self.fail(exc.status, f"bad chunked body: {exc.reason}")
+                return b""
+            if used < len(data):
+                data, rest = data[:used], data[used:]
+            if tracker.done:
+                self.req_done = True
+        if data:
+            self.bytes_in += len(data)  # the head was counted when it parsed
+            if self.replay is not None:
+                self.replay.append(data)
+                if sum(map(len, self.replay)) > REPLAY_LIMIT:
+                    self.replay = None
+            up = self.up
+            if up is not None:
+                self.body_sent = True
+                up.transport.write(data)
+                if self.req_done:
+                    self._sent()  # the whole request is with the server
+            else:
+                self.pending.append(data)
+                self.pending_size += len(data)
+                if self.pending_size > BUFFER_LIMIT:
+                    self.pause(_P_WAITING)
+        return rest
+
+    def _sent(self) -> None:
+        """The request (head, or its body's last bytes) is with the server: request_timeout
+        counts from here."""
+        self.t_sent = _clock()
+        self.sent_at = now = self.loop.time()
+        self.down.wake_at(now + self.lr.config.timeouts.request)
+
+    # ------------------------------------------------------------------ choosing and connecting
+    def choose(self, server: ServerState | None = None) -> None:
+        """Send the request to ``server``, or to the one its session is pinned to, or to the
+        scheduler's pick; 503 when there is none."""
+        group = self.group
+        if server is None:
+            aff = self.affinity
+            if aff is not None:
+                now = self.loop.time()
+                pinned = aff.pinned(self.req.headers, group.by_id, group.by_token, now)
+                # Gone, down or already failed: choose another (an insert cookie is replaced).
+                if group.pinnable(pinned) and pinned not in self.tried:
+                    server = pinned
+            if server is None:
+                server = group.pick(self._hash_key(), self.tried)
+        if server is None:
+            self._answer(503, "no server available", (("Retry-After", "1"),))
+            return
+        self.tried.append(server)
+        self.server = server
+        server.active += 1
+        conn = server.pool.take(self.loop.time(), group.config.keepalive_timeout)
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.pause(_P_WAITING)
+            timeout = self.lr.config.timeouts.connect
+            self.connect_task = self.loop.create_task(self._connect(server, timeout))
+
+    def _hash_key(self) -> str:
+        """What ``sh`` hashes: the client address, or the first X-Forwarded-For address."""
+        if self.group.hash_xff:
+            for name, value in self.req.headers:
+                if name.lower() == b"x-forwarded-for":
+                    first = value.split(b",", 1)[0].strip()
+                    if first:
+                        return first.decode("latin-1")
+        return self.down.client_ip
+
+    async def _connect(self, server: ServerState, timeout: float) -> None:
+        try:
+            conn = await upstream.connect(server.address, timeout)
+        except TimeoutError:
+            self.connect_task = None
+            self.upstream_failed(server, "timeout", f"connect timeout after {timeout:g}s", True)
+        except OSError as exc:
+            self.connect_task = None
+            if exc.errno in _OUT_OF_RESOURCES:
+                self._out_of_resources(exc)
+            else:
+                self.upstream_failed(server, "connect", describe(exc), True)
+        else:
+            self.connect_task = None
+            if self.done or self.server is not server:
+                conn.close()
+                return
+            self._attach(conn)
+
+    def _attach(self, conn: upstream.UpstreamConnection) -> None:
+        server = self.server
+        assert server is not None
+        conn.handler = self.response
+        self.up = conn
+        head = self._upstream_head(server)
+        if self.pending:
+            head += b"".join(self.pending)
+            self.body_sent = True
+            self.pending = []
+            self.pending_size = 0
+        conn.transport.write(head)
+        self.response.buf.clear()
+        self._sent()
+        self.resume(_P_WAITING)
+
+    def _upstream_head(self, server: ServerState) -> bytes:
+        """The request head as the backend gets it."""
+        config = self.lr.config
+        return headers.upstream_request_head(
+            self.req,
+            client_ip=self.down.client_ip,
+            scheme=b"https" if config.tls is not None else b"http",
+            forwarded=config.x_forwarded_for,
+            default_host=server.label.encode(),
+            upgrade=self.upgrade,
+        )
+
+    def _out_of_resources(self, exc: OSError) -> None:
+        """The proxy itself is out of descriptors or memory: not the server's fault (no
+        error counted, no passive failure), and nothing to retry elsewhere."""
+        log.warning("%s: cannot connect to a backend: %s", self.down.client_addr, exc.strerror)
+        self._drop_upstream(reuse=False)
+        self._release_server()
+        self._answer(503, "proxy out of resources", (("Retry-After", "1"),))
+
+    def upstream_failed(self, server: ServerState, kind: str, reason: str, fresh: bool) -> None:
+        """The backend failed before any response byte; retry elsewhere or answer."""
+        if self.done:
+            return
+        self._drop_upstream(reuse=False)
+        self._release_server()
+        group = self.group
+        if fresh:
+            server.stats.errors[kind] += 1
+            log.warning(
+                "%s: upstream %s %s failed: %s",
+                self.down.client_addr,
+                group.name,
+                server.label,
+                reason,
+            )
+            self.ctx.report_health.passive_failure(server, reason)
+        can_retry = not self.response.started and (
+            not self.body_sent or (self.replay is not None and self.req_done)
+        )
+        if not fresh:
+            # A pooled connection closed under us: a stale entry, not evidence against the
+            # server. Only idempotent requests may be sent again.
+            can_retry = can_retry and self.replay is not None
+            if can_retry:
+                self.tried.remove(server)  # not this server's fault: it may be tried again
+        if can_retry:
+            if not fresh and group.pinnable(server):
+                nxt: ServerState | None = server  # a stale pooled entry: same server, new conn
+            else:
+                nxt = group.pick(self._hash_key(), self.tried)
+            if nxt is not None:
+                if fresh:
+                    self.ctx.registry.count_retry(group.name)
+                self._retry(nxt, replay=self.body_sent and self.replay is not None)
+                return
+        self._answer(504 if kind == "timeout" else 502, reason)
+
+    def _retry(self, server: ServerState, replay: bool) -> None:
+        """Send the request again, to ``server``; ``replay``: with the body kept for it."""
+        if replay and self.replay is not None:
+            self.pending = list(self.replay)
+            self.pending_size = sum(map(len, self.pending))
+        self.body_sent = False
+        self.choose(server)
+
+    def sid_hunt(self, status: int) -> bool:
+        """A response during a sid hunt: True when it is a 400 ("not my session") and the
+        request went on to the next server; otherwise the answer is the client's."""
+        aff, server = self.affinity, self.server
+        assert aff is not None and server is not None
+        ttl = self.lr.config.timeouts.idle
+        if not aff.hunt_answer(status, server.id, self.loop.time(), ttl):
+            return False
+        if not self.req_done or self.replay is None:
+            return False  # the body cannot be sent again: the 400 goes to the client
+        nxt = self.group.pick(self._hash_key(), self.tried)
+        if nxt is None:
+            return False  # every server said no: the session is gone
+        self._drop_upstream(reuse=False)  # the 400's body is not read: not reusable
+        self._release_server()
+        self.response.buf.clear()
+        self._retry(nxt, replay=True)
+        return True
+
+    # ------------------------------------------------------------------ flow control
+    def pause_upstream(self) -> None:
+        """The client reads slower than the backend sends."""
+        if self.up is not None:
+            self.up.transport.pause_reading()
+
+    def resume_upstream(self) -> None:
+        if self.up is not None:
+            self.up.transport.resume_reading()
+
+    def pause(self, bit: int) -> None:
+        """Take no more request body for reason ``bit`` (``_P_*``)."""
+        if not self.paused:
+            self.down.pause_reading()
+        self.paused |= bit
+
+    def resume(self, bit: int) -> None:
+        if self.paused & bit:
+            self.paused &= ~bit
+            if not self.paused:
+                self.down.resume_reading()
+
+    # ------------------------------------------------------------------ timeouts, client events
+    def awaiting_head(self) -> bool:
+        """The request is with the server and no response head came yet: request_timeout
+        applies (while the body is still coming, idle does)."""
+        return self.up is not None and self.response.head is None and self.req_done
+
+    def request_timed_out(self, timeout: float) -> None:
+        server = self.server
+        assert server is not None
+        server.stats.errors["timeout"] += 1
+        log.warning(
+            "%s: upstream %s sent no response head within %gs",
+            self.down.client_addr,
+            server.label,
+            timeout,
+        )
+        self.fail(504, f"no response from the server within {timeout:g}s")
+
+    def idle_timed_out(self) -> None:
+        if self.response.started:
+            log.info("%s: idle timeout mid-response", self.down.client_addr)
+            self.fail(504, "idle timeout")
+        elif self._upstream_stopped_reading():
+            self.fail(504, "the server stopped reading the request body")
+        else:
+            self.fail(504 if self.req_done else 408, "idle timeout")
+
+    def _upstream_stopped_reading(self) -> bool:
+        """The body stalled because the backend stopped reading it (the client was paused for
+        it): a backend timeout, counted as one, not the client's (408)."""
+        server = self.server
+        if self.req_done or not self.paused & _P_UPSTREAM_FULL or server is None:
+            return False
+        server.stats.errors["timeout"] += 1
+        log.warning(
+            "%s: upstream %s stopped reading the request body", self.down.client_addr, server.label
+        )
+        return True
+
+    def client_gone(self) -> None:
+        """The client went away mid-request: nothing more can be delivered."""
+        self.done = True
+        self.account(499)
+        self._release_server()
+        self._drop_upstream(reuse=False)
+
+    # ------------------------------------------------------------------ endings
+    def finish(self, reuse: bool = True) -> None:
+        """The response is complete: account, release the backend, let the front go on."""
+        resp = self.response.head
+        assert resp is not None
+        self.done = True
+        self.account(resp.status)
+        self._release_server()
+        reuse = reuse and self.req_done and resp.keep_alive and self.response.kind != BODY_CLOSE
+        self._drop_upstream(reuse=reuse)
+        self.down.end()
+
+    def hand_over(self, head: bytes, rest: bytes) -> None:
+        """101: the client and the backend now talk directly through a Tunnel."""
+        server, up = self.server, self.up
+        assert server is not None and up is not None
+        self.t_headers = _clock() - self.t_sent
+        server.stats.upstream_response.observe(self.t_headers)
+        self.bytes_out += len(head)
+        self.done = True
+        self.account(101, access_line=False)  # the tunnel logs one line when it closes
+        client, client_pending = self.down.upgrade(head)
+        up.handler = None
+        self.up = None
+        aff = self.affinity
+        req = self.req
+        tunnel = Tunnel(
+            self.loop,
+            client,
+            up.transport,
+            listener=self.lr.stats,
+            group=self.group.name,
+            server=server,
+            idle_timeout=self.lr.config.timeouts.idle,
+            client_addr=self.down.client_addr,
+            method_path=(req.method.decode("latin-1"), req.target.decode("latin-1")),
+            access=self.ctx.access,
+            on_close=aff.tunnel_closed if aff is not None and aff.sid is not None else None,
+        )
+        if self.pending:
+            client_pending += b"".join(self.pending)
+            self.pending = []
+        tunnel.start(client_pending, rest)
+
+    def bad_gateway(self, reason: str, kind: str = "protocol") -> None:
+        server = self.server
+        if server is not None:
+            # Not a passive failure (health.py: only a failed connect or a fresh reset is):
+            # a bad answer to one request says nothing about the server's other requests.
+            server.stats.errors[kind] += 1
+            log.warning("%s: upstream %s: %s", self.down.client_addr, server.label, reason)
+        resp = self.response.head
+        if self.response.started and resp is not None:
+            self.account(resp.status)
+        self.fail(502, reason)
+
+    def fail(self, status: int, reason: str) -> None:
+        """Give up on the request: answer ``status``, or cut the connection if the response
+        has already started."""
+        if self.response.started:
+            self.cut()
+            return
+        self._drop_upstream(reuse=False)
+        self._release_server()
+        self._answer(status, reason)
+
+    def cut(self) -> None:
+        """The response has started: the client can only learn of a failure from a cut."""
+        self.done = True
+        self._release_server()
+        self._drop_upstream(reuse=False)
+        self.down.cut()
+
+    def _answer(self, status: int, reason: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
+        """The proxy's own short response; the front end closes after it."""
+        if self.done:
+            return
+        self.done = True
+        if status >= 500:
+            log.info("%s: %d: %s", self.down.client_addr, status, reason)
+        self.bytes_out += self.down.send_error(status, reason, extra)
+        self.account(status)
+
+    def account(self, status: int, access_line: bool = True) -> None:
+        """One request done: metrics and the access log line."""
+        # The last server tried, even if it has been released (a 502 belongs to it).
+        label = self.tried[-1].label if self.tried else ""
+        record(
+            self.ctx,
+            self.lr,
+            self.down.client_addr,
+            self.group.name,
+            label,
+            status,
+            self.req,
+            self.t_start,
+            self.t_headers,
+            self.bytes_in,
+            self.bytes_out,
+            access_line,
+        )
+
+    def _release_server(self) -> None:
+        if self.server is not None and self.tried and self.server in self.tried:
+            self.server.active -= 1
+        self.server = None
+
+    def _drop_upstream(self, reuse: bool) -> None:
+        """Give the backend connection back to its pool (``reuse``), or close it."""
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        up = self.up
+        if up is None:
+            return
+        self.up = None
+        server = self.tried[-1] if self.tried else None
+        if reuse and server is not None and not up.closed:
+            up.transport.resume_reading()
+            server.pool.put(up, self.loop.time(), self.group.config.keepalive_connections)
+        else:
+            up.close()
+
+
+class Response:
+    """The upstream side of one exchange: the backend connection's handler while the exchange
+    uses it. Reads the response head, frames the body, relays both downstream."""
+
+    __slots__ = ("buf", "decode", "ex", "head", "kind", "remaining", "started", "tracker")
+
+    def __init__(self, ex: Exchange) -> None:
+        self.ex = ex
+        self.head: ResponseHead | None = None
+        self.buf = bytearray()  # response head bytes not parsed yet
+        self.kind = BODY_NONE
+        self.remaining = 0
+        self.tracker: ChunkedTracker | None = None
+        self.decode = False  # chunked framing removed for this client
+        self.started = False  # response bytes went downstream: no retry, a failure is a cut
+
+    # ------------------------------------------------------------------ upstream.Handler
+    def upstream_data(self, data: bytes) -> None:
+        ex = self.ex
+        ex.down.last = ex.loop.time()
+        if self.head is None:
+            self.buf += data
+            self._read_head()
+            return
+        self._body(data)
+
+    def upstream_eof(self) -> None:
+        self._ended(None)
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self._ended(exc)
+
+    def upstream_pause(self) -> None:
+        self.ex.pause(_P_UPSTREAM_FULL)
+
+    def upstream_resume(self) -> None:
+        self.ex.resume(_P_UPSTREAM_FULL)
+
+    # ------------------------------------------------------------------ head
+    def _read_head(self) -> None:
+        buf, ex = self.buf, self.ex
+        while self.head is None and not ex.done:
+            try:
+                resp = parse_response_head(buf)
+            except ParseError as exc:
+                ex.bad_gateway(f"invalid response head: {exc.reason}")
+                return
+            if resp is None:
+                return
+            raw = bytes(buf[: resp.raw_len])
+            del buf[: resp.raw_len]
+            status = resp.status
+            aff = ex.affinity
+            if status == 101:
+                if ex.upgrade:
+                    if aff is not None and aff.hunt:
+                        ex.sid_hunt(status)  # found the session's server: pin it
+                    ex.hand_over(raw, bytes(buf))
+                else:
+                    ex.bad_gateway("101 Switching Protocols to a request that asked for none")
+                return
+            if status < 200:
+                # Interim responses (100 Continue, 103 Early Hints) go to HTTP/1.1 clients as-is.
+                if ex.req.version >= 1:
+                    self._write(raw)
+                continue
+            if aff is not None and aff.hunt and ex.sid_hunt(status):
+                return
+            self._start(resp)
+            if buf and not ex.done:
+                rest = bytes(buf)
+                buf.clear()
+                self._body(rest)
+            elif not ex.done:
+                ex.down.flush()  # the body comes in a later read
+            return
+
+    def _start(self, resp: ResponseHead) -> None:
+        ex = self.ex
+        server = ex.server
+        assert server is not None
+        ex.t_headers = _clock() - ex.t_sent
+        server.stats.upstream_response.observe(ex.t_headers)
+        self.head = resp
+        kind = response_body_kind(ex.req.method, resp)
+        self.kind = kind
+        if kind == BODY_LENGTH:
+            assert resp.content_length is not None
+            self.remaining = resp.content_length
+        elif kind == BODY_CHUNKED:
+            self.tracker = ChunkedTracker()
+            # HTTP/1.0 cannot read chunked: send the payload and end it by closing.
+            self.decode = not ex.down.chunked_ok
+        extra: tuple[bytes, ...] = ()
+        if ex.affinity is not None:
+            now = ex.loop.time()
+            extra = ex.affinity.response(resp.status, resp.headers, server.id, server.token, now)
+        ended = kind == BODY_NONE or (kind == BODY_LENGTH and self.remaining == 0)
+        self.started = True
+        ex.bytes_out += ex.down.send_head(resp, extra, kind, ended)
+        if ended:
+            ex.finish()
+
+    # ------------------------------------------------------------------ body
+    def _write(self, data: bytes) -> None:
+        self.ex.bytes_out += len(data)
+        self.ex.down.write(data)
+
+    def _body(self, data: bytes) -> None:
+        ex = self.ex
+        aff = ex.affinity
+        if aff is not None and aff.probe is not None:
+            server = ex.server
+            assert server is not None
+            ttl = ex.lr.config.timeouts.idle
+            aff.read_handshake(data, self.kind == BODY_CHUNKED, server.id, ex.loop.time(), ttl)
+        kind = self.kind
+        if kind == BODY_LENGTH:
+            n = self.remaining
+            if len(data) < n:
+                self.remaining = n - len(data)
+                self._write(data)
+                return
+            if len(data) > n:
+                # Bytes beyond the declared length: the connection is not reusable.
+                self._write(data[:n])
+                self.remaining = 0
+                ex.finish(reuse=False)
+                return
+            self._write(data)
+            self.remaining = 0
+            ex.finish()
+        elif kind == BODY_CHUNKED:
+            tracker = self.tracker
+            assert tracker is not None
+            try:
+                if self.decode:
+                    pieces, used = tracker.feed_decode(data)
+                    for p in pieces:
+                        self._write(p)
+                else:
+                    used = tracker.feed(data)
+                    self._write(data[:used] if used < len(data) else data)
+            except ParseError as exc:
+                ex.bad_gateway(f"invalid chunked response: {exc.reason}")
+                return
+            if tracker.done:
+                ex.finish(reuse=used == len(data))
+        elif kind == BODY_CLOSE:
+            self._write(data)
+        else:
+            ex.finish(reuse=False)  # bytes after a body-less response
+
+    def _ended(self, exc: Exception | None) -> None:
+        ex = self.ex
+        if ex.done or ex.up is None:
+            return
+        server = ex.server
+        assert server is not None
+        resp = self.head
+        if resp is None:
+            reason = describe(exc) if exc else "closed before responding"
+            if not self.buf:
+                ex.upstream_failed(server, "reset", reason, fresh=not ex.up.reused)
+            else:
+                ex.bad_gateway(f"incomplete response head: {reason}", "reset")
+            return
+        if self.kind == BODY_CLOSE:
+            ex.finish(reuse=False)
+            return
+        # The response was cut short: the client can only learn it from a cut connection.
+        server.stats.errors["reset"] += 1
+        log.warning("%s: upstream %s closed mid-response", ex.down.client_addr, server.label)
+        ex.account(resp.status)
+        ex.cut()
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
