@@ -173,8 +173,11 @@ def record(
 
 class Exchange:
     """One request and its response, from the parsed head until the response is complete,
-    failed, or handed to a tunnel. The front end calls ``begin``, ``request_data`` (the body
-    as it arrives), ``choose``, and the timeout and client-event methods."""
+    failed, or handed to a tunnel: the request side, flow control, timeouts, the endings and
+    the accounting. ``dispatch`` sends the request to a server, ``response`` relays the answer.
+
+    The front end calls ``begin``, ``request_data`` (the body as it arrives), ``send``, and the
+    flow-control, timeout and client-event methods."""
 
     def __init__(
         self, ctx: Context, lr: ListenerRuntime, req: RequestHead, down: Downstream
@@ -211,11 +214,6 @@ class Exchange:
         self.replay: list[bytes] | None = [] if req.method in IDEMPOTENT else None
         self.body_sent = False
         self.paused = 0
-        self.tried: list[ServerState] = []
-        self.server: ServerState | None = None
-        self.up: upstream.UpstreamConnection | None = None
-        self.connect_task: asyncio.Task[None] | None = None
-        self.response = Response(self)
         self.affinity: sticky.Affinity | None = None
         cfg = self.group.sticky
         if cfg is not None:
@@ -223,6 +221,8 @@ class Exchange:
             self.affinity = sticky.Affinity(cfg, pins.sids, pins.cookies, req.target, req.headers)
             if cfg.socketio and b"sid=" in req.target:
                 self.replay = []  # an Engine.IO POST may have to go to another server (hunt)
+        self.dispatch = Dispatch(self)
+        self.response = Response(self)
 
     def begin(self) -> bool:
         """False when the listener answers the request itself (``redirect_https``)."""
@@ -232,9 +232,13 @@ class Exchange:
             if host is None:  # an HTTP/1.0 request without Host: the address it connected to
                 host = self.down.local_host()
             location = headers.https_location(host, port, self.req.target)
-            self._answer(301, location, (("Location", location),))
+            self.answer(301, location, (("Location", location),))
             return False
         return True
+
+    def send(self) -> None:
+        """Choose a server and send the request (the body follows as it arrives)."""
+        self.dispatch.choose()
 
     # ------------------------------------------------------------------ request body
     def request_data(self, data: bytes) -> bytes:
@@ -266,12 +270,12 @@ class Exchange:
                 self.replay.append(data)
                 if sum(map(len, self.replay)) > REPLAY_LIMIT:
                     self.replay = None
-            up = self.up
+            up = self.dispatch.up
             if up is not None:
                 self.body_sent = True
                 up.transport.write(data)
                 if self.req_done:
-                    self._sent()  # the whole request is with the server
+                    self.sent()
             else:
                 self.pending.append(data)
                 self.pending_size += len(data)
@@ -279,184 +283,26 @@ class Exchange:
                     self.pause(_P_WAITING)
         return rest
 
-    def _sent(self) -> None:
-        """The request (head, or its body's last bytes) is with the server: request_timeout
-        counts from here."""
+    def sent(self) -> None:
+        """The whole request is with the server: request_timeout counts from here."""
         self.t_sent = _clock()
         self.sent_at = now = self.loop.time()
         self.down.wake_at(now + self.lr.config.timeouts.request)
 
-    # ------------------------------------------------------------------ choosing and connecting
-    def choose(self, server: ServerState | None = None) -> None:
-        """Send the request to ``server``, or to the one its session is pinned to, or to the
-        scheduler's pick; 503 when there is none."""
-        group = self.group
-        if server is None:
-            aff = self.affinity
-            if aff is not None:
-                now = self.loop.time()
-                pinned = aff.pinned(self.req.headers, group.by_id, group.by_token, now)
-                # Gone, down or already failed: choose another (an insert cookie is replaced).
-                if group.pinnable(pinned) and pinned not in self.tried:
-                    server = pinned
-            if server is None:
-                server = group.pick(self._hash_key(), self.tried)
-        if server is None:
-            self._answer(503, "no server available", (("Retry-After", "1"),))
-            return
-        self.tried.append(server)
-        self.server = server
-        server.active += 1
-        conn = server.pool.take(self.loop.time(), group.config.keepalive_timeout)
-        if conn is not None:
-            self._attach(conn)
-        else:
-            self.pause(_P_WAITING)
-            timeout = self.lr.config.timeouts.connect
-            self.connect_task = self.loop.create_task(self._connect(server, timeout))
-
-    def _hash_key(self) -> str:
-        """What ``sh`` hashes: the client address, or the first X-Forwarded-For address."""
-        if self.group.hash_xff:
-            for name, value in self.req.headers:
-                if name.lower() == b"x-forwarded-for":
-                    first = value.split(b",", 1)[0].strip()
-                    if first:
-                        return first.decode("latin-1")
-        return self.down.client_ip
-
-    async def _connect(self, server: ServerState, timeout: float) -> None:
-        try:
-            conn = await upstream.connect(server.address, timeout)
-        except TimeoutError:
-            self.connect_task = None
-            self.upstream_failed(server, "timeout", f"connect timeout after {timeout:g}s", True)
-        except OSError as exc:
-            self.connect_task = None
-            if exc.errno in _OUT_OF_RESOURCES:
-                self._out_of_resources(exc)
-            else:
-                self.upstream_failed(server, "connect", describe(exc), True)
-        else:
-            self.connect_task = None
-            if self.done or self.server is not server:
-                conn.close()
-                return
-            self._attach(conn)
-
-    def _attach(self, conn: upstream.UpstreamConnection) -> None:
-        server = self.server
-        assert server is not None
-        conn.handler = self.response
-        self.up = conn
-        head = self._upstream_head(server)
-        if self.pending:
-            head += b"".join(self.pending)
-            self.body_sent = True
-            self.pending = []
-            self.pending_size = 0
-        conn.transport.write(head)
-        self.response.buf.clear()
-        self._sent()
-        self.resume(_P_WAITING)
-
-    def _upstream_head(self, server: ServerState) -> bytes:
-        """The request head as the backend gets it."""
-        config = self.lr.config
-        return headers.upstream_request_head(
-            self.req,
-            client_ip=self.down.client_ip,
-            scheme=b"https" if config.tls is not None else b"http",
-            forwarded=config.x_forwarded_for,
-            default_host=server.label.encode(),
-            upgrade=self.upgrade,
-        )
-
-    def _out_of_resources(self, exc: OSError) -> None:
-        """The proxy itself is out of descriptors or memory: not the server's fault (no
-        error counted, no passive failure), and nothing to retry elsewhere."""
-        log.warning("%s: cannot connect to a backend: %s", self.down.client_addr, exc.strerror)
-        self._drop_upstream(reuse=False)
-        self._release_server()
-        self._answer(503, "proxy out of resources", (("Retry-After", "1"),))
-
-    def upstream_failed(self, server: ServerState, kind: str, reason: str, fresh: bool) -> None:
-        """The backend failed before any response byte; retry elsewhere or answer."""
-        if self.done:
-            return
-        self._drop_upstream(reuse=False)
-        self._release_server()
-        group = self.group
-        if fresh:
-            server.stats.errors[kind] += 1
-            log.warning(
-                "%s: upstream %s %s failed: %s",
-                self.down.client_addr,
-                group.name,
-                server.label,
-                reason,
-            )
-            self.ctx.report_health.passive_failure(server, reason)
-        can_retry = not self.response.started and (
-            not self.body_sent or (self.replay is not None and self.req_done)
-        )
-        if not fresh:
-            # A pooled connection closed under us: a stale entry, not evidence against the
-            # server. Only idempotent requests may be sent again.
-            can_retry = can_retry and self.replay is not None
-            if can_retry:
-                self.tried.remove(server)  # not this server's fault: it may be tried again
-        if can_retry:
-            if not fresh and group.pinnable(server):
-                nxt: ServerState | None = server  # a stale pooled entry: same server, new conn
-            else:
-                nxt = group.pick(self._hash_key(), self.tried)
-            if nxt is not None:
-                if fresh:
-                    self.ctx.registry.count_retry(group.name)
-                self._retry(nxt, replay=self.body_sent and self.replay is not None)
-                return
-        self._answer(504 if kind == "timeout" else 502, reason)
-
-    def _retry(self, server: ServerState, replay: bool) -> None:
-        """Send the request again, to ``server``; ``replay``: with the body kept for it."""
-        if replay and self.replay is not None:
-            self.pending = list(self.replay)
-            self.pending_size = sum(map(len, self.pending))
-        self.body_sent = False
-        self.choose(server)
-
-    def sid_hunt(self, status: int) -> bool:
-        """A response during a sid hunt: True when it is a 400 ("not my session") and the
-        request went on to the next server; otherwise the answer is the client's."""
-        aff, server = self.affinity, self.server
-        assert aff is not None and server is not None
-        ttl = self.lr.config.timeouts.idle
-        if not aff.hunt_answer(status, server.id, self.loop.time(), ttl):
-            return False
-        if not self.req_done or self.replay is None:
-            return False  # the body cannot be sent again: the 400 goes to the client
-        nxt = self.group.pick(self._hash_key(), self.tried)
-        if nxt is None:
-            return False  # every server said no: the session is gone
-        self._drop_upstream(reuse=False)  # the 400's body is not read: not reusable
-        self._release_server()
-        self.response.buf.clear()
-        self._retry(nxt, replay=True)
-        return True
-
     # ------------------------------------------------------------------ flow control
     def pause_upstream(self) -> None:
         """The client reads slower than the backend sends."""
-        if self.up is not None:
-            self.up.transport.pause_reading()
+        up = self.dispatch.up
+        if up is not None:
+            up.transport.pause_reading()
 
     def resume_upstream(self) -> None:
-        if self.up is not None:
-            self.up.transport.resume_reading()
+        up = self.dispatch.up
+        if up is not None:
+            up.transport.resume_reading()
 
     def pause(self, bit: int) -> None:
-        """Take no more request body for reason ``bit`` (``_P_*``)."""
+        """Take no more request body, for reason ``bit`` (``_P_*``)."""
         if not self.paused:
             self.down.pause_reading()
         self.paused |= bit
@@ -471,10 +317,10 @@ class Exchange:
     def awaiting_head(self) -> bool:
         """The request is with the server and no response head came yet: request_timeout
         applies (while the body is still coming, idle does)."""
-        return self.up is not None and self.response.head is None and self.req_done
+        return self.dispatch.up is not None and self.response.head is None and self.req_done
 
     def request_timed_out(self, timeout: float) -> None:
-        server = self.server
+        server = self.dispatch.server
         assert server is not None
         server.stats.errors["timeout"] += 1
         log.warning(
@@ -497,7 +343,7 @@ class Exchange:
     def _upstream_stopped_reading(self) -> bool:
         """The body stalled because the backend stopped reading it (the client was paused for
         it): a backend timeout, counted as one, not the client's (408)."""
-        server = self.server
+        server = self.dispatch.server
         if self.req_done or not self.paused & _P_UPSTREAM_FULL or server is None:
             return False
         server.stats.errors["timeout"] += 1
@@ -510,8 +356,7 @@ class Exchange:
         """The client went away mid-request: nothing more can be delivered."""
         self.done = True
         self.account(499)
-        self._release_server()
-        self._drop_upstream(reuse=False)
+        self.dispatch.release(reuse=False)
 
     # ------------------------------------------------------------------ endings
     def finish(self, reuse: bool = True) -> None:
@@ -520,14 +365,13 @@ class Exchange:
         assert resp is not None
         self.done = True
         self.account(resp.status)
-        self._release_server()
         reuse = reuse and self.req_done and resp.keep_alive and self.response.kind != BODY_CLOSE
-        self._drop_upstream(reuse=reuse)
+        self.dispatch.release(reuse)
         self.down.end()
 
     def hand_over(self, head: bytes, rest: bytes) -> None:
         """101: the client and the backend now talk directly through a Tunnel."""
-        server, up = self.server, self.up
+        server, up = self.dispatch.server, self.dispatch.up
         assert server is not None and up is not None
         self.t_headers = _clock() - self.t_sent
         server.stats.upstream_response.observe(self.t_headers)
@@ -536,9 +380,8 @@ class Exchange:
         self.account(101, access_line=False)  # the tunnel logs one line when it closes
         client, client_pending = self.down.upgrade(head)
         up.handler = None
-        self.up = None
-        aff = self.affinity
-        req = self.req
+        self.dispatch.up = None  # the server stays taken (``active``) until the tunnel closes
+        aff, req = self.affinity, self.req
         tunnel = Tunnel(
             self.loop,
             client,
@@ -558,7 +401,7 @@ class Exchange:
         tunnel.start(client_pending, rest)
 
     def bad_gateway(self, reason: str, kind: str = "protocol") -> None:
-        server = self.server
+        server = self.dispatch.server
         if server is not None:
             # Not a passive failure (health.py: only a failed connect or a fresh reset is):
             # a bad answer to one request says nothing about the server's other requests.
@@ -575,18 +418,16 @@ class Exchange:
         if self.response.started:
             self.cut()
             return
-        self._drop_upstream(reuse=False)
-        self._release_server()
-        self._answer(status, reason)
+        self.dispatch.release(reuse=False)
+        self.answer(status, reason)
 
     def cut(self) -> None:
         """The response has started: the client can only learn of a failure from a cut."""
         self.done = True
-        self._release_server()
-        self._drop_upstream(reuse=False)
+        self.dispatch.release(reuse=False)
         self.down.cut()
 
-    def _answer(self, status: int, reason: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
+    def answer(self, status: int, reason: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
         """The proxy's own short response; the front end closes after it."""
         if self.done:
             return
@@ -598,8 +439,9 @@ class Exchange:
 
     def account(self, status: int, access_line: bool = True) -> None:
         """One request done: metrics and the access log line."""
+        tried = self.dispatch.tried
         # The last server tried, even if it has been released (a 502 belongs to it).
-        label = self.tried[-1].label if self.tried else ""
+        label = tried[-1].label if tried else ""
         record(
             self.ctx,
             self.lr,
@@ -615,13 +457,190 @@ class Exchange:
             access_line,
         )
 
-    def _release_server(self) -> None:
-        if self.server is not None and self.tried and self.server in self.tried:
-            self.server.active -= 1
-        self.server = None
 
-    def _drop_upstream(self, reuse: bool) -> None:
-        """Give the backend connection back to its pool (``reuse``), or close it."""
+class Dispatch:
+    """Where one exchange's request goes: a server (its session's pin, or the scheduler's
+    pick), a connection to it (an idle pooled one, or a new connect) with the request head
+    sent on it, and trying again elsewhere where that is safe (see the module docstring).
+    Owns the servers tried, the server in use and the connection to it."""
+
+    __slots__ = ("connect_task", "ex", "server", "tried", "up")
+
+    def __init__(self, ex: Exchange) -> None:
+        self.ex = ex
+        self.tried: list[ServerState] = []
+        self.server: ServerState | None = None
+        self.up: upstream.UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+
+    def choose(self, server: ServerState | None = None) -> None:
+        """Send the request to ``server``, or to the one its session is pinned to, or to the
+        scheduler's pick; 503 when there is none."""
+        ex = self.ex
+        group = ex.group
+        if server is None:
+            aff = ex.affinity
+            if aff is not None:
+                now = ex.loop.time()
+                pinned = aff.pinned(ex.req.headers, group.by_id, group.by_token, now)
+                # Gone, down or already failed: choose another (an insert cookie is replaced).
+                if group.pinnable(pinned) and pinned not in self.tried:
+                    server = pinned
+            if server is None:
+                server = group.pick(self._hash_key(), self.tried)
+        if server is None:
+            ex.answer(503, "no server available", (("Retry-After", "1"),))
+            return
+        self.tried.append(server)
+        self.server = server
+        server.active += 1
+        conn = server.pool.take(ex.loop.time(), group.config.keepalive_timeout)
+        if conn is not None:
+            self._attach(conn)
+        else:
+            ex.pause(_P_WAITING)
+            timeout = ex.lr.config.timeouts.connect
+            self.connect_task = ex.loop.create_task(self._connect(server, timeout))
+
+    def _hash_key(self) -> str:
+        """What ``sh`` hashes: the client address, or the first X-Forwarded-For address."""
+        ex = self.ex
+        if ex.group.hash_xff:
+            for name, value in ex.req.headers:
+                if name.lower() == b"x-forwarded-for":
+                    first = value.split(b",", 1)[0].strip()
+                    if first:
+                        return first.decode("latin-1")
+        return ex.down.client_ip
+
+    async def _connect(self, server: ServerState, timeout: float) -> None:
+        try:
+            conn = await upstream.connect(server.address, timeout)
+        except TimeoutError:
+            self.connect_task = None
+            self.failed(server, "timeout", f"connect timeout after {timeout:g}s", True)
+        except OSError as exc:
+            self.connect_task = None
+            if exc.errno in _OUT_OF_RESOURCES:
+                self._out_of_resources(exc)
+            else:
+                self.failed(server, "connect", describe(exc), True)
+        else:
+            self.connect_task = None
+            if self.ex.done or self.server is not server:
+                conn.close()
+                return
+            self._attach(conn)
+
+    def _attach(self, conn: upstream.UpstreamConnection) -> None:
+        ex, server = self.ex, self.server
+        assert server is not None
+        conn.handler = ex.response
+        self.up = conn
+        head = self.upstream_head(server)
+        if ex.pending:
+            head += b"".join(ex.pending)
+            ex.body_sent = True
+            ex.pending = []
+            ex.pending_size = 0
+        conn.transport.write(head)
+        ex.response.buf.clear()
+        ex.sent()
+        ex.resume(_P_WAITING)
+
+    def upstream_head(self, server: ServerState) -> bytes:
+        """The request head as ``server`` gets it."""
+        ex = self.ex
+        config = ex.lr.config
+        return headers.upstream_request_head(
+            ex.req,
+            client_ip=ex.down.client_ip,
+            scheme=b"https" if config.tls is not None else b"http",
+            forwarded=config.x_forwarded_for,
+            default_host=server.label.encode(),
+            upgrade=ex.upgrade,
+        )
+
+    def _out_of_resources(self, exc: OSError) -> None:
+        """The proxy itself is out of descriptors or memory: not the server's fault (no
+        error counted, no passive failure), and nothing to retry elsewhere."""
+        log.warning("%s: cannot connect to a backend: %s", self.ex.down.client_addr, exc.strerror)
+        self.release(reuse=False)
+        self.ex.answer(503, "proxy out of resources", (("Retry-After", "1"),))
+
+    def failed(self, server: ServerState, kind: str, reason: str, fresh: bool) -> None:
+        """The backend failed before any response byte; retry elsewhere or answer."""
+        ex = self.ex
+        if ex.done:
+            return
+        self.release(reuse=False)
+        group = ex.group
+        if fresh:
+            server.stats.errors[kind] += 1
+            log.warning(
+                "%s: upstream %s %s failed: %s",
+                ex.down.client_addr,
+                group.name,
+                server.label,
+                reason,
+            )
+            ex.ctx.report_health.passive_failure(server, reason)
+        can_retry = not ex.response.started and (
+            not ex.body_sent or (ex.replay is not None and ex.req_done)
+        )
+        if not fresh:
+            # A pooled connection closed under us: a stale entry, not evidence against the
+            # server. Only idempotent requests may be sent again.
+            can_retry = can_retry and ex.replay is not None
+            if can_retry:
+                self.tried.remove(server)  # not this server's fault: it may be tried again
+        if can_retry:
+            if not fresh and group.pinnable(server):
+                nxt: ServerState | None = server  # a stale pooled entry: same server, new conn
+            else:
+                nxt = group.pick(self._hash_key(), self.tried)
+            if nxt is not None:
+                if fresh:
+                    ex.ctx.registry.count_retry(group.name)
+                self._retry(nxt, replay=ex.body_sent)
+                return
+        ex.answer(504 if kind == "timeout" else 502, reason)
+
+    def _retry(self, server: ServerState, replay: bool) -> None:
+        """Send the request again, to ``server``; ``replay``: with the body kept for it."""
+        ex = self.ex
+        if replay and ex.replay is not None:
+            ex.pending = list(ex.replay)
+            ex.pending_size = sum(map(len, ex.pending))
+        ex.body_sent = False
+        self.choose(server)
+
+    def sid_hunt(self, status: int) -> bool:
+        """A response during a sid hunt: True when it is a 400 ("not my session") and the
+        request went on to the next server; otherwise the answer is the client's."""
+        ex, server = self.ex, self.server
+        aff = ex.affinity
+        assert aff is not None and server is not None
+        ttl = ex.lr.config.timeouts.idle
+        if not aff.hunt_answer(status, server.id, ex.loop.time(), ttl):
+            return False
+        if not ex.req_done or ex.replay is None:
+            return False  # the body cannot be sent again: the 400 goes to the client
+        nxt = ex.group.pick(self._hash_key(), self.tried)
+        if nxt is None:
+            return False  # every server said no: the session is gone
+        self.release(reuse=False)  # the 400's body is not read: not reusable
+        ex.response.buf.clear()
+        self._retry(nxt, replay=True)
+        return True
+
+    def release(self, reuse: bool) -> None:
+        """Done with the server: one open request less, and the connection back to its pool
+        (``reuse``) or closed (a connect under way is cancelled)."""
+        server = self.server
+        if server is not None and server in self.tried:
+            server.active -= 1
+        self.server = None
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
@@ -629,10 +648,10 @@ class Exchange:
         if up is None:
             return
         self.up = None
-        server = self.tried[-1] if self.tried else None
-        if reuse and server is not None and not up.closed:
+        last = self.tried[-1] if self.tried else None
+        if reuse and last is not None and not up.closed:
             up.transport.resume_reading()
-            server.pool.put(up, self.loop.time(), self.group.config.keepalive_connections)
+            last.pool.put(up, self.ex.loop.time(), self.ex.group.config.keepalive_connections)
         else:
             up.close()
 
@@ -693,7 +712,7 @@ class Response:
             if status == 101:
                 if ex.upgrade:
                     if aff is not None and aff.hunt:
-                        ex.sid_hunt(status)  # found the session's server: pin it
+                        ex.dispatch.sid_hunt(status)  # found the session's server: pin it
                     ex.hand_over(raw, bytes(buf))
                 else:
                     ex.bad_gateway("101 Switching Protocols to a request that asked for none")
@@ -703,7 +722,7 @@ class Response:
                 if ex.req.version >= 1:
                     self._write(raw)
                 continue
-            if aff is not None and aff.hunt and ex.sid_hunt(status):
+            if aff is not None and aff.hunt and ex.dispatch.sid_hunt(status):
                 return
             self._start(resp)
             if buf and not ex.done:
@@ -716,7 +735,7 @@ class Response:
 
     def _start(self, resp: ResponseHead) -> None:
         ex = self.ex
-        server = ex.server
+        server = ex.dispatch.server
         assert server is not None
         ex.t_headers = _clock() - ex.t_sent
         server.stats.upstream_response.observe(ex.t_headers)
@@ -749,7 +768,7 @@ class Response:
         ex = self.ex
         aff = ex.affinity
         if aff is not None and aff.probe is not None:
-            server = ex.server
+            server = ex.dispatch.server
             assert server is not None
             ttl = ex.lr.config.timeouts.idle
             aff.read_handshake(data, self.kind == BODY_CHUNKED, server.id, ex.loop.time(), ttl)
@@ -792,15 +811,15 @@ class Response:
 
     def _ended(self, exc: Exception | None) -> None:
         ex = self.ex
-        if ex.done or ex.up is None:
+        up, server = ex.dispatch.up, ex.dispatch.server
+        if ex.done or up is None:
             return
-        server = ex.server
         assert server is not None
         resp = self.head
         if resp is None:
             reason = describe(exc) if exc else "closed before responding"
             if not self.buf:
-                ex.upstream_failed(server, "reset", reason, fresh=not ex.up.reused)
+                ex.dispatch.failed(server, "reset", reason, fresh=not up.reused)
             else:
                 ex.bad_gateway(f"incomplete response head: {reason}", "reset")
             return

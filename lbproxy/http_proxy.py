@@ -10,7 +10,8 @@ parser's 414/431/505).
 Each parsed request becomes an ``exchange.Exchange``, which does the rest (server, body,
 retries, response, accounting) and reaches the client through this connection's
 ``Downstream`` methods: ``send_head``, ``write``, ``flush``, ``end``, ``send_error``, ``cut``,
-``pause_reading``/``resume_reading``, ``wake_at``, ``upgrade``.
+``pause_reading``/``resume_reading``, ``wake_at``, ``upgrade``. ``ClientSocket`` holds what
+does not depend on the protocol spoken (stats, pausing, the timer, writes, closing, lingering).
 """
 
 from __future__ import annotations
@@ -56,8 +57,11 @@ class ListenerHandle:
         self.runtime = runtime
 
 
-class ClientConnection(asyncio.Protocol):
-    """One HTTP/1.x client connection (see the module docstring); the exchanges' Downstream."""
+class ClientSocket(asyncio.Protocol):
+    """What a front end does with its client socket, whatever the protocol on it: counted in
+    the listener's stats while open, reading paused for a set of reasons (bits), one timer
+    (``_on_timer``, the front end's), writes (a response head held back goes out with the
+    next bytes in one writev), closing, and lingering after an answer."""
 
     def __init__(self, ctx: Context, handle: ListenerHandle) -> None:
         self.ctx = ctx
@@ -68,24 +72,15 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = "-"
         self.client_addr = "-"
         self.phase = _HEAD
-        self.exchange: Exchange | None = None  # the request being answered (phase _ACTIVE)
-        self.buf = bytearray()
         self.paused = 0
         self.client_eof = False
-        self.keep_alive = True
-        self.version = 1  # the current request's minor HTTP version
-        self.chunked_ok = True
         self.head_out: bytes | None = None  # a response head waiting for its first body bytes
         self.bytes_in = 0
         self.bytes_out = 0
         self.last = self.loop.time()  # the protocol is made at the accept: its time
         self.timer: asyncio.TimerHandle | None = None
         self.timer_when = 0.0
-        # When the request head being read started to count against client_header_timeout
-        # (the accept, or its first byte); 0.0 between requests.
-        self.head_start = self.last
 
-    # ------------------------------------------------------------------ client transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
@@ -98,11 +93,111 @@ class ClientConnection(asyncio.Protocol):
         ls.connections_active += 1
         ls.connections_total += 1
         ls.live.add(self)
-        t = self.lr.config.timeouts
-        self._arm(min(self.last + t.idle, self.head_start + t.client_header))
 
     def live_bytes(self) -> tuple[int, int]:
         return self.bytes_in, self.bytes_out
+
+    def write(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        head = self.head_out
+        if head is None:
+            self.transport.write(data)
+        else:
+            self.head_out = None
+            self.transport.writelines((head, data))
+
+    def flush(self) -> None:
+        if self.head_out is not None:
+            self.transport.write(self.head_out)
+            self.head_out = None
+
+    def wake_at(self, when: float) -> None:
+        if when < self.timer_when:
+            self._arm(when)
+
+    def local_host(self) -> bytes:
+        local = self.transport.get_extra_info("sockname")
+        name = str(local[0]) if isinstance(local, tuple) else "localhost"
+        return (f"[{name}]" if ":" in name else name).encode()
+
+    def _close_after_write(self, linger: bool = False) -> None:
+        """Close once what is buffered is written. With ``linger``, when the client may still
+        be sending (RFC 9112 9.6): send FIN after the answer and read and drop what comes for
+        at most LINGER_TIMEOUT (or until the client closes), for a close with unread bytes
+        sends a reset, which can destroy the answer before the client reads it."""
+        transport = self.transport
+        if linger and not self.client_eof and transport.can_write_eof():
+            transport.write_eof()  # after what is buffered
+            self._close(linger=True)
+            return
+        transport.close()  # flushes what is buffered first
+        self._close()
+
+    def _close(self, linger: bool = False) -> None:
+        if self.phase == _CLOSED and self.timer is None:
+            return
+        self.phase = _CLOSED
+        self._cancel_timer()
+        if linger:
+            # Still open (and counted) until the client closes or the time is up.
+            self.paused = 0
+            self.transport.resume_reading()
+            self.timer = self.loop.call_later(LINGER_TIMEOUT, self._close)
+            return
+        if not self.transport.is_closing():
+            self.transport.close()
+        ls = self.lr.stats
+        if self in ls.live:
+            ls.live.discard(self)
+            ls.connections_active -= 1
+            ls.bytes_in += self.bytes_in
+            ls.bytes_out += self.bytes_out
+
+    def _pause(self, bit: int) -> None:
+        if not self.paused and self.phase != _CLOSED:
+            self.transport.pause_reading()
+        self.paused |= bit
+
+    def _resume(self, bit: int) -> None:
+        if self.paused & bit:
+            self.paused &= ~bit
+            if not self.paused and self.phase != _CLOSED:
+                self.transport.resume_reading()
+
+    def _arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_when = when
+        self.timer = self.loop.call_at(when, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timer(self) -> None:
+        raise NotImplementedError
+
+
+class ClientConnection(ClientSocket):
+    """One HTTP/1.x client connection (see the module docstring); the exchanges' Downstream."""
+
+    def __init__(self, ctx: Context, handle: ListenerHandle) -> None:
+        super().__init__(ctx, handle)
+        self.exchange: Exchange | None = None  # the request being answered (phase _ACTIVE)
+        self.buf = bytearray()
+        self.keep_alive = True
+        self.version = 1  # the current request's minor HTTP version
+        self.chunked_ok = True
+        # When the request head being read started to count against client_header_timeout
+        # (the accept, or its first byte); 0.0 between requests.
+        self.head_start = self.last
+
+    # ------------------------------------------------------------------ client transport events
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        t = self.lr.config.timeouts
+        self._arm(min(self.last + t.idle, self.head_start + t.client_header))
 
     def data_received(self, data: bytes) -> None:
         self.last = self.loop.time()
@@ -203,7 +298,7 @@ class ClientConnection(asyncio.Protocol):
             self._pause(_P_PIPELINED)  # answered in order, after this one
         # Expect: 100-continue needs nothing here: the backend's 100 is relayed as an interim
         # response.
-        ex.choose()
+        ex.send()
 
     # ------------------------------------------------------------------ Downstream
     def send_head(
@@ -232,20 +327,6 @@ class ClientConnection(asyncio.Protocol):
             # then costs the client side one syscall, not two.
             self.head_out = head
         return n
-
-    def write(self, data: bytes) -> None:
-        self.bytes_out += len(data)
-        head = self.head_out
-        if head is None:
-            self.transport.write(data)
-        else:
-            self.head_out = None
-            self.transport.writelines((head, data))
-
-    def flush(self) -> None:
-        if self.head_out is not None:
-            self.transport.write(self.head_out)
-            self.head_out = None
 
     def end(self) -> None:
         """The response is complete: the next request, or close."""
@@ -286,10 +367,6 @@ class ClientConnection(asyncio.Protocol):
     def resume_reading(self) -> None:
         self._resume(_P_EXCHANGE)
 
-    def wake_at(self, when: float) -> None:
-        if when < self.timer_when:
-            self._arm(when)
-
     def upgrade(self, head: bytes) -> tuple[asyncio.Transport, bytes]:
         self.write(head)
         self.exchange = None
@@ -303,11 +380,6 @@ class ClientConnection(asyncio.Protocol):
         pending = bytes(self.buf)
         self.buf.clear()
         return self.transport, pending
-
-    def local_host(self) -> bytes:
-        local = self.transport.get_extra_info("sockname")
-        name = str(local[0]) if isinstance(local, tuple) else "localhost"
-        return (f"[{name}]" if ":" in name else name).encode()
 
     # ------------------------------------------------------------------ endings
     def _bad_request(self, status: int, reason: str) -> None:
@@ -323,67 +395,12 @@ class ClientConnection(asyncio.Protocol):
         group = lr.group.name  # the listener's default: the request was never routed
         record(self.ctx, lr, self.client_addr, group, "", status, None, t_start, None, bytes_in, n)
 
-    def _close_after_write(self, linger: bool = False) -> None:
-        """Close once what is buffered is written. With ``linger``, when the client may still
-        be sending (RFC 9112 9.6): send FIN after the answer and read and drop what comes for
-        at most LINGER_TIMEOUT (or until the client closes), for a close with unread bytes
-        sends a reset, which can destroy the answer before the client reads it."""
-        transport = self.transport
-        if linger and not self.client_eof and transport.can_write_eof():
-            transport.write_eof()  # after what is buffered
-            self._close(linger=True)
-            return
-        transport.close()  # flushes what is buffered first
-        self._close()
-
-    def _close(self, linger: bool = False) -> None:
-        if self.phase == _CLOSED and self.timer is None:
-            return
-        self.phase = _CLOSED
-        self._cancel_timer()
-        if linger:
-            # Still open (and counted) until the client closes or the time is up.
-            self.paused = 0
-            self.transport.resume_reading()
-            self.timer = self.loop.call_later(LINGER_TIMEOUT, self._close)
-            return
-        if not self.transport.is_closing():
-            self.transport.close()
-        ls = self.lr.stats
-        if self in ls.live:
-            ls.live.discard(self)
-            ls.connections_active -= 1
-            ls.bytes_in += self.bytes_in
-            ls.bytes_out += self.bytes_out
-
     def shutdown(self) -> None:
         """Graceful stop: an idle connection closes now, a busy one after its response."""
         if self.phase == _HEAD and not self.buf:
             self._close()
 
     # ------------------------------------------------------------------ flow control and timer
-    def _pause(self, bit: int) -> None:
-        if not self.paused and self.phase != _CLOSED:
-            self.transport.pause_reading()
-        self.paused |= bit
-
-    def _resume(self, bit: int) -> None:
-        if self.paused & bit:
-            self.paused &= ~bit
-            if not self.paused and self.phase != _CLOSED:
-                self.transport.resume_reading()
-
-    def _arm(self, when: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer_when = when
-        self.timer = self.loop.call_at(when, self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
     def _on_timer(self) -> None:
         self.timer = None
         if self.phase == _CLOSED:

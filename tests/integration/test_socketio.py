@@ -433,7 +433,7 @@ def waiting_for_response(proxy: Proxy) -> int:
         for c in proxy.connections()
         if isinstance(c, ClientConnection)
         and (ex := c.exchange) is not None
-        and ex.up is not None
+        and ex.dispatch.up is not None
         and ex.response.head is None
     )
 
