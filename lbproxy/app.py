@@ -13,22 +13,33 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import metrics
 from .access_log import AccessLog
 from .checker import Checker
-from .config import Config, ConfigError, loads_config, read_config_file
+from .config import Address, Config, ConfigError, loads_config, read_config_file
 from .health import Event, State, Transition
 from .http_proxy import ClientConnection, Context
 from .listener import BindError, Listeners, probe_binds
 from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .tunnel import Tunnel
 
-if TYPE_CHECKING:
-    from .admin import AdminServer, PendingBind
-
 log = logging.getLogger("lbproxy")
+
+
+class PendingBind(Protocol):
+    """A second admin socket opened by a reload, until the reload commits or cancels."""
+
+    async def commit(self) -> None: ...
+    async def cancel(self) -> None: ...
+
+
+class AdminListener(Protocol):
+    """The admin server (admin.AdminServer, which sits above this module), as a reload that
+    moves ``admin.bind`` sees it."""
+
+    async def prepare(self, bind: Address) -> PendingBind: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +111,7 @@ class Proxy:
         self._removed: dict[str, ServerState] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
-        self.admin: AdminServer | None = None  # set by whoever starts one; moved on reload
+        self.admin: AdminListener | None = None  # set by whoever starts one; moved on reload
 
     @property
     def snapshot(self) -> Snapshot:

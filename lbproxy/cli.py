@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import os
-import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -69,16 +68,6 @@ def _workers(value: str) -> int:
     return int(value)
 
 
-def raise_fd_limit() -> None:
-    """Each proxied WebSocket costs two descriptors: take all the hard limit allows."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -95,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"lbproxy: {args.config}: configuration is valid", file=sys.stderr)
         return EXIT_OK
+    from .listener import raise_fd_limit
+
     raise_fd_limit()
     path = os.path.abspath(args.config)
     try:

@@ -33,9 +33,8 @@ from typing import Any
 import uvloop
 
 from .app import Proxy, Role
-from .cli import raise_fd_limit
 from .config import loads_config
-from .listener import BindError
+from .listener import BindError, raise_fd_limit
 from .metrics import dump_registry
 from .snapshot import ServerState
 
