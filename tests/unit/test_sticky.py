@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import pytest
 from engineio import packet as eio_packet
 from engineio import payload as eio_payload
 
+from lbproxy.config import StickySession
 from lbproxy.sticky import (
     DEFAULT_MAX_ENTRIES,
+    HANDSHAKE_PROBE_LIMIT,
     MAX_KEY_LENGTH,
+    Affinity,
     CookieMap,
     PinTable,
     SidTable,
@@ -445,3 +449,85 @@ def test_learning_reclaims_expired_entries_without_expire_calls() -> None:
         t.learn(f"new{i}", "srv", 10.0, 1.0)  # each new key drops up to two expired ones
     assert len(t) == 60
     assert not any(f"old{i}" in t for i in range(100))
+
+
+# --- Affinity: one request's routing decisions -----------------------------------------------
+
+_IO = "/socket.io/?EIO=4&transport=polling"
+
+
+def _affinity(
+    kind: str | None,
+    target: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    socketio: bool = True,
+) -> tuple[Affinity, SidTable, CookieMap]:
+    sids, cookies = SidTable(), CookieMap()
+    cfg = StickySession(type=kind, cookie="lb", cookie_timeout=60.0, socketio=socketio)
+    return Affinity(cfg, sids, cookies, target.encode(), list(headers)), sids, cookies
+
+
+def test_affinity_prefers_the_sid_pin_then_the_insert_token() -> None:
+    by_id = {"g/a": "A", "g/b": "B"}
+    by_token = {server_token("g/a"): "A", server_token("g/b"): "B"}
+    cookie = [(b"Cookie", f"lb={server_token('g/b')}".encode())]
+    aff, sids, _ = _affinity("insert", f"{_IO}&sid=s1", cookie)
+    sids.learn("s1", "g/a", 0.0, 10.0)
+    assert aff.pinned(cookie, by_id, by_token, 1.0) == "A" and not aff.hunt
+    aff, sids, _ = _affinity("insert", f"{_IO}&sid=s2", cookie)  # a sid this process never saw
+    assert aff.pinned(cookie, by_id, by_token, 1.0) == "B" and aff.hunt
+    aff, _, _ = _affinity("insert", "/other?sid=s1", cookie)  # not under the Socket.IO path
+    assert (aff.sio, aff.sid, aff.pinned(cookie, by_id, by_token, 1.0)) == (False, None, "B")
+    aff, _, _ = _affinity("insert", "/", [(b"Cookie", b"lb=0000000000000000")])
+    assert aff.pinned([], by_id, by_token, 1.0) is None  # a token of no known server
+
+
+def test_affinity_server_cookie_is_learnt_from_the_response_and_read_back() -> None:
+    aff, _, cookies = _affinity("server", "/", socketio=False)
+    set_cookie = [(b"Set-Cookie", b"lb=v1; Path=/")]
+    assert aff.response(200, set_cookie, "g/a", "t", 5.0) == ()
+    assert cookies.lookup("v1", 6.0) == "g/a"
+    sent = [(b"cookie", b"x=1; lb=v1")]
+    again, _, _ = _affinity("server", "/", sent, socketio=False)
+    again.cookies = cookies
+    assert again.pinned(sent, {"g/a": "A"}, {}, 7.0) == "A"
+
+
+def test_affinity_insert_sets_the_cookie_only_when_the_server_changes() -> None:
+    token = server_token("g/a")
+    aff, _, _ = _affinity("insert", "/", [(b"Cookie", f"lb={token}".encode())])
+    assert aff.response(200, [], "g/a", token, 0.0) == ()
+    (line,) = aff.response(200, [], "g/b", server_token("g/b"), 0.0)
+    assert line.startswith(b"Set-Cookie: lb=" + server_token("g/b").encode() + b"; Max-Age=60")
+
+
+def test_affinity_reads_the_handshake_sid_as_the_body_passes() -> None:
+    aff, sids, _ = _affinity(None, _IO)
+    assert aff.response(200, [], "g/a", "t", 0.0) == () and aff.probe is not None
+    body = b'0{"sid":"abc","upgrades":["websocket"],"pingInterval":25000}'
+    aff.read_handshake(body[:10], False, "g/a", 1.0, 30.0)
+    assert aff.probe is not None and "abc" not in sids
+    aff.read_handshake(body[10:], False, "g/a", 1.0, 30.0)
+    assert aff.probe is None and sids.lookup("abc", 2.0) == "g/a"
+    chunked, sids2, _ = _affinity(None, _IO)
+    chunked.response(200, [], "g/b", "t", 0.0)
+    chunked.read_handshake(b"%x\r\n" % len(body) + body + b"\r\n", True, "g/b", 1.0, 30.0)
+    assert sids2.lookup("abc", 2.0) == "g/b"
+    gives_up, _, _ = _affinity(None, _IO)
+    gives_up.response(200, [], "g/a", "t", 0.0)
+    gives_up.read_handshake(b"x" * (HANDSHAKE_PROBE_LIMIT + 1), False, "g/a", 1.0, 30.0)
+    assert gives_up.probe is None
+
+
+def test_affinity_hunt_pins_the_first_server_that_does_not_say_400() -> None:
+    aff, sids, _ = _affinity(None, f"{_IO}&sid=lost")
+    assert aff.pinned([], {}, {}, 0.0) is None and aff.hunt
+    assert aff.hunt_answer(400, "g/a", 1.0, 30.0) is True and aff.hunt
+    assert "lost" not in sids
+    assert aff.hunt_answer(200, "g/b", 1.0, 30.0) is False and not aff.hunt
+    assert sids.lookup("lost", 2.0) == "g/b"
+    aff.response(400, [], "g/b", "t", 3.0)  # "Session ID unknown": the session is over
+    assert "lost" not in sids
+    sids.learn("lost", "g/b", 4.0, 30.0)
+    aff.tunnel_closed(object())
+    assert "lost" not in sids
