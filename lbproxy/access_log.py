@@ -140,6 +140,7 @@ class AccessLog:
         total_time: float,
         bytes_in: int,
         bytes_out: int,
+        protocol: str = "HTTP/1.1",
     ) -> None:
         self._emit(
             {
@@ -149,6 +150,7 @@ class AccessLog:
                 "listener": listener,
                 "method": method,
                 "path": path,
+                "protocol": protocol,
                 "status": status,
                 "server": server or "-",
                 "upstream_time": None if upstream_time is None else round(upstream_time, 6),
@@ -179,6 +181,7 @@ class AccessLog:
                 "listener": listener,
                 "method": method,
                 "path": path,
+                "protocol": "HTTP/1.1",
                 "status": 101,
                 "server": server,
                 "duration": round(duration, 6),

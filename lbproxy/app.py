@@ -20,7 +20,7 @@ from .access_log import AccessLog
 from .checker import Checker
 from .config import Address, Config, ConfigError, loads_config, read_config_file
 from .health import Event, State, Transition
-from .http_proxy import ClientConnection, Context
+from .http_proxy import ClientSocket, Context
 from .listener import BindError, Listeners, probe_binds
 from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .tunnel import Tunnel
@@ -309,8 +309,8 @@ class Proxy:
             self._forget_idle_removed()
 
     # ------------------------------------------------------------------ shutdown
-    def connections(self) -> list[ClientConnection | Tunnel]:
-        out: list[ClientConnection | Tunnel] = []
+    def connections(self) -> list[ClientSocket | Tunnel]:
+        out: list[ClientSocket | Tunnel] = []
         for ls in self.registry.listeners.values():
             out.extend(ls.live)  # type: ignore[arg-type]
         return out
@@ -325,7 +325,7 @@ class Proxy:
         self.listeners.stop_accepting()
         self.ctx.draining = True
         for c in self.connections():
-            if isinstance(c, ClientConnection):
+            if isinstance(c, ClientSocket):
                 c.shutdown()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -159,6 +159,7 @@ class Listener:
     tls: Tls | None = None  # set exactly when protocol is https
     redirect_https: int = 0  # an http listener answering 301 to https on this port; 0: off
     acl: Acl | None = None  # None: every client
+    http2: bool = True  # https: ALPN offers h2 (then http/1.1); False: http/1.1 only
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,6 +509,7 @@ _LISTENER_KEYS = (
     "tls",
     "redirect_https",
     "acl",
+    "http2",
 )
 _TLS_KEYS = ("cert", "key")
 _ACL_KEYS = ("mode", "cidrs")
@@ -690,6 +692,11 @@ def _hardening(r: _Reader, m: Mapping[str, Any], path: str, protocol: str | None
         out["redirect_https"] = r.get(m, "redirect_https", path, _int_in(1, 65535))
     if "acl" in m:
         out["acl"] = _acl(r, m["acl"], f"{path}.acl")
+    if "http2" in m:
+        if protocol == "http":
+            # No h2c (cleartext HTTP/2): browsers speak HTTP/2 over TLS only.
+            r.error(f"{path}.http2", "only used with protocol: https (HTTP/2 is offered by ALPN)")
+        out["http2"] = r.get(m, "http2", path, _bool, True)
     return out
 
 

@@ -87,6 +87,7 @@ class Downstream(Protocol):
 
     client_ip: str
     client_addr: str
+    protocol: str  # what the client speaks, as metrics and the access log name it: "HTTP/2"
     last: float  # loop time of the last activity (upstream bytes keep the client side alive)
     chunked_ok: bool  # whether a chunked response body may go out with its framing
 
@@ -151,10 +152,11 @@ def record(
     bytes_in: int,
     bytes_out: int,
     access_line: bool = True,
+    protocol: str = "HTTP/1.1",
 ) -> None:
     """One request done: metrics and the access log line."""
     now = _clock()
-    lr.stats.count_request(group, server, status, now - t_start)
+    lr.stats.count_request(group, server, status, now - t_start, protocol)
     access = ctx.access
     if access_line and access.enabled:
         access.request(
@@ -168,6 +170,7 @@ def record(
             total_time=now - t_start,
             bytes_in=bytes_in,
             bytes_out=bytes_out,
+            protocol=protocol,
         )
 
 
@@ -455,6 +458,7 @@ class Exchange:
             self.bytes_in,
             self.bytes_out,
             access_line,
+            self.down.protocol,
         )
 
 
@@ -718,7 +722,8 @@ class Response:
                     ex.bad_gateway("101 Switching Protocols to a request that asked for none")
                 return
             if status < 200:
-                # Interim responses (100 Continue, 103 Early Hints) go to HTTP/1.1 clients as-is.
+                # Interim responses (100 Continue, 103 Early Hints) go to HTTP/1.1 clients as-is
+                # (an HTTP/2 stream drops them: it frames only what follows its send_head).
                 if ex.req.version >= 1:
                     self._write(raw)
                 continue

@@ -178,6 +178,10 @@ class ClientSocket(asyncio.Protocol):
     def _on_timer(self) -> None:
         raise NotImplementedError
 
+    def shutdown(self) -> None:
+        """Graceful stop: finish what is under way, take nothing new (the front end's)."""
+        raise NotImplementedError
+
 
 class ClientConnection(ClientSocket):
     """One HTTP/1.x client connection (see the module docstring); the exchanges' Downstream."""
@@ -188,6 +192,7 @@ class ClientConnection(ClientSocket):
         self.buf = bytearray()
         self.keep_alive = True
         self.version = 1  # the current request's minor HTTP version
+        self.protocol = "HTTP/1.1"  # the current request's, for metrics and the access log
         self.chunked_ok = True
         # When the request head being read started to count against client_header_timeout
         # (the accept, or its first byte); 0.0 between requests.
@@ -282,6 +287,7 @@ class ClientConnection(ClientSocket):
             # and backends see the origin-form path.
             req.target = headers.origin_form(req.target)
         self.version = req.version
+        self.protocol = "HTTP/1.1" if req.version else "HTTP/1.0"
         self.chunked_ok = req.version >= 1
         self.keep_alive = req.keep_alive and not self.client_eof and not self.ctx.draining
         self.exchange = ex = Exchange(self.ctx, lr, req, self)
@@ -393,7 +399,20 @@ class ClientConnection(ClientSocket):
         n = self.send_error(status, reason, ())
         lr = self.lr
         group = lr.group.name  # the listener's default: the request was never routed
-        record(self.ctx, lr, self.client_addr, group, "", status, None, t_start, None, bytes_in, n)
+        record(
+            self.ctx,
+            lr,
+            self.client_addr,
+            group,
+            "",
+            status,
+            None,
+            t_start,
+            None,
+            bytes_in,
+            n,
+            protocol=self.protocol,
+        )
 
     def shutdown(self) -> None:
         """Graceful stop: an idle connection closes now, a busy one after its response."""

@@ -41,6 +41,7 @@ from typing import Any
 
 from . import tls
 from .config import ACCEPT_RETRY_DELAY, Address, Tls
+from .h2_front import Alpn
 from .http_proxy import ClientConnection, Context, ListenerHandle
 from .snapshot import Snapshot
 
@@ -182,14 +183,16 @@ class Acceptor:
                 log.error("listener %s: no TLS context, connection refused", lr.name)
                 conn.close()
                 return
+        coro: Coroutine[Any, Any, Any]
         try:
             if ssl_ctx is None:
                 coro = self.loop.connect_accepted_socket(
                     lambda: ClientConnection(ctx, handle), conn
                 )
             else:
+                # The front end is chosen once the handshake has settled ALPN (h2_front.Alpn).
                 coro = self.loop.connect_accepted_socket(
-                    lambda: ClientConnection(ctx, handle),
+                    lambda: Alpn(ctx, handle),
                     conn,
                     ssl=ssl_ctx,
                     ssl_handshake_timeout=cfg.timeouts.client_header,
@@ -232,19 +235,19 @@ class Listeners:
         # (a renewed certificate changes Tls.digest) builds a new context for new connections;
         # open ones keep theirs.
         self.tls_contexts: dict[str, ssl.SSLContext] = {}
-        self._tls_loaded: dict[str, Tls] = {}
+        self._tls_loaded: dict[str, tuple[Tls, bool]] = {}  # the files, and http2 (ALPN)
 
-    def _build_tls(self, snap: Snapshot) -> dict[str, tuple[Tls, ssl.SSLContext]]:
+    def _build_tls(self, snap: Snapshot) -> dict[str, tuple[tuple[Tls, bool], ssl.SSLContext]]:
         """The contexts ``snap`` needs that are not loaded yet; BindError if one fails."""
-        built: dict[str, tuple[Tls, ssl.SSLContext]] = {}
+        built: dict[str, tuple[tuple[Tls, bool], ssl.SSLContext]] = {}
         for i, lst in enumerate(snap.config.listeners):
-            if lst.tls is None or self._tls_loaded.get(lst.name) == lst.tls:
+            if lst.tls is None or self._tls_loaded.get(lst.name) == (lst.tls, lst.http2):
                 continue
             try:
-                context, _ = tls.load(lst.tls.cert, lst.tls.key)
+                context, _ = tls.load(lst.tls.cert, lst.tls.key, lst.http2)
             except tls.TlsError as exc:
                 raise BindError(f"listeners[{i}].tls: {exc}") from None
-            built[lst.name] = (lst.tls, context)
+            built[lst.name] = ((lst.tls, lst.http2), context)
         return built
 
     async def apply(self, snap: Snapshot) -> None:
@@ -274,7 +277,7 @@ class Listeners:
         for name, (files, context) in contexts.items():
             self.tls_contexts[name] = context
             self._tls_loaded[name] = files
-            log.info("listener %s: certificate %s loaded", name, files.cert)
+            log.info("listener %s: certificate %s loaded", name, files[0].cert)
         for name in list(self.tls_contexts):
             if name not in snap.listeners or snap.listeners[name].config.tls is None:
                 del self.tls_contexts[name]

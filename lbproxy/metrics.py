@@ -100,8 +100,10 @@ class ListenerStats:
         "connections_active",
         "connections_refused",
         "connections_total",
+        "h2_rapid_resets",
         "live",
         "name",
+        "protocols",
         "request_duration",
         "requests",
         "ws_closes",
@@ -117,14 +119,19 @@ class ListenerStats:
         self.bytes_out = 0
         # (server_group, server, code) -> count
         self.requests: dict[tuple[str, str, str], int] = {}
+        self.protocols: dict[str, int] = {}  # "HTTP/1.1", "HTTP/2", ... -> requests
+        self.h2_rapid_resets = 0  # HTTP/2 connections closed for resetting streams too fast
         self.request_duration: dict[str, Histogram] = {}  # server_group -> histogram
         self.ws_duration: dict[str, Histogram] = {}
         self.ws_closes = dict.fromkeys(WS_CLOSE_REASONS, 0)
         self.live: set[LiveConnection] = set()
 
-    def count_request(self, group: str, server: str, code: int, duration: float) -> None:
+    def count_request(
+        self, group: str, server: str, code: int, duration: float, protocol: str = "HTTP/1.1"
+    ) -> None:
         key = (group, server, str(code))
         self.requests[key] = self.requests.get(key, 0) + 1
+        self.protocols[protocol] = self.protocols.get(protocol, 0) + 1
         h = self.request_duration.get(group)
         if h is None:
             h = self.request_duration[group] = Histogram(TIME_BUCKETS)
@@ -236,6 +243,16 @@ class Collector(_PromCollector):
             "HTTP requests answered",
             labels=["listener", "server_group", "server", "code"],
         )
+        by_protocol = CounterMetricFamily(
+            "lbproxy_requests_by_protocol",
+            "HTTP requests answered, by the protocol the client spoke (HTTP/1.0, HTTP/1.1, HTTP/2)",
+            labels=["listener", "protocol"],
+        )
+        rapid_resets = CounterMetricFamily(
+            "lbproxy_http2_rapid_reset_closes",
+            "HTTP/2 connections closed (GOAWAY ENHANCE_YOUR_CALM) for resetting streams too fast",
+            labels=["listener"],
+        )
         req_dur = HistogramMetricFamily(
             "lbproxy_request_duration_seconds",
             "Time from request head to the end of the response",
@@ -316,6 +333,9 @@ class Collector(_PromCollector):
         for name, ls in sorted(total.listeners.items()):
             for (g, s, code), n in sorted(ls.requests.items()):
                 requests.add_metric([name, g, s, code], n)
+            for proto, n in sorted(ls.protocols.items()):
+                by_protocol.add_metric([name, proto], n)
+            rapid_resets.add_metric([name], ls.h2_rapid_resets)
             for g, h in sorted(ls.request_duration.items()):
                 req_dur.add_metric([name, g], h.cumulative(), h.sum)
             for g, h in sorted(ls.ws_duration.items()):
@@ -362,6 +382,8 @@ class Collector(_PromCollector):
 
         yield from (
             requests,
+            by_protocol,
+            rapid_resets,
             req_dur,
             up_resp,
             conn_active,

@@ -1,7 +1,8 @@
 """TLS of https listeners: the server ``ssl.SSLContext`` built from a listener's PEM files.
 
-Owns how a certificate chain and key become a context (TLS 1.2 and up, ALPN ``http/1.1``, no
-client-initiated renegotiation) and how a failure to load them reads in a config error.
+Owns how a certificate chain and key become a context (TLS 1.2 and up, ALPN ``h2`` and
+``http/1.1`` or the latter only, no client-initiated renegotiation) and how a failure to
+load them reads in a config error.
 ``config`` loads them once when a config is loaded, to refuse a bad pair and to notice a
 renewed certificate; ``listener`` builds the context each https listener hands to the
 connections it accepts, a new one whenever the files changed.
@@ -13,13 +14,19 @@ import hashlib
 import ssl
 
 
+def alpn(http2: bool) -> list[str]:
+    """The ALPN protocols a listener offers, preferred first (the server's order wins)."""
+    return ["h2", "http/1.1"] if http2 else ["http/1.1"]
+
+
 class TlsError(ValueError):
     """A certificate or key that cannot be used; the message says which and why."""
 
 
-def load(cert: str, key: str) -> tuple[ssl.SSLContext, str]:
+def load(cert: str, key: str, http2: bool = False) -> tuple[ssl.SSLContext, str]:
     """A server context for the certificate chain ``cert`` and private key ``key`` (PEM),
-    and the sha256 of both files' bytes. Raises TlsError."""
+    and the sha256 of both files' bytes; ALPN offers ``h2`` first with ``http2``.
+    Raises TlsError."""
     h = hashlib.sha256()
     for path, what, marker in (
         (cert, "certificate", b"-----BEGIN CERTIFICATE-----"),
@@ -38,7 +45,7 @@ def load(cert: str, key: str) -> tuple[ssl.SSLContext, str]:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION  # client-initiated renegotiation: a CPU sink
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(alpn(http2))
     try:
         ctx.load_cert_chain(cert, key)
     except ssl.SSLError as exc:

