@@ -25,9 +25,12 @@ from pathlib import Path
 import httpx
 import pytest
 from aiohttp import web
+from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame
+from prometheus_client import CollectorRegistry, generate_latest
 
 from lbproxy.app import Proxy
-from lbproxy.h2_front import Http2Connection
+from lbproxy.h2_front import MAX_CONCURRENT_STREAMS, Http2Connection
+from lbproxy.metrics import Collector
 from tests.h2client import GoAwayFrame, PingFrame, RawH2, RstStreamFrame
 from tests.hardening import make_cert, openssl_available
 from tests.support import Backend, backend_app, wait_for
@@ -37,6 +40,10 @@ from tests.support import Backend, backend_app, wait_for
 def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     openssl_available()
     return make_cert(str(tmp_path_factory.mktemp("h2certs")), "h2")
+
+
+ENHANCE_YOUR_CALM = 11
+REFUSED_STREAM = 7
 
 
 def h2_doc(backends: list[str], cert: tuple[str, str], **listener: object) -> dict:
@@ -61,6 +68,10 @@ def h2_doc(backends: list[str], cert: tuple[str, str], **listener: object) -> di
         "admin": {"bind": "127.0.0.1:0"},
         "access_log": {"enabled": False},
     }
+
+
+def verify(cert: tuple[str, str]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cert[0])
 
 
 def url(proxy: Proxy, path: str) -> str:
@@ -131,7 +142,9 @@ async def test_httpx_concurrent_streams_reach_both_backends_with_forwarded_heade
     a = await make_backend("A")
     b = await make_backend("B")
     proxy = await make_proxy(h2_doc([a.address, b.address], cert))
-    async with httpx.AsyncClient(http2=True, verify=ssl.create_default_context(cafile=cert[0])) as client:
+    async with httpx.AsyncClient(
+        http2=True, verify=ssl.create_default_context(cafile=cert[0])
+    ) as client:
         rs = await asyncio.gather(*(client.get(url(proxy, "/whoami")) for _ in range(20)))
         assert {r.http_version for r in rs} == {"HTTP/2"}
         assert sorted(r.text for r in rs) == ["A"] * 10 + ["B"] * 10
@@ -207,7 +220,9 @@ async def test_large_upload_to_a_slow_backend_is_flow_controlled(make_backend, m
 
     stop = asyncio.Event()
     sampler = asyncio.get_running_loop().create_task(sample(proxy, stop))
-    async with httpx.AsyncClient(http2=True, verify=ssl.create_default_context(cafile=cert[0]), timeout=60) as client:
+    async with httpx.AsyncClient(
+        http2=True, verify=ssl.create_default_context(cafile=cert[0]), timeout=60
+    ) as client:
         r = await client.post(url(proxy, "/slow-upload"), content=body())
     stop.set()
     peak = await sampler
@@ -252,3 +267,129 @@ async def test_large_download_to_a_client_that_stops_reading_is_flow_controlled(
     assert len(got) == total
     assert bytes(got) == (bytes(range(256)) * 256 * (total // 65536 + 1))[:total]
     c.close()
+
+
+async def test_settings_limit_streams_and_never_offer_extended_connect(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    addr = proxy.listeners.address("secure")
+    c = await RawH2.connect(addr.host, addr.port, cert[0])
+    f = await c.until(SettingsFrame)
+    assert f.settings[SettingsFrame.MAX_CONCURRENT_STREAMS] == MAX_CONCURRENT_STREAMS
+    assert SettingsFrame.MAX_HEADER_LIST_SIZE in f.settings
+    # RFC 8441 not offered (h2 sends it as 0): WebSockets go over HTTP/1.1.
+    assert f.settings.get(SettingsFrame.ENABLE_CONNECT_PROTOCOL, 0) == 0
+    c.close()
+
+
+async def test_header_limits_answer_431_on_the_stream_or_close_an_oversized_block(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert, max_header_size=8192))
+    addr = proxy.listeners.address("secure")
+    c = await RawH2.connect(addr.host, addr.port, cert[0])
+    sid = c.request("/whoami", extra=(("x-big", "v" * 10000),))
+    head, body = await c.response(sid)
+    assert head[":status"] == "431"
+    sid = c.request("/whoami")  # the connection goes on
+    head, body = await c.response(sid)
+    assert (head[":status"], body) == ("200", b"A")
+    # Beyond SETTINGS_MAX_HEADER_LIST_SIZE: the header block is not decoded at all.
+    c.request("/whoami", extra=(("x-big", "v" * 12000),))
+    goaway = await c.until(GoAwayFrame)
+    assert goaway.error_code == ENHANCE_YOUR_CALM
+    assert await c.frame() is None
+    assert [r[1] for r in a.requests] == ["/whoami"]
+
+
+async def test_shutdown_sends_two_goaways_and_streams_in_flight_finish(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    addr = proxy.listeners.address("secure")
+    c = await RawH2.connect(addr.host, addr.port, cert[0])
+    first = c.request("/sleep/0.5")
+    await wait_for(lambda: len(a.requests) == 1, what="the backend to get the request")
+    closing = asyncio.get_running_loop().create_task(proxy.close(timeout=10))
+    goaway = await c.until(GoAwayFrame)
+    assert (goaway.last_stream_id, goaway.error_code) == (2**31 - 1, 0)
+    ping = await c.until(PingFrame)
+    assert "ACK" not in ping.flags
+    # Sent before the client acknowledged the PING: the proxy still takes it.
+    second = c.request("/whoami")
+    c.ping_ack(ping.opaque_data)
+    goaway = await c.until(GoAwayFrame)
+    assert (goaway.last_stream_id, goaway.error_code) == (second, 0)
+    third = c.request("/whoami")  # after the final GOAWAY: refused
+    done: dict[int, tuple[str, bytes]] = {}
+    refused: list[int] = []
+    bodies: dict[int, bytearray] = {first: bytearray(), second: bytearray()}
+    status: dict[int, str] = {}
+    while (f := await c.frame()) is not None:
+        if isinstance(f, RstStreamFrame):
+            refused.append(f.stream_id) if f.error_code == REFUSED_STREAM else None
+        elif isinstance(f, HeadersFrame):
+            status[f.stream_id] = c.decode(f)[":status"]
+        elif isinstance(f, DataFrame):
+            bodies[f.stream_id] += f.data
+        if "END_STREAM" in f.flags and isinstance(f, HeadersFrame | DataFrame):
+            done[f.stream_id] = (status[f.stream_id], bytes(bodies[f.stream_id]))
+    # The connection closed once both streams were answered.
+    assert done == {first: ("200", b"A slept"), second: ("200", b"A")}
+    assert refused == [third]
+    await asyncio.wait_for(closing, 10)
+    assert [r[1] for r in a.requests] == ["/sleep/0.5", "/whoami"]
+
+
+async def test_curl_request_in_flight_completes_across_shutdown(make_backend, make_proxy, cert):
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    run = asyncio.get_running_loop().create_task(
+        curl("--http2", "--cacert", cert[0], "-w", "\n%{http_version}", url(proxy, "/sleep/0.5"))
+    )
+    await wait_for(lambda: len(a.requests) == 1, what="the backend to get the request")
+    await proxy.close(timeout=10)
+    rc, out, err = await run
+    assert rc == 0, err
+    assert out.split("\n") == ["A slept", "2"]
+
+
+async def test_rapid_reset_is_refused_with_goaway_and_counted(make_backend, make_proxy, cert):
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    addr = proxy.listeners.address("secure")
+    c = await RawH2.connect(addr.host, addr.port, cert[0])
+    # A few resets are what browsers do (navigating away): nothing happens.
+    for _ in range(10):
+        c.reset(c.request("/sleep/5"))
+    sid = c.request("/whoami")
+    head, body = await c.response(sid)
+    assert (head[":status"], body) == ("200", b"A")
+    # An attacker's stream of open-and-reset pairs.
+    frames = []
+    for _ in range(500):
+        h = c.headers_frame("/whoami")
+        r = RstStreamFrame(h.stream_id)
+        r.error_code = 8
+        frames += [h, r]
+    c.send(*frames)
+    goaway = await c.until(GoAwayFrame)
+    assert goaway.error_code == ENHANCE_YOUR_CALM
+    while await c.frame() is not None:  # then the connection closes
+        pass
+    assert proxy.registry.listeners["secure"].h2_rapid_resets == 1
+    # A stream opened and reset in the same read never becomes an exchange (it would be
+    # counted as a 499): at most a pair split across two TLS records does. Without the two
+    # passes every reset stream up to the disconnection would (over 100).
+    stats = proxy.registry.listeners["secure"]
+    gone = sum(n for (_, _, code), n in stats.requests.items() if code == "499")
+    assert gone < 20, gone
+    reg = CollectorRegistry()
+    reg.register(Collector(proxy.registry))
+    text = generate_latest(reg).decode()
+    assert 'lbproxy_http2_rapid_reset_closes_total{listener="secure"} 1.0' in text
+    assert 'lbproxy_requests_by_protocol_total{listener="secure",protocol="HTTP/2"}' in text
