@@ -35,9 +35,10 @@ class CDPError(Exception):
 
 
 class Browser:
-    def __init__(self, binary: str, profile_dir: Path) -> None:
+    def __init__(self, binary: str, profile_dir: Path, args: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.profile_dir = profile_dir
+        self.args = args  # more command-line switches
         self.stderr = b""
         self._proc: asyncio.subprocess.Process | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -59,6 +60,7 @@ class Browser:
             "--no-default-browser-check",
             "--remote-debugging-port=0",
             f"--user-data-dir={self.profile_dir}",
+            *self.args,
             "about:blank",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
