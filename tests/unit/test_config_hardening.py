@@ -148,6 +148,7 @@ def test_unknown_key_lists_the_new_ones() -> None:
         "tls",
         "redirect_https",
         "acl",
+        "http2",
     ):
         assert key in problem
 
@@ -182,6 +183,18 @@ def test_parse_config_does_not_read_the_files() -> None:
 def test_redirect_only_on_http() -> None:
     assert problems(doc(protocol="https", tls={"cert": "c", "key": "k"}, redirect_https=443)) == [
         "listeners[0].redirect_https: only used with protocol: http"
+    ]
+
+
+def test_http2_defaults_on_and_only_on_https() -> None:
+    tls = {"cert": "c.pem", "key": "k.pem"}
+    assert listener(protocol="https", tls=tls).http2 is True
+    assert listener(protocol="https", tls=tls, http2=False).http2 is False
+    assert problems(doc(http2=True)) == [
+        "listeners[0].http2: only used with protocol: https (HTTP/2 is offered by ALPN)"
+    ]
+    assert problems(doc(protocol="https", tls=tls, http2="yes")) == [
+        "listeners[0].http2: expected true or false, got 'yes'"
     ]
 
 

@@ -3,6 +3,8 @@ Collector's exposition (names, types, labels) summed over several registries."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,10 +15,14 @@ from lbproxy.metrics import (
     Collector,
     Histogram,
     Registry,
+    dump_registry,
+    load_registry,
 )
 
 FAMILIES = {
     "lbproxy_requests": "counter",
+    "lbproxy_requests_by_protocol": "counter",
+    "lbproxy_http2_rapid_reset_closes": "counter",
     "lbproxy_request_duration_seconds": "histogram",
     "lbproxy_upstream_response_seconds": "histogram",
     "lbproxy_connections_active": "gauge",
@@ -276,3 +282,20 @@ def test_a_fresh_registry_reports_a_successful_start():
     }
     assert m["lbproxy_config_last_reload_success"] == {(): 1}
     assert "lbproxy_requests_total" not in m  # no traffic, no series
+
+
+def test_requests_by_protocol_and_rapid_resets_sum_over_workers() -> None:
+    one, two = Registry(), Registry()
+    one.listener("web").count_request("g", "s:1", 200, 0.01, "HTTP/2")
+    one.listener("web").count_request("g", "s:1", 200, 0.01)  # HTTP/1.1 unless said
+    two.listener("web").count_request("g", "s:1", 404, 0.01, "HTTP/2")
+    two.listener("web").count_request("g", "s:1", 200, 0.01, "HTTP/1.0")
+    two.listener("web").h2_rapid_resets += 2
+    m = exposition(one, load_registry(json.loads(json.dumps(dump_registry(two)))))
+    by_protocol = m["lbproxy_requests_by_protocol_total"]
+    assert by_protocol == {
+        (("listener", "web"), ("protocol", "HTTP/1.0")): 1.0,
+        (("listener", "web"), ("protocol", "HTTP/1.1")): 1.0,
+        (("listener", "web"), ("protocol", "HTTP/2")): 2.0,
+    }
+    assert m["lbproxy_http2_rapid_reset_closes_total"] == {(("listener", "web"),): 2.0}
