@@ -34,6 +34,7 @@ HTTP_FIELDS = {
     "listener",
     "method",
     "path",
+    "protocol",
     "status",
     "server",
     "upstream_time",
@@ -115,6 +116,7 @@ async def test_json_lines_for_requests_and_a_tunnel(tmp_path, make_backend, make
         assert t0 - 1 <= parse_time(line["time"]) <= t1 + 1
         assert re.fullmatch(r"127\.0\.0\.1:\d+", line["client"])
         assert line["listener"] == "web"
+        assert line["protocol"] == "HTTP/1.1"
         assert line["server"] == a.address
         assert 0 <= line["total_time"] < 5
     assert {k: post[k] for k in ("method", "path", "status")} == {
