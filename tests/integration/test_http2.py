@@ -24,11 +24,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from aiohttp import web
 from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame
 from prometheus_client import CollectorRegistry, generate_latest
 
 from lbproxy.app import Proxy
+from lbproxy.config import load_config
 from lbproxy.h2_front import MAX_CONCURRENT_STREAMS, Http2Connection
 from lbproxy.metrics import Collector
 from tests.h2client import GoAwayFrame, PingFrame, RawH2, RstStreamFrame
@@ -393,3 +395,26 @@ async def test_rapid_reset_is_refused_with_goaway_and_counted(make_backend, make
     text = generate_latest(reg).decode()
     assert 'lbproxy_http2_rapid_reset_closes_total{listener="secure"} 1.0' in text
     assert 'lbproxy_requests_by_protocol_total{listener="secure",protocol="HTTP/2"}' in text
+
+
+async def test_a_reload_turning_http2_off_applies_to_new_connections(
+    make_backend, make_proxy, cert, tmp_path: Path
+):
+    a = await make_backend("A")
+    path = tmp_path / "lb.yaml"
+    path.write_text(yaml.safe_dump(h2_doc([a.address], cert)))
+    proxy = await make_proxy(load_config(str(path)), str(path))
+    addr = proxy.listeners.address("secure")
+    open_one = await RawH2.connect(addr.host, addr.port, cert[0])  # asserts h2 was chosen
+    doc = h2_doc([a.address], cert, http2=False)
+    path.write_text(yaml.safe_dump(doc))
+    result = await proxy.reload("test")
+    assert result.ok and result.changed, result.message
+    _, out, err = await curl(
+        "--http2", "--cacert", cert[0], "-w", "\n%{http_version}", url(proxy, "/whoami")
+    )
+    assert out.split("\n") == ["A", "1.1"], err
+    sid = open_one.request("/whoami")  # the connection made before goes on in HTTP/2
+    head, body = await open_one.response(sid)
+    assert (head[":status"], body) == ("200", b"A")
+    open_one.close()

@@ -108,9 +108,7 @@ async def test_sticky_insert_cookie_over_http2(make_backend, make_proxy, cert):
             assert r.text == first.text
 
 
-async def test_retry_on_a_dead_server_and_the_proxys_own_answers(
-    make_backend, make_proxy, cert
-):
+async def test_retry_on_a_dead_server_and_the_proxys_own_answers(make_backend, make_proxy, cert):
     a = await make_backend("A")
     dead = RawServer(lambda r, w: asyncio.sleep(0))
     await dead.start()
@@ -217,14 +215,12 @@ async def test_a_stream_reset_by_the_client_releases_its_backend(make_backend, m
     stats = proxy.registry.listeners["secure"]
     assert stats.requests[("rs1", a.address, "499")] == 1
     sid = c.request("/whoami")
-    head, body = await c.response(sid)
+    _, body = await c.response(sid)
     assert body == b"A"
     c.close()
 
 
-async def test_request_body_without_length_goes_chunked_and_streams(
-    make_backend, make_proxy, cert
-):
+async def test_request_body_without_length_goes_chunked_and_streams(make_backend, make_proxy, cert):
     a = await make_backend("A")
     proxy = await make_proxy(doc(cert, {"rs1": [a.address]}))
     c = await raw(proxy, cert)
