@@ -41,6 +41,7 @@ browsers open their WebSocket on a separate HTTP/1.1 connection. No h2c.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -188,8 +189,9 @@ class Http2Connection(ClientSocket):
                 if stream is not None:
                     stream.request_ended()
             elif isinstance(ev, StreamReset):
-                if ev.remote_reset and ev.stream_id is not None:
-                    self._client_reset(ev.stream_id, ev.stream_id in skipped)
+                if ev.stream_id is not None:  # by the client, or by h2 for a stream error
+                    sid = ev.stream_id
+                    self._client_reset(sid, sid in skipped, bool(ev.remote_reset))
             elif isinstance(ev, WindowUpdated):
                 self._drain(ev.stream_id or 0)
             elif isinstance(ev, RemoteSettingsChanged):
@@ -258,11 +260,11 @@ class Http2Connection(ClientSocket):
                 self.send()
                 self._close_after_write()
 
-    def _client_reset(self, sid: int, skipped: bool) -> None:
+    def _client_reset(self, sid: int, skipped: bool, by_client: bool = True) -> None:
         stream = self.streams.pop(sid, None)
-        premature = skipped
+        premature = skipped and by_client
         if stream is not None:
-            premature = not stream.closed
+            premature = by_client and not stream.closed
             stream.client_reset()
         if premature:
             self._premature_reset()
@@ -524,13 +526,18 @@ class Stream:
         h2 = self.conn.h2
         view = memoryview(data)
         i, size = 0, len(data)
-        while i < size:
-            window = h2.local_flow_control_window(self.sid)
-            if window <= 0:
-                break
-            n = min(window, h2.max_outbound_frame_size, size - i)
-            h2.send_data(self.sid, view[i : i + n])
-            i += n
+        try:
+            while i < size:
+                window = h2.local_flow_control_window(self.sid)
+                if window <= 0:
+                    break
+                n = min(window, h2.max_outbound_frame_size, size - i)
+                h2.send_data(self.sid, view[i : i + n])
+                i += n
+        except ProtocolError:  # the stream closed under us (h2 reset it): nothing more goes
+            self.conn.stream_done(self)
+            self.client_reset()
+            return b""
         if i:
             self.last = self.conn.loop.time()
         return data[i:] if i < size else b""
@@ -544,6 +551,8 @@ class Stream:
                 out[0] = rest
                 return
             out.popleft()
+        if self.closed:
+            return
         if self.ending:
             self._end_stream()
         else:
@@ -576,12 +585,15 @@ class Stream:
 
     def _end_stream(self) -> None:
         h2 = self.conn.h2
-        if not self.end_sent:
-            self.end_sent = True
-            h2.end_stream(self.sid)
-        if not self.request_complete:
-            # Answered before the whole body came (RFC 9113 8.1): stop the client sending it.
-            h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+        try:
+            if not self.end_sent:
+                self.end_sent = True
+                h2.end_stream(self.sid)
+            if not self.request_complete:
+                # Answered before the whole body came (RFC 9113 8.1): stop the client sending.
+                h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+        except ProtocolError:  # the stream closed under us
+            pass
         self._finished()
 
     def _finished(self) -> None:
@@ -609,7 +621,8 @@ class Stream:
     def cut(self) -> None:
         if self.closed:
             return
-        self.conn.h2.reset_stream(self.sid, ErrorCodes.INTERNAL_ERROR)
+        with contextlib.suppress(ProtocolError):  # already closed in h2: nothing to reset
+            self.conn.h2.reset_stream(self.sid, ErrorCodes.INTERNAL_ERROR)
         self._finished()
         self.conn.send()
 
