@@ -92,15 +92,19 @@ class Alpn(asyncio.Protocol):
     def __init__(self, ctx: Context, handle: ListenerHandle) -> None:
         self.ctx = ctx
         self.handle = handle
+        self.accepted = asyncio.get_running_loop().time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
         chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         front: ClientSocket
+        # client_header_timeout counts from the accept, the handshake included.
         if chosen == "h2":
             front = Http2Connection(self.ctx, self.handle)
+            front.last = front.reset_time = self.accepted
         else:
             front = ClientConnection(self.ctx, self.handle)
+            front.last = front.head_start = self.accepted
         transport.set_protocol(front)
         front.connection_made(transport)
 

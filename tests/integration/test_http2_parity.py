@@ -236,3 +236,15 @@ async def test_request_body_without_length_goes_chunked_and_streams(make_backend
     assert answer["sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
     assert a.requests[-1][2]["Transfer-Encoding"] == "chunked"
     c.close()
+
+
+async def test_a_connection_that_never_sends_a_request_is_closed_at_client_header_timeout(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    proxy = await make_proxy(doc(cert, {"rs1": [a.address]}, client_header_timeout="300ms"))
+    c = await raw(proxy, cert)  # preface and SETTINGS, then nothing
+    goaway = await c.until(GoAwayFrame)
+    assert (goaway.error_code, goaway.last_stream_id) == (0, 0)
+    assert await c.frame() is None
+    assert proxy.registry.listeners["secure"].connections_active == 0
