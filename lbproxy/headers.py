@@ -3,7 +3,9 @@
 Owns hop-by-hop removal (RFC 9110 section 7.6.1: Connection and every token it lists,
 Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-Connection), the X-Forwarded-*
 family, the upgrade hand-through, and the short error responses the proxy writes itself.
-Pure functions over parsed heads; the proxy calls them once per message.
+Pure functions over parsed heads; the proxy calls them once per message. A head goes out as
+its sender wrote it, but for the lines the parser noted as hop-by-hop or X-Forwarded-*: the
+common head costs a list copy and a join, not an object per field.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ _FORWARDED_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-
 # the body it relays by Content-Length, so dropping it would let the other side read that body
 # as the next message (request smuggling / response desync).
 _NEVER_DROPPED = frozenset({b"content-length", b"host"})
+# Connection tokens whose fields the parser already notes as hop-by-hop (or never drops):
+# a Connection header listing only these needs no look at the other fields.
+_LISTED_OK = HOP_BY_HOP | _NEVER_DROPPED | {b"close"}
 
 REASONS = {
     301: "Moved Permanently",
@@ -59,8 +64,82 @@ def upstream_request_head(
 
     A chunked body is forwarded with its framing untouched, so Transfer-Encoding: chunked is
     put back; an upgrade keeps ``Connection: Upgrade`` and its ``Upgrade`` value.
+
+    The field lines go out as the client sent them; only the lines the parser noted (hop-by-hop,
+    X-Forwarded-*, Host of an absolute-form target) are dropped or replaced. A Connection
+    header naming other fields takes the slower path that looks at every field.
     """
-    drop = HOP_BY_HOP | (req.connection - _NEVER_DROPPED) if req.connection else HOP_BY_HOP
+    if req.connection and not req.connection <= _LISTED_OK:
+        return _upstream_request_head_by_field(
+            req,
+            client_ip=client_ip,
+            scheme=scheme,
+            forwarded=forwarded,
+            default_host=default_host,
+            upgrade=upgrade,
+        )
+    lines = req.lines
+    hop = req.hop
+    out = lines.copy()
+    out[0] = req.method + b" " + req.target + b" HTTP/1.1"
+    host = req.host
+    host_line = req.host_line
+    if host_line and req.absolute:
+        # The authority of an absolute-form target replaces Host (RFC 9112 3.2.2).
+        assert host is not None
+        out[host_line] = lines[host_line].partition(b":")[0] + b": " + host
+    xff: list[bytes] | None = None
+    drop = hop
+    if forwarded and req.forwarded is not None:
+        xff = []
+        for i in req.forwarded:
+            name, _, value = lines[i].partition(b":")
+            if len(name) == 15 and name.lower() == b"x-forwarded-for":
+                xff.append(value.strip())
+        drop = req.forwarded if hop is None else hop + req.forwarded
+    if drop is not None:
+        for i in sorted(drop, reverse=True):
+            del out[i]
+    if not host_line:
+        # An HTTP/1.0 client may omit Host; HTTP/1.1 to the backend requires one.
+        host = host or default_host
+        out.append(b"Host: " + host)
+    if req.chunked:
+        out.append(b"Transfer-Encoding: chunked")
+    if upgrade:
+        out.append(b"Connection: Upgrade")
+        out.append(b"Upgrade: " + _first_value(lines, hop, b"upgrade"))
+    if forwarded:
+        ip = client_ip.encode()
+        out.append(b"X-Forwarded-For: " + (b", ".join(xff) + b", " + ip if xff else ip))
+        out.append(b"X-Forwarded-Proto: " + scheme)
+        if host:
+            out.append(b"X-Forwarded-Host: " + host)
+        out.append(b"X-Real-IP: " + ip)
+    out.append(b"\r\n")
+    return b"\r\n".join(out)
+
+
+def _first_value(lines: list[bytes], among: list[int] | None, lname: bytes) -> bytes:
+    """The value of the first of the lines ``among`` whose field is named ``lname``."""
+    for i in sorted(among or ()):
+        name, _, value = lines[i].partition(b":")
+        if name.lower() == lname:
+            return value.strip()
+    return b""
+
+
+def _upstream_request_head_by_field(
+    req: RequestHead,
+    *,
+    client_ip: str,
+    scheme: bytes,
+    forwarded: bool,
+    default_host: bytes,
+    upgrade: bool,
+) -> bytes:
+    """``upstream_request_head`` when Connection names fields to drop: field by field."""
+    drop = HOP_BY_HOP | (req.connection - _NEVER_DROPPED)
     lines = [req.method + b" " + req.target + b" HTTP/1.1"]
     xff: list[bytes] = []
     has_host = False
@@ -81,7 +160,6 @@ def upstream_request_head(
         lines.append(name + b": " + value)
     host = req.host
     if not has_host:
-        # An HTTP/1.0 client may omit Host; HTTP/1.1 to the backend requires one.
         host = host or default_host
         lines.append(b"Host: " + host)
     if req.chunked:
@@ -149,25 +227,34 @@ def client_response_head(
     ``chunked``: the body is relayed with its chunked framing, so say so. ``keep_alive``:
     whether the client connection stays open after this response; HTTP/1.0 clients need it
     said explicitly, HTTP/1.1 clients need to be told when it closes.
+
+    As for requests, the field lines go out as received but for the hop-by-hop ones the
+    parser noted (and a Content-Length that chunked overrides, RFC 9112 6.3).
     """
-    drop = HOP_BY_HOP | (resp.connection - _NEVER_DROPPED) if resp.connection else HOP_BY_HOP
-    if resp.chunked:
-        # Chunked wins over a Content-Length sent alongside it (RFC 9112 6.3): passing both
-        # on would let the next hop frame the body differently.
-        drop = drop | {b"content-length"}
-    lines = [b"HTTP/1.1 %d %s" % (resp.status, resp.reason)]
-    for name, value in resp.headers:
-        if name.lower() not in drop:
-            lines.append(name + b": " + value)
-    lines.extend(extra)
+    conn = resp.connection
+    if conn and not conn <= _LISTED_OK:
+        drop = HOP_BY_HOP | (conn - _NEVER_DROPPED)
+        if resp.chunked:
+            drop = drop | {b"content-length"}
+        out = [b""]
+        for name, value in resp.headers:
+            if name.lower() not in drop:
+                out.append(name + b": " + value)
+    else:
+        out = resp.lines.copy()
+        if resp.hop is not None:
+            for i in sorted(resp.hop, reverse=True):
+                del out[i]
+    out[0] = b"HTTP/1.1 %d %s" % (resp.status, resp.reason)
+    out.extend(extra)
     if chunked:
-        lines.append(b"Transfer-Encoding: chunked")
+        out.append(b"Transfer-Encoding: chunked")
     if not keep_alive:
-        lines.append(b"Connection: close")
+        out.append(b"Connection: close")
     elif client_version == 0:
-        lines.append(b"Connection: keep-alive")
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+        out.append(b"Connection: keep-alive")
+    out.append(b"\r\n")
+    return b"\r\n".join(out)
 
 
 def error_response(

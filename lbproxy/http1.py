@@ -119,6 +119,11 @@ _K_CONNECTION = 3
 _K_UPGRADE = 4
 _K_HOST = 5
 _K_EXPECT = 6
+# Not framing, but what a proxy changes: their line numbers are noted (``hop``, ``forwarded``)
+# so that a head is forwarded as received without every line becoming a Python object.
+_K_HOP = 7  # the other hop-by-hop fields (RFC 9110 7.6.1)
+_K_FORWARDED = 8  # replaced by the proxy's own in a request; plain in a response
+_K_CLOSE = 9  # a field named "close": hop-by-hop when Connection lists the token
 
 _SPECIAL: dict[bytes, int] = {
     b"content-length": _K_CONTENT_LENGTH,
@@ -127,6 +132,15 @@ _SPECIAL: dict[bytes, int] = {
     b"upgrade": _K_UPGRADE,
     b"host": _K_HOST,
     b"expect": _K_EXPECT,
+    b"keep-alive": _K_HOP,
+    b"te": _K_HOP,
+    b"trailer": _K_HOP,
+    b"proxy-connection": _K_HOP,
+    b"x-forwarded-for": _K_FORWARDED,
+    b"x-forwarded-proto": _K_FORWARDED,
+    b"x-forwarded-host": _K_FORWARDED,
+    b"x-real-ip": _K_FORWARDED,
+    b"close": _K_CLOSE,
 }
 
 _COMMON_NAMES = (
@@ -172,16 +186,29 @@ _CONNECTION_CACHE[b"keep-alive, upgrade"] = frozenset((b"keep-alive", b"upgrade"
 
 
 class RequestHead:
-    """A parsed, validated request head. ``headers`` keeps every field as received, in order."""
+    """A parsed, validated request head.
+
+    ``lines`` keeps the head as received (the request line, then every field line, without
+    CRLFs); ``headers`` gives the fields as (name, value) pairs, in order, made on first use.
+    ``hop`` lists the line numbers of hop-by-hop fields (Connection, Transfer-Encoding,
+    Upgrade, Keep-Alive, TE, Trailer, Proxy-Connection, and fields named "close" when
+    Connection lists that token), ``forwarded`` those of X-Forwarded-For/-Proto/-Host and
+    X-Real-IP, ``host_line`` that of Host (0: none).
+    """
 
     __slots__ = (
+        "_headers",
+        "absolute",
         "chunked",
         "connection",
         "content_length",
         "expect_continue",
-        "headers",
+        "forwarded",
+        "hop",
         "host",
+        "host_line",
         "keep_alive",
+        "lines",
         "method",
         "raw_len",
         "target",
@@ -192,22 +219,26 @@ class RequestHead:
     method: bytes
     target: bytes
     version: int  # minor version: 1 for HTTP/1.1, 0 for HTTP/1.0
-    headers: list[tuple[bytes, bytes]]
+    lines: list[bytes]
     content_length: int | None
     chunked: bool
     keep_alive: bool
     connection: frozenset[bytes]
     upgrade: bytes | None
     host: bytes | None
+    absolute: bool  # ``host`` is the authority of an absolute-form target
     expect_continue: bool
     raw_len: int  # bytes consumed from the buffer, leading empty lines and final CRLFCRLF too
+    hop: list[int] | None
+    forwarded: list[int] | None
+    host_line: int
 
     def __init__(
         self,
         method: bytes,
         target: bytes,
         version: int,
-        headers: list[tuple[bytes, bytes]],
+        lines: list[bytes],
         content_length: int | None,
         chunked: bool,
         keep_alive: bool,
@@ -216,38 +247,58 @@ class RequestHead:
         host: bytes | None,
         expect_continue: bool,
         raw_len: int,
+        hop: list[int] | None = None,
+        forwarded: list[int] | None = None,
+        host_line: int = 0,
+        absolute: bool = False,
     ) -> None:
         self.method = method
         self.target = target
         self.version = version
-        self.headers = headers
+        self.lines = lines
+        self._headers: list[tuple[bytes, bytes]] | None = None
         self.content_length = content_length
         self.chunked = chunked
         self.keep_alive = keep_alive
         self.connection = connection
         self.upgrade = upgrade
         self.host = host
+        self.absolute = absolute
         self.expect_continue = expect_continue
         self.raw_len = raw_len
+        self.hop = hop
+        self.forwarded = forwarded
+        self.host_line = host_line
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Every field as (name, value), in order, as received (value without its OWS)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _fields(self.lines)
+        return headers
 
     def __repr__(self) -> str:
         return (
             f"RequestHead({self.method!r} {self.target!r} HTTP/1.{self.version}, "
             f"host={self.host!r}, content_length={self.content_length}, "
             f"chunked={self.chunked}, keep_alive={self.keep_alive}, upgrade={self.upgrade!r}, "
-            f"{len(self.headers)} headers, raw_len={self.raw_len})"
+            f"{len(self.lines) - 1} headers, raw_len={self.raw_len})"
         )
 
 
 class ResponseHead:
-    """A parsed, validated response head from a backend."""
+    """A parsed, validated response head from a backend. ``lines``, ``headers`` and ``hop``
+    as in RequestHead; ``hop`` also lists Content-Length lines when chunked overrides them."""
 
     __slots__ = (
+        "_headers",
         "chunked",
         "connection",
         "content_length",
-        "headers",
+        "hop",
         "keep_alive",
+        "lines",
         "raw_len",
         "reason",
         "status",
@@ -258,44 +309,65 @@ class ResponseHead:
     version: int
     status: int
     reason: bytes
-    headers: list[tuple[bytes, bytes]]
+    lines: list[bytes]
     content_length: int | None  # None when absent, and when Transfer-Encoding overrides it
     chunked: bool
     keep_alive: bool
     connection: frozenset[bytes]
     upgrade: bytes | None  # lowercased Upgrade value when Connection lists "upgrade"
     raw_len: int
+    hop: list[int] | None
 
     def __init__(
         self,
         version: int,
         status: int,
         reason: bytes,
-        headers: list[tuple[bytes, bytes]],
+        lines: list[bytes],
         content_length: int | None,
         chunked: bool,
         keep_alive: bool,
         connection: frozenset[bytes],
         upgrade: bytes | None,
         raw_len: int,
+        hop: list[int] | None = None,
     ) -> None:
         self.version = version
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.lines = lines
+        self._headers: list[tuple[bytes, bytes]] | None = None
         self.content_length = content_length
         self.chunked = chunked
         self.keep_alive = keep_alive
         self.connection = connection
         self.upgrade = upgrade
         self.raw_len = raw_len
+        self.hop = hop
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Every field as (name, value), in order, as received (value without its OWS)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _fields(self.lines)
+        return headers
 
     def __repr__(self) -> str:
         return (
             f"ResponseHead(HTTP/1.{self.version} {self.status} {self.reason!r}, "
             f"content_length={self.content_length}, chunked={self.chunked}, "
-            f"keep_alive={self.keep_alive}, {len(self.headers)} headers, raw_len={self.raw_len})"
+            f"keep_alive={self.keep_alive}, {len(self.lines) - 1} headers, "
+            f"raw_len={self.raw_len})"
         )
+
+
+def _fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        out.append((name, value.strip()))
+    return out
 
 
 # --- head parsing ------------------------------------------------------------------------
@@ -359,34 +431,50 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
         raise ParseError(400, "invalid request target")
 
     # The field loop is written out here and in parse_response_head rather than shared:
-    # a helper call plus packing its results costs about as much as parsing a header.
-    headers: list[tuple[bytes, bytes]] = []
-    append = headers.append
+    # a helper call plus packing its results costs about as much as parsing a header. A plain
+    # field costs a partition and a dict lookup: only the fields a rule needs have their value
+    # stripped and kept, the others stay as the line received.
     known = _KNOWN_NAMES
     host: bytes | None = None
     host_count = 0
+    host_line = 0
     framing: list[tuple[int, bytes]] | None = None
-    lines_iter = iter(lines)
-    next(lines_iter)
-    for line in lines_iter:
+    hop: list[int] | None = None
+    forwarded: list[int] | None = None
+    close_lines: list[int] | None = None
+    fields = enumerate(lines)
+    next(fields)  # the request line
+    for i, line in fields:
         name, colon, value = line.partition(b":")
         if not colon:
             raise ParseError(400, _describe_bad_line(line))
-        # The byte check above leaves SP and HTAB as the only whitespace, so the faster
-        # argument-less strip() removes exactly the OWS of RFC 9110 5.5.
-        value = value.strip()
-        append((name, value))
         kind = known.get(name)
         if kind is None:
             kind = _classify_name(name, 400)
-        if kind:
-            if kind == _K_HOST:
-                host = value
-                host_count += 1
-            elif framing is None:
-                framing = [(kind, value)]
+        if not kind:
+            continue
+        if kind >= _K_HOP:
+            if kind == _K_HOP:
+                hop = [i] if hop is None else [*hop, i]
+            elif kind == _K_FORWARDED:
+                forwarded = [i] if forwarded is None else [*forwarded, i]
             else:
-                framing.append((kind, value))
+                close_lines = [i] if close_lines is None else [*close_lines, i]
+            continue
+        # The byte check above leaves SP and HTAB as the only whitespace, so the faster
+        # argument-less strip() removes exactly the OWS of RFC 9110 5.5.
+        value = value.strip()
+        if kind == _K_HOST:
+            host = value
+            host_count += 1
+            host_line = i
+            continue
+        if framing is None:
+            framing = [(kind, value)]
+        else:
+            framing.append((kind, value))
+        if kind != _K_CONTENT_LENGTH and kind != _K_EXPECT:
+            hop = [i] if hop is None else [*hop, i]
 
     if host_count != 1:
         if host_count:
@@ -395,17 +483,19 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
             raise ParseError(400, "missing Host")
     elif host is not None and host not in _VALID_HOSTS:
         _check_host(host)
+    absolute = False
     if target[0] != 0x2F or method == b"CONNECT":  # not origin-form ("/...")
         authority = _check_target_form(method, target)
         if authority is not None:
             host = authority
+            absolute = True
 
     if framing is None:
         return RequestHead(
             method,
             target,
             version,
-            headers,
+            lines,
             None,
             False,
             version == 1,
@@ -414,6 +504,10 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
             host,
             False,
             raw_len,
+            hop,
+            forwarded,
+            host_line,
+            absolute,
         )
 
     content_length, te, connection, upgrade, expect = _framing_fields(framing, 400)
@@ -435,11 +529,13 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
         # RFC 9110 7.8 and 10.1.1: both are to be ignored in an HTTP/1.0 request.
         upgrade = None
         expect = False
+    if close_lines is not None and b"close" in connection:
+        hop = close_lines if hop is None else hop + close_lines
     return RequestHead(
         method,
         target,
         version,
-        headers,
+        lines,
         content_length,
         chunked,
         keep_alive,
@@ -448,6 +544,10 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
         host,
         expect,
         raw_len,
+        hop,
+        forwarded,
+        host_line,
+        absolute,
     )
 
 
@@ -491,30 +591,50 @@ def parse_response_head(buf: bytes | bytearray, max_size: int = 65536) -> Respon
     if status is None:
         raise ParseError(502, "invalid status code")
 
-    headers: list[tuple[bytes, bytes]] = []
-    append = headers.append
     known = _KNOWN_NAMES
     framing: list[tuple[int, bytes]] | None = None
-    lines_iter = iter(lines)
-    next(lines_iter)
-    for line in lines_iter:
+    hop: list[int] | None = None
+    length_lines: list[int] | None = None
+    close_lines: list[int] | None = None
+    fields = enumerate(lines)
+    next(fields)  # the status line
+    for i, line in fields:
         name, colon, value = line.partition(b":")
         if not colon:
             raise ParseError(502, _describe_bad_line(line))
-        value = value.strip()
-        append((name, value))
         kind = known.get(name)
         if kind is None:
             kind = _classify_name(name, 502)
-        if kind and kind != _K_HOST:
+        if not kind or kind in (_K_HOST, _K_FORWARDED):
+            continue
+        if kind == _K_HOP:
+            hop = [i] if hop is None else [*hop, i]
+        elif kind == _K_CLOSE:
+            close_lines = [i] if close_lines is None else [*close_lines, i]
+        else:
+            value = value.strip()
             if framing is None:
                 framing = [(kind, value)]
             else:
                 framing.append((kind, value))
+            if kind == _K_CONTENT_LENGTH:
+                length_lines = [i] if length_lines is None else [*length_lines, i]
+            elif kind != _K_EXPECT:
+                hop = [i] if hop is None else [*hop, i]
 
     if framing is None:
         return ResponseHead(
-            version, status, reason, headers, None, False, version == 1, _NO_TOKENS, None, raw_len
+            version,
+            status,
+            reason,
+            lines,
+            None,
+            False,
+            version == 1,
+            _NO_TOKENS,
+            None,
+            raw_len,
+            hop,
         )
 
     content_length, te, connection, upgrade, _ = _framing_fields(framing, 502)
@@ -536,17 +656,24 @@ def parse_response_head(buf: bytes | bytearray, max_size: int = 65536) -> Respon
         if content_length is not None or not version or not chunked:
             keep_alive = False
         content_length = None
+        if chunked and length_lines is not None:
+            # Chunked wins over a Content-Length sent alongside it (RFC 9112 6.3): passing
+            # both on would let the next hop frame the body differently.
+            hop = length_lines if hop is None else hop + length_lines
+    if close_lines is not None and b"close" in connection:
+        hop = close_lines if hop is None else hop + close_lines
     return ResponseHead(
         version,
         status,
         reason,
-        headers,
+        lines,
         content_length,
         chunked,
         keep_alive,
         connection,
         upgrade,
         raw_len,
+        hop,
     )
 
 

@@ -409,3 +409,53 @@ def test_chunked_response_drops_a_content_length_sent_alongside():
     assert values(head, b"content-length") == []
     assert values(head, b"transfer-encoding") == [b"chunked"]
     assert values(head, b"x-a") == [b"1"]
+
+
+# ------------------------------------------------- the lean path: lines go out as received
+
+
+def test_field_lines_go_out_as_the_client_wrote_them():
+    raw = (
+        b"GET / HTTP/1.1\r\n"
+        b"host:h.example\r\n"
+        b"Accept:*/*\r\n"
+        b"X-Custom: \t spaced  value \t\r\n"
+        b"Connection: keep-alive\r\n"
+        b"\r\n"
+    )
+    out = upstream(raw)
+    assert lines(out)[1:4] == [b"host:h.example", b"Accept:*/*", b"X-Custom: \t spaced  value \t"]
+    assert values(out, b"Connection") == []
+    assert values(out, b"X-Forwarded-Host") == [b"h.example"]
+    resp = b"HTTP/1.1 200 OK\r\nServer:b\r\nX-A:  1 \r\nKeep-Alive: timeout=5\r\n\r\n"
+    assert client(resp) == b"HTTP/1.1 200 OK\r\nServer:b\r\nX-A:  1 \r\n\r\n"
+
+
+def test_absolute_form_authority_replaces_the_host_line():
+    raw = b"GET http://abs.example/x HTTP/1.1\r\nHOST: other.example\r\nAccept: */*\r\n\r\n"
+    out = upstream(raw, forwarded=False)
+    assert out == b"GET http://abs.example/x HTTP/1.1\r\nHOST: abs.example\r\nAccept: */*\r\n\r\n"
+
+
+def test_a_field_named_close_goes_only_when_connection_lists_the_token():
+    listed = b"GET / HTTP/1.1\r\nHost: h\r\nClose: 1\r\nConnection: close\r\n\r\n"
+    assert upstream(listed, forwarded=False) == b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    unlisted = b"GET / HTTP/1.1\r\nHost: h\r\nClose: 1\r\n\r\n"
+    assert upstream(unlisted, forwarded=False) == unlisted
+    resp = b"HTTP/1.1 200 OK\r\nClose: 1\r\nConnection: close\r\nX-A: 1\r\n\r\n"
+    assert client(resp) == b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n"
+    assert client(b"HTTP/1.1 200 OK\r\nClose: 1\r\n\r\n") == b"HTTP/1.1 200 OK\r\nClose: 1\r\n\r\n"
+
+
+def test_connection_naming_other_fields_drops_them_in_responses_too():
+    raw = (
+        b"HTTP/1.1 200 OK\r\nConnection: x-hop, Content-Length\r\nX-Hop: 1\r\n"
+        b"Content-Length: 0\r\nX-Kept: 2\r\n\r\n"
+    )
+    assert client(raw) == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Kept: 2\r\n\r\n"
+
+
+def test_the_parsed_pairs_are_still_there_for_the_rules_that_need_them():
+    req = request(b"GET / HTTP/1.1\r\nHost: h\r\nCookie:  a=1 \r\nX-Forwarded-For: 1.2.3.4\r\n\r\n")
+    assert req.headers == [(b"Host", b"h"), (b"Cookie", b"a=1"), (b"X-Forwarded-For", b"1.2.3.4")]
+    assert (req.host_line, req.hop, req.forwarded) == (1, None, [3])
