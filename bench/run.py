@@ -3,6 +3,10 @@
 Run from the repository root: ``.venv/bin/python -m bench.run [--quick] [--only ...]``
 (``python bench/run.py`` works too). See bench/README.md for what is measured and how.
 
+An HTTP/2 phase (h2load over TLS to lbproxy's and nginx's https listeners, self-signed
+certificate made with openssl) runs when h2load (Debian's nghttp2-client) is installed, and is
+skipped with a note otherwise.
+
 One run, one target after another, on the same backends: the direct connection (the floor),
 lbproxy (1 worker, access log off), nginx and HAProxy (generated configs in a temporary
 directory, run in the foreground as the current user; skipped with a note when missing).
@@ -94,6 +98,8 @@ QUICK = Settings(
 )
 
 HTTP_CONNS = 50
+H2_CONNS = 4  # h2load connections ...
+H2_STREAMS = 25  # ... each with this many concurrent streams (100 requests in flight)
 WS_CONNS = 100
 WS_PACED_RATE = 10_000  # round trips/s: every proxy relays the same load (none is saturated)
 THROUGHPUT_CONNS = 4
@@ -330,6 +336,7 @@ class Target:
 
     name = ""
     serves_http = True
+    serves_h2 = False  # an https listener with HTTP/2 on h2_port (the h2 phase)
 
     def __init__(self, backends: Backends, procs: Procs, pinning: Pinning, tmp: Path) -> None:
         self.backends = backends
@@ -338,7 +345,7 @@ class Target:
         self.tmp = tmp / self.name
         self.tmp.mkdir(parents=True)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.http_port, self.ws_port = free_ports(2)
+        self.http_port, self.ws_port, self.h2_port = free_ports(3)
 
     def available(self) -> str | None:
         """None when it can run, else why not."""
@@ -351,6 +358,8 @@ class Target:
         )
         if self.serves_http:
             wait_port(self.http_port, self.proc, self.name)
+        if self.serves_h2:
+            wait_port(self.h2_port, self.proc, self.name)
         wait_port(self.ws_port, self.proc, self.name)
         time.sleep(0.3)  # let nginx's worker come up
 
@@ -372,6 +381,21 @@ class Target:
     @property
     def ws_targets(self) -> str:
         return f"127.0.0.1:{self.ws_port}"
+
+    @property
+    def h2_url(self) -> str:
+        return f"https://127.0.0.1:{self.h2_port}/"
+
+    def certificate(self) -> tuple[str, str]:
+        """A self-signed certificate for the h2 listener (openssl), as (cert, key) paths."""
+        cert, key = str(self.tmp / "cert.pem"), str(self.tmp / "key.pem")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost"],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        return cert, key
 
 
 class Direct(Target):
@@ -403,6 +427,7 @@ class UvTunnel(Target):
 
 class Lbproxy(Target):
     name = "lbproxy"
+    serves_h2 = True
 
     def config(self) -> str:
         def group(ports: list[int]) -> str:
@@ -415,9 +440,16 @@ class Lbproxy(Target):
             )
 
         b = self.backends
+        cert, key = self.certificate()
         return f"""listeners:
   - name: http
     bind: 127.0.0.1:{self.http_port}
+    server_group: http
+    idle_timeout: 1h
+  - name: h2
+    bind: 127.0.0.1:{self.h2_port}
+    protocol: https
+    tls: {{cert: {cert}, key: {key}}}
     server_group: http
     idle_timeout: 1h
   - name: ws
@@ -441,12 +473,14 @@ access_log:
 
 class Nginx(Target):
     name = "nginx"
+    serves_h2 = True
 
     def available(self) -> str | None:
         return None if shutil.which("nginx") else "nginx is not installed"
 
     def command(self) -> list[str]:
         b = self.backends
+        cert, key = self.certificate()
         location = """proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
@@ -478,6 +512,12 @@ class Nginx(Target):
             + upstream("ws_backends", b.ws_ports)
             + server(self.http_port, "http_backends")
             + server(self.ws_port, "ws_backends")
+            + server(self.h2_port, "http_backends").replace(
+                f"listen 127.0.0.1:{self.h2_port} backlog=4096;",
+                f"listen 127.0.0.1:{self.h2_port} ssl http2 backlog=4096;\n"
+                f"        ssl_certificate {cert};\n        ssl_certificate_key {key};\n"
+                "        http2_max_concurrent_streams 128;",
+            )
             + "}\n"
         )
         (self.tmp / "nginx.conf").write_text(conf)
@@ -582,6 +622,29 @@ def wrk(url: str, seconds: float, conns: int = HTTP_CONNS) -> WrkResult:
     )
 
 
+@dataclass
+class H2loadResult:
+    requests: int  # succeeded
+    rps: float
+    errors: str
+
+
+def h2load(url: str, seconds: float) -> H2loadResult:
+    d = max(1, round(seconds))
+    cmd = ["h2load", "-t1", f"-c{H2_CONNS}", f"-m{H2_STREAMS}", "-D", str(d), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=d + 30).stdout
+    done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
+                     r"(\d+) errored", out)  # fmt: skip
+    rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    if done is None or rps is None:
+        raise RuntimeError(f"cannot read h2load's output:\n{out}")
+    if "h2" not in out.split("Application protocol:")[-1][:10]:
+        raise RuntimeError(f"h2load did not negotiate h2:\n{out}")
+    failed, errored = int(done.group(2)), int(done.group(3))
+    errors = f"{failed} failed, {errored} errored" if failed or errored else ""
+    return H2loadResult(requests=int(done.group(1)), rps=float(rps.group(1)), errors=errors)
+
+
 def wsload(
     mode: str, targets: str, pids: list[int], timeout: float, **opts: object
 ) -> dict[str, Value]:
@@ -667,6 +730,20 @@ def phase_http(ph: Phase) -> None:
         ph.note(f"HTTP: {w.errors}")
 
 
+def phase_h2(ph: Phase) -> None:
+    """HTTP/2 over TLS, H2_CONNS connections of H2_STREAMS concurrent streams (h2load)."""
+    t = ph.target
+    pids = t.pids()
+    h2load(t.h2_url, ph.s.warmup)
+    c0 = procfs.cpu_seconds(pids)
+    r = h2load(t.h2_url, ph.s.http)
+    c1 = procfs.cpu_seconds(pids)
+    ph.values["h2_rps"] = r.rps
+    ph.values["h2_cpu"] = _per(c1 - c0 if pids else None, r.requests, 1e6)
+    if r.errors:
+        ph.note(f"HTTP/2: {r.errors}")
+
+
 def _echo(ph: Phase, key: str, conns: int, seconds: float, rate: int = 0) -> None:
     t = ph.target
     pids = t.pids()
@@ -750,6 +827,7 @@ PHASE_FUNCS: dict[str, Callable[[Phase], None]] = {
     "idle": phase_idle,
     "capacity": phase_capacity,
     "http": phase_http,
+    "h2": phase_h2,
     "ws1": phase_ws1,
     "ws100": phase_ws100,
     "paced": phase_paced,
@@ -799,6 +877,8 @@ def run_phases(targets: list[Target], s: Settings, phases: set[str], results: Re
                     continue
                 if phase == "http" and not t.serves_http:
                     continue
+                if phase == "h2" and not t.serves_h2:
+                    continue
                 if t.proc is not None and t.proc.poll() is not None:
                     results.notes.append(f"{t.name}: exited with code {t.proc.returncode}")
                     dead.add(t.name)
@@ -826,6 +906,8 @@ ROWS = (
     Row("http_p50", "HTTP latency p50 (ms)", "f2"),
     Row("http_p99", "HTTP latency p99 (ms)", "f2"),
     Row("http_cpu", "**proxy CPU per HTTP request (µs)**", "f1"),
+    Row("h2_rps", f"HTTP/2 requests/s (h2load, {H2_CONNS}x{H2_STREAMS} streams, TLS)", "int"),
+    Row("h2_cpu", "proxy CPU per HTTP/2 request, TLS included (µs)", "f1"),
     Row("ws1_p50", "WS echo round trip p50, 1 connection (µs)", "int"),
     Row("ws1_p99", "WS echo round trip p99, 1 connection (µs)", "int"),
     Row("ws1_cpu", "proxy CPU per relayed WS message, 1 connection (µs)", "f1"),
@@ -1086,6 +1168,14 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None and "http" in phases:
         log("wrk is not installed: skipping the HTTP phase (apt-get install wrk)")
         phases.discard("http")
+    h2_note = ""
+    if "h2" in phases and (shutil.which("h2load") is None or shutil.which("openssl") is None):
+        h2_note = "HTTP/2 phase skipped: h2load or openssl missing (apt-get install nghttp2-client)"
+        log(h2_note)
+        phases.discard("h2")
+    if "h2" not in phases:
+        for cls in TARGET_CLASSES.values():
+            cls.serves_h2 = False  # no https listener (nor certificate) to start
 
     raise_nofile()
     pinning = Pinning.plan()
@@ -1103,6 +1193,8 @@ def main(argv: list[str] | None = None) -> int:
             print(profile(procs, backends, pinning, tmp, s))
             return 0
         results = Results()
+        if h2_note:
+            results.notes.append(h2_note)
         skipped: dict[str, str] = {}
         targets: list[Target] = []
         for name in TARGET_CLASSES:

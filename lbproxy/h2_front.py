@@ -10,8 +10,9 @@ Requests: the pseudo-headers become an HTTP/1.1 request head (``:authority`` -> 
 crumbs joined with "; ", a body without content-length sent chunked) that goes through the
 HTTP/1.1 parser, so the backend sees what an HTTP/1.1 client's request would have become and
 the listener's head limits apply (414/431 answered on the stream). Responses: connection
-headers dropped, names lower-cased, the body's payload (never its chunked framing), 1xx
-interim responses dropped, END_STREAM at the end; a failure after the head is RST_STREAM.
+headers dropped, names lower-cased, the body's payload (never its chunked framing), 100
+Continue relayed and other 1xx dropped, END_STREAM at the end; a failure after the head is
+RST_STREAM.
 
 Flow control:
 - request body: DATA goes to the exchange at once, and is acknowledged (WINDOW_UPDATE) only
@@ -514,8 +515,16 @@ class Stream:
         return sum(len(k) + len(v) + 4 for k, v in fields)  # as an HTTP/1.1 head would count
 
     def write(self, data: bytes) -> None:
-        if not self.head_sent or self.closed:
-            return  # an interim (1xx) response: not relayed
+        if self.closed:
+            return
+        if not self.head_sent:
+            # An interim response: 100 Continue goes on (a client waiting to send its body
+            # needs it); others (103 Early Hints) are dropped.
+            if data.startswith((b"HTTP/1.1 100 ", b"HTTP/1.0 100 ")):
+                with contextlib.suppress(ProtocolError):
+                    self.conn.h2.send_headers(self.sid, [(b":status", b"100")])
+                self.conn.send()
+            return
         if self.out:
             self.out.append(data)
         else:

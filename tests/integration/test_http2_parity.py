@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hyperframe.frame import HeadersFrame
 
 from lbproxy.app import Proxy
 from tests.h2client import GoAwayFrame, RawH2, RstStreamFrame
@@ -248,3 +249,24 @@ async def test_a_connection_that_never_sends_a_request_is_closed_at_client_heade
     assert (goaway.error_code, goaway.last_stream_id) == (0, 0)
     assert await c.frame() is None
     assert proxy.registry.listeners["secure"].connections_active == 0
+
+
+async def test_100_continue_is_relayed_so_the_client_sends_its_body(make_backend, make_proxy, cert):
+    a = await make_backend("A")
+    proxy = await make_proxy(doc(cert, {"rs1": [a.address]}))
+    c = await raw(proxy, cert)
+    body = b"x" * 3000
+    sid = c.request(
+        "/upload", "POST", end=False,
+        extra=(("expect", "100-continue"), ("content-length", str(len(body)))),
+    )  # fmt: skip
+    while True:  # the client holds its body until the backend's 100 comes through
+        f = await c.frame()
+        assert f is not None
+        if isinstance(f, HeadersFrame) and f.stream_id == sid:
+            assert c.decode(f)[":status"] == "100"
+            break
+    c.data(sid, body, end=True)
+    head, out = await c.response(sid)
+    assert head[":status"] == "200" and json.loads(out)["bytes"] == len(body)
+    c.close()
