@@ -123,7 +123,6 @@ class Http2Connection(ClientSocket):
         self.goaway = 0  # 1: GOAWAY 2^31-1 and a PING sent; 2: the final GOAWAY sent
         self.goaway_at = 0.0  # when the final GOAWAY goes even if the PING never comes back
         self.last_stream = _LAST_STREAM_ID  # streams above it are refused
-        self.client_goaway = False
         self.opened = 0  # streams opened (client_header_timeout applies before the first)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -206,11 +205,13 @@ class Http2Connection(ClientSocket):
                 if self.goaway == 1 and ev.ping_data == _PING:
                     self._final_goaway()
             elif isinstance(ev, ConnectionTerminated):
-                self.client_goaway = True  # what is in flight finishes; nothing new comes
+                # The client is closing. h2's state machine is CLOSED now and sends nothing
+                # more, so the streams in flight cannot be answered: they end here.
+                self._abort_streams()
+                self._close_after_write()
+                return
             if self.phase == _CLOSED:
                 return
-        if self.client_goaway and not self.streams:
-            self._close_after_write()
 
     def eof_received(self) -> bool:
         return False  # TLS has no half-close
@@ -261,7 +262,7 @@ class Http2Connection(ClientSocket):
             del self.streams[stream.sid]
         if not self.streams:
             self.last = self.loop.time()  # idle from now
-            if self.goaway == 2 or self.client_goaway:
+            if self.goaway == 2:
                 self.send()
                 self._close_after_write()
 
@@ -508,11 +509,19 @@ class Stream:
             self.conn.h2.send_headers(self.sid, fields, end_stream=ended)
         except ProtocolError as exc:  # a field HTTP/2 cannot carry
             log.warning("%s: response head not sendable over HTTP/2: %s", self.client_addr, exc)
-            self.conn.h2.reset_stream(self.sid, ErrorCodes.INTERNAL_ERROR)
-            self.closed = True
+            with contextlib.suppress(ProtocolError):
+                self.conn.h2.reset_stream(self.sid, ErrorCodes.INTERNAL_ERROR)
+            self._finished()
+            # After the exchange's send_head returns: it lets its backend go as after a cut.
+            self.conn.loop.call_soon(self._cut_exchange)
             return 0
         self.end_sent = ended
         return sum(len(k) + len(v) + 4 for k, v in fields)  # as an HTTP/1.1 head would count
+
+    def _cut_exchange(self) -> None:
+        ex = self.exchange
+        if ex is not None and not ex.done:
+            ex.cut()
 
     def write(self, data: bytes) -> None:
         if self.closed:

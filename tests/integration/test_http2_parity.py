@@ -270,3 +270,21 @@ async def test_100_continue_is_relayed_so_the_client_sends_its_body(make_backend
     head, out = await c.response(sid)
     assert head[":status"] == "200" and json.loads(out)["bytes"] == len(body)
     c.close()
+
+
+async def test_a_client_goaway_closes_the_connection_and_releases_its_backends(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    proxy = await make_proxy(doc(cert, {"rs1": [a.address]}))
+    c = await raw(proxy, cert)
+    c.request("/sleep/5")
+    await wait_for(lambda: len(a.requests) == 1, what="the backend to get the request")
+    (server,) = proxy.snapshot.groups["rs1"].servers
+    goaway = GoAwayFrame(0)
+    goaway.last_stream_id = 0
+    c.send(goaway)
+    while await c.frame() is not None:
+        pass
+    await wait_for(lambda: server.active == 0, what="the backend to be released")
+    assert proxy.registry.listeners["secure"].connections_active == 0
