@@ -68,7 +68,7 @@ from hyperframe.frame import GoAwayFrame
 
 from . import headers
 from .exchange import Context, Exchange, record
-from .http1 import ParseError, ResponseHead, parse_request_head
+from .http1 import Limits, ParseError, RequestHead, ResponseHead, parse_request_head
 from .http_proxy import _CLOSED, ClientConnection, ClientSocket, ListenerHandle
 
 log = logging.getLogger("lbproxy.http2")
@@ -402,52 +402,15 @@ class Stream:
     # ------------------------------------------------------------------ request
     def start(self, raw: Iterable[tuple[bytes, bytes]], ended: bool) -> None:
         t_start = _clock()
-        method = path = authority = None
-        lines: list[bytes] = []
-        cookies: list[bytes] = []
-        has_length = False
-        for name, value in raw:
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-                continue
-            if name == b"cookie":
-                cookies.append(value)  # RFC 9113 8.2.3: crumbs, joined again for HTTP/1.1
-                continue
-            if name == b"host" and authority is not None:
-                continue  # :authority wins (RFC 9113 8.3.1)
-            if name == b"content-length":
-                has_length = True
-            lines.append(name + b": " + value)
-        if method is None or path is None or method == b"CONNECT":
-            self._refuse(t_start, 501, "CONNECT is not supported over HTTP/2")
-            return
-        if path[:1] != b"/" and path != b"*":
-            self._refuse(t_start, 400, "the :path is not a path")
-            return
-        if authority is not None:
-            lines.insert(0, b"host: " + authority)
-        if cookies:
-            lines.append(b"cookie: " + b"; ".join(cookies))
-        if not ended and not has_length:
-            self.chunked = True
-            lines.append(b"transfer-encoding: chunked")
-        lines.append(b"\r\n")
-        head = method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines)
-        if ended:
-            self.request_complete = True
+        self.request_complete = ended
         conn = self.conn
         try:
-            req = parse_request_head(head, conn.lr.limits)
+            req = request_head(raw, ended, conn.lr.limits)
         except ParseError as exc:
             log.info("%s: bad HTTP/2 request: %s", self.client_addr, exc.reason)
             self._refuse(t_start, exc.status, exc.reason)
             return
-        assert req is not None  # the head is complete
+        self.chunked = req.chunked
         self.exchange = ex = Exchange(conn.ctx, conn.lr, req, self)
         if ex.begin():
             ex.send()
@@ -488,20 +451,7 @@ class Stream:
     def send_head(
         self, resp: ResponseHead, extra: tuple[bytes, ...], kind: int, ended: bool
     ) -> int:
-        drop = headers.HOP_BY_HOP
-        if resp.connection:
-            drop = drop | (resp.connection - _NEVER_DROPPED)
-        if resp.chunked:
-            drop = drop | {b"content-length"}
-        fields = [(b":status", b"%d" % resp.status)]
-        for name, value in resp.headers:
-            lname = name.lower()
-            if lname not in drop:
-                fields.append((lname, value))
-        for line in extra:
-            name, _, value = line.partition(b":")
-            fields.append((name.strip().lower(), value.strip()))
-        return self._headers(fields, ended)
+        return self._headers(response_fields(resp, extra), ended)
 
     def _headers(self, fields: list[tuple[bytes, bytes]], ended: bool) -> int:
         self.head_sent = True
@@ -695,3 +645,66 @@ class Stream:
             ex.idle_timed_out()
             return 0.0
         return deadline
+
+
+def request_head(raw: Iterable[tuple[bytes, bytes]], ended: bool, limits: Limits) -> RequestHead:
+    """The HTTP/1.1 request an HTTP/2 request's fields (as h2 validated them) become, parsed
+    by the HTTP/1.1 parser with the listener's ``limits``: ``:authority`` is Host (it wins
+    over a host field, RFC 9113 8.3.1), cookie crumbs are joined with "; " (8.2.3), and a body
+    that may follow (no END_STREAM) without content-length is chunked. Raises ParseError
+    (501 for CONNECT, 400, 414, 431)."""
+    method = path = authority = None
+    lines: list[bytes] = []
+    cookies: list[bytes] = []
+    has_length = False
+    for name, value in raw:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            continue
+        if name == b"cookie":
+            cookies.append(value)
+            continue
+        if name == b"host" and authority is not None:
+            continue
+        if name == b"content-length":
+            has_length = True
+        lines.append(name + b": " + value)
+    if method is None or path is None or method == b"CONNECT":
+        raise ParseError(501, "CONNECT is not supported over HTTP/2")
+    if path[:1] != b"/" and path != b"*":
+        raise ParseError(400, "the :path is not a path")
+    if authority is not None:
+        lines.insert(0, b"host: " + authority)
+    if cookies:
+        lines.append(b"cookie: " + b"; ".join(cookies))
+    if not ended and not has_length:
+        lines.append(b"transfer-encoding: chunked")
+    lines.append(b"\r\n")
+    req = parse_request_head(method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), limits)
+    assert req is not None  # the head is complete
+    return req
+
+
+def response_fields(resp: ResponseHead, extra: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
+    """An HTTP/1.1 response head as HTTP/2 fields: ``:status``, names lower-cased, hop-by-hop
+    fields dropped (those Connection names too), content-length dropped beside chunked (the
+    body goes out de-chunked), and the proxy's ``extra`` lines (``Name: value``) added."""
+    drop = headers.HOP_BY_HOP
+    if resp.connection:
+        drop = drop | (resp.connection - _NEVER_DROPPED)
+    if resp.chunked:
+        drop = drop | {b"content-length"}
+    fields = [(b":status", b"%d" % resp.status)]
+    for name, value in resp.headers:
+        lname = name.lower()
+        if lname not in drop:
+            fields.append((lname, value))
+    for line in extra:
+        name, _, value = line.partition(b":")
+        fields.append((name.strip().lower(), value.strip()))
+    return fields

@@ -1,0 +1,59 @@
+"""HTTP/2 fields to and from HTTP/1.1 heads (h2_front's pure part), in memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from lbproxy.h2_front import request_head, response_fields
+from lbproxy.http1 import Limits, ParseError, parse_response_head
+
+BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.example:8443"),
+        (b":path", b"/p?q=1")]  # fmt: skip
+
+
+def test_authority_is_host_and_cookie_crumbs_are_joined() -> None:
+    raw = [*BASE, (b"host", b"other"), (b"cookie", b"a=1"), (b"x-t", b"v"), (b"cookie", b"b=2")]
+    req = request_head(raw, True, Limits())
+    assert (req.method, req.target, req.host) == (b"GET", b"/p?q=1", b"a.example:8443")
+    assert req.headers == [(b"host", b"a.example:8443"), (b"x-t", b"v"), (b"cookie", b"a=1; b=2")]
+    assert not req.chunked and req.content_length is None
+
+
+def test_a_body_without_length_is_chunked_one_with_length_is_not() -> None:
+    assert request_head([*BASE[1:], (b":method", b"POST")], False, Limits()).chunked
+    req = request_head([*BASE, (b"content-length", b"5")], False, Limits())
+    assert (req.chunked, req.content_length) == (False, 5)
+    assert not request_head(BASE, True, Limits()).chunked  # END_STREAM on the head: no body
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        ([(b":method", b"CONNECT"), (b":authority", b"x:443")], 501),
+        ([*BASE[:3], (b":path", b"http://x/")], 400),
+        ([*BASE[:3], (b":path", b"/a b")], 400),  # what HTTP/1.1 would refuse, refused
+        ([*BASE, (b"x-big", b"v" * 40000)], 431),
+        ([*BASE[:3], (b":path", b"/" + b"a" * 9000)], 414),
+    ],
+)
+def test_refused_requests(raw: list[tuple[bytes, bytes]], status: int) -> None:
+    with pytest.raises(ParseError) as e:
+        request_head(raw, True, Limits())
+    assert e.value.status == status
+
+
+def test_response_fields_drop_connection_headers_and_lower_case_names() -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive, X-Hop\r\n"
+        b"X-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 3\r\nSet-Cookie: a=1\r\n\r\n"
+    )
+    resp = parse_response_head(head)
+    assert resp is not None
+    fields = response_fields(resp, (b"Set-Cookie: SERVERID=abc; Path=/",))
+    assert fields == [
+        (b":status", b"200"),
+        (b"content-type", b"text/plain"),
+        (b"set-cookie", b"a=1"),
+        (b"set-cookie", b"SERVERID=abc; Path=/"),
+    ]
