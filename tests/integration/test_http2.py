@@ -418,3 +418,24 @@ async def test_a_reload_turning_http2_off_applies_to_new_connections(
     head, body = await open_one.response(sid)
     assert (head[":status"], body) == ("200", b"A")
     open_one.close()
+
+
+async def test_shutdown_sends_the_final_goaway_even_if_the_ping_never_returns(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    addr = proxy.listeners.address("secure")
+    c = await RawH2.connect(addr.host, addr.port, cert[0])
+    first = c.request("/sleep/2")
+    await wait_for(lambda: len(a.requests) == 1, what="the backend to get the request")
+    closing = asyncio.get_running_loop().create_task(proxy.close(timeout=10))
+    goaway = await c.until(GoAwayFrame)
+    assert goaway.last_stream_id == 2**31 - 1
+    await c.until(PingFrame)  # never acknowledged
+    goaway = await c.until(GoAwayFrame)  # after GOAWAY_GRACE
+    assert (goaway.last_stream_id, goaway.error_code) == (first, 0)
+    head, body = await c.response(first)
+    assert (head[":status"], body) == ("200", b"A slept")
+    assert await c.frame() is None
+    await asyncio.wait_for(closing, 10)
