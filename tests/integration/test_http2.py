@@ -165,12 +165,17 @@ async def test_httpx_concurrent_streams_reach_both_backends_with_forwarded_heade
     assert proxy.registry.listeners["secure"].protocols == {"HTTP/2": 21}
 
 
+RELEASE = web.AppKey("release", asyncio.Event)
+
+
 def slow_app(name: str) -> web.Application:
-    """backend_app, plus /slow-upload (reads 16 KiB at a time, pausing) and a chunked
-    /download that aiohttp writes as fast as the proxy takes it."""
+    """backend_app, plus /slow-upload: reads nothing until ``app[RELEASE]`` is set, then
+    16 KiB at a time with a pause between reads."""
     app = backend_app(name)
+    app[RELEASE] = asyncio.Event()
 
     async def slow_upload(request: web.Request) -> web.Response:
+        await app[RELEASE].wait()
         h = hashlib.sha256()
         n = 0
         while True:
@@ -179,7 +184,7 @@ def slow_app(name: str) -> web.Application:
                 break
             h.update(chunk)
             n += len(chunk)
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.001)
         return web.json_response({"bytes": n, "sha256": h.hexdigest()})
 
     app.router.add_post("/slow-upload", slow_upload)
@@ -220,20 +225,41 @@ async def test_large_upload_to_a_slow_backend_is_flow_controlled(make_backend, m
         for _ in range(total // len(block)):
             yield block
 
-    stop = asyncio.Event()
-    sampler = asyncio.get_running_loop().create_task(sample(proxy, stop))
+    sent = 0
+
+    async def counted():  # type: ignore[no-untyped-def]
+        nonlocal sent
+        async for piece in body():
+            sent += len(piece)
+            yield piece
+
     async with httpx.AsyncClient(
         http2=True, verify=ssl.create_default_context(cafile=cert[0]), timeout=60
     ) as client:
-        r = await client.post(url(proxy, "/slow-upload"), content=body())
-    stop.set()
-    peak = await sampler
+        upload = asyncio.get_running_loop().create_task(
+            client.post(url(proxy, "/slow-upload"), content=counted())
+        )
+        # The backend reads nothing yet: the client must come to a stop, held by the windows
+        # the proxy no longer opens.
+        await wait_for(lambda: unacked(proxy) > 0, what="the proxy to hold back acknowledgements")
+        before = -1
+        while sent != before:
+            before = sent
+            await asyncio.sleep(0.3)
+        # What the client sent went into the kernel's socket buffers (toward the backend,
+        # several MiB on loopback) and at most about a stream window and the backend
+        # transport's high-water mark into the proxy; 7 MiB without flow control.
+        held = h2_buffered(proxy)
+        assert held < 512 * 1024, held
+        a.app[RELEASE].set()
+        r = await upload
     assert r.http_version == "HTTP/2" and r.status_code == 200
     expected = hashlib.sha256(block * (total // len(block))).hexdigest()
     assert r.json() == {"bytes": total, "sha256": expected}
-    # The backend reads slowly: without flow control most of the 8 MiB would pile up in the
-    # proxy. With it: about one stream window plus the backend socket's buffer.
-    assert 0 < peak < 1024 * 1024, peak
+
+
+def unacked(proxy: Proxy) -> int:
+    return sum(s.unacked for c in h2_connections(proxy) for s in c.streams.values())
 
 
 async def test_large_download_to_a_client_that_stops_reading_is_flow_controlled(
