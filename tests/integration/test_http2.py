@@ -46,6 +46,7 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 ENHANCE_YOUR_CALM = 11
 REFUSED_STREAM = 7
+PROTOCOL_ERROR = 1
 
 
 def h2_doc(backends: list[str], cert: tuple[str, str], **listener: object) -> dict:
@@ -465,3 +466,22 @@ async def test_shutdown_sends_the_final_goaway_even_if_the_ping_never_returns(
     assert (head[":status"], body) == ("200", b"A slept")
     assert await c.frame() is None
     await asyncio.wait_for(closing, 10)
+
+
+async def test_more_concurrent_streams_than_advertised_is_a_connection_error(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    addr = proxy.listeners.address("secure")
+    c = await RawH2.connect(addr.host, addr.port, cert[0])
+    # As many streams as SETTINGS_MAX_CONCURRENT_STREAMS allows, all still open (slow
+    # answers), then one more.
+    c.send(*(c.headers_frame("/sleep/5") for _ in range(MAX_CONCURRENT_STREAMS)))
+    await wait_for(lambda: len(a.requests) == MAX_CONCURRENT_STREAMS, timeout=20, what="requests")
+    c.request("/whoami")
+    goaway = await c.until(GoAwayFrame)
+    assert goaway.error_code == PROTOCOL_ERROR
+    while await c.frame() is not None:
+        pass
+    assert len(a.requests) == MAX_CONCURRENT_STREAMS  # the one too many never reached it
