@@ -593,7 +593,15 @@ class Stream:
     def _finished(self) -> None:
         self.closed = True
         self.out.clear()
+        self._give_back()
         self.conn.stream_done(self)
+
+    def _give_back(self) -> None:
+        """DATA held unacknowledged goes back to the connection's window: the stream is over,
+        and the connection would otherwise shrink by it for good."""
+        if self.unacked:
+            self.conn.ack(self.sid, self.unacked)
+            self.unacked = 0
 
     def send_error(self, status: int, reason: str, extra: tuple[tuple[str, str], ...]) -> int:
         if self.closed:
@@ -624,6 +632,7 @@ class Stream:
         """The client reset the stream, or the connection is gone."""
         self.closed = True
         self.out.clear()
+        self._give_back()
         ex = self.exchange
         if ex is not None and not ex.done:
             ex.client_gone()

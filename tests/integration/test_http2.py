@@ -485,3 +485,30 @@ async def test_more_concurrent_streams_than_advertised_is_a_connection_error(
     while await c.frame() is not None:
         pass
     assert len(a.requests) == MAX_CONCURRENT_STREAMS  # the one too many never reached it
+
+
+async def test_data_held_unacknowledged_goes_back_to_the_connection_window(
+    make_backend, make_proxy, cert
+):
+    a: Backend = await make_backend("A", app=slow_app)  # reads nothing: never released
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    addr = proxy.listeners.address("secure")
+    c = await RawH2.connect(addr.host, addr.port, cert[0])
+    sid = c.request("/slow-upload", "POST", end=False)
+    block = b"x" * 16384
+    # Push until the proxy holds DATA back (the backend's socket buffers are full); the
+    # proxy's WINDOW_UPDATEs are not read: the client counts on the connection window only.
+    for _ in range(8 * 1024 * 1024 // len(block)):
+        if unacked(proxy):
+            break
+        c.data(sid, block)
+        await c.writer.drain()
+        await asyncio.sleep(0)
+    await wait_for(lambda: unacked(proxy) > 0, what="the proxy to hold back acknowledgements")
+    (conn,) = h2_connections(proxy)
+    c.reset(sid)
+    await wait_for(lambda: not conn.streams, what="the stream to end")
+    window = conn.h2._inbound_flow_control_window_manager
+    # Every byte received is either still open in the window or processed (to be announced).
+    assert window.current_window_size + window._bytes_processed == window.max_window_size
+    c.close()
