@@ -9,6 +9,14 @@ small ``Downstream`` interface (write a response head, body bytes, end, pause, r
 answer an error, give the transport to a tunnel). ``http_proxy.ClientConnection`` is the
 HTTP/1.1 front end; another (an HTTP/2 stream) can drive the same exchange.
 
+Three objects per request, the exchange pointing at the other two and nothing pointing back
+(a finished exchange is freed by reference counting): ``Exchange`` (the request, flow
+control, timeouts, endings, accounting), ``Dispatch`` (the server and the connection to it),
+``Response`` (the backend's answer). One place each: choosing a server ``Dispatch.choose``,
+the upstream request head ``Dispatch.upstream_head``, the tunnel ``Dispatch.hand_over``,
+releasing the server and its connection ``Dispatch.release``, the response head
+``Response._start``, giving up ``Exchange.fail``/``cut``, accounting ``Exchange.account``.
+
 Retries, where they are safe:
 - a failed connect (refused, timeout) marks the server down and tries another;
 - a fresh connection that resets before any response byte marks it down and tries another;
@@ -180,7 +188,37 @@ class Exchange:
     the accounting. ``dispatch`` sends the request to a server, ``response`` relays the answer.
 
     The front end calls ``begin``, ``request_data`` (the body as it arrives), ``send``, and the
-    flow-control, timeout and client-event methods."""
+    flow-control, timeout and client-event methods; the backend connection in use reports to
+    it (``upstream_*``)."""
+
+    __slots__ = (
+        "affinity",
+        "body_sent",
+        "bytes_in",
+        "bytes_out",
+        "ctx",
+        "dispatch",
+        "done",
+        "down",
+        "group",
+        "kind",
+        "loop",
+        "lr",
+        "paused",
+        "pending",
+        "pending_size",
+        "remaining",
+        "replay",
+        "req",
+        "req_done",
+        "response",
+        "sent_at",
+        "t_headers",
+        "t_sent",
+        "t_start",
+        "tracker",
+        "upgrade",
+    )
 
     def __init__(
         self, ctx: Context, lr: ListenerRuntime, req: RequestHead, down: Downstream
@@ -224,8 +262,8 @@ class Exchange:
             self.affinity = sticky.Affinity(cfg, pins.sids, pins.cookies, req.target, req.headers)
             if cfg.socketio and b"sid=" in req.target:
                 self.replay = []  # an Engine.IO POST may have to go to another server (hunt)
-        self.dispatch = Dispatch(self)
-        self.response = Response(self)
+        self.dispatch = Dispatch()
+        self.response = Response()
 
     def begin(self) -> bool:
         """False when the listener answers the request itself (``redirect_https``)."""
@@ -241,7 +279,7 @@ class Exchange:
 
     def send(self) -> None:
         """Choose a server and send the request (the body follows as it arrives)."""
-        self.dispatch.choose()
+        self.dispatch.choose(self)
 
     # ------------------------------------------------------------------ request body
     def request_data(self, data: bytes) -> bytes:
@@ -291,6 +329,28 @@ class Exchange:
         self.t_sent = _clock()
         self.sent_at = now = self.loop.time()
         self.down.wake_at(now + self.lr.config.timeouts.request)
+
+    # ------------------------------------------------------------------ upstream.Handler
+    def upstream_data(self, data: bytes) -> None:
+        self.down.last = self.loop.time()
+        response = self.response
+        if response.head is None:
+            response.buf += data
+            response.read_head(self)
+        else:
+            response.body(self, data)
+
+    def upstream_eof(self) -> None:
+        self.response.ended(self, None)
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self.response.ended(self, exc)
+
+    def upstream_pause(self) -> None:
+        self.pause(_P_UPSTREAM_FULL)
+
+    def upstream_resume(self) -> None:
+        self.resume(_P_UPSTREAM_FULL)
 
     # ------------------------------------------------------------------ flow control
     def pause_upstream(self) -> None:
@@ -359,7 +419,7 @@ class Exchange:
         """The client went away mid-request: nothing more can be delivered."""
         self.done = True
         self.account(499)
-        self.dispatch.release(reuse=False)
+        self.dispatch.release(self, reuse=False)
 
     # ------------------------------------------------------------------ endings
     def finish(self, reuse: bool = True) -> None:
@@ -369,39 +429,8 @@ class Exchange:
         self.done = True
         self.account(resp.status)
         reuse = reuse and self.req_done and resp.keep_alive and self.response.kind != BODY_CLOSE
-        self.dispatch.release(reuse)
+        self.dispatch.release(self, reuse)
         self.down.end()
-
-    def hand_over(self, head: bytes, rest: bytes) -> None:
-        """101: the client and the backend now talk directly through a Tunnel."""
-        server, up = self.dispatch.server, self.dispatch.up
-        assert server is not None and up is not None
-        self.t_headers = _clock() - self.t_sent
-        server.stats.upstream_response.observe(self.t_headers)
-        self.bytes_out += len(head)
-        self.done = True
-        self.account(101, access_line=False)  # the tunnel logs one line when it closes
-        client, client_pending = self.down.upgrade(head)
-        up.handler = None
-        self.dispatch.up = None  # the server stays taken (``active``) until the tunnel closes
-        aff, req = self.affinity, self.req
-        tunnel = Tunnel(
-            self.loop,
-            client,
-            up.transport,
-            listener=self.lr.stats,
-            group=self.group.name,
-            server=server,
-            idle_timeout=self.lr.config.timeouts.idle,
-            client_addr=self.down.client_addr,
-            method_path=(req.method.decode("latin-1"), req.target.decode("latin-1")),
-            access=self.ctx.access,
-            on_close=aff.tunnel_closed if aff is not None and aff.sid is not None else None,
-        )
-        if self.pending:
-            client_pending += b"".join(self.pending)
-            self.pending = []
-        tunnel.start(client_pending, rest)
 
     def bad_gateway(self, reason: str, kind: str = "protocol") -> None:
         server = self.dispatch.server
@@ -421,13 +450,13 @@ class Exchange:
         if self.response.started:
             self.cut()
             return
-        self.dispatch.release(reuse=False)
+        self.dispatch.release(self, reuse=False)
         self.answer(status, reason)
 
     def cut(self) -> None:
         """The response has started: the client can only learn of a failure from a cut."""
         self.done = True
-        self.dispatch.release(reuse=False)
+        self.dispatch.release(self, reuse=False)
         self.down.cut()
 
     def answer(self, status: int, reason: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
@@ -466,21 +495,20 @@ class Dispatch:
     """Where one exchange's request goes: a server (its session's pin, or the scheduler's
     pick), a connection to it (an idle pooled one, or a new connect) with the request head
     sent on it, and trying again elsewhere where that is safe (see the module docstring).
-    Owns the servers tried, the server in use and the connection to it."""
+    Owns the servers tried, the server in use and the connection to it, until it is released
+    or handed to a tunnel after a 101."""
 
-    __slots__ = ("connect_task", "ex", "server", "tried", "up")
+    __slots__ = ("connect_task", "server", "tried", "up")
 
-    def __init__(self, ex: Exchange) -> None:
-        self.ex = ex
+    def __init__(self) -> None:
         self.tried: list[ServerState] = []
         self.server: ServerState | None = None
         self.up: upstream.UpstreamConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
 
-    def choose(self, server: ServerState | None = None) -> None:
+    def choose(self, ex: Exchange, server: ServerState | None = None) -> None:
         """Send the request to ``server``, or to the one its session is pinned to, or to the
         scheduler's pick; 503 when there is none."""
-        ex = self.ex
         group = ex.group
         if server is None:
             aff = ex.affinity
@@ -491,7 +519,7 @@ class Dispatch:
                 if group.pinnable(pinned) and pinned not in self.tried:
                     server = pinned
             if server is None:
-                server = group.pick(self._hash_key(), self.tried)
+                server = group.pick(self._hash_key(ex), self.tried)
         if server is None:
             ex.answer(503, "no server available", (("Retry-After", "1"),))
             return
@@ -500,15 +528,14 @@ class Dispatch:
         server.active += 1
         conn = server.pool.take(ex.loop.time(), group.config.keepalive_timeout)
         if conn is not None:
-            self._attach(conn)
+            self._attach(ex, conn)
         else:
             ex.pause(_P_WAITING)
             timeout = ex.lr.config.timeouts.connect
-            self.connect_task = ex.loop.create_task(self._connect(server, timeout))
+            self.connect_task = ex.loop.create_task(self._connect(ex, server, timeout))
 
-    def _hash_key(self) -> str:
+    def _hash_key(self, ex: Exchange) -> str:
         """What ``sh`` hashes: the client address, or the first X-Forwarded-For address."""
-        ex = self.ex
         if ex.group.hash_xff:
             for name, value in ex.req.headers:
                 if name.lower() == b"x-forwarded-for":
@@ -517,31 +544,31 @@ class Dispatch:
                         return first.decode("latin-1")
         return ex.down.client_ip
 
-    async def _connect(self, server: ServerState, timeout: float) -> None:
+    async def _connect(self, ex: Exchange, server: ServerState, timeout: float) -> None:
         try:
             conn = await upstream.connect(server.address, timeout)
         except TimeoutError:
             self.connect_task = None
-            self.failed(server, "timeout", f"connect timeout after {timeout:g}s", True)
+            self.failed(ex, server, "timeout", f"connect timeout after {timeout:g}s", True)
         except OSError as exc:
             self.connect_task = None
             if exc.errno in _OUT_OF_RESOURCES:
-                self._out_of_resources(exc)
+                self._out_of_resources(ex, exc)
             else:
-                self.failed(server, "connect", describe(exc), True)
+                self.failed(ex, server, "connect", describe(exc), True)
         else:
             self.connect_task = None
-            if self.ex.done or self.server is not server:
+            if ex.done or self.server is not server:
                 conn.close()
                 return
-            self._attach(conn)
+            self._attach(ex, conn)
 
-    def _attach(self, conn: upstream.UpstreamConnection) -> None:
-        ex, server = self.ex, self.server
+    def _attach(self, ex: Exchange, conn: upstream.UpstreamConnection) -> None:
+        server = self.server
         assert server is not None
-        conn.handler = ex.response
+        conn.handler = ex
         self.up = conn
-        head = self.upstream_head(server)
+        head = self.upstream_head(ex, server)
         if ex.pending:
             head += b"".join(ex.pending)
             ex.body_sent = True
@@ -552,9 +579,8 @@ class Dispatch:
         ex.sent()
         ex.resume(_P_WAITING)
 
-    def upstream_head(self, server: ServerState) -> bytes:
+    def upstream_head(self, ex: Exchange, server: ServerState) -> bytes:
         """The request head as ``server`` gets it."""
-        ex = self.ex
         config = ex.lr.config
         return headers.upstream_request_head(
             ex.req,
@@ -565,19 +591,20 @@ class Dispatch:
             upgrade=ex.upgrade,
         )
 
-    def _out_of_resources(self, exc: OSError) -> None:
+    def _out_of_resources(self, ex: Exchange, exc: OSError) -> None:
         """The proxy itself is out of descriptors or memory: not the server's fault (no
         error counted, no passive failure), and nothing to retry elsewhere."""
-        log.warning("%s: cannot connect to a backend: %s", self.ex.down.client_addr, exc.strerror)
-        self.release(reuse=False)
-        self.ex.answer(503, "proxy out of resources", (("Retry-After", "1"),))
+        log.warning("%s: cannot connect to a backend: %s", ex.down.client_addr, exc.strerror)
+        self.release(ex, reuse=False)
+        ex.answer(503, "proxy out of resources", (("Retry-After", "1"),))
 
-    def failed(self, server: ServerState, kind: str, reason: str, fresh: bool) -> None:
+    def failed(
+        self, ex: Exchange, server: ServerState, kind: str, reason: str, fresh: bool
+    ) -> None:
         """The backend failed before any response byte; retry elsewhere or answer."""
-        ex = self.ex
         if ex.done:
             return
-        self.release(reuse=False)
+        self.release(ex, reuse=False)
         group = ex.group
         if fresh:
             server.stats.errors[kind] += 1
@@ -602,27 +629,26 @@ class Dispatch:
             if not fresh and group.pinnable(server):
                 nxt: ServerState | None = server  # a stale pooled entry: same server, new conn
             else:
-                nxt = group.pick(self._hash_key(), self.tried)
+                nxt = group.pick(self._hash_key(ex), self.tried)
             if nxt is not None:
                 if fresh:
                     ex.ctx.registry.count_retry(group.name)
-                self._retry(nxt, replay=ex.body_sent)
+                self._retry(ex, nxt, replay=ex.body_sent)
                 return
         ex.answer(504 if kind == "timeout" else 502, reason)
 
-    def _retry(self, server: ServerState, replay: bool) -> None:
+    def _retry(self, ex: Exchange, server: ServerState, replay: bool) -> None:
         """Send the request again, to ``server``; ``replay``: with the body kept for it."""
-        ex = self.ex
         if replay and ex.replay is not None:
             ex.pending = list(ex.replay)
             ex.pending_size = sum(map(len, ex.pending))
         ex.body_sent = False
-        self.choose(server)
+        self.choose(ex, server)
 
-    def sid_hunt(self, status: int) -> bool:
+    def sid_hunt(self, ex: Exchange, status: int) -> bool:
         """A response during a sid hunt: True when it is a 400 ("not my session") and the
         request went on to the next server; otherwise the answer is the client's."""
-        ex, server = self.ex, self.server
+        server = self.server
         aff = ex.affinity
         assert aff is not None and server is not None
         ttl = ex.lr.config.timeouts.idle
@@ -630,15 +656,46 @@ class Dispatch:
             return False
         if not ex.req_done or ex.replay is None:
             return False  # the body cannot be sent again: the 400 goes to the client
-        nxt = ex.group.pick(self._hash_key(), self.tried)
+        nxt = ex.group.pick(self._hash_key(ex), self.tried)
         if nxt is None:
             return False  # every server said no: the session is gone
-        self.release(reuse=False)  # the 400's body is not read: not reusable
+        self.release(ex, reuse=False)  # the 400's body is not read: not reusable
         ex.response.buf.clear()
-        self._retry(nxt, replay=True)
+        self._retry(ex, nxt, replay=True)
         return True
 
-    def release(self, reuse: bool) -> None:
+    def hand_over(self, ex: Exchange, head: bytes, rest: bytes) -> None:
+        """101: the client and the backend now talk directly through a Tunnel."""
+        server, up = self.server, self.up
+        assert server is not None and up is not None
+        ex.t_headers = _clock() - ex.t_sent
+        server.stats.upstream_response.observe(ex.t_headers)
+        ex.bytes_out += len(head)
+        ex.done = True
+        ex.account(101, access_line=False)  # the tunnel logs one line when it closes
+        client, client_pending = ex.down.upgrade(head)
+        up.handler = None
+        self.up = None  # the server stays taken (``active``) until the tunnel closes
+        aff, req = ex.affinity, ex.req
+        tunnel = Tunnel(
+            ex.loop,
+            client,
+            up.transport,
+            listener=ex.lr.stats,
+            group=ex.group.name,
+            server=server,
+            idle_timeout=ex.lr.config.timeouts.idle,
+            client_addr=ex.down.client_addr,
+            method_path=(req.method.decode("latin-1"), req.target.decode("latin-1")),
+            access=ex.ctx.access,
+            on_close=aff.tunnel_closed if aff is not None and aff.sid is not None else None,
+        )
+        if ex.pending:
+            client_pending += b"".join(ex.pending)
+            ex.pending = []
+        tunnel.start(client_pending, rest)
+
+    def release(self, ex: Exchange, reuse: bool) -> None:
         """Done with the server: one open request less, and the connection back to its pool
         (``reuse``) or closed (a connect under way is cancelled)."""
         server = self.server
@@ -655,19 +712,19 @@ class Dispatch:
         last = self.tried[-1] if self.tried else None
         if reuse and last is not None and not up.closed:
             up.transport.resume_reading()
-            last.pool.put(up, self.ex.loop.time(), self.ex.group.config.keepalive_connections)
+            last.pool.put(up, ex.loop.time(), ex.group.config.keepalive_connections)
         else:
             up.close()
 
 
 class Response:
-    """The upstream side of one exchange: the backend connection's handler while the exchange
-    uses it. Reads the response head, frames the body, relays both downstream."""
+    """The response side of one exchange: reads the backend's response head, frames the body,
+    relays both downstream. The exchange (the backend connection's handler) passes itself in:
+    nothing here points back at it, so a finished exchange is freed by reference counting."""
 
-    __slots__ = ("buf", "decode", "ex", "head", "kind", "remaining", "started", "tracker")
+    __slots__ = ("buf", "decode", "head", "kind", "remaining", "started", "tracker")
 
-    def __init__(self, ex: Exchange) -> None:
-        self.ex = ex
+    def __init__(self) -> None:
         self.head: ResponseHead | None = None
         self.buf = bytearray()  # response head bytes not parsed yet
         self.kind = BODY_NONE
@@ -676,31 +733,9 @@ class Response:
         self.decode = False  # chunked framing removed for this client
         self.started = False  # response bytes went downstream: no retry, a failure is a cut
 
-    # ------------------------------------------------------------------ upstream.Handler
-    def upstream_data(self, data: bytes) -> None:
-        ex = self.ex
-        ex.down.last = ex.loop.time()
-        if self.head is None:
-            self.buf += data
-            self._read_head()
-            return
-        self._body(data)
-
-    def upstream_eof(self) -> None:
-        self._ended(None)
-
-    def upstream_lost(self, exc: Exception | None) -> None:
-        self._ended(exc)
-
-    def upstream_pause(self) -> None:
-        self.ex.pause(_P_UPSTREAM_FULL)
-
-    def upstream_resume(self) -> None:
-        self.ex.resume(_P_UPSTREAM_FULL)
-
     # ------------------------------------------------------------------ head
-    def _read_head(self) -> None:
-        buf, ex = self.buf, self.ex
+    def read_head(self, ex: Exchange) -> None:
+        buf = self.buf
         while self.head is None and not ex.done:
             try:
                 resp = parse_response_head(buf)
@@ -716,8 +751,8 @@ class Response:
             if status == 101:
                 if ex.upgrade:
                     if aff is not None and aff.hunt:
-                        ex.dispatch.sid_hunt(status)  # found the session's server: pin it
-                    ex.hand_over(raw, bytes(buf))
+                        ex.dispatch.sid_hunt(ex, status)  # found the session's server: pin it
+                    ex.dispatch.hand_over(ex, raw, bytes(buf))
                 else:
                     ex.bad_gateway("101 Switching Protocols to a request that asked for none")
                 return
@@ -725,21 +760,20 @@ class Response:
                 # Interim responses (100 Continue, 103 Early Hints) go to HTTP/1.1 clients as-is
                 # (an HTTP/2 stream drops them: it frames only what follows its send_head).
                 if ex.req.version >= 1:
-                    self._write(raw)
+                    self._write(ex, raw)
                 continue
-            if aff is not None and aff.hunt and ex.dispatch.sid_hunt(status):
+            if aff is not None and aff.hunt and ex.dispatch.sid_hunt(ex, status):
                 return
-            self._start(resp)
+            self._start(ex, resp)
             if buf and not ex.done:
                 rest = bytes(buf)
                 buf.clear()
-                self._body(rest)
+                self.body(ex, rest)
             elif not ex.done:
                 ex.down.flush()  # the body comes in a later read
             return
 
-    def _start(self, resp: ResponseHead) -> None:
-        ex = self.ex
+    def _start(self, ex: Exchange, resp: ResponseHead) -> None:
         server = ex.dispatch.server
         assert server is not None
         ex.t_headers = _clock() - ex.t_sent
@@ -765,12 +799,11 @@ class Response:
             ex.finish()
 
     # ------------------------------------------------------------------ body
-    def _write(self, data: bytes) -> None:
-        self.ex.bytes_out += len(data)
-        self.ex.down.write(data)
+    def _write(self, ex: Exchange, data: bytes) -> None:
+        ex.bytes_out += len(data)
+        ex.down.write(data)
 
-    def _body(self, data: bytes) -> None:
-        ex = self.ex
+    def body(self, ex: Exchange, data: bytes) -> None:
         aff = ex.affinity
         if aff is not None and aff.probe is not None:
             server = ex.dispatch.server
@@ -782,15 +815,15 @@ class Response:
             n = self.remaining
             if len(data) < n:
                 self.remaining = n - len(data)
-                self._write(data)
+                self._write(ex, data)
                 return
             if len(data) > n:
                 # Bytes beyond the declared length: the connection is not reusable.
-                self._write(data[:n])
+                self._write(ex, data[:n])
                 self.remaining = 0
                 ex.finish(reuse=False)
                 return
-            self._write(data)
+            self._write(ex, data)
             self.remaining = 0
             ex.finish()
         elif kind == BODY_CHUNKED:
@@ -800,22 +833,22 @@ class Response:
                 if self.decode:
                     pieces, used = tracker.feed_decode(data)
                     for p in pieces:
-                        self._write(p)
+                        self._write(ex, p)
                 else:
                     used = tracker.feed(data)
-                    self._write(data[:used] if used < len(data) else data)
+                    self._write(ex, data[:used] if used < len(data) else data)
             except ParseError as exc:
                 ex.bad_gateway(f"invalid chunked response: {exc.reason}")
                 return
             if tracker.done:
                 ex.finish(reuse=used == len(data))
         elif kind == BODY_CLOSE:
-            self._write(data)
+            self._write(ex, data)
         else:
             ex.finish(reuse=False)  # bytes after a body-less response
 
-    def _ended(self, exc: Exception | None) -> None:
-        ex = self.ex
+    def ended(self, ex: Exchange, exc: Exception | None) -> None:
+        """The backend connection closed (``exc``: why, if known)."""
         up, server = ex.dispatch.up, ex.dispatch.server
         if ex.done or up is None:
             return
@@ -824,7 +857,7 @@ class Response:
         if resp is None:
             reason = describe(exc) if exc else "closed before responding"
             if not self.buf:
-                ex.dispatch.failed(server, "reset", reason, fresh=not up.reused)
+                ex.dispatch.failed(ex, server, "reset", reason, fresh=not up.reused)
             else:
                 ex.bad_gateway(f"incomplete response head: {reason}", "reset")
             return

@@ -5,11 +5,12 @@ request still reaches a real backend and its answer comes back, framed for that 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 
 from lbproxy.app import Proxy
-from lbproxy.exchange import Exchange
+from lbproxy.exchange import Dispatch, Exchange, Response
 from lbproxy.http1 import BODY_CHUNKED, BODY_LENGTH, ResponseHead, parse_request_head
 from tests.support import config_doc, wait_for
 
@@ -132,3 +133,23 @@ async def test_an_exchange_with_no_server_answers_503_through_its_front_end(
     ex.send()
     await asyncio.wait_for(down.ended.wait(), 10)
     assert down.errors == [503] and ex.done
+
+
+async def test_a_finished_exchange_is_freed_without_the_cycle_collector(make_backend, make_proxy):
+    """Nothing in an exchange points back at it: once its front end lets go, reference
+    counting frees it (no per-request garbage left for the cycle collector)."""
+    a = await make_backend("A")
+    proxy = await make_proxy(config_doc([a.address]))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            ex, down = exchange(proxy, b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+            ex.send()
+            await asyncio.wait_for(down.ended.wait(), 10)
+            assert bytes(down.body) == b"A"
+            del ex, down
+        await asyncio.sleep(0)
+        assert not [o for o in gc.get_objects() if isinstance(o, (Exchange, Dispatch, Response))]
+    finally:
+        gc.enable()
