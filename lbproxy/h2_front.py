@@ -483,17 +483,14 @@ class Stream:
             log.warning("%s: response head not sendable over HTTP/2: %s", self.client_addr, exc)
             with contextlib.suppress(ProtocolError):
                 self.conn.h2.reset_stream(self.sid, ErrorCodes.INTERNAL_ERROR)
+            ex = self.exchange
+            if ex is not None:
+                # After the exchange's send_head returns: it lets its backend go as after a cut.
+                self.conn.loop.call_soon(_cut, ex)
             self._finished()
-            # After the exchange's send_head returns: it lets its backend go as after a cut.
-            self.conn.loop.call_soon(self._cut_exchange)
             return 0
         self.end_sent = ended
         return sum(len(k) + len(v) + 4 for k, v in fields)  # as an HTTP/1.1 head would count
-
-    def _cut_exchange(self) -> None:
-        ex = self.exchange
-        if ex is not None and not ex.done:
-            ex.cut()
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -594,6 +591,7 @@ class Stream:
         self.closed = True
         self.out.clear()
         self._give_back()
+        self.exchange = None  # no cycle with its Downstream: reference counting frees both
         self.conn.stream_done(self)
 
     def _give_back(self) -> None:
@@ -634,6 +632,7 @@ class Stream:
         self.out.clear()
         self._give_back()
         ex = self.exchange
+        self.exchange = None
         if ex is not None and not ex.done:
             ex.client_gone()
 
@@ -739,3 +738,8 @@ def response_fields(resp: ResponseHead, extra: tuple[bytes, ...]) -> list[tuple[
         name, _, value = line.partition(b":")
         fields.append((name.strip().lower(), value.strip()))
     return fields
+
+
+def _cut(ex: Exchange) -> None:
+    if not ex.done:
+        ex.cut()

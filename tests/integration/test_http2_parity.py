@@ -6,6 +6,7 @@ stream; a stream the client resets releases its backend (499)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import ssl
@@ -16,6 +17,8 @@ import pytest
 from hyperframe.frame import HeadersFrame
 
 from lbproxy.app import Proxy
+from lbproxy.exchange import Exchange
+from lbproxy.h2_front import Http2Connection, Stream
 from tests.h2client import GoAwayFrame, RawH2, RstStreamFrame
 from tests.hardening import make_cert, openssl_available
 from tests.support import RawServer, read_request_head, wait_for
@@ -288,3 +291,35 @@ async def test_a_client_goaway_closes_the_connection_and_releases_its_backends(
         pass
     await wait_for(lambda: server.active == 0, what="the backend to be released")
     assert proxy.registry.listeners["secure"].connections_active == 0
+
+
+async def test_finished_streams_and_exchanges_are_freed_without_the_cycle_collector(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    proxy = await make_proxy(doc(cert, {"rs1": [a.address]}))
+    c = await raw(proxy, cert)
+    sid = c.request("/whoami")
+    await c.response(sid)  # imports and pools warmed up
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            sid = c.request("/whoami")
+            _, body = await c.response(sid)
+            assert body == b"A"
+        sid = c.request("/sleep/5")
+        await wait_for(lambda: len(a.requests) == 5, what="the backend to get the request")
+        c.reset(sid)  # and one the client resets
+        await wait_for(lambda: not h2_streams(proxy), what="the stream to end")
+        await asyncio.sleep(0)
+        assert not [o for o in gc.get_objects() if isinstance(o, Exchange | Stream)]
+    finally:
+        gc.enable()
+    c.close()
+
+
+def h2_streams(proxy: Proxy) -> list[Stream]:
+    return [
+        s for c in proxy.connections() if isinstance(c, Http2Connection) for s in c.streams.values()
+    ]
