@@ -83,6 +83,8 @@ GOAWAY_GRACE = 1.0  # seconds the first GOAWAY waits for its PING to come back
 _LAST_STREAM_ID = 2**31 - 1
 _PING = b"lbproxyG"
 _NEVER_DROPPED = frozenset({b"content-length", b"host"})
+FLUSH_AT_ONCE = 16384  # a client read this large is answered at once, not at the turn's end
+_P_UNREAD = 1  # why the client's socket is not read (a bit of ClientSocket.paused)
 
 
 class Alpn(asyncio.Protocol):
@@ -187,7 +189,13 @@ class Http2Connection(ClientSocket):
             self._close_after_write()
             return
         self._events(events)
-        self.send()
+        if len(data) >= FLUSH_AT_ONCE:
+            # A large read may bring frames that each ask for an answer (PINGs, SETTINGS): they
+            # go to the transport now, so that its flow control can stop reading the client
+            # before the next read (TLS delivers several in one turn of the loop).
+            self.flush()
+        else:
+            self.send()
 
     def _events(self, events: list[Event]) -> None:
         # Pass one: the streams this batch resets; pass two: the events, a stream opened and
@@ -243,12 +251,18 @@ class Http2Connection(ClientSocket):
         self._close()
 
     def pause_writing(self) -> None:
+        # The client does not read what it is sent: no more from the backends, and nothing
+        # more read from it either, for every frame it sends may ask for an answer (PING,
+        # SETTINGS, a request): a client flooding them without reading would otherwise pile
+        # the answers up here (CVE-2019-9512, -9515). Reading resumes once it has read.
         self.write_paused = True
+        self._pause(_P_UNREAD)
         for stream in list(self.streams.values()):
             stream.sync_upstream()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._resume(_P_UNREAD)
         for stream in list(self.streams.values()):
             stream.sync_upstream()
 

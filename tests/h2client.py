@@ -6,6 +6,7 @@ would hide or refuse some of it: it moves to CLOSED on the first GOAWAY."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 from hpack import Decoder, Encoder
@@ -39,10 +40,22 @@ class RawH2:
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, cafile: str, settings: dict[int, int] | None = None
+        cls,
+        host: str,
+        port: int,
+        cafile: str,
+        settings: dict[int, int] | None = None,
+        rcvbuf: int = 0,
     ) -> RawH2:
+        """``rcvbuf``: a small socket receive buffer, so that a client that stops reading
+        soon stops the proxy's writes too (instead of the kernel taking megabytes)."""
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
         reader, writer = await asyncio.open_connection(
-            host, port, ssl=h2_context(cafile), server_hostname="localhost"
+            sock=sock, ssl=h2_context(cafile), server_hostname="localhost", limit=rcvbuf or 65536
         )
         ssl_object = writer.get_extra_info("ssl_object")
         assert ssl_object.selected_alpn_protocol() == "h2"

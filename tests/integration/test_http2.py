@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import shutil
+import socket
 import ssl
 from pathlib import Path
 
@@ -512,3 +513,30 @@ async def test_data_held_unacknowledged_goes_back_to_the_connection_window(
     # Every byte received is either still open in the window or processed (to be announced).
     assert window.current_window_size + window._bytes_processed == window.max_window_size
     c.close()
+
+
+async def test_a_ping_flood_from_a_client_that_does_not_read_is_not_buffered(
+    make_backend, make_proxy, cert
+):
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    addr = proxy.listeners.address("secure")
+    c = await RawH2.connect(addr.host, addr.port, cert[0], rcvbuf=4096)
+    await wait_for(lambda: bool(h2_connections(proxy)), what="the connection")
+    (conn,) = h2_connections(proxy)
+    # Small kernel buffers both ways (the kernel would otherwise take megabytes on loopback,
+    # hiding what the proxy does): a client that does not read soon blocks the proxy's writes.
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    ping = PingFrame(0)
+    ping.opaque_data = b"flooding"
+    frame = ping.serialize()
+    c.writer.write(frame * 200_000)  # 3.4 MB of PINGs, 3.4 MB of answers; never read
+    peak = 0
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        peak = max(peak, conn.transport.get_write_buffer_size())
+    # Once its answers pass the transport's high-water mark (512 KiB), the client is not read
+    # any more: the proxy holds about that mark and one read's answers, not 3.4 MB.
+    assert conn.paused, "the proxy should have stopped reading the client"
+    assert peak < 1024 * 1024, peak
+    c.writer.transport.abort()
