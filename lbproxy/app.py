@@ -1,9 +1,12 @@
 """The running proxy: wires the pure core to the I/O owners and runs their one lifecycle.
 
 Owns ``Proxy``: start (build the first snapshot, bind, start checks and admin), ``reload``
-(load -> validate -> build -> bind -> swap, all or nothing) and ``close``, the single ordered
-shutdown path: stop accepting, let HTTP requests in flight finish, give WebSocket tunnels up
-to ``shutdown_timeout``, close what remains, then stop the background owners.
+(load -> validate -> build -> bind -> swap, all or nothing), the runtime server state
+(``set_server_state``: admin state and weight overrides, and the drains they begin) and
+``close``, the single ordered shutdown path: stop accepting, let HTTP requests in flight
+finish, give WebSocket tunnels up to ``shutdown_timeout``, send the ones left a close frame
+(1001) both ways and give their close handshake a moment, cut what remains, then stop the
+background owners.
 """
 
 from __future__ import annotations
@@ -18,12 +21,20 @@ from typing import TYPE_CHECKING
 from . import metrics
 from .access_log import AccessLog
 from .checker import Checker
-from .config import Config, ConfigError, loads_config, read_config_file
+from .config import (
+    WS_CLOSE_HANDSHAKE_TIMEOUT,
+    Config,
+    ConfigError,
+    loads_config,
+    read_config_file,
+)
+from .drain import Drainer
 from .health import Event, State, Transition
 from .http_proxy import ClientConnection, Context
 from .listener import BindError, Listeners, probe_binds
 from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .tunnel import Tunnel
+from .wsframes import GOING_AWAY
 
 if TYPE_CHECKING:
     from .admin import AdminServer, PendingBind
@@ -95,6 +106,7 @@ class Proxy:
         self.ctx = Context(self.registry, self.access, PassiveHealth(self._transition))
         self.listeners = Listeners(self.ctx, reuse_port=role.reuse_port)
         self.checker = Checker(self._transition, self.registry)
+        self.drainer = Drainer()
         self.reload_lock = asyncio.Lock()
         self.last_reload: tuple[float, bool, str] = (time.time(), True, "started")
         self._removed: dict[str, ServerState] = {}
@@ -179,10 +191,11 @@ class Proxy:
         if admin_move is not None:
             await admin_move.commit()
             log.info("admin now on http://%s/", config.admin.bind)
-        self.state.commit(snap)
+        draining = self.state.commit(snap)
         self.holder.current = snap  # the swap: new connections and requests see it from here
         self.access.configure(config.access_log)
         self._retire(changes)
+        self._begin_drains(draining, old)
         self._sync_backend_up(snap)
         if self.role.check:
             self.checker.apply(snap)
@@ -229,6 +242,44 @@ class Proxy:
             self._removed.pop(s.id, None)
         self._forget_idle_removed()
 
+    def _begin_drains(self, servers: list[ServerState], old: Snapshot) -> None:
+        """``servers`` just began draining: idle pooled connections go now (busy ones after
+        their response), and with a drain_timeout their tunnels are closed over it. The
+        group's settings in force decide (the old snapshot's, if the group itself left)."""
+        current = self.holder.current
+        for s in servers:
+            s.pool.close()
+            group = current.groups.get(s.group) or old.groups.get(s.group)
+            if group is not None:
+                cfg = group.config
+                self.drainer.start(s, cfg.drain_timeout, cfg.drain_close_code)
+        self.drainer.prune()
+
+    def set_server_state(
+        self, sid: str, admin_state: str | None = None, weight: int | None = None
+    ) -> ServerState:
+        """The runtime API: override a server's admin state and/or weight (kept across
+        reloads while the server stays in the config). Raises KeyError for an unknown id."""
+        server, began = self.state.set_override(sid, admin_state, weight)
+        log.info(
+            "server %s: admin_state %s, weight %d%s",
+            sid,
+            server.admin_state,
+            server.weight,
+            " (draining)" if server.draining else "",
+        )
+        snap = self.holder.current
+        self._begin_drains([server] if began else [], snap)
+        self._sync_backend_up(snap)
+        return server
+
+    def overrides(self) -> dict[str, dict[str, object]]:
+        """The runtime overrides in force, for workers and /status (id -> what was set)."""
+        return {
+            sid: {"admin_state": o.admin_state, "weight": o.weight}
+            for sid, o in self.state.overrides.items()
+        }
+
     def _forget_idle_removed(self) -> None:
         for sid, s in list(self._removed.items()):
             if s.active <= 0 and s.stats.idle:
@@ -257,6 +308,11 @@ class Proxy:
                 server.label,
                 1 if server.health.available else 0,
             )
+            self.registry.backend_state[server.id] = (
+                server.group,
+                server.label,
+                server.state_name,
+            )
         if self.on_health_change is not None:
             self.on_health_change()
 
@@ -273,13 +329,26 @@ class Proxy:
 
     def _sync_backend_up(self, snap: Snapshot) -> None:
         up = self.registry.backend_up
+        states = self.registry.backend_state
         for g in snap.groups.values():
             for s in g.servers:
                 ok = s.health.available if g.checks else True
                 up[s.id] = (s.group, s.label, 1 if ok else 0)
+                states[s.id] = (
+                    s.group,
+                    s.label,
+                    "up" if not g.checks and not s.draining else s.state_name,
+                )
         for sid in list(up):
             if sid not in self.state.servers:
                 del up[sid]
+        for sid in list(states):
+            if sid not in self.state.servers:
+                gone = self._removed.get(sid)
+                if gone is None:
+                    del states[sid]
+                else:  # removed, its tunnels still open
+                    states[sid] = (gone.group, gone.label, "draining")
 
     async def _sweep(self) -> None:
         """Close expired idle upstream connections; forget drained removed servers."""
@@ -322,18 +391,27 @@ class Proxy:
         # rare, and a 50 ms granularity is far below any timeout a user sets.
         while self.connections() and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        self.drainer.close()
         left = self.connections()
         if left:
             log.info("shutdown: closing %d connections still open", len(left))
+        tunnels = [c for c in left if isinstance(c, Tunnel)]
         for c in left:
-            if isinstance(c, Tunnel):
-                c.shutdown()
-            else:
+            if not isinstance(c, Tunnel):
                 c.transport.abort()
                 c.connection_lost(None)
+        # WebSockets end with a close frame (1001) both ways, so clients see a clean close.
+        for t in tunnels:
+            t.go_away(GOING_AWAY, "shutdown")
+        deadline = loop.time() + WS_CLOSE_HANDSHAKE_TIMEOUT
+        while any(not t.closed for t in tunnels) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for t in tunnels:
+            t.shutdown()  # no answer in time (or still mid-frame): cut
         await self.stop_background()
 
     async def stop_background(self) -> None:
+        self.drainer.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)

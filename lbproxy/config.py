@@ -42,6 +42,10 @@ ACCEPT_RETRY_DELAY = 0.1
 # Not a user setting: after an error answer to a client that may still be sending, how long
 # the proxy goes on reading (and dropping) before it closes (RFC 9112 9.6).
 LINGER_TIMEOUT = 2.0
+# A WebSocket the proxy closes (drain, shutdown): how long the close handshake may take once
+# both close frames are out, and how long a frame in flight may take to end before them.
+WS_CLOSE_HANDSHAKE_TIMEOUT = 2.0
+WS_CLOSE_FRAME_WAIT = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_ADMIN_BIND = "127.0.0.1:8404"
 # Multi-worker internals (not user settings): how long the supervisor waits for a worker to
@@ -194,6 +198,10 @@ class ServerGroup:
     keepalive_timeout: float = 4.0
     hash_key: str = "client_ip"  # what sh hashes: "client_ip" or "x_forwarded_for"
     sticky: StickySession | None = None  # None: no session persistence
+    # A draining server's open WebSockets: 0 leaves them until they end; above 0 the proxy
+    # closes them itself (close frames both ways), spread evenly over this window.
+    drain_timeout: float = 0.0
+    drain_close_code: int = 1001  # 1001 Going Away, or 1012 Service Restart
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +377,23 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _duration_or_zero(value: Any) -> float:
+    """A duration that may also be 0 (``0``, ``0s``): "off"."""
+    if not isinstance(value, bool):
+        m = _DURATION.match(value) if isinstance(value, str) else None
+        if value == 0 or (m is not None and float(m.group(1)) == 0):
+            return 0.0
+    return parse_duration(value)
+
+
+def _drain_code(value: Any) -> int:
+    if isinstance(value, bool) or value not in (1001, 1012):
+        raise ValueError(
+            f"expected 1001 (Going Away) or 1012 (Service Restart), got {_show(value)}"
+        )
+    return int(value)
+
+
 def _int_in(low: int, high: int) -> Callable[[Any], int]:
     def conv(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -520,6 +545,8 @@ _GROUP_KEYS = (
     "keepalive_timeout",
     "hash_key",
     "sticky_session",
+    "drain_timeout",
+    "drain_close_code",
 )
 _STICKY_KEYS = ("type", "cookie", "cookie_timeout", "socketio", "socketio_path")
 _SERVER_KEYS = ("address", "weight")
@@ -795,16 +822,29 @@ def _server_groups(r: _Reader, doc: Any) -> list[ServerGroup]:
         )
         ka_timeout = r.get(g, "keepalive_timeout", path, parse_duration, d.keepalive_timeout)
         hash_key = r.get(g, "hash_key", path, _choice("client_ip", "x_forwarded_for"), d.hash_key)
+        drain = r.get(g, "drain_timeout", path, _duration_or_zero, d.drain_timeout)
+        drain_code = r.get(g, "drain_close_code", path, _drain_code, d.drain_close_code)
         before = len(r.problems)
         sticky = _sticky(r, g.get("sticky_session"), f"{path}.sticky_session")
-        if None in (scheduler, servers, check, keepalive, ka_timeout, hash_key):
+        if None in (scheduler, servers, check, keepalive, ka_timeout, hash_key, drain, drain_code):
             continue
         if len(r.problems) > before:
             continue
         assert scheduler and servers is not None and check and keepalive is not None
-        assert ka_timeout and hash_key
+        assert ka_timeout and hash_key and drain is not None and drain_code is not None
         out.append(
-            ServerGroup(gname, servers, scheduler, check, keepalive, ka_timeout, hash_key, sticky)
+            ServerGroup(
+                gname,
+                servers,
+                scheduler,
+                check,
+                keepalive,
+                ka_timeout,
+                hash_key,
+                sticky,
+                drain,
+                drain_code,
+            )
         )
     return out
 

@@ -896,7 +896,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.up = None
         server = self.tried[-1] if self.tried else None
-        if reuse and server is not None and not up.closed:
+        # A draining server's keep-alive connections close after their current response.
+        if reuse and server is not None and not up.closed and not server.draining:
             up.transport.resume_reading()
             server.pool.put(up, self.loop.time(), self.group.config.keepalive_connections)
         else:

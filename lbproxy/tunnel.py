@@ -1,17 +1,26 @@
-"""The WebSocket byte tunnel: two transports joined after a 101, with nothing in between.
+"""The WebSocket tunnel: two transports joined after a 101, and what the proxy may add to it.
 
-Owns the data path of every upgraded connection. Bytes are written to the other side as
-they arrive — never decoded or re-framed, so subprotocols, permessage-deflate, fragments,
+Owns the data path of every upgraded (WebSocket) connection. Bytes are written to the other side as
+they arrive, never decoded or re-framed, so subprotocols, permessage-deflate, fragments,
 ping/pong and close codes pass byte for byte. Backpressure is the transports' own: when one
 side's write buffer passes its high-water mark, reading from the other side pauses until it
 drains, so a fast sender cannot grow the proxy's memory.
 
-No task per tunnel: two tiny Protocol objects and one timer. Per chunk the work is a write,
-one clock read and an integer addition. The idle timer is lazy: it wakes at the earliest
-possible expiry and re-arms itself from the last activity instead of being reset per chunk.
+The tunnel also follows WebSocket frame *headers* in both directions (``wsframes``):
+payloads are skipped by length, never unmasked or copied, and what is forwarded is exactly
+what was read. Knowing where frames begin lets it count messages and close codes and, to
+drain or shut down, put a close frame between two frames (never inside one) toward each
+side, then wait briefly for the close handshake. Only ``Upgrade: websocket`` is tunneled:
+any other Upgrade header is removed on the way to the backend (as hop-by-hop), which also
+keeps h2c smuggling out.
+
+No task per tunnel: two small Protocol objects and one timer. Per chunk the work is a write,
+one clock read, an integer comparison and an addition; a frame header is parsed only where a
+frame starts. The idle timer is lazy: it wakes at the earliest possible expiry and re-arms
+itself from the last activity instead of being reset per chunk.
 
 Timeouts come from the snapshot the tunnel started with and never change after (a reload
-does not touch open tunnels).
+does not touch open tunnels); the close-handshake bounds come from ``config``.
 """
 
 from __future__ import annotations
@@ -20,6 +29,17 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .config import WS_CLOSE_FRAME_WAIT, WS_CLOSE_HANDSHAKE_TIMEOUT
+from .wsframes import (
+    MAX_HEADER,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_TEXT,
+    close_code,
+    close_frame,
+    parse_header,
+)
+
 if TYPE_CHECKING:
     from .access_log import AccessLog
     from .metrics import ListenerStats
@@ -27,20 +47,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lbproxy.tunnel")
 
-# Bytes kept of each side's last chunk: enough to hold a whole close frame (at most 2 + 4 + 125).
-_TAIL = 131
+# What a frame-aware side does with what it reads.
+_FORWARD = 0  # pass it on
+_INJECT = 1  # pass it on up to the next frame boundary, then send ``pending`` instead
+_DROP = 2  # the proxy has sent its own close frame: read (for the reply), pass nothing on
 
 
 class _End(asyncio.Protocol):
-    """One side of a tunnel: what arrives here is written to ``peer``."""
+    """One side of a tunnel: what arrives here is written to ``peer``, frame headers followed."""
 
-    __slots__ = ("is_client", "peer", "tail", "tunnel")
+    __slots__ = (
+        "capture",
+        "cmask",
+        "is_client",
+        "messages",
+        "mode",
+        "partial",
+        "peer",
+        "pending",
+        "remaining",
+        "replied",
+        "tunnel",
+    )
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport, is_client: bool) -> None:
         self.tunnel = tunnel
         self.peer = peer
         self.is_client = is_client
-        self.tail = b""  # the end of the last chunk from this side (see Tunnel._initiator)
+        self.remaining = 0  # payload bytes of the current frame still to come
+        self.partial = b""  # the start of a frame header split across reads
+        self.capture: bytes | None = None  # the first bytes of a close frame's payload
+        self.cmask = b""
+        self.mode = _FORWARD
+        self.pending = b""  # the close frame waiting for a frame boundary (_INJECT)
+        self.messages = 0  # data messages passed on (a fragmented one counts once)
+        self.replied = False  # sent its close frame after the proxy's own (_DROP)
 
     def data_received(self, data: bytes) -> None:
         t = self.tunnel
@@ -50,35 +91,98 @@ class _End(asyncio.Protocol):
             t.bytes_in += n
         else:
             t.bytes_out += n
-        self.tail = data if n <= _TAIL else data[-_TAIL:]
-        t.last_end = self
-        self.peer.write(data)
+        rem = self.remaining
+        if rem >= n and self.capture is None and self.mode == _FORWARD:
+            # Inside a payload (the common case for large messages): nothing to look at.
+            self.remaining = rem - n
+            self.peer.write(data)
+            return
+        self._frames(data)
+
+    def _frames(self, data: bytes) -> None:
+        """Walk the frame headers in ``data``; forward, inject or drop as the mode says."""
+        n = len(data)
+        pos = 0
+        start = 0  # the first byte not yet forwarded (or dropped)
+        while pos < n:
+            rem = self.remaining
+            if rem:
+                take = n - pos if n - pos < rem else rem
+                if self.capture is not None:
+                    self._capture(data[pos : pos + take])
+                self.remaining = rem - take
+                pos += take
+                continue
+            if self.mode == _INJECT and not self.partial:
+                # A frame boundary: the rest of this side's stream is replaced by the close.
+                if pos > start:
+                    self.peer.write(data[start:pos])
+                self._inject_now()
+                start = pos
+            buf = (
+                self.partial + data[pos : pos + MAX_HEADER]
+                if self.partial
+                else data[pos : pos + MAX_HEADER]
+            )
+            hdr = parse_header(buf)
+            if hdr is None:
+                self.partial = bytes(buf)
+                pos = n
+                break
+            pos += hdr.size - len(self.partial)
+            self.partial = b""
+            self.remaining = hdr.length
+            op = hdr.opcode
+            if op in (OP_TEXT, OP_BINARY):
+                if self.mode != _DROP:
+                    self.messages += 1
+                    self.tunnel.count_message(self.is_client)
+            elif op == OP_CLOSE:
+                if hdr.length >= 2:
+                    self.capture = b""
+                    self.cmask = hdr.mask
+                else:
+                    self._close_frame(None)
+        if self.mode != _DROP:
+            self.peer.write(data if start == 0 else data[start:])
+
+    def _capture(self, piece: bytes) -> None:
+        got = self.capture
+        assert got is not None
+        got += piece[: 2 - len(got)]
+        if len(got) < 2:
+            self.capture = got
+            return
+        self.capture = None
+        self._close_frame(close_code(got, self.cmask))
+
+    def _close_frame(self, code: int | None) -> None:
+        if self.mode == _DROP:
+            self.replied = True  # the answer to the proxy's own close frame
+            self.tunnel.close_replied()
+        else:
+            self.tunnel.count_close("client" if self.is_client else "server", code)
+
+    def inject(self, frame: bytes) -> None:
+        """Send ``frame`` to the peer at the next frame boundary of this side's stream."""
+        self.pending = frame
+        if self.remaining == 0 and not self.partial:
+            self._inject_now()
+        else:
+            self.mode = _INJECT
+
+    def _inject_now(self) -> None:
+        self.peer.write(self.pending)
+        self.pending = b""
+        self.mode = _DROP
+        self.tunnel.close_injected()
 
     def eof_received(self) -> bool:
-        # Half-close: pass the FIN on and keep the other direction flowing until it ends too.
-        t = self.tunnel
-        if t.first_closer is None:
-            t.first_closer = "client" if self.is_client else "server"
-        if self.peer.can_write_eof() and not self.peer.is_closing():
-            self.peer.write_eof()
-        t.eofs += 1
-        if t.eofs >= 2:
-            t.close(None)
-            return False
-        # A TLS side cannot stay half-open (the transport closes after a close_notify and
-        # warns if asked to stay open): its connection_lost then closes the tunnel.
-        own = t.client if self.is_client else t.upstream
-        return own.can_write_eof()
+        return self.tunnel.side_eof(self.is_client)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        t = self.tunnel
-        if t.first_closer is None:
-            t.first_closer = "client" if self.is_client else "server"
-        if exc is not None and t.reason is None and not isinstance(exc, ConnectionResetError):
-            t.reason = "error"
-        t.close(None)
+        self.tunnel.side_lost(self.is_client, exc)
 
-    # My own transport's buffer is full: stop reading from the peer until it drains.
     def pause_writing(self) -> None:
         self.peer.pause_reading()
 
@@ -87,7 +191,7 @@ class _End(asyncio.Protocol):
 
 
 class Tunnel:
-    """An established WebSocket (or any upgraded) connection between a client and a server."""
+    """An established WebSocket connection between a client and a server."""
 
     __slots__ = (
         "access",
@@ -95,14 +199,17 @@ class Tunnel:
         "bytes_out",
         "client",
         "client_addr",
+        "close_code",
+        "close_side",
         "closed",
+        "ending",
         "ends",
         "eofs",
         "first_closer",
         "group",
         "idle",
+        "injected",
         "last",
-        "last_end",
         "listener",
         "loop",
         "method_path",
@@ -149,28 +256,40 @@ class Tunnel:
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None
         self.ends: tuple[_End, _End] | None = None  # (client side, server side)
-        self.last_end: _End | None = None  # the side that sent the last chunk
+        self.close_side: str | None = None  # who sent the first close frame
+        self.close_code: int | None = None  # and its code (None: a close frame without one)
+        self.ending: str | None = None  # why the proxy is closing it ("drain", "shutdown")
+        self.injected = 0  # close frames the proxy has written so far (0..2)
 
     def start(self, client_pending: bytes, upstream_pending: bytes) -> None:
         """Hand both transports to the tunnel and flush what arrived with the handshake."""
         client, upstream = self.client, self.upstream
-        self.ends = (_End(self, upstream, True), _End(self, client, False))
-        client.set_protocol(self.ends[0])
-        upstream.set_protocol(self.ends[1])
+        ends = self.ends = (_End(self, upstream, True), _End(self, client, False))
+        client.set_protocol(ends[0])
+        upstream.set_protocol(ends[1])
         self.listener.live.add(self)
+        self.server.tunnels.add(self)
         self.server.stats.ws_opened(self.listener.name)
+        client_end, server_end = ends
+        # The first bytes go through the same path as every later read: frames that came
+        # with the handshake are followed and counted like the rest.
         if upstream_pending:
-            self.bytes_out += len(upstream_pending)
-            client.write(upstream_pending)
+            server_end.data_received(upstream_pending)
         if client_pending:
-            self.bytes_in += len(client_pending)
-            upstream.write(client_pending)
+            client_end.data_received(client_pending)
         client.resume_reading()
         upstream.resume_reading()
         self.timer = self.loop.call_at(self.last + self.idle, self._on_timer)
 
     def live_bytes(self) -> tuple[int, int]:
         return self.bytes_in, self.bytes_out
+
+    def messages(self) -> tuple[int, int]:
+        """Data messages passed on: (client to server, server to client)."""
+        ends = self.ends
+        if ends is None:
+            return 0, 0
+        return ends[0].messages, ends[1].messages
 
     def _on_timer(self) -> None:
         deadline = self.last + self.idle
@@ -179,24 +298,84 @@ class Tunnel:
         else:
             self.timer = self.loop.call_at(deadline, self._on_timer)
 
+    # ------------------------------------------------------------------ frame events
+    def count_message(self, from_client: bool) -> None:
+        if from_client:
+            self.listener.ws_messages_in += 1
+        else:
+            self.listener.ws_messages_out += 1
+
+    def count_close(self, side: str, code: int | None) -> None:
+        """A close frame passed (or the proxy sent its own): count it, remember the first."""
+        self.listener.count_ws_close_code(side, code)
+        if self.close_side is None:
+            self.close_side = side
+            self.close_code = code
+
+    # ------------------------------------------------------------------ the proxy closes it
+    def go_away(self, code: int, reason: str) -> None:
+        """Close the WebSocket cleanly: a close frame with ``code`` to each side at its next
+        frame boundary, then the close handshake for at most WS_CLOSE_HANDSHAKE_TIMEOUT.
+        ``reason`` ("drain", "shutdown") is what the tunnel's end is counted as."""
+        if self.closed or self.ending is not None:
+            return
+        self.ending = reason
+        ends = self.ends
+        if ends is None:
+            self.close(reason)
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.close_side is not None:
+            # A close handshake is already under way: let it finish, briefly.
+            self.timer = self.loop.call_later(WS_CLOSE_HANDSHAKE_TIMEOUT, self.close, reason)
+            return
+        self.count_close("proxy", code)
+        self.timer = self.loop.call_later(WS_CLOSE_FRAME_WAIT, self.close, reason)
+        client_end, server_end = ends
+        server_end.inject(close_frame(code, masked=False))  # into the stream to the client
+        client_end.inject(close_frame(code, masked=True))  # into the stream to the server
+
+    def close_injected(self) -> None:
+        self.injected += 1
+        if self.injected == 2 and not self.closed:
+            # Both close frames are out: the handshake has its own, shorter bound.
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_later(WS_CLOSE_HANDSHAKE_TIMEOUT, self.close, self.ending)
+
+    def close_replied(self) -> None:
+        ends = self.ends
+        assert ends is not None
+        if ends[0].replied and ends[1].replied:
+            self.close(self.ending)
+
+    # ------------------------------------------------------------------ transport events
+    def side_eof(self, from_client: bool) -> bool:
+        """Half-close: pass the FIN on and keep the other direction flowing until it ends."""
+        if self.first_closer is None:
+            self.first_closer = "client" if from_client else "server"
+        peer = self.upstream if from_client else self.client
+        if peer.can_write_eof() and not peer.is_closing():
+            peer.write_eof()
+        self.eofs += 1
+        if self.eofs >= 2:
+            self.close(None)
+            return False
+        # A TLS side cannot stay half-open (the transport closes after a close_notify and
+        # warns if asked to stay open): its connection_lost then closes the tunnel.
+        own = self.client if from_client else self.upstream
+        return own.can_write_eof()
+
+    def side_lost(self, from_client: bool, exc: Exception | None) -> None:
+        if self.first_closer is None:
+            self.first_closer = "client" if from_client else "server"
+        if exc is not None and self.reason is None and not isinstance(exc, ConnectionResetError):
+            self.reason = "error"
+        self.close(None)
+
     def shutdown(self) -> None:
         self.close("shutdown")
-
-    def _initiator(self) -> str | None:
-        """Who started the WebSocket close handshake, if one passed through, else None.
-
-        TCP FIN order cannot tell: after a handshake the server closes first whoever began
-        (RFC 6455 section 7.1.1). Close frames are the last thing each side sends, so they
-        sit at the end of each side's last chunk; the reply is the later of the two."""
-        if self.ends is None:
-            return None
-        client, server = self.ends
-        c, s = _ends_with_close(client.tail), _ends_with_close(server.tail)
-        if c and s:
-            return "server" if self.last_end is client else "client"
-        if c or s:
-            return "client" if c else "server"
-        return None
 
     def close(self, reason: str | None) -> None:
         """Close both sides (pending writes are flushed first) and account for the tunnel."""
@@ -206,7 +385,14 @@ class Tunnel:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.reason = reason or self.reason or self._initiator() or self.first_closer or "error"
+        self.reason = (
+            reason
+            or self.ending
+            or self.reason
+            or (self.close_side if self.close_side != "proxy" else None)
+            or self.first_closer
+            or "error"
+        )
         self.client.close()
         self.upstream.close()
         now = self.loop.time()
@@ -216,30 +402,30 @@ class Tunnel:
         ls.bytes_out += self.bytes_out
         ls.connections_active -= 1
         ls.count_ws_close(self.group, self.reason, now - self.started)
-        self.server.stats.ws_closed(ls.name)
-        self.server.active -= 1
+        server = self.server
+        server.tunnels.discard(self)
+        server.stats.ws_closed(ls.name)
+        server.active -= 1
         if self.access.enabled:
             method, path = self.method_path
+            m_in, m_out = self.messages()
+            if self.close_side is None:
+                code = "-"
+            else:
+                code = "none" if self.close_code is None else str(self.close_code)
             self.access.tunnel(
                 client=self.client_addr,
                 listener=ls.name,
                 method=method,
                 path=path,
-                server=self.server.label,
+                server=server.label,
                 duration=now - self.started,
                 bytes_in=self.bytes_in,
                 bytes_out=self.bytes_out,
                 reason=self.reason,
+                messages_in=m_in,
+                messages_out=m_out,
+                close_code=code,
             )
         if self.on_close is not None:
             self.on_close(self)
-
-
-def _ends_with_close(tail: bytes) -> bool:
-    """True if ``tail`` ends with a whole WebSocket close frame (masked or not)."""
-    n = len(tail)
-    for plen in range(126):
-        for size, second in ((2 + plen, plen), (6 + plen, 0x80 | plen)):
-            if size <= n and tail[n - size] == 0x88 and tail[n - size + 1] == second:
-                return True
-    return False

@@ -41,7 +41,13 @@ HTTP_FIELDS = {
     "bytes_in",
     "bytes_out",
 }
-TUNNEL_FIELDS = (HTTP_FIELDS - {"upstream_time"}) | {"duration", "close_reason"}
+TUNNEL_FIELDS = (HTTP_FIELDS - {"upstream_time"}) | {
+    "duration",
+    "close_reason",
+    "messages_in",
+    "messages_out",
+    "close_code",
+}
 
 
 def log_doc(servers: list[str], path: Path | str, fmt: str = "json", **kw: Any) -> dict[str, Any]:
@@ -131,6 +137,8 @@ async def test_json_lines_for_requests_and_a_tunnel(tmp_path, make_backend, make
     assert (tunnel["type"], tunnel["method"], tunnel["path"]) == ("websocket", "GET", "/ws?room=1")
     assert tunnel["status"] == 101
     assert tunnel["close_reason"] == "client"
+    # aiohttp's client closes with 1000; three messages each way (close frames not counted).
+    assert (tunnel["messages_in"], tunnel["messages_out"], tunnel["close_code"]) == (3, 3, "1000")
     assert 0 <= tunnel["duration"] < 5 and tunnel["duration"] == tunnel["total_time"]
     # Three 100-byte messages each way plus the close frames: framing adds a few bytes each.
     assert 300 < tunnel["bytes_in"] < 360

@@ -217,6 +217,7 @@ async def test_200_tunnels_survive_50_reloads(make_backend, make_proxy, tmp_path
         "server": 0,
         "idle_timeout": 0,
         "shutdown": 0,
+        "drain": 0,
         "error": 0,
     }
 
