@@ -97,6 +97,8 @@ class Proxy:
         self.config_raw: bytes | None = None  # the bytes of the config in force, when known
         self.on_applied: Callable[[bytes], None] | None = None
         self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
+        # The supervisor's hand-over of a runtime override to every worker: (id, state, weight)
+        self.on_override: Callable[[str, str | None, int | None], None] | None = None
         self.registry = metrics.Registry()
         self.state = RuntimeState(self.registry)
         snap, _ = self.state.build(config)
@@ -109,7 +111,6 @@ class Proxy:
         self.drainer = Drainer()
         self.reload_lock = asyncio.Lock()
         self.last_reload: tuple[float, bool, str] = (time.time(), True, "started")
-        self._removed: dict[str, ServerState] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self.admin: AdminServer | None = None  # set by whoever starts one; moved on reload
@@ -207,7 +208,7 @@ class Proxy:
     def _discard(self, changes: Changes) -> None:
         """A snapshot never swapped in leaves no metric series of what only it added."""
         for s in changes.added_servers:
-            if s.id not in self._removed:  # a removed one still draining shares its series
+            if s.id not in self.state.retired:  # a removed one still open shares its series
                 self.registry.forget_server(s.id)
         for name in changes.added_listeners:
             ls = self.registry.listeners.get(name)
@@ -237,9 +238,6 @@ class Proxy:
         """Removed servers: idle pooled connections go now; series go with the last connection."""
         for s in changes.removed_servers:
             s.pool.close()
-            self._removed[s.id] = s
-        for s in changes.added_servers:
-            self._removed.pop(s.id, None)
         self._forget_idle_removed()
 
     def _begin_drains(self, servers: list[ServerState], old: Snapshot) -> None:
@@ -271,7 +269,13 @@ class Proxy:
         snap = self.holder.current
         self._begin_drains([server] if began else [], snap)
         self._sync_backend_up(snap)
+        if self.on_override is not None:
+            self.on_override(sid, admin_state, weight)
         return server
+
+    def removed_servers(self) -> list[ServerState]:
+        """Servers a reload removed whose last connections are still open (draining)."""
+        return list(self.state.retired.values())
 
     def overrides(self) -> dict[str, dict[str, object]]:
         """The runtime overrides in force, for workers and /status (id -> what was set)."""
@@ -281,9 +285,10 @@ class Proxy:
         }
 
     def _forget_idle_removed(self) -> None:
-        for sid, s in list(self._removed.items()):
+        retired = self.state.retired
+        for sid, s in list(retired.items()):
             if s.active <= 0 and s.stats.idle:
-                del self._removed[sid]
+                del retired[sid]
                 # Requests in flight at the reload pooled their connections on finishing.
                 s.pool.close()
                 if sid not in self.state.servers:
@@ -344,7 +349,7 @@ class Proxy:
                 del up[sid]
         for sid in list(states):
             if sid not in self.state.servers:
-                gone = self._removed.get(sid)
+                gone = self.state.retired.get(sid)
                 if gone is None:
                     del states[sid]
                 else:  # removed, its tunnels still open

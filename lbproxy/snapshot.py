@@ -58,6 +58,7 @@ class ServerState:
         "health",
         "id",
         "label",
+        "override",
         "pool",
         "removed",
         "stats",
@@ -74,6 +75,7 @@ class ServerState:
         self.config_weight = server.weight  # the file's weight
         self.weight = server.weight  # the one in force (a runtime override wins)
         self.admin_state = "ready"  # "drain" when the runtime API says so
+        self.override: Override | None = None  # what the runtime API set, if anything
         self.removed = False  # a reload took it out of its group; open tunnels remain
         # Takes no new requests or tunnels: removed, weight 0 or admin_state drain. Kept as a
         # field (updated by ``refresh``) because the scheduler reads it per request.
@@ -88,6 +90,7 @@ class ServerState:
     def refresh(self, override: Override | None) -> bool:
         """Apply the config weight and ``override``; True if the server just began draining."""
         was = self.draining
+        self.override = override
         self.admin_state = (override.admin_state if override else None) or "ready"
         w = override.weight if override is not None else None
         self.weight = self.config_weight if w is None else w
@@ -240,6 +243,9 @@ class RuntimeState:
         self.schedulers: dict[str, balancer.Scheduler] = {}
         self.pins: dict[str, Pins] = {}
         self.overrides: dict[str, Override] = {}  # server id -> what the runtime API set
+        # Servers a reload removed while connections to them were open: they drain, and a
+        # reload that brings one back revives the same state (its tunnels, counters, pool).
+        self.retired: dict[str, ServerState] = {}
 
     def build(self, config: Config) -> tuple[Snapshot, Changes]:
         """A snapshot of ``config`` reusing the state of servers that persist.
@@ -257,7 +263,7 @@ class RuntimeState:
                 sid = server_id(g.name, srv)
                 st = self.servers.get(sid)
                 if st is None:
-                    st = ServerState(sid, g.name, srv, self.registry)
+                    st = self.retired.get(sid) or ServerState(sid, g.name, srv, self.registry)
                     added.append(st)
                 servers[sid] = st
                 members.append(st)
@@ -315,8 +321,11 @@ class RuntimeState:
         for sid, st in self.servers.items():
             if sid not in servers:
                 st.removed = True
+                self.retired[sid] = st
                 if st.refresh(None):
                     started.append(st)
+        for sid in servers:
+            self.retired.pop(sid, None)
         self.servers = servers
         self.schedulers = schedulers
         self.pins = pins

@@ -68,6 +68,7 @@ class Supervisor:
         self.proxy.config_raw = raw
         self.proxy.on_applied = self._config_applied
         self.proxy.on_health_change = self._broadcast_health
+        self.proxy.on_override = self._broadcast_override
         self.workers = [WorkerHandle(i) for i in range(workers)]
         self._ids = itertools.count()
         self._monitors: list[asyncio.Task[None]] = []
@@ -123,6 +124,7 @@ class Supervisor:
         }
         if with_health:
             msg["health"] = self.proxy.health_map()
+            msg["overrides"] = self.proxy.overrides()  # a (re)started worker needs them too
         return msg
 
     async def _read(self, w: WorkerHandle) -> None:
@@ -192,6 +194,11 @@ class Supervisor:
         for w in self.workers:
             if w.ready.is_set():
                 w.send(msg)
+
+    def _broadcast_override(self, sid: str, admin_state: str | None, weight: int | None) -> None:
+        msg = {"op": "override", "server": sid, "admin_state": admin_state, "weight": weight}
+        for w in self.workers:
+            w.send(msg)  # a worker still starting reads it after its config, in order
 
     def _config_applied(self, raw: bytes) -> None:
         msg = self._config_msg()

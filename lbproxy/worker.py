@@ -3,8 +3,10 @@
 Owns the worker end of the control channel: newline-delimited JSON, orders on stdin and
 reports on stdout (logs go to stderr, so stdout carries nothing else).
 
-Orders:   {"op": "config", "raw": <base64 file bytes>, "path": ..., "health": {id: state}}
+Orders:   {"op": "config", "raw": <base64 file bytes>, "path": ..., "health": {id: state},
+           "overrides": {id: {"admin_state": ..., "weight": ...}}}
           {"op": "health", "states": {id: state}}
+          {"op": "override", "server": id, "admin_state": ..., "weight": ...}
           {"op": "stats", "id": n}
 Reports:  {"op": "ready", "pid": n}
           {"op": "passive", "server": id, "reason": text}
@@ -96,6 +98,9 @@ async def serve() -> int:
     # Before binding: a connection accepted on the first listener while the next one binds
     # must not find every server still "unknown" (a 503).
     proxy.set_health(first.get("health", {}))
+    for sid, o in first.get("overrides", {}).items():
+        if sid in proxy.state.servers:
+            proxy.set_server_state(sid, o.get("admin_state"), o.get("weight"))
     try:
         await proxy.start()
     except BindError as exc:
@@ -129,6 +134,9 @@ async def serve() -> int:
             op = msg.get("op")
             if op == "health":
                 proxy.set_health(msg["states"])
+            elif op == "override":
+                if msg["server"] in proxy.state.servers:
+                    proxy.set_server_state(msg["server"], msg["admin_state"], msg["weight"])
             elif op == "stats":
                 active = {sid: s.active for sid, s in proxy.state.servers.items()}
                 data = dump_registry(proxy.registry)
