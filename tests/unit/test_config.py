@@ -601,12 +601,35 @@ def test_unknown_scheduler(scheduler, shown):
         ("keepalive_connections", -1, "expected an integer 0..10000, got -1"),
         ("keepalive_connections", 10001, "expected an integer 0..10000, got 10001"),
         ("keepalive_timeout", "0s", "expected a positive duration, got '0s'"),
+        ("drain_timeout", "-1s", "expected a duration like 60s, 500ms or 2m, got '-1s'"),
+        ("drain_timeout", True, "expected a duration like 60s, 500ms or 2m, got true"),
+        (
+            "drain_close_code",
+            1000,
+            "expected 1001 (Going Away) or 1012 (Service Restart), got 1000",
+        ),
+        (
+            "drain_close_code",
+            "1001",
+            "expected 1001 (Going Away) or 1012 (Service Restart), got '1001'",
+        ),
     ],
 )
 def test_group_bad_values(key, value, message):
     assert problems(with_(f"server_groups.rs1.{key}", value)) == [
         f"server_groups.rs1.{key}: {message}"
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(None, 0.0), (0, 0.0), ("0s", 0.0), ("0", 0.0), ("30s", 30.0), (2, 2.0)]
+)
+def test_drain_timeout_zero_means_off(value, seconds):
+    doc = with_("server_groups.rs1.drain_timeout", value) if value is not None else minimal()
+    g = parse_config(doc).server_groups[0]
+    assert (g.drain_timeout, g.drain_close_code) == (seconds, 1001)
+    g = parse_config(with_("server_groups.rs1.drain_close_code", 1012)).server_groups[0]
+    assert g.drain_close_code == 1012
 
 
 # ----------------------------------------------------------------------------- health check
