@@ -148,6 +148,16 @@ class Acl:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketPolicy:
+    """``listeners[].websocket``: what a client may send through a WebSocket tunnel. Only
+    client-to-server traffic is limited; server-to-client never is."""
+
+    max_message_size: int = 0  # bytes of one message (all its fragments); 0: no limit
+    messages_per_second: float = 0.0  # data messages per second per tunnel; 0: no limit
+    burst: int = 1  # messages allowed at once above the rate (the token bucket's size)
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     bind: Address
@@ -163,6 +173,7 @@ class Listener:
     tls: Tls | None = None  # set exactly when protocol is https
     redirect_https: int = 0  # an http listener answering 301 to https on this port; 0: off
     acl: Acl | None = None  # None: every client
+    websocket: WebSocketPolicy | None = None  # None: no message limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,9 +544,11 @@ _LISTENER_KEYS = (
     "tls",
     "redirect_https",
     "acl",
+    "websocket",
 )
 _TLS_KEYS = ("cert", "key")
 _ACL_KEYS = ("mode", "cidrs")
+_WS_POLICY_KEYS = ("max_message_size", "messages_per_second", "burst")
 _RULE_KEYS = ("host", "path", "server_group")
 _GROUP_KEYS = (
     "scheduler",
@@ -717,7 +730,39 @@ def _hardening(r: _Reader, m: Mapping[str, Any], path: str, protocol: str | None
         out["redirect_https"] = r.get(m, "redirect_https", path, _int_in(1, 65535))
     if "acl" in m:
         out["acl"] = _acl(r, m["acl"], f"{path}.acl")
+    if "websocket" in m:
+        out["websocket"] = _ws_policy(r, m["websocket"], f"{path}.websocket")
     return out
+
+
+def _ws_policy(r: _Reader, doc: Any, path: str) -> WebSocketPolicy | None:
+    m = r.mapping(doc, path, _WS_POLICY_KEYS)
+    if m is None:
+        return None
+    if "max_message_size" not in m and "messages_per_second" not in m:
+        r.error(path, "expected max_message_size and/or messages_per_second")
+        return None
+    size = r.get(m, "max_message_size", path, _size(1, 1 << 40), 0)
+    rate = r.get(m, "messages_per_second", path, _positive_number, 0.0)
+    burst = r.get(m, "burst", path, _int_in(1, 1_000_000), None)
+    if size is None or rate is None:
+        return None
+    if burst is None:
+        if "burst" in m:
+            return None
+        burst = max(1, math.ceil(rate))  # a second's worth
+    elif not rate:
+        r.error(f"{path}.burst", "only used with messages_per_second")
+        return None
+    return WebSocketPolicy(size, float(rate), burst)
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a positive number, got {_show(value)}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a positive number, got {_show(value)}")
+    return float(value)
 
 
 def _acl(r: _Reader, doc: Any, path: str) -> Acl | None:

@@ -807,6 +807,7 @@ class ClientConnection(asyncio.Protocol):
             method_path=(req.method.decode("latin-1"), req.target.decode("latin-1")),
             access=self.ctx.access,
             on_close=_forget_sid(self.group, self.sid) if self.sid is not None else None,
+            policy=lr.config.websocket,
         )
         client_pending = bytes(self.buf) + b"".join(self.pending)
         self.buf.clear()

@@ -44,8 +44,11 @@ TIME_BUCKETS = (
 # Buckets for WebSocket lifetimes: a second to a day.
 WS_BUCKETS = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 
-# drain: the proxy closed it (close frames both ways) because its server was draining.
-WS_CLOSE_REASONS = ("client", "server", "idle_timeout", "shutdown", "drain", "error")
+# drain: the proxy closed it (close frames both ways) because its server was draining;
+# policy: because the client broke the listener's WebSocket message policy.
+WS_CLOSE_REASONS = ("client", "server", "idle_timeout", "shutdown", "drain", "policy", "error")
+# Which part of listeners[].websocket a client broke.
+WS_POLICY_REASONS = ("max_message_size", "messages_per_second")
 # Who sent a WebSocket close frame: a side of the tunnel, or the proxy itself.
 WS_CLOSE_SIDES = ("client", "server", "proxy")
 # lbproxy_backend_state's states: health, with draining over it.
@@ -114,6 +117,7 @@ class ListenerStats:
         "ws_duration",
         "ws_messages_in",
         "ws_messages_out",
+        "ws_policy",
     )
 
     def __init__(self, name: str) -> None:
@@ -131,6 +135,7 @@ class ListenerStats:
         self.ws_messages_in = 0  # WebSocket data messages, client to server
         self.ws_messages_out = 0  # and server to client
         self.ws_close_codes: dict[tuple[str, str], int] = {}  # (side, code) -> close frames
+        self.ws_policy = dict.fromkeys(WS_POLICY_REASONS, 0)  # tunnels closed by the policy
         self.live: set[LiveConnection] = set()
 
     def count_request(self, group: str, server: str, code: int, duration: float) -> None:
@@ -140,6 +145,9 @@ class ListenerStats:
         if h is None:
             h = self.request_duration[group] = Histogram(TIME_BUCKETS)
         h.observe(duration)
+
+    def count_ws_policy(self, reason: str) -> None:
+        self.ws_policy[reason] += 1
 
     def count_ws_close_code(self, side: str, code: int | None) -> None:
         key = (side, "none" if code is None else str(code))
@@ -307,6 +315,11 @@ class Collector(_PromCollector):
             "WebSocket close frames, by who sent them and their code",
             labels=["listener", "side", "code"],
         )
+        ws_policy = CounterMetricFamily(
+            "lbproxy_websocket_policy_closes",
+            "WebSocket tunnels closed because the client broke the listener's message policy",
+            labels=["listener", "reason"],
+        )
         ws_drained = CounterMetricFamily(
             "lbproxy_websockets_drained",
             "WebSocket tunnels the proxy closed because their server was draining",
@@ -370,6 +383,8 @@ class Collector(_PromCollector):
             ws_messages.add_metric([name, "out"], ls.ws_messages_out)
             for (side, code), n in sorted(ls.ws_close_codes.items()):
                 ws_codes.add_metric([name, side, code], n)
+            for reason, n in sorted(ls.ws_policy.items()):
+                ws_policy.add_metric([name, reason], n)
             # Open connections' bytes live on the connections, not in the counters.
             bin_, bout = ls.bytes_in, ls.bytes_out
             for reg in regs:
@@ -421,6 +436,7 @@ class Collector(_PromCollector):
             ws_closes,
             ws_messages,
             ws_codes,
+            ws_policy,
             ws_drained,
             nbytes,
             backend_up,

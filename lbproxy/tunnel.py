@@ -29,12 +29,15 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .config import WS_CLOSE_FRAME_WAIT, WS_CLOSE_HANDSHAKE_TIMEOUT
+from .config import WS_CLOSE_FRAME_WAIT, WS_CLOSE_HANDSHAKE_TIMEOUT, WebSocketPolicy
 from .wsframes import (
+    GOING_AWAY,
     MAX_HEADER,
+    MESSAGE_TOO_BIG,
     OP_BINARY,
     OP_CLOSE,
-    OP_TEXT,
+    OP_CONTINUATION,
+    POLICY_VIOLATION,
     close_code,
     close_frame,
     parse_header,
@@ -104,6 +107,10 @@ class _End(asyncio.Protocol):
         n = len(data)
         pos = 0
         start = 0  # the first byte not yet forwarded (or dropped)
+        t = self.tunnel
+        # A client under a message policy: a header split across reads is held back until
+        # it is whole, so a refused frame never begins to reach the server.
+        police = self.is_client and t.policy is not None
         while pos < n:
             rem = self.remaining
             if rem:
@@ -119,31 +126,48 @@ class _End(asyncio.Protocol):
                     self.peer.write(data[start:pos])
                 self._inject_now()
                 start = pos
-            buf = (
-                self.partial + data[pos : pos + MAX_HEADER]
-                if self.partial
-                else data[pos : pos + MAX_HEADER]
-            )
+            hstart = pos
+            partial = self.partial
+            head = data[pos : pos + MAX_HEADER]
+            buf = partial + head if partial else head
             hdr = parse_header(buf)
             if hdr is None:
                 self.partial = bytes(buf)
+                if police and self.mode != _DROP:
+                    if hstart > start:
+                        self.peer.write(data[start:hstart])
+                    start = n
                 pos = n
                 break
-            pos += hdr.size - len(self.partial)
+            pos += hdr.size - len(partial)
             self.partial = b""
             self.remaining = hdr.length
             op = hdr.opcode
-            if op in (OP_TEXT, OP_BINARY):
-                if self.mode != _DROP:
+            if police and self.mode != _DROP:
+                code = t.police(op, hdr.length) if op <= OP_BINARY else 0
+                if code:
+                    # Refused: what came before the frame goes on, then the close; the
+                    # frame and everything after it never reach the server.
+                    if hstart > start:
+                        self.peer.write(data[start:hstart])
+                    start = n
+                    self.pending = close_frame(GOING_AWAY, masked=True)
+                    self._inject_now()
+                    t.refuse(code)
+                    continue
+                if partial:
+                    self.peer.write(partial)  # the held-back start of this header
+            if op <= OP_BINARY:
+                if op != OP_CONTINUATION and self.mode != _DROP:
                     self.messages += 1
-                    self.tunnel.count_message(self.is_client)
+                    t.count_message(self.is_client)
             elif op == OP_CLOSE:
                 if hdr.length >= 2:
                     self.capture = b""
                     self.cmask = hdr.mask
                 else:
                     self._close_frame(None)
-        if self.mode != _DROP:
+        if self.mode != _DROP and start < n:
             self.peer.write(data if start == 0 else data[start:])
 
     def _capture(self, piece: bytes) -> None:
@@ -213,11 +237,15 @@ class Tunnel:
         "listener",
         "loop",
         "method_path",
+        "msg_size",
         "on_close",
+        "policy",
         "reason",
         "server",
+        "stamp",
         "started",
         "timer",
+        "tokens",
         "upstream",
     )
 
@@ -235,6 +263,7 @@ class Tunnel:
         method_path: tuple[str, str],
         access: AccessLog,
         on_close: Any = None,
+        policy: WebSocketPolicy | None = None,
     ) -> None:
         self.loop = loop
         self.client = client
@@ -260,6 +289,10 @@ class Tunnel:
         self.close_code: int | None = None  # and its code (None: a close frame without one)
         self.ending: str | None = None  # why the proxy is closing it ("drain", "shutdown")
         self.injected = 0  # close frames the proxy has written so far (0..2)
+        self.policy = policy  # limits on the client's messages (listeners[].websocket)
+        self.msg_size = 0  # bytes of the client's current message so far (its frames' lengths)
+        self.tokens = float(policy.burst) if policy is not None else 0.0  # the rate's bucket
+        self.stamp = self.started  # when the bucket was last filled
 
     def start(self, client_pending: bytes, upstream_pending: bytes) -> None:
         """Hand both transports to the tunnel and flush what arrived with the handshake."""
@@ -311,6 +344,46 @@ class Tunnel:
         if self.close_side is None:
             self.close_side = side
             self.close_code = code
+
+    def police(self, opcode: int, length: int) -> int:
+        """A client data frame's header against the listener's policy: 0 to let it pass, or
+        the close code that refuses it (1009 too big, 1008 over the message rate)."""
+        p = self.policy
+        assert p is not None
+        if opcode != OP_CONTINUATION:
+            self.msg_size = length
+            rate = p.messages_per_second
+            if rate:
+                # ``last`` is this read's time: the bucket refills from the previous message.
+                now = self.last
+                tokens = self.tokens + (now - self.stamp) * rate
+                self.stamp = now
+                if tokens > p.burst:
+                    tokens = p.burst
+                if tokens < 1:
+                    self.tokens = tokens
+                    return POLICY_VIOLATION
+                self.tokens = tokens - 1
+        else:
+            self.msg_size += length
+        if p.max_message_size and self.msg_size > p.max_message_size:
+            return MESSAGE_TOO_BIG
+        return 0
+
+    def refuse(self, code: int) -> None:
+        """The client broke the policy: ``code`` to it (at the next frame boundary of the
+        stream to it), 1001 to the server (already sent, in place of the refused frame)."""
+        self.listener.count_ws_policy(
+            "max_message_size" if code == MESSAGE_TOO_BIG else "messages_per_second"
+        )
+        self.ending = "policy"
+        self.count_close("proxy", code)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(WS_CLOSE_FRAME_WAIT, self.close, "policy")
+        ends = self.ends
+        assert ends is not None
+        ends[1].inject(close_frame(code, masked=False))
 
     # ------------------------------------------------------------------ the proxy closes it
     def go_away(self, code: int, reason: str) -> None:

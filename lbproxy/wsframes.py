@@ -20,6 +20,8 @@ OP_BINARY: Final = 0x2
 OP_CLOSE: Final = 0x8
 
 GOING_AWAY: Final = 1001
+POLICY_VIOLATION: Final = 1008
+MESSAGE_TOO_BIG: Final = 1009
 SERVICE_RESTART: Final = 1012
 # Close codes the proxy may choose for a drain (group ``drain_close_code``).
 DRAIN_CODES: Final = (GOING_AWAY, SERVICE_RESTART)

@@ -25,19 +25,23 @@ from tests.support import RawServer, config_doc, proxy_url, start_proxy, wait_fo
 NO_CHECKS = {"health_check": {"enabled": False}}
 CLOSES = web.AppKey("closes", list)
 CONNS = web.AppKey("conns", list)
+RECEIVED = web.AppKey("received", list)
 
 
 def ws_app(name: str) -> web.Application:
-    """Echoes ``name:text``; records each WebSocket's close code and each request's peer port."""
+    """Echoes ``name:text``; records each WebSocket's close code and what it received, and
+    each request's peer port."""
     app = web.Application()
     app[CLOSES] = []
     app[CONNS] = []
+    app[RECEIVED] = []
 
     async def ws(request: web.Request) -> web.WebSocketResponse:
         resp = web.WebSocketResponse()
         await resp.prepare(request)
         async for msg in resp:
             if msg.type == WSMsgType.TEXT:
+                app[RECEIVED].append(msg.data)
                 await resp.send_str(f"{name}:{msg.data}")
         app[CLOSES].append(resp.close_code)
         return resp

@@ -930,5 +930,57 @@ def test_full_config_shows_every_key():
     assert set().union(*(_keys(s) for s in servers)) == set(cfg._SERVER_KEYS)
     assert any(isinstance(s, str) for s in servers)  # the shorthand is shown too
     assert set().union(*(_keys(g["health_check"]) for g in groups)) == set(cfg._CHECK_KEYS)
+    websockets = [lst["websocket"] for lst in doc["listeners"] if "websocket" in lst]
+    assert set().union(*(_keys(w) for w in websockets)) == set(cfg._WS_POLICY_KEYS)
     assert _keys(doc["admin"]) == {"bind", "token"}
     assert _keys(doc["access_log"]) == {"enabled", "format", "path"}
+
+
+# ----------------------------------------------------------------------------- websocket policy
+
+WS = "listeners[0].websocket"
+
+
+def test_websocket_policy_values_and_defaults():
+    lst = parse_config(with_(WS, {"max_message_size": "1MiB"})).listeners[0]
+    assert lst.websocket == cfg.WebSocketPolicy(1 << 20, 0.0, 1)
+    lst = parse_config(with_(WS, {"messages_per_second": 2.5})).listeners[0]
+    assert lst.websocket == cfg.WebSocketPolicy(0, 2.5, 3)  # burst: a second's worth
+    lst = parse_config(with_(WS, {"messages_per_second": 10, "burst": 50})).listeners[0]
+    assert lst.websocket == cfg.WebSocketPolicy(0, 10.0, 50)
+    assert parse_config(minimal()).listeners[0].websocket is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({}, f"{WS}: expected max_message_size and/or messages_per_second"),
+        ({"burst": 5}, f"{WS}: expected max_message_size and/or messages_per_second"),
+        (
+            {"max_message_size": 0},
+            f"{WS}.max_message_size: expected a size 1..1099511627776 bytes, got 0",
+        ),
+        (
+            {"messages_per_second": 0},
+            f"{WS}.messages_per_second: expected a positive number, got 0",
+        ),
+        (
+            {"messages_per_second": "5"},
+            f"{WS}.messages_per_second: expected a positive number, got '5'",
+        ),
+        (
+            {"messages_per_second": 5, "burst": 0},
+            f"{WS}.burst: expected an integer 1..1000000, got 0",
+        ),
+        ({"max_message_size": 10, "burst": 3}, f"{WS}.burst: only used with messages_per_second"),
+    ],
+)
+def test_websocket_policy_bad_values(value, message):
+    assert problems(with_(WS, value)) == [message]
+
+
+def test_websocket_policy_unknown_key():
+    assert problems(with_(WS, {"max_size": 10})) == [
+        f"{WS}.max_size: unknown key (allowed: max_message_size, messages_per_second, burst)",
+        f"{WS}: expected max_message_size and/or messages_per_second",
+    ]

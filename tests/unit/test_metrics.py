@@ -28,6 +28,7 @@ FAMILIES = {
     "lbproxy_websocket_closes": "counter",
     "lbproxy_websocket_messages": "counter",
     "lbproxy_websocket_close_codes": "counter",
+    "lbproxy_websocket_policy_closes": "counter",
     "lbproxy_websockets_drained": "counter",
     "lbproxy_bytes": "counter",
     "lbproxy_backend_up": "gauge",
@@ -183,6 +184,7 @@ def _fill(reg: Registry, scale: int) -> None:
     web.ws_messages_out += 20 * scale
     web.count_ws_close_code("proxy", 1001)
     web.count_ws_close_code("client", None)
+    web.count_ws_policy("max_message_size")
     ss = reg.server("g/s:1", "g", "s:1")
     ss.ws_drained += scale
     ss.upstream_response.observe(0.002)
@@ -238,7 +240,11 @@ def test_collector_sums_over_registries():
     assert closes[labels(listener="web", reason="client")] == 2
     assert closes[labels(listener="web", reason="shutdown")] == 3
     assert closes[labels(listener="web", reason="error")] == 0
-    assert len(closes) == 6
+    assert len(closes) == 7
+    assert m["lbproxy_websocket_policy_closes_total"] == {
+        labels(listener="web", reason="max_message_size"): 2,
+        labels(listener="web", reason="messages_per_second"): 0,
+    }
     assert m["lbproxy_websocket_messages_total"] == {
         labels(listener="web", direction="in"): 30,
         labels(listener="web", direction="out"): 60,

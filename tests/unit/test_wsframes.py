@@ -15,7 +15,7 @@ from typing import Any
 from lbproxy import wsframes
 from lbproxy.access_log import AccessLog
 from lbproxy.config import AccessLog as AccessLogConfig
-from lbproxy.config import Address, Server
+from lbproxy.config import Address, Server, WebSocketPolicy
 from lbproxy.metrics import ListenerStats, Registry
 from lbproxy.snapshot import ServerState
 from lbproxy.tunnel import Tunnel
@@ -74,7 +74,9 @@ class FakeTransport(asyncio.Transport):
         pass
 
 
-def make_tunnel() -> tuple[Tunnel, FakeTransport, FakeTransport, ListenerStats]:
+def make_tunnel(
+    policy: WebSocketPolicy | None = None,
+) -> tuple[Tunnel, FakeTransport, FakeTransport, ListenerStats]:
     loop = asyncio.get_running_loop()
     client, upstream = FakeTransport(), FakeTransport()
     reg = Registry()
@@ -93,6 +95,7 @@ def make_tunnel() -> tuple[Tunnel, FakeTransport, FakeTransport, ListenerStats]:
         client_addr="127.0.0.1:2",
         method_path=("GET", "/ws"),
         access=AccessLog(AccessLogConfig(enabled=False)),
+        policy=policy,
     )
     t.start(b"", b"")
     return t, client, upstream, ls
@@ -241,3 +244,92 @@ async def test_go_away_after_a_close_frame_passed_injects_nothing() -> None:
     assert ls.ws_close_codes == {("client", "1000"): 1}
     t.close(None)
     assert t.reason == "shutdown"
+
+
+# ------------------------------------------------------------------ message policies
+
+BIG = WebSocketPolicy(max_message_size=1 << 20, messages_per_second=1e6, burst=1000)
+
+
+async def test_a_policy_within_its_limits_changes_no_byte_however_the_reads_fall() -> None:
+    data, messages = client_stream()
+    rnd = random.Random(11)
+    cut_sets = [
+        list(range(1, 60)),
+        *(sorted(rnd.sample(range(1, len(data)), 9)) for _ in range(20)),
+    ]
+    for cuts in cut_sets:
+        t, _, upstream, _ = make_tunnel(BIG)
+        assert t.ends is not None
+        feed(t.ends[0], data, cuts)
+        assert bytes(upstream.data) == data
+        assert t.messages() == (messages, 0) and not t.ending
+        t.close("client")
+
+
+def refused(upstream: FakeTransport, before: bytes) -> None:
+    """What reached the server: ``before``, then the proxy's masked 1001, nothing else."""
+    got = bytes(upstream.data)
+    assert got.startswith(before)
+    rest = got[len(before) :]
+    h = wsframes.parse_header(rest)
+    assert h is not None and h.opcode == 8 and h.mask and len(rest) == h.size + h.length
+    assert wsframes.close_code(rest[h.size : h.size + 2], h.mask) == 1001
+
+
+async def test_a_message_over_max_message_size_is_refused_before_any_of_it_passes() -> None:
+    policy = WebSocketPolicy(max_message_size=1000)
+    ok = frame(1, b"x" * 1000, mask=True)
+    big = frame(2, b"y" * 1001, mask=True)
+    for cut in range(len(ok) + 1, len(ok) + 8):  # the big header split across two reads
+        t, client, upstream, ls = make_tunnel(policy)
+        assert t.ends is not None
+        feed(t.ends[0], ok + big, [cut])
+        refused(upstream, ok)
+        assert bytes(client.data) == wsframes.close_frame(1009, masked=False)
+        assert (t.ending, ls.ws_policy["max_message_size"]) == ("policy", 1)
+        assert ls.ws_close_codes == {("proxy", "1009"): 1}
+        t.close(None)
+        assert t.reason == "policy" and ls.ws_closes["policy"] == 1
+
+
+async def test_fragments_add_up_to_the_message_size() -> None:
+    policy = WebSocketPolicy(max_message_size=1000)
+    parts = [
+        frame(1, b"a" * 400, fin=False, mask=True),
+        frame(9, b"ping", mask=True),  # control frames do not count
+        frame(0, b"b" * 400, fin=False, mask=True),
+    ]
+    t, client, upstream, _ = make_tunnel(policy)
+    assert t.ends is not None
+    t.ends[1].data_received(frame(1, b"s" * 300)[:100])  # the server is mid-frame
+    feed(t.ends[0], b"".join(parts) + frame(0, b"c" * 201, mask=True), [])
+    refused(upstream, b"".join(parts))
+    # Toward the client the close waits for the end of the server's frame in flight.
+    assert bytes(client.data) == frame(1, b"s" * 300)[:100]
+    t.ends[1].data_received(frame(1, b"s" * 300)[100:] + frame(1, b"dropped"))
+    assert bytes(client.data) == frame(1, b"s" * 300) + wsframes.close_frame(1009, masked=False)
+    t.close(None)
+
+
+async def test_messages_past_the_rate_and_burst_get_1008() -> None:
+    policy = WebSocketPolicy(messages_per_second=1.0, burst=3)
+    msgs = [frame(1, b"m%d" % i, mask=True) for i in range(4)]
+    t, client, upstream, ls = make_tunnel(policy)
+    assert t.ends is not None
+    for m in msgs:
+        t.ends[0].data_received(m)
+    refused(upstream, b"".join(msgs[:3]))
+    assert bytes(client.data) == wsframes.close_frame(1008, masked=False)
+    assert ls.ws_policy == {"max_message_size": 0, "messages_per_second": 1}
+    t.close(None)
+
+
+async def test_server_to_client_traffic_is_never_limited() -> None:
+    policy = WebSocketPolicy(max_message_size=10, messages_per_second=1.0, burst=1)
+    t, client, _, _ = make_tunnel(policy)
+    assert t.ends is not None
+    out = b"".join(frame(1, b"z" * 500) for _ in range(10))
+    t.ends[1].data_received(out)
+    assert bytes(client.data) == out and t.ending is None
+    t.close(None)
