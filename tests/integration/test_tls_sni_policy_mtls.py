@@ -9,7 +9,8 @@ certificates made in the test by ``tests.pki`` (the ``cryptography`` package):
 - mutual TLS, required and optional: a verified client's subject and fingerprint reach the
   backend, a client without a valid certificate fails the handshake and is counted, the
   X-Client-Cert-* headers can never be set by a client, on any listener; WSS still works;
-- a certificate chosen by SNI keeps the listener's client-certificate check.
+- a certificate chosen by SNI keeps the listener's client-certificate check;
+- a reload applies a new policy and client_auth to new connections; open ones keep theirs.
 """
 
 from __future__ import annotations
@@ -372,3 +373,37 @@ async def test_mutual_tls_optional_and_headers_never_spoofable(
         seen = seen_headers(body)
         assert status == 200, name
         assert "x-client-cert-subject" not in seen and "x-client-cert-fingerprint" not in seen
+
+
+async def test_a_reload_applies_a_new_policy_and_client_auth_to_new_connections(
+    make_backend, make_proxy, pki, tmp_path
+):
+    backend = await make_backend("A")
+    a, ca, alice = pki["a"], pki["ca"], pki["alice"]
+    proxy = await start(make_proxy, tmp_path, backend.address, https("secure", pair(a)))
+    tls13 = offering(V.TLSv1_3, None)
+    assert await get(proxy, "secure", tls13, "/whoami") == (200, b"A")
+    addr = proxy.listeners.address("secure")
+    reader, writer = await asyncio.open_connection(
+        addr.host, addr.port, ssl=offering(V.TLSv1_3, None)
+    )
+
+    doc = yaml.safe_load((tmp_path / "lb.yaml").read_text())
+    doc["listeners"][0]["tls"].update(policy="tls_cipher_policy_1_2", client_ca=ca.cert)
+    (tmp_path / "lb.yaml").write_text(yaml.safe_dump(doc))
+    result = await proxy.reload("test")
+    assert (result.ok, result.message) == (True, "listeners changed: secure")
+
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # TLS 1.3 is no longer spoken
+        await asyncio.open_connection(addr.host, addr.port, ssl=offering(V.TLSv1_3, None))
+    await refused_handshake(proxy, "secure", offering(V.TLSv1_2, None), "a.test")  # no cert
+    stats = proxy.registry.listeners["secure"]
+    await wait_for(lambda: stats.tls_failures["client_certificate"] == 1)
+    assert stats.tls_failures["protocol"] == 1  # the TLS 1.3 client
+    status, body = await get(proxy, "secure", trusting(ca, alice), "/headers", sni="a.test")
+    assert status == 200 and seen_headers(body)["x-client-cert-subject"] == ["O=Acme,CN=alice"]
+    # The connection opened before the reload goes on with what it started with.
+    writer.write(b"GET /whoami HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert (await read_response(reader)).body == b"A"
+    assert writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+    writer.close()
