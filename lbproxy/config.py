@@ -99,14 +99,42 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
-class Tls:
-    """An https listener's certificate chain and private key (PEM files)."""
+class Certificate:
+    """A certificate chain (leaf first) and its private key, PEM files."""
 
     cert: str
     key: str
-    # sha256 of both files' bytes, filled in by ``loads_config``: a renewed certificate makes
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """An https listener's TLS: its certificates (the first is the default; the others are
+    served to clients whose SNI names them), security policy and client-certificate check."""
+
+    certificates: tuple[Certificate, ...]
+    policy: str | None = None  # a tls.POLICIES name; None: TLS 1.2 and up, Python's ciphers
+    client_ca: str | None = None  # PEM file of the CAs client certificates must chain to
+    client_auth: str | None = None  # "required" or "optional"; None: no client certificate
+    # sha256 of every file's bytes, filled in by ``loads_config``: a renewed certificate makes
     # the config differ, so a reload re-reads it even when the YAML is unchanged.
     digest: str = ""
+
+    @property
+    def cert(self) -> str:
+        """The default certificate's chain file."""
+        return self.certificates[0].cert
+
+    @property
+    def key(self) -> str:
+        return self.certificates[0].key
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file this TLS is built from (certificates, keys, client CA), in order."""
+        out = [f for c in self.certificates for f in (c.cert, c.key)]
+        if self.client_ca is not None:
+            out.append(self.client_ca)
+        return tuple(out)
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -546,7 +574,8 @@ _LISTENER_KEYS = (
     "acl",
     "websocket",
 )
-_TLS_KEYS = ("cert", "key")
+_TLS_KEYS = ("cert", "key", "certificates", "policy", "client_ca", "client_auth")
+_CERT_KEYS = ("cert", "key")
 _ACL_KEYS = ("mode", "cidrs")
 _WS_POLICY_KEYS = ("max_message_size", "messages_per_second", "burst")
 _RULE_KEYS = ("host", "path", "server_group")
@@ -716,14 +745,11 @@ def _hardening(r: _Reader, m: Mapping[str, Any], path: str, protocol: str | None
     if "tls" in m:
         if protocol == "http":
             r.error(f"{path}.tls", "only used with protocol: https")
-        tls_doc = r.mapping(m["tls"], f"{path}.tls", _TLS_KEYS)
-        if tls_doc is not None:
-            cert = r.get(tls_doc, "cert", f"{path}.tls", _file_path)
-            key = r.get(tls_doc, "key", f"{path}.tls", _file_path)
-            if cert is not None and key is not None:
-                out["tls"] = Tls(cert, key)
+        tls_config = _tls(r, m["tls"], f"{path}.tls")
+        if tls_config is not None:
+            out["tls"] = tls_config
     elif protocol == "https":
-        r.error(f"{path}.tls", "required with protocol: https (cert and key, PEM files)")
+        r.error(f"{path}.tls", "required with protocol: https (cert and key, or certificates)")
     if "redirect_https" in m:
         if protocol == "https":
             r.error(f"{path}.redirect_https", "only used with protocol: http")
@@ -763,6 +789,47 @@ def _positive_number(value: Any) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"expected a positive number, got {_show(value)}")
     return float(value)
+
+
+def _tls(r: _Reader, doc: Any, path: str) -> Tls | None:
+    m = r.mapping(doc, path, _TLS_KEYS)
+    if m is None:
+        return None
+    before = len(r.problems)
+    pairs: list[Certificate] = []
+    if "certificates" in m:
+        if "cert" in m or "key" in m:
+            r.error(path, "either cert and key, or certificates: not both")
+        items = m["certificates"]
+        if not isinstance(items, list) or not items:
+            r.error(
+                f"{path}.certificates",
+                f"expected a non-empty list of {{cert, key}}, got {_show(items)}",
+            )
+            items = []
+        for j, item in enumerate(items):
+            where = f"{path}.certificates[{j}]"
+            cm = r.mapping(item, where, _CERT_KEYS)
+            if cm is not None:
+                cert = r.get(cm, "cert", where, _file_path)
+                key = r.get(cm, "key", where, _file_path)
+                if cert is not None and key is not None:
+                    pairs.append(Certificate(cert, key))
+    else:
+        cert = r.get(m, "cert", path, _file_path)
+        key = r.get(m, "key", path, _file_path)
+        if cert is not None and key is not None:
+            pairs.append(Certificate(cert, key))
+    policy = r.get(m, "policy", path, _choice(*tls.POLICIES), None)
+    client_ca = r.get(m, "client_ca", path, _file_path, None)
+    client_auth = r.get(m, "client_auth", path, _choice(*tls.CLIENT_AUTH), None)
+    if "client_auth" in m and "client_ca" not in m:
+        r.error(f"{path}.client_auth", "needs client_ca (the CAs client certificates chain to)")
+    if client_ca is not None and client_auth is None:
+        client_auth = "required"  # a CA given means client certificates are wanted
+    if len(r.problems) > before:
+        return None
+    return Tls(tuple(pairs), policy, client_ca, client_auth)
 
 
 def _acl(r: _Reader, doc: Any, path: str) -> Acl | None:
@@ -1082,17 +1149,23 @@ def _load_tls_files(config: Config, path: str) -> Config:
     problems: list[str] = []
     listeners = list(config.listeners)
     base = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
+
+    def full(p: str) -> str:
+        return os.path.join(base, os.path.expanduser(p))
+
     for i, lst in enumerate(listeners):
         if lst.tls is None:
             continue
-        cert = os.path.join(base, os.path.expanduser(lst.tls.cert))
-        key = os.path.join(base, os.path.expanduser(lst.tls.key))
+        pairs = tuple(Certificate(full(c.cert), full(c.key)) for c in lst.tls.certificates)
+        ca = full(lst.tls.client_ca) if lst.tls.client_ca is not None else None
         try:
-            _, digest = tls.load(cert, key)
+            loaded = tls.load(replace(lst.tls, certificates=pairs, client_ca=ca))
         except tls.TlsError as exc:
             problems.append(f"listeners[{i}].tls: {exc}")
             continue
-        listeners[i] = replace(lst, tls=Tls(cert, key, digest))
+        listeners[i] = replace(
+            lst, tls=replace(lst.tls, certificates=pairs, client_ca=ca, digest=loaded.digest)
+        )
     if problems:
         raise ConfigError(problems)
     return replace(config, listeners=tuple(listeners))

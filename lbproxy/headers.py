@@ -2,8 +2,9 @@
 
 Owns hop-by-hop removal (RFC 9110 section 7.6.1: Connection and every token it lists,
 Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-Connection), the X-Forwarded-*
-family, the upgrade hand-through, and the short error responses the proxy writes itself.
-Pure functions over parsed heads; the proxy calls them once per message.
+family, the X-Client-Cert-* headers clients may not send, the upgrade hand-through, and the
+short error responses the proxy writes itself. Pure functions over parsed heads; the proxy
+calls them once per message.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 _FORWARDED_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"})
+# Set only by the proxy, from a verified client certificate (mutual TLS): a client's own are
+# removed on every listener, so a backend can trust them whatever the listener.
+CLIENT_CERT = frozenset({b"x-client-cert-subject", b"x-client-cert-fingerprint"})
+_DROPPED_UP = HOP_BY_HOP | CLIENT_CERT
 # Never removed because Connection lists them ("Connection: Content-Length"): the proxy frames
 # the body it relays by Content-Length, so dropping it would let the other side read that body
 # as the next message (request smuggling / response desync).
@@ -54,13 +59,15 @@ def upstream_request_head(
     forwarded: bool,
     default_host: bytes,
     upgrade: bool,
+    extra: tuple[bytes, ...] = (),
 ) -> bytes:
-    """The request head sent to a backend: always HTTP/1.1, keep-alive, hop-by-hop removed.
+    """The request head sent to a backend: always HTTP/1.1, keep-alive, hop-by-hop and
+    client-sent X-Client-Cert-* removed, ``extra`` lines (the proxy's own) added.
 
     A chunked body is forwarded with its framing untouched, so Transfer-Encoding: chunked is
     put back; an upgrade keeps ``Connection: Upgrade`` and its ``Upgrade`` value.
     """
-    drop = HOP_BY_HOP | (req.connection - _NEVER_DROPPED) if req.connection else HOP_BY_HOP
+    drop = _DROPPED_UP | (req.connection - _NEVER_DROPPED) if req.connection else _DROPPED_UP
     lines = [req.method + b" " + req.target + b" HTTP/1.1"]
     xff: list[bytes] = []
     has_host = False
@@ -97,6 +104,7 @@ def upstream_request_head(
         if host:
             lines.append(b"X-Forwarded-Host: " + host)
         lines.append(b"X-Real-IP: " + ip)
+    lines.extend(extra)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from . import headers, sticky, upstream
+from . import headers, sticky, tls, upstream
 from .config import LINGER_TIMEOUT
 from .http1 import (
     BODY_CHUNKED,
@@ -105,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.client_ip = "-"
         self.client_addr = "-"
+        self.cert_headers: tuple[bytes, ...] = ()  # a verified client certificate (mutual TLS)
         self.phase = _HEAD
         self.buf = bytearray()
         self.paused = 0
@@ -167,6 +168,9 @@ class ClientConnection(asyncio.Protocol):
             self.client_addr = (
                 f"[{peer[0]}]:{peer[1]}" if ":" in self.client_ip else f"{peer[0]}:{peer[1]}"
             )
+        tls_config = self.lr.config.tls
+        if tls_config is not None and tls_config.client_auth is not None:
+            self.cert_headers = tls.client_cert_headers(transport.get_extra_info("ssl_object"))
         ls = self.lr.stats
         ls.connections_active += 1
         ls.connections_total += 1
@@ -447,6 +451,7 @@ class ClientConnection(asyncio.Protocol):
             forwarded=lr.config.x_forwarded_for,
             default_host=server.label.encode(),
             upgrade=self.upgrade,
+            extra=self.cert_headers,
         )
         if self.pending:
             head += b"".join(self.pending)

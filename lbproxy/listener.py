@@ -37,6 +37,7 @@ from typing import Any
 from . import tls
 from .config import ACCEPT_RETRY_DELAY, Address, Tls
 from .http_proxy import ClientConnection, Context, ListenerHandle
+from .metrics import ListenerStats
 from .snapshot import Snapshot
 
 log = logging.getLogger("lbproxy.listener")
@@ -194,11 +195,12 @@ class Acceptor:
             conn.close()
             return
         self.pending += 1
-        self._drive(coro)
+        self._drive(coro, stats if ssl_ctx is not None else None)
 
-    def _drive(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _drive(self, coro: Coroutine[Any, Any, Any], tls_stats: ListenerStats | None) -> None:
         """Run ``coro`` (a connect_accepted_socket) to its end without a task: each time it
-        waits on a future, go on when that future is done."""
+        waits on a future, go on when that future is done. A failed TLS handshake is counted
+        in ``tls_stats``."""
         try:
             step = coro.send(None)
         except StopIteration:
@@ -207,12 +209,14 @@ class Acceptor:
         except (Exception, asyncio.CancelledError) as exc:
             # A TLS handshake that failed or timed out; the transport is closed already.
             self.pending -= 1
+            if tls_stats is not None:
+                tls_stats.tls_failures[tls.failure_reason(exc)] += 1
             log.debug("listener %s: connection failed: %r", self.bound.handle.runtime.name, exc)
             return
         if hasattr(step, "add_done_callback"):
-            step.add_done_callback(lambda _: self._drive(coro))
+            step.add_done_callback(lambda _: self._drive(coro, tls_stats))
         else:  # a bare yield: go on at the next turn of the loop
-            self.loop.call_soon(self._drive, coro)
+            self.loop.call_soon(self._drive, coro, tls_stats)
 
 
 class Listeners:
@@ -236,7 +240,7 @@ class Listeners:
             if lst.tls is None or self._tls_loaded.get(lst.name) == lst.tls:
                 continue
             try:
-                context, _ = tls.load(lst.tls.cert, lst.tls.key)
+                context = tls.load(lst.tls).context
             except tls.TlsError as exc:
                 raise BindError(f"listeners[{i}].tls: {exc}") from None
             built[lst.name] = (lst.tls, context)

@@ -57,6 +57,11 @@ BACKEND_STATES = ("up", "down", "unknown", "draining")
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 # Why a listener closed a connection at once, before reading from it.
 REFUSE_REASONS = ("max_connections", "acl")
+# Why a TLS handshake failed: client_certificate (none under client_auth: required, or one
+# that does not verify), protocol (no version or cipher both accept: the policy refused it),
+# timeout (not done within client_header_timeout), other (the client went away, spoke
+# plain HTTP, refused the proxy's certificate, ...). The same names as tls.FAILURE_REASONS.
+TLS_FAILURE_REASONS = ("client_certificate", "protocol", "timeout", "other")
 
 
 class Histogram:
@@ -112,6 +117,7 @@ class ListenerStats:
         "name",
         "request_duration",
         "requests",
+        "tls_failures",
         "ws_close_codes",
         "ws_closes",
         "ws_duration",
@@ -125,6 +131,7 @@ class ListenerStats:
         self.connections_active = 0
         self.connections_total = 0
         self.connections_refused = dict.fromkeys(REFUSE_REASONS, 0)
+        self.tls_failures = dict.fromkeys(TLS_FAILURE_REASONS, 0)
         self.bytes_in = 0  # closed connections' bytes; open ones are read from `live`
         self.bytes_out = 0
         # (server_group, server, code) -> count
@@ -285,6 +292,11 @@ class Collector(_PromCollector):
             "Client connections closed at once, without reading from them",
             labels=["listener", "reason"],
         )
+        tls_failures = CounterMetricFamily(
+            "lbproxy_tls_handshake_failures",
+            "TLS handshakes of client connections that failed, by why",
+            labels=["listener", "reason"],
+        )
         ws_active = GaugeMetricFamily(
             "lbproxy_websockets_active",
             "WebSocket tunnels open",
@@ -377,6 +389,8 @@ class Collector(_PromCollector):
             conn_total.add_metric([name], ls.connections_total)
             for reason, n in sorted(ls.connections_refused.items()):
                 conn_refused.add_metric([name, reason], n)
+            for reason, n in sorted(ls.tls_failures.items()):
+                tls_failures.add_metric([name, reason], n)
             for reason, n in sorted(ls.ws_closes.items()):
                 ws_closes.add_metric([name, reason], n)
             ws_messages.add_metric([name, "in"], ls.ws_messages_in)
@@ -430,6 +444,7 @@ class Collector(_PromCollector):
             conn_active,
             conn_total,
             conn_refused,
+            tls_failures,
             ws_active,
             ws_total,
             ws_dur,

@@ -22,6 +22,7 @@ FAMILIES = {
     "lbproxy_connections_active": "gauge",
     "lbproxy_connections": "counter",
     "lbproxy_connections_refused": "counter",
+    "lbproxy_tls_handshake_failures": "counter",
     "lbproxy_websockets_active": "gauge",
     "lbproxy_websockets": "counter",
     "lbproxy_websocket_duration_seconds": "histogram",
@@ -172,6 +173,7 @@ def _fill(reg: Registry, scale: int) -> None:
     web.connections_active += scale
     web.connections_refused["acl"] += scale
     web.connections_refused["max_connections"] += 2 * scale
+    web.tls_failures["client_certificate"] += scale
     web.bytes_in += 100 * scale
     web.bytes_out += 1000 * scale
     web.live.add(_Live(10 * scale, 20 * scale))
@@ -277,6 +279,12 @@ def test_collector_sums_over_registries():
     assert m["lbproxy_connections_refused_total"] == {
         labels(listener="web", reason="max_connections"): 6,
         labels(listener="web", reason="acl"): 3,
+    }
+    assert m["lbproxy_tls_handshake_failures_total"] == {
+        labels(listener="web", reason="client_certificate"): 3,
+        labels(listener="web", reason="protocol"): 0,
+        labels(listener="web", reason="timeout"): 0,
+        labels(listener="web", reason="other"): 0,
     }
     assert m["lbproxy_retries_total"] == {labels(server_group="g"): 2}
     assert m["lbproxy_config_reloads_total"] == {
