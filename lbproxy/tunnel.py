@@ -68,6 +68,7 @@ class _End(asyncio.Protocol):
         "partial",
         "peer",
         "pending",
+        "quick",
         "remaining",
         "replied",
         "tunnel",
@@ -85,6 +86,9 @@ class _End(asyncio.Protocol):
         self.pending = b""  # the close frame waiting for a frame boundary (_INJECT)
         self.messages = 0  # data messages passed on (a fragmented one counts once)
         self.replied = False  # sent its close frame after the proxy's own (_DROP)
+        # Nothing in the way of the inline walk in data_received: forwarding, no close code
+        # being read, no header held, no message policy to apply (kept by _frames).
+        self.quick = not (is_client and tunnel.policy is not None)
 
     def data_received(self, data: bytes) -> None:
         t = self.tunnel
@@ -94,13 +98,52 @@ class _End(asyncio.Protocol):
             t.bytes_in += n
         else:
             t.bytes_out += n
+        if not self.quick:
+            self._frames(data)
+            return
         rem = self.remaining
-        if rem >= n and self.capture is None and self.mode == _FORWARD:
+        if rem >= n:
             # Inside a payload (the common case for large messages): nothing to look at.
             self.remaining = rem - n
             self.peer.write(data)
             return
-        self._frames(data)
+        # The common case for small messages: whole frames. Walk their lengths inline (no
+        # objects, no slices); anything unusual (a close frame, a header cut short, a 64-bit
+        # length) goes to _frames from the start, as nothing has been changed yet. A masking
+        # key cut off by the end of the read is skipped like payload.
+        pos = rem
+        msgs = 0
+        while pos < n:
+            if pos + 2 > n:
+                self._frames(data)
+                return
+            b1 = data[pos + 1]
+            length = b1 & 0x7F
+            size = 2
+            if length >= 126:
+                if length == 127 or pos + 4 > n:
+                    self._frames(data)
+                    return
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                size = 4
+            if b1 & 0x80:
+                size += 4
+            op = data[pos] & 0x0F
+            if op > OP_BINARY:
+                if op == OP_CLOSE:
+                    self._frames(data)
+                    return
+            elif op != OP_CONTINUATION:
+                msgs += 1
+            pos += size + length
+        self.remaining = pos - n
+        if msgs:
+            self.messages += msgs
+            if self.is_client:
+                t.listener.ws_messages_in += msgs
+            else:
+                t.listener.ws_messages_out += msgs
+        self.peer.write(data)
 
     def _frames(self, data: bytes) -> None:
         """Walk the frame headers in ``data``; forward, inject or drop as the mode says."""
@@ -160,7 +203,7 @@ class _End(asyncio.Protocol):
             if op <= OP_BINARY:
                 if op != OP_CONTINUATION and self.mode != _DROP:
                     self.messages += 1
-                    t.count_message(self.is_client)
+                    t.count_messages(self.is_client)
             elif op == OP_CLOSE:
                 if hdr.length >= 2:
                     self.capture = b""
@@ -169,6 +212,12 @@ class _End(asyncio.Protocol):
                     self._close_frame(None)
         if self.mode != _DROP and start < n:
             self.peer.write(data if start == 0 else data[start:])
+        self.quick = (
+            self.mode == _FORWARD
+            and self.capture is None
+            and not self.partial
+            and not (self.is_client and t.policy is not None)
+        )
 
     def _capture(self, piece: bytes) -> None:
         got = self.capture
@@ -189,6 +238,7 @@ class _End(asyncio.Protocol):
 
     def inject(self, frame: bytes) -> None:
         """Send ``frame`` to the peer at the next frame boundary of this side's stream."""
+        self.quick = False
         self.pending = frame
         if self.remaining == 0 and not self.partial:
             self._inject_now()
@@ -332,11 +382,11 @@ class Tunnel:
             self.timer = self.loop.call_at(deadline, self._on_timer)
 
     # ------------------------------------------------------------------ frame events
-    def count_message(self, from_client: bool) -> None:
+    def count_messages(self, from_client: bool, n: int = 1) -> None:
         if from_client:
-            self.listener.ws_messages_in += 1
+            self.listener.ws_messages_in += n
         else:
-            self.listener.ws_messages_out += 1
+            self.listener.ws_messages_out += n
 
     def count_close(self, side: str, code: int | None) -> None:
         """A close frame passed (or the proxy sent its own): count it, remember the first."""
