@@ -1,12 +1,12 @@
 """The running proxy: wires the pure core to the I/O owners and runs their one lifecycle.
 
-Owns ``Proxy``: start (build the first snapshot, bind, start checks and admin), ``reload``
-(load -> validate -> build -> bind -> swap, all or nothing), the runtime server state
-(``set_server_state``: admin state and weight overrides, and the drains they begin) and
-``close``, the single ordered shutdown path: stop accepting, let HTTP requests in flight
-finish, give WebSocket tunnels up to ``shutdown_timeout``, send the ones left a close frame
-(1001) both ways and give their close handshake a moment, cut what remains, then stop the
-background owners.
+Owns ``Proxy``: start (build the first snapshot, bind, warm servers, accept, start checks and
+admin), ``reload`` (load -> validate -> build -> warm new servers -> bind -> swap, all or
+nothing), the runtime server state (``set_server_state``: admin state and weight overrides,
+and the drains they begin) and ``close``, the single ordered shutdown path: stop accepting,
+let HTTP requests in flight finish, give WebSocket tunnels up to ``shutdown_timeout``, send
+the ones left a close frame (1001) both ways and give their close handshake a moment, cut
+what remains, then stop the background owners.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from .config import (
     WS_CLOSE_HANDSHAKE_TIMEOUT,
     Config,
     ConfigError,
+    HealthCheck,
     loads_config,
     read_config_file,
 )
 from .drain import Drainer
-from .health import Event, State, Transition
+from .health import Event, ServerHealth, State, Transition
 from .http_proxy import ClientConnection, Context
-from .listener import BindError, Listeners, probe_binds
+from .listener import BindError, Listeners, Opening, probe_binds
 from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .tunnel import Tunnel
 from .wsframes import GOING_AWAY
@@ -121,25 +122,28 @@ class Proxy:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        """Bind (a bind error fails at once), warm every checked server (each bounded by its
+        check timeout; clients meanwhile wait in the listen backlog), then accept: no request
+        is answered 503 for want of a first check. A server down at start fails its warm-up
+        check and is DOWN; its first good check later brings it UP (health.py)."""
         snap = self.holder.current
         self.access.start()
         try:
-            await self._bind(snap, None)
+            if self.role.serve:
+                await self.listeners.apply(snap, hold=True)
+            else:
+                await probe_binds(snap, None)  # the workers bind; enough to know they can
         except BindError:
             self.access.close()
             raise
+        if self.role.check:
+            await self.checker.warm(self._to_warm(None, snap))
         self._sync_backend_up(snap)
         if self.role.check:
             self.checker.apply(snap)
         if self.role.serve:
+            self.listeners.accept()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def _bind(self, snap: Snapshot, old: Snapshot | None) -> None:
-        if self.role.serve:
-            await self.listeners.apply(snap)
-        else:
-            # The workers bind; here it is enough to know they will be able to.
-            await probe_binds(snap, old)
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Load the config file again and swap it in, or change nothing and say why."""
@@ -158,7 +162,11 @@ class Proxy:
                     self.on_applied(raw)  # the supervisor hands the same bytes to every worker
             return result
 
-    async def apply_config(self, config: Config, trigger: str) -> ReloadResult:
+    async def apply_config(
+        self, config: Config, trigger: str, health: dict[str, str] | None = None
+    ) -> ReloadResult:
+        """Swap ``config`` in, or change nothing and say why. ``health`` (a worker's, from
+        the supervisor, which warmed the new servers) is taken before the swap."""
         if self._closing:
             # Applying now would open listeners again (and start checks) mid-shutdown.
             problem = "shutting down: reload ignored"
@@ -182,16 +190,34 @@ class Proxy:
                 reason = exc.strerror or str(exc)
                 problem = f"admin.bind: cannot listen on {config.admin.bind}: {reason}"
                 return self._reload_failed(trigger, [problem])
+        opening: Opening | None = None
         try:
-            await self._bind(snap, old)
+            if self.role.serve:
+                opening = await self.listeners.open(snap)  # held: nothing accepted yet
+            else:
+                await probe_binds(snap, old)  # the workers bind; enough to know they can
         except BindError as exc:
             self._discard(changes)
             if admin_move is not None:
                 await admin_move.cancel()
             return self._reload_failed(trigger, [str(exc)])
+        if self.role.check:
+            # After the binds (a bind error fails fast), before the swap.
+            await self.checker.warm(self._to_warm(old, snap))
+        if self._closing:  # close() ran during the warm-up
+            self._discard(changes)
+            if opening is not None:
+                self.listeners.cancel(opening)
+            if admin_move is not None:
+                await admin_move.cancel()
+            return ReloadResult(False, False, "shutting down: reload ignored")
+        if health:
+            self._take_health(snap, health)
         if admin_move is not None:
             await admin_move.commit()
             log.info("admin now on http://%s/", config.admin.bind)
+        if opening is not None:
+            self.listeners.commit(opening)
         draining = self.state.commit(snap)
         self.holder.current = snap  # the swap: new connections and requests see it from here
         self.access.configure(config.access_log)
@@ -328,6 +354,35 @@ class Proxy:
             if server is not None:
                 server.health.state = State(value)
         self._sync_backend_up(self.holder.current)
+
+    @staticmethod
+    def _take_health(snap: Snapshot, states: dict[str, str]) -> None:
+        for g in snap.groups.values():
+            for s in g.servers:
+                value = states.get(s.id)
+                if value is not None:
+                    s.health.state = State(value)
+
+    @staticmethod
+    def _to_warm(old: Snapshot | None, snap: Snapshot) -> list[tuple[ServerState, HealthCheck]]:
+        """What must be checked before ``snap`` goes live: in every checked group, the servers
+        new to it, or all of them when its checks were off (or the group is new).
+
+        A group whose checks were off gets a fresh health record for each server: what
+        passive failures left there while nothing checked is no reason to wait for
+        healthy_threshold now (the warm-up check decides, as for a new server)."""
+        out: list[tuple[ServerState, HealthCheck]] = []
+        for name, g in snap.groups.items():
+            if not g.checks:
+                continue
+            before = old.groups.get(name) if old is not None else None
+            known = before.by_id if before is not None and before.checks else None
+            for s in g.servers:
+                if known is None and s.health.state is not State.UNKNOWN:
+                    s.health = ServerHealth()
+                if known is None or s.id not in known:
+                    out.append((s, g.config.health_check))
+        return out
 
     def health_map(self) -> dict[str, str]:
         return {sid: s.health.state.value for sid, s in self.state.servers.items()}

@@ -213,7 +213,7 @@ class Server:
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
     enabled: bool = True
-    protocol: str = "http"
+    protocol: str = "http"  # "http", "tcp" or "websocket"
     path: str = "/"
     method: str = "HEAD"
     host: str = ""
@@ -1073,7 +1073,7 @@ def _health_check(r: _Reader, doc: Any, path: str) -> HealthCheck | None:
     d = HealthCheck()
     values = (
         r.get(m, "enabled", path, _bool, d.enabled),
-        r.get(m, "protocol", path, _choice("http", "tcp"), d.protocol),
+        r.get(m, "protocol", path, _choice("http", "tcp", "websocket"), d.protocol),
         r.get(m, "path", path, _path, d.path),
         r.get(m, "method", path, _choice("HEAD", "GET"), d.method),
         r.get(m, "host", path, _check_host, d.host),
@@ -1086,6 +1086,13 @@ def _health_check(r: _Reader, doc: Any, path: str) -> HealthCheck | None:
     )
     if any(v is None for v in values):
         return None
+    if values[1] == "websocket":
+        # The check is an upgrade: always a GET, and only 101 passes.
+        unused = [key for key in ("method", "expected_codes") if key in m]
+        for key in unused:
+            r.error(f"{path}.{key}", "not used with protocol: websocket (a GET expecting 101)")
+        if unused:
+            return None
     return HealthCheck(*values)  # type: ignore[arg-type]
 
 

@@ -751,7 +751,6 @@ class ClientConnection(asyncio.Protocol):
         assert server is not None
         server.stats.errors["reset"] += 1
         log.warning("%s: upstream %s closed mid-response", self.client_addr, server.label)
-        self._account(self.resp.status)
         self._cut()
 
     def upstream_pause(self) -> None:
@@ -827,8 +826,6 @@ class ClientConnection(asyncio.Protocol):
             # a bad answer to one request says nothing about the server's other requests.
             server.stats.errors[kind] += 1
             log.warning("%s: upstream %s: %s", self.client_addr, server.label, reason)
-        if self.resp_started and self.resp is not None:
-            self._account(self.resp.status)
         self._fail(502, reason)
 
     def _fail(self, status: int, reason: str) -> None:
@@ -842,7 +839,11 @@ class ClientConnection(asyncio.Protocol):
         self._error_response(status, reason)
 
     def _cut(self) -> None:
-        """The response has started: the client can only learn of a failure from a cut."""
+        """The response has started: the client can only learn of a failure from a cut.
+        Counted and logged with the status that started, whatever cut it (a bad or closing
+        backend, a timeout)."""
+        if self.resp is not None:
+            self._account(self.resp.status)
         self._release_server()
         self._drop_upstream(reuse=False)
         self.transport.abort()

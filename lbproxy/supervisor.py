@@ -77,7 +77,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Start checks and every worker; raise RuntimeError if a worker cannot start."""
+        """Warm and start checks, then every worker (with the first round's results, so a
+        worker accepts nothing before they are known); raise RuntimeError if a worker cannot
+        start."""
         await self.proxy.start()
         for w in self.workers:
             await self._spawn(w)
@@ -201,11 +203,11 @@ class Supervisor:
             w.send(msg)  # a worker still starting reads it after its config, in order
 
     def _config_applied(self, raw: bytes) -> None:
-        msg = self._config_msg()
+        # The workers build the same snapshot from the same bytes; their health comes from
+        # here, in the same message: servers warmed here are up there from the swap on.
+        msg = self._config_msg(with_health=True)
         for w in self.workers:
             w.send(msg)
-        # The workers build the same snapshot from the same bytes; their health comes from here.
-        self._broadcast_health()
 
     # ------------------------------------------------------------------ admin view
     def _retire_stats(self, w: WorkerHandle) -> None:

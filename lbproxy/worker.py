@@ -5,6 +5,7 @@ reports on stdout (logs go to stderr, so stdout carries nothing else).
 
 Orders:   {"op": "config", "raw": <base64 file bytes>, "path": ..., "health": {id: state},
            "overrides": {id: {"admin_state": ..., "weight": ...}}}
+          (health: the supervisor's, its new servers already warmed, taken before the swap)
           {"op": "health", "states": {id: state}}
           {"op": "override", "server": id, "admin_state": ..., "weight": ...}
           {"op": "stats", "id": n}
@@ -143,7 +144,8 @@ async def serve() -> int:
                 ch.send({"op": "stats", "id": msg["id"], "data": data, "active": active})
             elif op == "config":
                 raw = decode_raw(msg)
-                result = await proxy.apply_config(loads_config(raw, msg["path"]), "supervisor")
+                config = loads_config(raw, msg["path"])
+                result = await proxy.apply_config(config, "supervisor", msg.get("health"))
                 if result.ok:
                     proxy.config_raw = raw
                 ch.send({"op": "applied", "ok": result.ok, "message": result.message})

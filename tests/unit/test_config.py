@@ -637,7 +637,9 @@ def test_drain_timeout_zero_means_off(value, seconds):
 HC = "server_groups.rs1.health_check"
 
 
-@pytest.mark.parametrize(("key", "value"), [("protocol", "tcp"), ("method", "GET")])
+@pytest.mark.parametrize(
+    ("key", "value"), [("protocol", "tcp"), ("protocol", "websocket"), ("method", "GET")]
+)
 def test_health_check_choices(key, value):
     c = parse_config(with_(f"{HC}.{key}", value))
     assert getattr(c.server_groups[0].health_check, key) == value
@@ -647,7 +649,7 @@ def test_health_check_choices(key, value):
     ("key", "value", "message"),
     [
         ("enabled", "yes", "expected true or false, got 'yes'"),
-        ("protocol", "https", "expected one of http, tcp, got 'https'"),
+        ("protocol", "https", "expected one of http, tcp, websocket, got 'https'"),
         ("method", "POST", "expected one of HEAD, GET, got 'POST'"),
         ("method", "get", "expected one of HEAD, GET, got 'get'"),
         ("path", "health", "expected a path starting with '/', got 'health'"),
@@ -730,6 +732,17 @@ def test_every_health_check_problem_at_once():
         f"{HC}.port",
         f"{HC}.interval",
         f"{HC}.expected_codes",
+    ]
+
+
+def test_websocket_check_takes_path_and_host_and_refuses_method_and_codes():
+    doc = with_(HC, {"protocol": "websocket", "path": "/ws", "host": "chat.example"})
+    check = parse_config(doc).server_groups[0].health_check
+    assert (check.protocol, check.path, check.host) == ("websocket", "/ws", "chat.example")
+    doc = with_(HC, {"protocol": "websocket", "method": "GET", "expected_codes": [101]})
+    assert problems(doc) == [
+        f"{HC}.method: not used with protocol: websocket (a GET expecting 101)",
+        f"{HC}.expected_codes: not used with protocol: websocket (a GET expecting 101)",
     ]
 
 
