@@ -76,6 +76,7 @@ def status(
                     "id": s.id,
                     "address": s.label,
                     "weight": s.weight,
+                    "discovered": s.discovered,
                     "state": state,
                     "checked": g.checks,
                     "last_check": h.last_reason or None,

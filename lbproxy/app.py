@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING
 from . import metrics
 from .access_log import AccessLog
 from .checker import Checker
-from .config import Config, ConfigError, loads_config, read_config_file
+from .config import Config, ConfigError, Server, loads_config, read_config_file
+from .config import Discovery as DiscoverySpec
+from .discovery import Discovery
+from .dnsstate import with_discovered
 from .health import Event, State, Transition
 from .http_proxy import ClientConnection, Context
 from .listener import BindError, Listeners, probe_binds
@@ -80,14 +83,27 @@ class Role:
 
 
 class Proxy:
-    def __init__(self, config: Config, config_path: str | None = None, role: Role = Role()) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        role: Role = Role(),
+        discovered: dict[str, tuple[DiscoverySpec, tuple[Server, ...]]] | None = None,
+    ) -> None:
         self.role = role
         self.config_path = config_path
         self.config_raw: bytes | None = None  # the bytes of the config in force, when known
         self.on_applied: Callable[[bytes], None] | None = None
         self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
+        self.on_discovered: Callable[[], None] | None = None  # the supervisor's hand-over
         self.registry = metrics.Registry()
         self.state = RuntimeState(self.registry)
+        # The config as the file says it; snapshots are built from it plus ``discovered``.
+        self.file_config = config
+        self.discovered = dict(discovered or {})
+        self.discovery = Discovery(self._found, self.registry)
+        self._counting = True  # False while applying a discovered set: it is not a reload
+        config = with_discovered(config, self.discovered)
         snap, _ = self.state.build(config)
         self.state.commit(snap)
         self.holder = Holder(snap)
@@ -118,6 +134,7 @@ class Proxy:
         self._sync_backend_up(snap)
         if self.role.check:
             self.checker.apply(snap)
+            self.discovery.apply(snap.config, self.discovered)
         if self.role.serve:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
@@ -151,8 +168,10 @@ class Proxy:
             problem = "shutting down: reload ignored"
             log.warning("reload (%s): %s", trigger, problem)
             return ReloadResult(False, False, problem, (problem,))
+        file_config, config = config, with_discovered(config, self.discovered)
         old = self.holder.current
         if config == old.config:
+            self.file_config = file_config
             log.info("reload (%s): configuration unchanged, nothing to do", trigger)
             self._reload_counted(True, "configuration unchanged")
             return ReloadResult(True, False, "configuration unchanged")
@@ -181,11 +200,13 @@ class Proxy:
             log.info("admin now on http://%s/", config.admin.bind)
         self.state.commit(snap)
         self.holder.current = snap  # the swap: new connections and requests see it from here
+        self.file_config = file_config
         self.access.configure(config.access_log)
         self._retire(changes)
         self._sync_backend_up(snap)
         if self.role.check:
             self.checker.apply(snap)
+            self.discovery.apply(config, self.discovered)
         summary = changes.summary()
         log.info("reload (%s): applied: %s", trigger, summary)
         self._reload_counted(True, summary)
@@ -210,7 +231,27 @@ class Proxy:
         self._reload_counted(False, "; ".join(problems))
         return ReloadResult(False, False, "\n".join(problems), tuple(problems))
 
+    async def _found(self, group: str, spec: DiscoverySpec, servers: tuple[Server, ...]) -> None:
+        """Discovery found a new set for ``group``: rebuild and swap as a reload does (servers
+        that stay keep their state; new ones are checked before they take traffic; removed
+        ones finish what they carry), without counting it as a config reload."""
+        async with self.reload_lock:
+            self.discovered[group] = (spec, servers)
+            await self.apply_discovered(f"dns: {group}")
+        if self.on_discovered is not None:
+            self.on_discovered()
+
+    async def apply_discovered(self, trigger: str) -> ReloadResult:
+        """Build from the file's config and ``self.discovered`` as it is now, and swap."""
+        self._counting = False
+        try:
+            return await self.apply_config(self.file_config, trigger)
+        finally:
+            self._counting = True
+
     def _reload_counted(self, ok: bool, message: str = "") -> None:
+        if not self._counting:
+            return
         r = self.registry.reloads
         if ok:
             r.success += 1
@@ -280,6 +321,9 @@ class Proxy:
         for sid in list(up):
             if sid not in self.state.servers:
                 del up[sid]
+        self.registry.discovered = {
+            s.id for g in snap.groups.values() for s in g.servers if s.discovered
+        }
 
     async def _sweep(self) -> None:
         """Close expired idle upstream connections; forget drained removed servers."""
@@ -339,6 +383,7 @@ class Proxy:
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
         await self.checker.close()
+        await self.discovery.close()
         for s in self.state.servers.values():
             s.pool.close()
         self.access.close()

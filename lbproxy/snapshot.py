@@ -36,6 +36,7 @@ class ServerState:
     __slots__ = (
         "active",
         "address",
+        "discovered",
         "group",
         "health",
         "id",
@@ -46,7 +47,9 @@ class ServerState:
         "weight",
     )
 
-    def __init__(self, sid: str, group: str, server: Server, registry: metrics.Registry) -> None:
+    def __init__(
+        self, sid: str, group: str, server: Server, registry: metrics.Registry, secret: str = ""
+    ) -> None:
         self.id = sid
         self.group = group
         self.address = server.address
@@ -56,7 +59,10 @@ class ServerState:
         self.health = ServerHealth()
         self.pool = Pool()
         self.stats = registry.server(sid, group, self.label)
-        self.token = server_token(sid)  # the insert cookie's value: the server, not its address
+        self.discovered = server.discovered  # from DNS: the same address is the same server
+        # The insert cookie's value: the server, not its address (re-keyed by ``commit`` when
+        # the group's sticky_session.secret changes).
+        self.token = server_token(sid, secret)
 
     def __repr__(self) -> str:
         return f"<Server {self.id} {self.health.state.value} active={self.active}>"
@@ -102,7 +108,10 @@ class GroupRuntime:
         self.pins = pins
         self.hash_xff = config.hash_key == "x_forwarded_for"
         self.by_id = {s.id: s for s in servers}
-        self.by_token = {s.token: s for s in servers}
+        secret = _secret(config)
+        # Computed here, not read from the servers: their ``token`` follows a new secret only
+        # when this snapshot is committed.
+        self.by_token = {server_token(s.id, secret): s for s in servers}
 
     def pinnable(self, server: ServerState | None) -> bool:
         """Whether a session pinned to ``server`` may go on there: weight 0 drains only new
@@ -124,6 +133,10 @@ class GroupRuntime:
         if not candidates:
             return None
         return self.scheduler.pick(candidates, key)
+
+
+def _secret(group: ServerGroup) -> str:
+    return group.sticky.secret if group.sticky is not None else ""
 
 
 class ListenerRuntime:
@@ -211,7 +224,7 @@ class RuntimeState:
                 sid = server_id(g.name, srv)
                 st = self.servers.get(sid)
                 if st is None:
-                    st = ServerState(sid, g.name, srv, self.registry)
+                    st = ServerState(sid, g.name, srv, self.registry, _secret(g))
                     added.append(st)
                 servers[sid] = st
                 members.append(st)
@@ -256,8 +269,12 @@ class RuntimeState:
         servers, schedulers, config, pins = self._pending
         assert config is snap.config
         for g in config.server_groups:
+            secret = _secret(g)
             for srv in g.servers:
-                servers[server_id(g.name, srv)].weight = srv.weight
+                st = servers[server_id(g.name, srv)]
+                st.weight = srv.weight
+                st.discovered = srv.discovered
+                st.token = server_token(st.id, secret)
         self.servers = servers
         self.schedulers = schedulers
         self.pins = pins

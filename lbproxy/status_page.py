@@ -129,7 +129,8 @@ def render_status_page(st: dict[str, Any]) -> str:
             rate = _rate(f"s/{s['id']}/req", s["requests_total"])
             add(
                 f"<tr class='server {_e(s['state'])}' data-server='{_e(s['address'])}'>"
-                f"<td>{_e(s['address'])}</td><td class=state>{_e(s['state']).upper()}</td>"
+                f"<td>{_e(s['address'])}{' (dns)' if s.get('discovered') else ''}</td>"
+                f"<td class=state>{_e(s['state']).upper()}</td>"
                 f"<td class=num>{_e(s['weight'])}</td>"
                 f"<td title='{_e(why or check)}'>{_e(check)}</td>"
                 f"<td class=num>{_ms(s['last_check_latency'])}</td>"

@@ -3,7 +3,9 @@
 Owns the worker end of the control channel: newline-delimited JSON, orders on stdin and
 reports on stdout (logs go to stderr, so stdout carries nothing else).
 
-Orders:   {"op": "config", "raw": <base64 file bytes>, "path": ..., "health": {id: state}}
+Orders:   {"op": "config", "raw": <base64 file bytes>, "path": ..., "health": {id: state},
+           "discovered": <dnsstate.encode>}
+          {"op": "discovered", "groups": <dnsstate.encode>}
           {"op": "health", "states": {id: state}}
           {"op": "stats", "id": n}
 Reports:  {"op": "ready", "pid": n}
@@ -35,6 +37,7 @@ import uvloop
 from .app import Proxy, Role
 from .cli import raise_fd_limit
 from .config import loads_config
+from .dnsstate import decode
 from .listener import BindError
 from .metrics import dump_registry
 from .snapshot import ServerState
@@ -86,7 +89,8 @@ async def serve() -> int:
         return 1
     raw = decode_raw(first)
     config = loads_config(raw, first["path"])
-    proxy = Proxy(config, None, Role(serve=True, check=False, reuse_port=True))
+    discovered = decode(first.get("discovered"))
+    proxy = Proxy(config, None, Role(serve=True, check=False, reuse_port=True), discovered)
     proxy.config_raw = raw
 
     def report(server: ServerState, reason: str) -> None:
@@ -133,8 +137,12 @@ async def serve() -> int:
                 active = {sid: s.active for sid, s in proxy.state.servers.items()}
                 data = dump_registry(proxy.registry)
                 ch.send({"op": "stats", "id": msg["id"], "data": data, "active": active})
+            elif op == "discovered":
+                proxy.discovered = decode(msg["groups"])
+                await proxy.apply_discovered("supervisor: dns")
             elif op == "config":
                 raw = decode_raw(msg)
+                proxy.discovered = decode(msg.get("discovered"))
                 result = await proxy.apply_config(loads_config(raw, msg["path"]), "supervisor")
                 if result.ok:
                     proxy.config_raw = raw
