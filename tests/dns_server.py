@@ -31,6 +31,7 @@ class DnsServer(asyncio.DatagramProtocol):
         # (name, type) -> (ttl, rdata texts), e.g. ("chat.test", "A") -> (1, ["127.0.0.2"])
         self.records: dict[tuple[str, str], tuple[int, list[str]]] = {}
         self.mode = "answer"  # or "drop", "servfail"
+        self.additional = True  # SRV answers carry their targets' addresses
         self.queries: list[tuple[str, str, float]] = []  # (name, type, loop time)
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
@@ -87,7 +88,7 @@ class DnsServer(asyncio.DatagramProtocol):
         elif (name, rdtype) in self.records:
             ttl, values = self.records[(name, rdtype)]
             response.answer.append(self._rrset(name, rdtype, ttl, values))
-            if rdtype == "SRV":
+            if rdtype == "SRV" and self.additional:
                 self._additional(response, values)
         assert self.transport is not None
         self.transport.sendto(response.to_wire(), addr)
