@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 
 from tests.dns_server import DnsServer
-from tests.integration.test_workers import Cluster, names, start_lbproxy  # noqa: F401
+from tests.integration import test_workers
+from tests.integration.test_workers import Cluster, names
 from tests.support import Backend, free_port, wait_for
 
 MakeBackend = Callable[..., Awaitable[Backend]]
+start_lbproxy = test_workers.start_lbproxy  # the fixture, shared
 
 
 @pytest.fixture
