@@ -15,8 +15,14 @@ import pytest
 
 from lbproxy.reload import FileWatcher
 from tests.hardening import make_cert, openssl_available
-from tests.integration.test_tls import base, client_context, der, https_doc, peer_cert
-from tests.integration.test_tls import start_from_file
+from tests.integration.test_tls import (
+    base,
+    client_context,
+    der,
+    https_doc,
+    peer_cert,
+    start_from_file,
+)
 from tests.support import wait_for
 
 
