@@ -57,5 +57,5 @@ async def test_ipv6_listener_and_backend_http_ws_and_access_log(
     http, tunnel = lines()
     assert http["type"] == "http" and tunnel["type"] == "websocket"
     for line in (http, tunnel):
-        assert line["client"] == "::1"
+        assert str(line["client"]).startswith("[::1]:")  # as IPv4's 127.0.0.1:port
         assert line["server"] == b.address
