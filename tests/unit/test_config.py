@@ -382,6 +382,7 @@ def test_schema_keys_include_the_documented_ones():
         "admin",
         "access_log",
         "shutdown_timeout",
+        "resolvers",
     )
     assert set(cfg._LISTENER_KEYS) >= {
         "name",
@@ -907,5 +908,7 @@ def test_full_config_shows_every_key():
     assert set().union(*(_keys(s) for s in servers)) == set(cfg._SERVER_KEYS)
     assert any(isinstance(s, str) for s in servers)  # the shorthand is shown too
     assert set().union(*(_keys(g["health_check"]) for g in groups)) == set(cfg._CHECK_KEYS)
+    discoveries = [g["discovery"] for g in groups if "discovery" in g]
+    assert set().union(*(_keys(d) for d in discoveries)) == set(cfg._DISCOVERY_KEYS)
     assert _keys(doc["admin"]) == {"bind", "token"}
     assert _keys(doc["access_log"]) == {"enabled", "format", "path"}
