@@ -530,7 +530,7 @@ def test_server_groups_required_and_non_empty():
 
 def test_group_needs_servers_key():
     assert problems(with_("server_groups.rs1", {})) == [
-        "server_groups.rs1.servers: required (a list of servers, may be empty)"
+        "server_groups.rs1.servers: required (a list of servers, may be empty), or discovery"
     ]
     assert problems(with_("server_groups.rs1.servers", "127.0.0.1:5001")) == [
         "server_groups.rs1.servers: expected a list of servers, got '127.0.0.1:5001'"
@@ -838,7 +838,7 @@ def test_load_config_yaml_merge_keys_still_work(tmp_path):
         load_config(path)
     assert info.value.problems == [
         "x-defaults: unknown key (allowed: listeners, server_groups, admin, access_log, "
-        "shutdown_timeout)"
+        "shutdown_timeout, resolvers)"
     ]
     doc = yaml.load(Path(path).read_text(), Loader=cfg._UniqueKeyLoader)
     assert doc["server_groups"]["rs1"]["servers"] == [{"address": "127.0.0.1:5001", "weight": 7}]
