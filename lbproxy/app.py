@@ -20,7 +20,7 @@ from .access_log import AccessLog
 from .checker import Checker
 from .config import Config, ConfigError, Server, loads_config, read_config_file
 from .config import Discovery as DiscoverySpec
-from .discovery import Discovery
+from .discovery import Discovery, resolve_names
 from .dnsstate import with_discovered
 from .health import Event, State, Transition
 from .http_proxy import ClientConnection, Context
@@ -125,6 +125,7 @@ class Proxy:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         snap = self.holder.current
+        await resolve_names(self.state.servers.values())
         self.access.start()
         try:
             await self._bind(snap, None)
@@ -179,6 +180,7 @@ class Proxy:
         if log_problem is not None:
             return self._reload_failed(trigger, [log_problem])
         snap, changes = self.state.build(config)
+        await resolve_names(s for g in snap.groups.values() for s in g.servers)
         admin_move: PendingBind | None = None
         if self.admin is not None and config.admin.bind != old.config.admin.bind:
             try:

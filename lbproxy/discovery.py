@@ -13,14 +13,21 @@ Owns:
 
 Only the process that runs the health checks runs discovery (alone: that process; with
 workers: the supervisor, which hands the servers found to every worker).
+
+Also here: ``resolve_names``, which resolves the host names written under ``servers`` once
+per config load (start and every reload) through the system's resolver (``/etc/hosts``
+included), so that connects go to addresses instead of looking the name up each time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.exception
@@ -29,9 +36,12 @@ import dns.rdatatype
 import dns.resolver
 
 from . import metrics
-from .config import Address, Config, Server
+from .config import DEFAULT_DNS_TIMEOUT, Address, Config, Server
 from .config import Discovery as Spec
 from .dnsstate import Answer, Discovered, SrvRecord, Tracker, address_servers, srv_servers
+
+if TYPE_CHECKING:
+    from .snapshot import ServerState
 
 log = logging.getLogger("lbproxy.discovery")
 
@@ -185,3 +195,43 @@ class Discovery:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def resolve_names(servers: Iterable[ServerState]) -> None:
+    """Give every server written with a host name the addresses that name has now (in the
+    resolver's order, tried in turn by a connect). A name that does not resolve keeps the
+    name itself (looked up at connect, as before) and is logged."""
+    by_host: dict[str, list[ServerState]] = {}
+    for s in servers:
+        if not s.discovered and not _is_ip(s.address.host):
+            by_host.setdefault(s.address.host, []).append(s)
+    if not by_host:
+        return
+    loop = asyncio.get_running_loop()
+
+    async def one(host: str) -> list[str]:
+        async with asyncio.timeout(DEFAULT_DNS_TIMEOUT):
+            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    hosts = list(by_host)
+    found = await asyncio.gather(*(one(h) for h in hosts), return_exceptions=True)
+    for host, ips in zip(hosts, found, strict=True):
+        for s in by_host[host]:
+            if isinstance(ips, BaseException) or not ips:
+                s.connect_to = (s.address,)
+            else:
+                s.connect_to = tuple(Address(ip, s.address.port) for ip in ips)
+        if isinstance(ips, BaseException):
+            why = "timed out" if isinstance(ips, TimeoutError) else str(ips)
+            log.warning(
+                "server name %s does not resolve (%s): looked up at each connect", host, why
+            )

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import balancer, metrics
-from .config import Config, Listener, Server, ServerGroup, StickySession
+from .config import Address, Config, Listener, Server, ServerGroup, StickySession
 from .health import ServerHealth, State
 from .http1 import Limits
 from .rules import Router
@@ -36,6 +36,7 @@ class ServerState:
     __slots__ = (
         "active",
         "address",
+        "connect_to",
         "discovered",
         "group",
         "health",
@@ -53,6 +54,9 @@ class ServerState:
         self.id = sid
         self.group = group
         self.address = server.address
+        # Where connects go: the address itself, or (a host name) the addresses it resolved
+        # to when the config was loaded (``app.Proxy``): no name lookup per connect.
+        self.connect_to: tuple[Address, ...] = (server.address,)
         self.label = str(server.address)
         self.weight = server.weight
         self.active = 0  # open requests and tunnels to this server

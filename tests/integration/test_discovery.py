@@ -319,3 +319,33 @@ async def test_close_stops_lookups(dns_server: DnsServer, make_proxy: MakeProxy)
     n = dns_server.count("chat.test", "A")
     await asyncio.sleep(1.5)  # longer than the 1 s pace: a live loop would have asked again
     assert dns_server.count("chat.test", "A") == n
+
+
+async def test_a_server_name_is_resolved_at_load_and_connects_use_the_addresses(
+    make_backend: MakeBackend, make_proxy: MakeProxy
+) -> None:
+    from lbproxy.config import Address
+
+    a = await make_backend("A")
+    b = await make_backend("B")
+    doc = {
+        "listeners": [{"name": "web", "bind": "127.0.0.1:0", "server_group": "rs1"}],
+        "server_groups": {
+            "rs1": {"servers": [f"localhost:{a.port}"], "health_check": {"enabled": False}}
+        },
+        "admin": {"bind": "127.0.0.1:0"},
+        "access_log": {"enabled": False},
+    }
+    proxy = await make_proxy(doc)
+    (server,) = proxy.snapshot.groups["rs1"].servers
+    assert server.id == f"rs1/localhost:{a.port}"  # the id and label keep the name
+    # Resolved once, through the system's resolver (/etc/hosts: localhost).
+    assert Address("127.0.0.1", a.port) in server.connect_to
+    assert all(x.host != "localhost" for x in server.connect_to)
+    async with aiohttp.ClientSession() as session:
+        assert await who(session, proxy, 2) == ["A", "A"]
+        # Connects go to the resolved addresses, not to the name: point them at B.
+        closed = Address("127.0.0.1", free_port())  # refused: the next address is tried
+        server.connect_to = (closed, Address("127.0.0.1", b.port))
+        server.pool.close()  # no pooled keep-alive connection to A
+        assert await who(session, proxy, 2) == ["B", "B"]
