@@ -4,6 +4,11 @@ Owns ``Proxy``: start (build the first snapshot, bind, start checks and admin), 
 (load -> validate -> build -> bind -> swap, all or nothing) and ``close``, the single ordered
 shutdown path: stop accepting, let HTTP requests in flight finish, give WebSocket tunnels up
 to ``shutdown_timeout``, close what remains, then stop the background owners.
+
+A set of servers found by DNS discovery (``discovery.py``) takes the reload path: the
+snapshot is rebuilt from the file's config plus every discovered set (``dnsstate``) and
+swapped, so servers that stay keep their state and new or removed ones are handled exactly
+as a reload handles them; it is logged but not counted as a config reload.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """DNS service discovery (issue 14) against a real DNS server on loopback whose records the
 tests change: A, AAAA, SRV, TTL-paced re-resolution, growth, shrink, failure and hold, a name
-missing at start, and what /status and /metrics say about discovered servers.
+missing at start, and what /status and /metrics say about discovered servers. Also: a host
+name written under ``servers`` is resolved once per load, and connects use its addresses.
 
 Backends found through A/AAAA records share one port on several loopback addresses
 (127.0.0.2, 127.0.0.3, ::1), as a fleet of hosts would; SRV records name their own ports.
