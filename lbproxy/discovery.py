@@ -174,7 +174,11 @@ class Discovery:
         assert lookups is not None
         counts = self.registry.dns_lookups
         while True:
-            answer = await (lookups.srv(spec) if spec.srv else lookups.addresses(spec))
+            try:
+                answer = await (lookups.srv(spec) if spec.srv else lookups.addresses(spec))
+            except Exception as exc:  # a resolver bug must not end discovery of the group
+                log.exception("looking up %s failed unexpectedly", spec.dns)
+                answer = Answer("error", detail=str(exc))
             key = (group, answer.result)
             counts[key] = counts.get(key, 0) + 1
             step = tracker.observe(answer)
