@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -201,6 +202,7 @@ class Discovery:
                 await t
 
 
+@functools.lru_cache(maxsize=4096)  # every reload asks again for every server
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

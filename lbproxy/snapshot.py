@@ -45,6 +45,7 @@ class ServerState:
         "pool",
         "stats",
         "token",
+        "token_secret",
         "weight",
     )
 
@@ -67,6 +68,7 @@ class ServerState:
         # The insert cookie's value: the server, not its address (re-keyed by ``commit`` when
         # the group's sticky_session.secret changes).
         self.token = server_token(sid, secret)
+        self.token_secret = secret  # what ``token`` is keyed with
 
     def __repr__(self) -> str:
         return f"<Server {self.id} {self.health.state.value} active={self.active}>"
@@ -115,7 +117,10 @@ class GroupRuntime:
         secret = _secret(config)
         # Computed here, not read from the servers: their ``token`` follows a new secret only
         # when this snapshot is committed.
-        self.by_token = {server_token(s.id, secret): s for s in servers}
+        self.by_token = {
+            (s.token if s.token_secret == secret else server_token(s.id, secret)): s
+            for s in servers
+        }
 
     def pinnable(self, server: ServerState | None) -> bool:
         """Whether a session pinned to ``server`` may go on there: weight 0 drains only new
@@ -278,7 +283,9 @@ class RuntimeState:
                 st = servers[server_id(g.name, srv)]
                 st.weight = srv.weight
                 st.discovered = srv.discovered
-                st.token = server_token(st.id, secret)
+                if st.token_secret != secret:
+                    st.token = server_token(st.id, secret)
+                    st.token_secret = secret
         self.servers = servers
         self.schedulers = schedulers
         self.pins = pins
