@@ -243,13 +243,14 @@ async def test_literal_and_discovered_servers_side_by_side_on_status_and_metrics
 
     port = free_port()
     await make_backend("B2", port, host="127.0.0.2")
-    literal = await make_backend("L")
-    # 127.0.0.1:<literal port> is written in the file; DNS also returns it: listed once.
-    dns_server.set("chat.test", "A", ["127.0.0.2"], ttl=1)
+    literal = await make_backend("L", port)
+    # 127.0.0.1:<port> is written in the file; DNS returns it too: listed once, as written.
+    dns_server.set("chat.test", "A", ["127.0.0.1", "127.0.0.2"], ttl=1)
     doc = discovery_doc(dns_server, {"dns": "chat.test", "port": port}, servers=[literal.address])
     proxy = await make_proxy(doc)
     lit, disc = f"rs1/{literal.address}", f"rs1/127.0.0.2:{port}"
     await until_servers(proxy, {lit, disc})
+    assert not proxy.state.servers[lit].discovered
     admin = AdminServer(proxy)
     await admin.start()
     try:
