@@ -524,6 +524,22 @@ frontend ws_in
         return ["haproxy", "-f", str(path), "-db"]
 
 
+class LbproxyPolicy(Lbproxy):
+    """lbproxy with WebSocket message policies on (listeners[].websocket), limits high enough
+    never to close a tunnel: the cost of checking every client frame against them."""
+
+    name = "lbproxy-policy"
+
+    def config(self) -> str:
+        policy = (
+            "    websocket:\n      max_message_size: 1MiB\n"
+            "      messages_per_second: 1000000\n      burst: 1000000\n"
+        )
+        text = super().config()
+        marker = "    server_group: ws\n"
+        return text.replace(marker, marker + policy, 1)
+
+
 class Baseline(Lbproxy):
     """lbproxy from another checkout (``--baseline DIR``: its own ``.venv``), to measure a
     change before and after in the same run. ``-P`` keeps this checkout's lbproxy/ (the
@@ -548,6 +564,7 @@ TARGET_CLASSES: dict[str, type[Target]] = {
     "uvtunnel": UvTunnel,
     "lbproxy": Lbproxy,
     "baseline": Baseline,
+    "lbproxy-policy": LbproxyPolicy,
     "nginx": Nginx,
     "haproxy": Haproxy,
 }
@@ -890,7 +907,11 @@ def report(
     s: Settings,
     quick: bool,
 ) -> str:
-    ratio_cols = [t for t in ("lbproxy", "baseline", "haproxy") if t in cols and "nginx" in cols]
+    ratio_cols = [
+        t
+        for t in ("lbproxy", "lbproxy-policy", "baseline", "haproxy")
+        if t in cols and "nginx" in cols
+    ]
     head = ["figure", *cols, *(f"{t}/nginx" for t in ratio_cols)]
     cmd = ".venv/bin/python -m bench.run" + (" --quick" if quick else "")
     lines = [

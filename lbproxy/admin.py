@@ -45,6 +45,7 @@ def server_view(
         "id": s.id,
         "group": s.group,
         "address": s.label,
+        "discovered": s.discovered,
         "state": s.health.state.value if checked else "up",
         "admin_state": s.admin_state,
         "draining": s.draining,

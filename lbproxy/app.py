@@ -7,6 +7,11 @@ and the drains they begin) and ``close``, the single ordered shutdown path: stop
 let HTTP requests in flight finish, give WebSocket tunnels up to ``shutdown_timeout``, send
 the ones left a close frame (1001) both ways and give their close handshake a moment, cut
 what remains, then stop the background owners.
+
+A set of servers found by DNS discovery (``discovery.py``) takes the reload path: the
+snapshot is rebuilt from the file's config plus every discovered set (``dnsstate``) and
+swapped, so servers that stay keep their state and new or removed ones are handled exactly
+as a reload handles them; it is logged but not counted as a config reload.
 """
 
 from __future__ import annotations
@@ -26,9 +31,13 @@ from .config import (
     Config,
     ConfigError,
     HealthCheck,
+    Server,
     loads_config,
     read_config_file,
 )
+from .config import Discovery as DiscoverySpec
+from .discovery import Discovery, resolve_names
+from .dnsstate import with_discovered
 from .drain import Drainer
 from .health import Event, ServerHealth, State, Transition
 from .http_proxy import ClientConnection, Context
@@ -92,7 +101,13 @@ class Role:
 
 
 class Proxy:
-    def __init__(self, config: Config, config_path: str | None = None, role: Role = Role()) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        role: Role = Role(),
+        discovered: dict[str, tuple[DiscoverySpec, tuple[Server, ...]]] | None = None,
+    ) -> None:
         self.role = role
         self.config_path = config_path
         self.config_raw: bytes | None = None  # the bytes of the config in force, when known
@@ -100,8 +115,15 @@ class Proxy:
         self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
         # The supervisor's hand-over of a runtime override to every worker: (id, state, weight)
         self.on_override: Callable[[str, str | None, int | None], None] | None = None
+        self.on_discovered: Callable[[], None] | None = None  # the supervisor's hand-over
         self.registry = metrics.Registry()
         self.state = RuntimeState(self.registry)
+        # The config as the file says it; snapshots are built from it plus ``discovered``.
+        self.file_config = config
+        self.discovered = dict(discovered or {})
+        self.discovery = Discovery(self._found, self.registry)
+        self._counting = True  # False while applying a discovered set: it is not a reload
+        config = with_discovered(config, self.discovered)
         snap, _ = self.state.build(config)
         self.state.commit(snap)
         self.holder = Holder(snap)
@@ -127,6 +149,7 @@ class Proxy:
         is answered 503 for want of a first check. A server down at start fails its warm-up
         check and is DOWN; its first good check later brings it UP (health.py)."""
         snap = self.holder.current
+        await resolve_names(self.state.servers.values())
         self.access.start()
         try:
             if self.role.serve:
@@ -141,6 +164,7 @@ class Proxy:
         self._sync_backend_up(snap)
         if self.role.check:
             self.checker.apply(snap)
+            self.discovery.apply(snap.config, self.discovered)
         if self.role.serve:
             self.listeners.accept()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -172,8 +196,10 @@ class Proxy:
             problem = "shutting down: reload ignored"
             log.warning("reload (%s): %s", trigger, problem)
             return ReloadResult(False, False, problem, (problem,))
+        file_config, config = config, with_discovered(config, self.discovered)
         old = self.holder.current
         if config == old.config:
+            self.file_config = file_config
             log.info("reload (%s): configuration unchanged, nothing to do", trigger)
             self._reload_counted(True, "configuration unchanged")
             return ReloadResult(True, False, "configuration unchanged")
@@ -181,6 +207,7 @@ class Proxy:
         if log_problem is not None:
             return self._reload_failed(trigger, [log_problem])
         snap, changes = self.state.build(config)
+        await resolve_names(s for g in snap.groups.values() for s in g.servers)
         admin_move: PendingBind | None = None
         if self.admin is not None and config.admin.bind != old.config.admin.bind:
             try:
@@ -220,12 +247,14 @@ class Proxy:
             self.listeners.commit(opening)
         draining = self.state.commit(snap)
         self.holder.current = snap  # the swap: new connections and requests see it from here
+        self.file_config = file_config
         self.access.configure(config.access_log)
         self._retire(changes)
         self._begin_drains(draining, old)
         self._sync_backend_up(snap)
         if self.role.check:
             self.checker.apply(snap)
+            self.discovery.apply(config, self.discovered)
         summary = changes.summary()
         log.info("reload (%s): applied: %s", trigger, summary)
         self._reload_counted(True, summary)
@@ -250,7 +279,27 @@ class Proxy:
         self._reload_counted(False, "; ".join(problems))
         return ReloadResult(False, False, "\n".join(problems), tuple(problems))
 
+    async def _found(self, group: str, spec: DiscoverySpec, servers: tuple[Server, ...]) -> None:
+        """Discovery found a new set for ``group``: rebuild and swap as a reload does (servers
+        that stay keep their state; new ones are checked before they take traffic; removed
+        ones finish what they carry), without counting it as a config reload."""
+        async with self.reload_lock:
+            self.discovered[group] = (spec, servers)
+            await self.apply_discovered(f"dns: {group}")
+        if self.on_discovered is not None:
+            self.on_discovered()
+
+    async def apply_discovered(self, trigger: str) -> ReloadResult:
+        """Build from the file's config and ``self.discovered`` as it is now, and swap."""
+        self._counting = False
+        try:
+            return await self.apply_config(self.file_config, trigger)
+        finally:
+            self._counting = True
+
     def _reload_counted(self, ok: bool, message: str = "") -> None:
+        if not self._counting:
+            return
         r = self.registry.reloads
         if ok:
             r.success += 1
@@ -409,6 +458,9 @@ class Proxy:
                     del states[sid]
                 else:  # removed, its tunnels still open
                     states[sid] = (gone.group, gone.label, "draining")
+        self.registry.discovered = {
+            s.id for g in snap.groups.values() for s in g.servers if s.discovered
+        }
 
     async def _sweep(self) -> None:
         """Close expired idle upstream connections; forget drained removed servers."""
@@ -441,6 +493,7 @@ class Proxy:
         if timeout is None:
             timeout = self.holder.current.config.shutdown_timeout
         self.listeners.stop_accepting()
+        await self.discovery.close()  # no server set changes while connections finish
         self.ctx.draining = True
         for c in self.connections():
             if isinstance(c, ClientConnection):
@@ -477,6 +530,7 @@ class Proxy:
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
         await self.checker.close()
+        await self.discovery.close()
         for s in self.state.servers.values():
             s.pool.close()
         self.access.close()

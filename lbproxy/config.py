@@ -57,6 +57,15 @@ ACCESS_LOG_DRAIN_TIMEOUT = 5.0
 DEFAULT_STICKY_COOKIE = "SERVERID"
 DEFAULT_STICKY_COOKIE_TIMEOUT = 1000.0
 DEFAULT_SOCKETIO_PATH = "/socket.io/"
+DEFAULT_DISCOVERY_INTERVAL = 10.0
+DEFAULT_DNS_TIMEOUT = 2.0
+# Never re-resolve a name more often than this, whatever its records' TTL says.
+MIN_DISCOVERY_INTERVAL = 1.0
+# Empty answers (the name is gone, or has no such records) that go on for this many intervals
+# empty the group; until then the last known servers are kept.
+DISCOVERY_EMPTY_INTERVALS = 3
+DNS_PORT = 53
+MIN_STICKY_SECRET = 16  # characters of sticky_session.secret
 
 
 class ConfigError(Exception):
@@ -208,6 +217,27 @@ class Listener:
 class Server:
     address: Address
     weight: int = 100
+    discovered: bool = False  # from DNS (``discovery``), not written in the file
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """A group's servers from DNS: every address of ``dns`` becomes a server ``ip:port``.
+
+    A name whose first label starts with ``_`` (``_chat._tcp.example.com``) is looked up as
+    SRV (each record names its port and weight); any other name as A and AAAA, with ``port``
+    and ``weight`` for every address.
+    """
+
+    dns: str  # lower case, no trailing dot
+    port: int = 0  # A/AAAA: the servers' port; 0 with SRV
+    interval: float = DEFAULT_DISCOVERY_INTERVAL  # re-resolve at least this often
+    weight: int = 100  # A/AAAA servers' weight
+    timeout: float = DEFAULT_DNS_TIMEOUT  # one lookup (every retry included)
+
+    @property
+    def srv(self) -> bool:
+        return self.dns.startswith("_")
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +271,7 @@ class ServerGroup:
     # closes them itself (close frames both ways), spread evenly over this window.
     drain_timeout: float = 0.0
     drain_close_code: int = 1001  # 1001 Going Away, or 1012 Service Restart
+    discovery: Discovery | None = None  # None: only the servers written in the file
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +289,8 @@ class StickySession:
     cookie_timeout: float = DEFAULT_STICKY_COOKIE_TIMEOUT
     socketio: bool = False
     socketio_path: str = DEFAULT_SOCKETIO_PATH
+    # The key of the insert cookie's token; "" keeps the built-in key. Never printed.
+    secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +313,7 @@ class Config:
     admin: Admin = field(default_factory=Admin)
     access_log: AccessLog = field(default_factory=AccessLog)
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    resolvers: tuple[Address, ...] = ()  # name servers for discovery; (): the system's
     # sha256 of the file's bytes; not part of equality, so a comment-only edit is a no-op reload.
     digest: str = field(default="", compare=False)
 
@@ -553,7 +587,7 @@ def _codes(value: Any) -> tuple[str | int, ...]:
 
 # ---------------------------------------------------------------------------------------------
 
-_TOP_KEYS = ("listeners", "server_groups", "admin", "access_log", "shutdown_timeout")
+_TOP_KEYS = ("listeners", "server_groups", "admin", "access_log", "shutdown_timeout", "resolvers")
 _LISTENER_KEYS = (
     "name",
     "bind",
@@ -589,8 +623,10 @@ _GROUP_KEYS = (
     "sticky_session",
     "drain_timeout",
     "drain_close_code",
+    "discovery",
 )
-_STICKY_KEYS = ("type", "cookie", "cookie_timeout", "socketio", "socketio_path")
+_DISCOVERY_KEYS = ("dns", "port", "interval", "weight", "timeout")
+_STICKY_KEYS = ("type", "cookie", "cookie_timeout", "socketio", "socketio_path", "secret")
 _SERVER_KEYS = ("address", "weight")
 _CHECK_KEYS = (
     "enabled",
@@ -648,6 +684,7 @@ def parse_config(doc: Any) -> Config:
             access_log = AccessLog(enabled, fmt, path)
 
     shutdown = r.get(top, "shutdown_timeout", "", parse_duration, DEFAULT_SHUTDOWN_TIMEOUT)
+    resolvers = _resolvers(r, top.get("resolvers"))
 
     for lst in listeners:
         if admin.bind.port != 0 and admin.bind == lst.bind:
@@ -655,13 +692,14 @@ def parse_config(doc: Any) -> Config:
 
     if r.problems:
         raise ConfigError(r.problems)
-    assert shutdown is not None
+    assert shutdown is not None and resolvers is not None
     return Config(
         listeners=tuple(listeners),
         server_groups=tuple(groups),
         admin=admin,
         access_log=access_log,
         shutdown_timeout=shutdown,
+        resolvers=resolvers,
     )
 
 
@@ -926,7 +964,9 @@ def _server_groups(r: _Reader, doc: Any) -> list[ServerGroup]:
         if g is None:
             continue
         scheduler = r.get(g, "scheduler", path, _choice(*balancer.SCHEDULERS), "rr")
-        servers = _servers(r, g.get("servers", _MISSING), f"{path}.servers")
+        discovery = _discovery(r, g.get("discovery"), f"{path}.discovery")
+        servers_doc = g.get("servers", () if "discovery" in g else _MISSING)
+        servers = _servers(r, servers_doc, f"{path}.servers")
         check = _health_check(r, g.get("health_check"), f"{path}.health_check")
         d = ServerGroup(gname, ())
         keepalive = r.get(
@@ -956,6 +996,7 @@ def _server_groups(r: _Reader, doc: Any) -> list[ServerGroup]:
                 sticky,
                 drain,
                 drain_code,
+                discovery,
             )
         )
     return out
@@ -1016,6 +1057,9 @@ def _sticky(r: _Reader, doc: Any, path: str) -> StickySession | None:
     timeout = r.get(m, "cookie_timeout", path, parse_duration, d.cookie_timeout)
     socketio = r.get(m, "socketio", path, _bool, d.socketio)
     sio_path = r.get(m, "socketio_path", path, _prefix, d.socketio_path)
+    secret = r.get(m, "secret", path, _secret, d.secret)
+    if "secret" in m and kind != "insert":
+        r.error(f"{path}.secret", "only used with type: insert")
     if "type" not in m:
         for key in ("cookie", "cookie_timeout"):
             if key in m:
@@ -1030,14 +1074,105 @@ def _sticky(r: _Reader, doc: Any, path: str) -> StickySession | None:
         r.error(f"{path}.socketio_path", "only used with socketio: true")
     if cookie is None or timeout is None or socketio is None or sio_path is None:
         return None
-    return StickySession(kind, cookie, timeout, socketio, sio_path)
+    if secret is None:
+        return None
+    return StickySession(kind, cookie, timeout, socketio, sio_path, secret)
+
+
+def _secret(value: Any) -> str:
+    """``sticky_session.secret``: printable, long enough to be a key. Never echoed."""
+    if not isinstance(value, str) or not value.isprintable():
+        raise ValueError("expected a string of printable characters")
+    if len(value) < MIN_STICKY_SECRET:
+        raise ValueError(f"expected at least {MIN_STICKY_SECRET} characters")
+    return value
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def _dns_name(value: Any) -> str:
+    """A DNS name to look up: lower case, without a trailing dot."""
+    wanted = "expected a DNS name like chat.internal or _chat._tcp.example.com"
+    if not isinstance(value, str):
+        raise ValueError(f"{wanted}, got {_show(value)}")
+    name = value.strip().lower().removesuffix(".")
+    if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(x) for x in name.split(".")):
+        raise ValueError(f"{wanted}, got {value!r}")
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    raise ValueError(f"{value!r} is an address, not a name: list it under servers instead")
+
+
+def _discovery(r: _Reader, doc: Any, path: str) -> Discovery | None:
+    """``server_groups.<name>.discovery``; None when absent or wrong (problems on ``r``)."""
+    if doc is None:
+        return None
+    m = r.mapping(doc, path, _DISCOVERY_KEYS)
+    if m is None:
+        return None
+    d = Discovery("")
+    name = r.get(m, "dns", path, _dns_name)
+    srv = name is not None and name.startswith("_")
+    if srv and "port" in m:
+        r.error(f"{path}.port", "not used with an SRV name (the records carry the ports)")
+    elif name is not None and not srv and "port" not in m:
+        r.error(f"{path}.port", "required with an A/AAAA name (the servers' port)")
+    port = r.get(m, "port", path, _int_in(1, 65535), 0) if not srv else 0
+    if srv and "weight" in m:
+        r.error(f"{path}.weight", "not used with an SRV name (the records carry the weights)")
+    interval = r.get(m, "interval", path, parse_duration, d.interval)
+    if interval is not None and interval < MIN_DISCOVERY_INTERVAL:
+        r.error(f"{path}.interval", f"must be at least {MIN_DISCOVERY_INTERVAL:g}s")
+        interval = None
+    weight = r.get(m, "weight", path, _int_in(0, 100), d.weight)
+    timeout = r.get(m, "timeout", path, parse_duration, d.timeout)
+    if timeout is not None and timeout > 30:
+        r.error(f"{path}.timeout", "must be at most 30s")
+        timeout = None
+    if None in (name, port, interval, weight, timeout) or (srv and ("port" in m or "weight" in m)):
+        return None
+    assert name and port is not None and interval and weight is not None and timeout
+    return Discovery(name, port, interval, weight, timeout)
+
+
+def _resolvers(r: _Reader, doc: Any) -> tuple[Address, ...] | None:
+    """``resolvers``: name servers as ``ip`` or ``ip:port`` (``[v6]:port``); port 53 default."""
+    if doc is None:
+        return ()
+    if not isinstance(doc, list):
+        r.error("resolvers", f"expected a list like [127.0.0.1:53], got {_show(doc)}")
+        return None
+    out: list[Address] = []
+    for i, item in enumerate(doc):
+        try:
+            out.append(_resolver(item))
+        except ValueError as exc:
+            r.error(f"resolvers[{i}]", str(exc))
+    return tuple(out) if len(out) == len(doc) else None
+
+
+def _resolver(value: Any) -> Address:
+    if isinstance(value, str):
+        try:
+            return Address(str(ipaddress.ip_address(value.strip())), DNS_PORT)
+        except ValueError:
+            pass
+    addr = parse_address(value)
+    try:
+        ipaddress.ip_address(addr.host)
+    except ValueError:
+        raise ValueError(f"a name server is an IP address (ip or ip:port), got {value!r}") from None
+    return addr
 
 
 def _servers(r: _Reader, doc: Any, path: str) -> tuple[Server, ...] | None:
     if doc is _MISSING:
-        r.error(path, "required (a list of servers, may be empty)")
+        r.error(path, "required (a list of servers, may be empty), or discovery")
         return None
-    if doc is None:
+    if doc is None or doc == ():
         return ()
     if not isinstance(doc, list):
         r.error(path, f"expected a list of servers, got {_show(doc)}")

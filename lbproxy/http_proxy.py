@@ -420,7 +420,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _connect(self, server: ServerState, timeout: float) -> None:
         try:
-            conn = await upstream.connect(server.address, timeout)
+            conn = await upstream.connect(server.connect_to, timeout)
         except TimeoutError:
             self.connect_task = None
             self._upstream_failed(server, "timeout", f"connect timeout after {timeout:g}s", True)

@@ -226,6 +226,10 @@ class Registry:
         self.backend_up: dict[str, tuple[str, str, int]] = {}
         # Likewise: server id -> (group, server, one of BACKEND_STATES)
         self.backend_state: dict[str, tuple[str, str, str]] = {}
+        # DNS discovery (in the process that runs it): (server_group, result) -> lookups, and
+        # the ids of the servers it found (for lbproxy_backend_discovered).
+        self.dns_lookups: dict[tuple[str, str], int] = {}
+        self.discovered: set[str] = set()
 
     def listener(self, name: str) -> ListenerStats:
         s = self.listeners.get(name)
@@ -374,6 +378,16 @@ class Collector(_PromCollector):
         last_ts = GaugeMetricFamily(
             "lbproxy_config_last_reload_timestamp_seconds", "Time of the last reload attempt"
         )
+        dns_lookups = CounterMetricFamily(
+            "lbproxy_dns_lookups",
+            "DNS discovery lookups by result (ok, nxdomain, timeout, error)",
+            labels=["server_group", "result"],
+        )
+        discovered = GaugeMetricFamily(
+            "lbproxy_backend_discovered",
+            "1 for a server found through DNS discovery, 0 for one written in the file",
+            labels=["server_group", "server"],
+        )
 
         # One set of numbers: the sum over the registries (one per worker process, or just
         # this one), by the same rules that carry a dead worker's counters.
@@ -430,6 +444,12 @@ class Collector(_PromCollector):
             retries.add_metric([g], n)
 
         if regs:
+            # Discovery runs where reloads do, with the health state.
+            first = regs[0]
+            for (g, result), n in sorted(first.dns_lookups.items()):
+                dns_lookups.add_metric([g, result], n)
+            for sid, (g, srv, _) in sorted(first.backend_up.items()):
+                discovered.add_metric([g, srv], 1 if sid in first.discovered else 0)
             # Reloads happen in the process that validates config; take the first registry's.
             rl = regs[0].reloads
             reloads.add_metric(["success"], rl.success)
@@ -462,6 +482,8 @@ class Collector(_PromCollector):
             reloads,
             last_ok,
             last_ts,
+            dns_lookups,
+            discovered,
         )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import balancer, metrics
-from .config import Config, Listener, Server, ServerGroup, StickySession
+from .config import Address, Config, Listener, Server, ServerGroup, StickySession
 from .health import ServerHealth, State
 from .http1 import Limits
 from .rules import Router
@@ -53,6 +53,8 @@ class ServerState:
         "address",
         "admin_state",
         "config_weight",
+        "connect_to",
+        "discovered",
         "draining",
         "group",
         "health",
@@ -63,14 +65,20 @@ class ServerState:
         "removed",
         "stats",
         "token",
+        "token_secret",
         "tunnels",
         "weight",
     )
 
-    def __init__(self, sid: str, group: str, server: Server, registry: metrics.Registry) -> None:
+    def __init__(
+        self, sid: str, group: str, server: Server, registry: metrics.Registry, secret: str = ""
+    ) -> None:
         self.id = sid
         self.group = group
         self.address = server.address
+        # Where connects go: the address itself, or (a host name) the addresses it resolved
+        # to when the config was loaded (``app.Proxy``): no name lookup per connect.
+        self.connect_to: tuple[Address, ...] = (server.address,)
         self.label = str(server.address)
         self.config_weight = server.weight  # the file's weight
         self.weight = server.weight  # the one in force (a runtime override wins)
@@ -85,7 +93,11 @@ class ServerState:
         self.health = ServerHealth()
         self.pool = Pool()
         self.stats = registry.server(sid, group, self.label)
-        self.token = server_token(sid)  # the insert cookie's value: the server, not its address
+        self.discovered = server.discovered  # from DNS: the same address is the same server
+        # The insert cookie's value: the server, not its address (re-keyed by ``commit`` when
+        # the group's sticky_session.secret changes).
+        self.token = server_token(sid, secret)
+        self.token_secret = secret  # what ``token`` is keyed with
 
     def refresh(self, override: Override | None) -> bool:
         """Apply the config weight and ``override``; True if the server just began draining."""
@@ -146,7 +158,13 @@ class GroupRuntime:
         self.pins = pins
         self.hash_xff = config.hash_key == "x_forwarded_for"
         self.by_id = {s.id: s for s in servers}
-        self.by_token = {s.token: s for s in servers}
+        secret = _secret(config)
+        # Computed here, not read from the servers: their ``token`` follows a new secret only
+        # when this snapshot is committed.
+        self.by_token = {
+            (s.token if s.token_secret == secret else server_token(s.id, secret)): s
+            for s in servers
+        }
 
     def pinnable(self, server: ServerState | None) -> bool:
         """Whether a session pinned to ``server`` may go on there: a draining server (weight
@@ -172,6 +190,10 @@ class GroupRuntime:
         if not candidates:
             return None
         return self.scheduler.pick(candidates, key)
+
+
+def _secret(group: ServerGroup) -> str:
+    return group.sticky.secret if group.sticky is not None else ""
 
 
 class ListenerRuntime:
@@ -263,7 +285,9 @@ class RuntimeState:
                 sid = server_id(g.name, srv)
                 st = self.servers.get(sid)
                 if st is None:
-                    st = self.retired.get(sid) or ServerState(sid, g.name, srv, self.registry)
+                    st = self.retired.get(sid) or ServerState(
+                        sid, g.name, srv, self.registry, _secret(g)
+                    )
                     added.append(st)
                 servers[sid] = st
                 members.append(st)
@@ -312,10 +336,15 @@ class RuntimeState:
         self.overrides = {sid: o for sid, o in self.overrides.items() if sid in servers}
         started: list[ServerState] = []
         for g in config.server_groups:
+            secret = _secret(g)
             for srv in g.servers:
                 st = servers[server_id(g.name, srv)]
                 st.config_weight = srv.weight
                 st.removed = False
+                st.discovered = srv.discovered
+                if st.token_secret != secret:
+                    st.token = server_token(st.id, secret)
+                    st.token_secret = secret
                 if st.refresh(self.overrides.get(st.id)) and st.id in self.servers:
                     started.append(st)
         for sid, st in self.servers.items():

@@ -134,7 +134,8 @@ def render_status_page(st: dict[str, Any]) -> str:
                 weight += f" (override; file: {s['config_weight']})"
             add(
                 f"<tr class='server {_e(shown)}' data-server='{_e(s['address'])}'>"
-                f"<td>{_e(s['address'])}</td><td class=state>{_e(shown).upper()}</td>"
+                f"<td>{_e(s['address'])}{' (dns)' if s.get('discovered') else ''}</td>"
+                f"<td class=state>{_e(shown).upper()}</td>"
                 f"<td class=num>{_e(weight)}</td>"
                 f"<td title='{_e(why or check)}'>{_e(check)}</td>"
                 f"<td class=num>{_ms(s['last_check_latency'])}</td>"

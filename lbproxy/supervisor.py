@@ -4,6 +4,8 @@ Owns the worker processes (``python -m lbproxy.worker``, each in its own session
 terminal's Ctrl-C reaches only the supervisor) and their control channels. It:
 - validates the config once and hands the same bytes to every worker; a reload that fails
   validation (or whose new binds cannot be bound) reaches no worker;
+- runs DNS discovery once, for all workers, and hands every new set of servers found to
+  each of them (they rebuild their snapshot from it as from a config);
 - runs the health checks once, for all workers, and sends every change to each of them at
   once; a worker's passive failure comes back here and is broadcast like a check result;
 - serves the admin listener, summing the workers' stats for /metrics and /status;
@@ -26,6 +28,7 @@ from typing import Any
 
 from .app import Proxy, Role
 from .config import WORKER_START_TIMEOUT, WORKER_STATS_TIMEOUT, Config
+from .dnsstate import encode
 from .metrics import Registry, load_registry, merge_registries
 from .worker import CONTROL_LINE_LIMIT
 
@@ -69,6 +72,7 @@ class Supervisor:
         self.proxy.on_applied = self._config_applied
         self.proxy.on_health_change = self._broadcast_health
         self.proxy.on_override = self._broadcast_override
+        self.proxy.on_discovered = self._discovered
         self.workers = [WorkerHandle(i) for i in range(workers)]
         self._ids = itertools.count()
         self._monitors: list[asyncio.Task[None]] = []
@@ -123,6 +127,7 @@ class Supervisor:
             "op": "config",
             "raw": base64.b64encode(raw).decode(),
             "path": self.proxy.config_path,
+            "discovered": encode(self.proxy.discovered),
         }
         if with_health:
             msg["health"] = self.proxy.health_map()
@@ -201,6 +206,12 @@ class Supervisor:
         msg = {"op": "override", "server": sid, "admin_state": admin_state, "weight": weight}
         for w in self.workers:
             w.send(msg)  # a worker still starting reads it after its config, in order
+
+    def _discovered(self) -> None:
+        msg = {"op": "discovered", "groups": encode(self.proxy.discovered)}
+        for w in self.workers:
+            w.send(msg)
+        self._broadcast_health()
 
     def _config_applied(self, raw: bytes) -> None:
         # The workers build the same snapshot from the same bytes; their health comes from

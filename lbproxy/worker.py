@@ -4,8 +4,10 @@ Owns the worker end of the control channel: newline-delimited JSON, orders on st
 reports on stdout (logs go to stderr, so stdout carries nothing else).
 
 Orders:   {"op": "config", "raw": <base64 file bytes>, "path": ..., "health": {id: state},
-           "overrides": {id: {"admin_state": ..., "weight": ...}}}
+           "overrides": {id: {"admin_state": ..., "weight": ...}},
+           "discovered": <dnsstate.encode>}
           (health: the supervisor's, its new servers already warmed, taken before the swap)
+          {"op": "discovered", "groups": <dnsstate.encode>}
           {"op": "health", "states": {id: state}}
           {"op": "override", "server": id, "admin_state": ..., "weight": ...}
           {"op": "stats", "id": n}
@@ -38,6 +40,7 @@ import uvloop
 from .app import Proxy, Role
 from .cli import raise_fd_limit
 from .config import loads_config
+from .dnsstate import decode
 from .listener import BindError
 from .metrics import dump_registry
 from .snapshot import ServerState
@@ -89,7 +92,8 @@ async def serve() -> int:
         return 1
     raw = decode_raw(first)
     config = loads_config(raw, first["path"])
-    proxy = Proxy(config, None, Role(serve=True, check=False, reuse_port=True))
+    discovered = decode(first.get("discovered"))
+    proxy = Proxy(config, None, Role(serve=True, check=False, reuse_port=True), discovered)
     proxy.config_raw = raw
 
     def report(server: ServerState, reason: str) -> None:
@@ -142,8 +146,12 @@ async def serve() -> int:
                 active = {sid: s.active for sid, s in proxy.state.servers.items()}
                 data = dump_registry(proxy.registry)
                 ch.send({"op": "stats", "id": msg["id"], "data": data, "active": active})
+            elif op == "discovered":
+                proxy.discovered = decode(msg["groups"])
+                await proxy.apply_discovered("supervisor: dns")
             elif op == "config":
                 raw = decode_raw(msg)
+                proxy.discovered = decode(msg.get("discovered"))
                 config = loads_config(raw, msg["path"])
                 result = await proxy.apply_config(config, "supervisor", msg.get("health"))
                 if result.ok:

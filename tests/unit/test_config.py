@@ -382,6 +382,7 @@ def test_schema_keys_include_the_documented_ones():
         "admin",
         "access_log",
         "shutdown_timeout",
+        "resolvers",
     )
     assert set(cfg._LISTENER_KEYS) >= {
         "name",
@@ -529,7 +530,7 @@ def test_server_groups_required_and_non_empty():
 
 def test_group_needs_servers_key():
     assert problems(with_("server_groups.rs1", {})) == [
-        "server_groups.rs1.servers: required (a list of servers, may be empty)"
+        "server_groups.rs1.servers: required (a list of servers, may be empty), or discovery"
     ]
     assert problems(with_("server_groups.rs1.servers", "127.0.0.1:5001")) == [
         "server_groups.rs1.servers: expected a list of servers, got '127.0.0.1:5001'"
@@ -873,7 +874,7 @@ def test_load_config_yaml_merge_keys_still_work(tmp_path):
         load_config(path)
     assert info.value.problems == [
         "x-defaults: unknown key (allowed: listeners, server_groups, admin, access_log, "
-        "shutdown_timeout)"
+        "shutdown_timeout, resolvers)"
     ]
     doc = yaml.load(Path(path).read_text(), Loader=cfg._UniqueKeyLoader)
     assert doc["server_groups"]["rs1"]["servers"] == [{"address": "127.0.0.1:5001", "weight": 7}]
@@ -945,6 +946,8 @@ def test_full_config_shows_every_key():
     assert set().union(*(_keys(g["health_check"]) for g in groups)) == set(cfg._CHECK_KEYS)
     websockets = [lst["websocket"] for lst in doc["listeners"] if "websocket" in lst]
     assert set().union(*(_keys(w) for w in websockets)) == set(cfg._WS_POLICY_KEYS)
+    discoveries = [g["discovery"] for g in groups if "discovery" in g]
+    assert set().union(*(_keys(d) for d in discoveries)) == set(cfg._DISCOVERY_KEYS)
     assert _keys(doc["admin"]) == {"bind", "token"}
     assert _keys(doc["access_log"]) == {"enabled", "format", "path"}
 

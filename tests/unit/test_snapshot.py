@@ -343,3 +343,28 @@ def test_pins_to_a_draining_server_hold_unless_the_group_drains_with_a_timeout()
     snap, _ = build(state, d)
     assert not snap.groups["g1"].pinnable(a)  # everything moves off within the window
     assert snap.groups["g1"].pinnable(b)
+
+
+def test_sticky_secret_keys_the_tokens_and_a_new_secret_rekeys_on_commit():
+    from lbproxy.sticky import server_token
+
+    state = RuntimeState(metrics.Registry())
+
+    def with_secret(secret: str | None) -> dict[str, Any]:
+        d = doc({"g1": ["127.0.0.1:5001"]})
+        if secret is not None:
+            d["server_groups"]["g1"]["sticky_session"] = {"type": "insert", "secret": secret}
+        return d
+
+    snap, _ = build(state, with_secret(None))
+    server = snap.groups["g1"].servers[0]
+    assert server.token == server_token("g1/127.0.0.1:5001")  # the built-in key
+
+    secret = "a-secret-of-twenty-chars"
+    snap2, _ = state.build(parse_config(with_secret(secret)))
+    keyed = server_token("g1/127.0.0.1:5001", secret)
+    assert keyed != server.token
+    assert set(snap2.groups["g1"].by_token) == {keyed}
+    assert server.token != keyed  # the old snapshot's connections still set the old token
+    state.commit(snap2)
+    assert snap2.groups["g1"].servers[0] is server and server.token == keyed
