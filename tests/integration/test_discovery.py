@@ -116,6 +116,39 @@ async def test_a_records_growth_and_shrink_keep_state_like_a_reload(
     assert b2.requests and b3.requests
 
 
+async def test_new_addresses_are_warmed_and_removed_ones_drain_like_a_reload(
+    dns_server: DnsServer, make_backend: MakeBackend, make_proxy: MakeProxy
+) -> None:
+    """Issue 12's reload path, taken by discovery: an address that appears is checked before
+    the swap (up the moment it is in the group, and no 503 in between); one that disappears
+    drains: its WebSocket gets 1001 within the group's drain_timeout."""
+    port = free_port()
+    await make_backend("B2", port, host="127.0.0.2")
+    await make_backend("B3", port, host="127.0.0.3")
+    dns_server.set("chat.test", "A", ["127.0.0.2"], ttl=1)
+    doc = discovery_doc(dns_server, {"dns": "chat.test", "port": port}, drain_timeout="500ms")
+    doc["server_groups"]["rs1"]["health_check"]["interval"] = "30s"  # only warm-ups check
+    proxy = await make_proxy(doc)
+    first, second = f"rs1/127.0.0.2:{port}", f"rs1/127.0.0.3:{port}"
+    await until_servers(proxy, {first})
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(proxy_url(proxy, path="/ws"))
+        await ws.send_str("whoami")
+        assert (await ws.receive()).data == "B2"
+        dns_server.set("chat.test", "A", ["127.0.0.3"], ttl=1)  # a full swap
+        await wait_for(lambda: ids(proxy) == {second}, 10, "the swap")
+        # In the group means checked: the warm-up ran before the swap (the check interval
+        # is 30 s, so no loop check can have brought it up).
+        assert proxy.state.servers[second].health.available
+        assert await who(session, proxy, 3) == ["B3"] * 3
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+        await ws.close()
+    assert (
+        proxy.registry.servers[first].ws_drained == 1 if first in proxy.registry.servers else True
+    )
+
+
 async def test_aaaa_records_reach_an_ipv6_backend(
     dns_server: DnsServer, make_backend: MakeBackend, make_proxy: MakeProxy
 ) -> None:
