@@ -97,6 +97,6 @@ ensure_venv27() {
 _pip27() {
     local py="$1"
     shift
-    PIP_NO_PYTHON_VERSION_WARNING=1 "$py" -m pip install -q --disable-pip-version-check "$@" \
-        2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; } >&2
+    PIP_NO_PYTHON_VERSION_WARNING=1 "$py" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v -e 'is ignored: it is neither a file' -e '^DEPRECATION: Python 2.7' || true; } >&2
 }
