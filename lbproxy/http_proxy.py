@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from . import headers, sticky, upstream
+from . import edge, headers, sticky, upstream
 from .config import LINGER_TIMEOUT
 from .http1 import (
     BODY_CHUNKED,
@@ -440,6 +440,7 @@ class ClientConnection(asyncio.Protocol):
         lr = self.lr
         conn.handler = self
         self.up = conn
+        fwd = lr.config.forwarding
         head = headers.upstream_request_head(
             req,
             client_ip=self.client_ip,
@@ -447,6 +448,8 @@ class ClientConnection(asyncio.Protocol):
             forwarded=lr.config.x_forwarded_for,
             default_host=server.label.encode(),
             upgrade=self.upgrade,
+            proto=fwd.proto,
+            extra=edge.forwarding_lines(fwd, self.transport),  # CLB's optional headers
         )
         if self.pending:
             head += b"".join(self.pending)
