@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import yaml
 
 from . import balancer, health, tls
+from .client_limits import Cidrs
 
 T = TypeVar("T")
 
@@ -211,8 +212,7 @@ class Listener:
     redirect_https: int = 0  # an http listener answering 301 to https on this port; 0: off
     acl: Acl | None = None  # None: every client
     forwarding: Forwarding = field(default_factory=Forwarding)
-    # Peers whose X-Forwarded-For is believed for ``limits`` (an allow-list matcher).
-    trusted_proxies: Acl | None = None
+    trusted_proxies: Cidrs | None = None  # peers whose X-Forwarded-For ``limits`` believes
     limits: ClientLimits | None = None  # None: no per-client limits
     bandwidth: int = 0  # bytes per second in each direction; 0: unlimited
     gzip: Gzip | None = None  # None: responses pass uncompressed
@@ -780,7 +780,7 @@ def _edge(r: _Reader, m: Mapping[str, Any], path: str, xff: bool | None) -> dict
     if "trusted_proxies" in m:
         cidrs = _cidr_list(r, m["trusted_proxies"], f"{path}.trusted_proxies")
         if cidrs is not None:
-            out["trusted_proxies"] = Acl("allow", cidrs) if cidrs else None
+            out["trusted_proxies"] = Cidrs(cidrs) if cidrs else None
     if "limits" in m:
         out["limits"] = _limits(r, m["limits"], f"{path}.limits")
     elif "trusted_proxies" in m:

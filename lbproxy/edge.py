@@ -15,9 +15,16 @@ stays about HTTP.
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from . import headers
+from .client_limits import ConnectionCounts, RateTable, client_key
 from .config import Forwarding
+
+if TYPE_CHECKING:
+    from .snapshot import ListenerRuntime
 
 
 def forwarding_lines(fwd: Forwarding, transport: asyncio.BaseTransport) -> tuple[bytes, ...]:
@@ -33,3 +40,101 @@ def forwarding_lines(fwd: Forwarding, transport: asyncio.BaseTransport) -> tuple
         slb_ip=str(local[0]) if fwd.slb_ip and local_ok else None,
         slb_id=fwd.slb_id,
     )
+
+
+class Slot:
+    """A client connection of a listener with ``limits``: whether its peer is a trusted proxy
+    (decided once), and its place in ``connections_per_client``, given back once."""
+
+    __slots__ = ("counts", "key", "trusted")
+
+    def __init__(self, counts: ConnectionCounts | None, key: str, trusted: bool) -> None:
+        self.counts = counts
+        self.key = key
+        self.trusted = trusted
+
+    def release(self) -> None:
+        if self.counts is not None:
+            self.counts.release(self.key)
+            self.counts = None
+
+
+class ListenerEdge:
+    """A listener's per-client state: it outlives snapshots, so a reload neither forgets a
+    client's bucket nor loses count of the connections opened before it."""
+
+    __slots__ = ("connections", "rates")
+
+    def __init__(self) -> None:
+        self.connections = ConnectionCounts()
+        self.rates = RateTable()
+
+
+class Edges:
+    """Every listener's edge state in this process, by listener name."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, ListenerEdge] = {}
+
+    def of(self, name: str) -> ListenerEdge:
+        e = self.listeners.get(name)
+        if e is None:
+            e = self.listeners[name] = ListenerEdge()
+        return e
+
+    def admit(self, lr: ListenerRuntime, ip: str) -> Slot | None:
+        """A new connection from ``ip`` on a listener with ``limits``: its Slot, or None when
+        the client has ``connections_per_client`` open already (refused, and counted). A
+        trusted proxy's connections carry many clients: they are not counted."""
+        cfg = lr.config
+        limits = cfg.limits
+        assert limits is not None
+        trusted = cfg.trusted_proxies is not None and cfg.trusted_proxies.matches(ip)
+        if not limits.connections_per_client or trusted:
+            return Slot(None, ip, trusted)
+        counts = self.of(lr.name).connections
+        if not counts.acquire(ip, limits.connections_per_client):
+            lr.stats.connections_refused["connections_per_client"] += 1
+            return None
+        return Slot(counts, ip, trusted)
+
+    def retry_after(
+        self,
+        lr: ListenerRuntime,
+        slot: Slot | None,
+        ip: str,
+        fields: list[tuple[bytes, bytes]],
+        now: float,
+    ) -> str | None:
+        """A request (or WebSocket upgrade) starting: None when it may go, else the
+        Retry-After value (whole seconds) of its 429. ``slot`` is None on a connection
+        opened before a reload turned ``limits`` on."""
+        cfg = lr.config
+        limits = cfg.limits
+        assert limits is not None
+        rate = limits.requests_per_second
+        if not rate:
+            return None
+        trusted = cfg.trusted_proxies
+        key = ip
+        if trusted is not None and (slot.trusted if slot is not None else trusted.matches(ip)):
+            xff = [v for n, v in fields if n.lower() == b"x-forwarded-for"]
+            key = client_key(xff, trusted, ip)
+        wait = self.of(lr.name).rates.take(key, now, rate, limits.burst, limits.table_size)
+        if not wait:
+            return None
+        return str(max(1, math.ceil(wait)))
+
+
+def on_tunnel_close(slot: Slot | None, then: Callable[[Any], None] | None) -> Any:
+    """A tunnel's on_close that gives the client's connection slot back (then runs ``then``):
+    a WebSocket counts against connections_per_client until it closes."""
+    if slot is None:
+        return then
+
+    def close(tunnel: Any) -> None:
+        slot.release()
+        if then is not None:
+            then(tunnel)
+
+    return close

@@ -79,6 +79,7 @@ class Context:
         self.access = access
         self.report_health = report_health
         self.draining = False
+        self.edges = edge.Edges()  # per-client limits, bandwidth: state kept across reloads
 
 
 class Health(Protocol):
@@ -157,6 +158,7 @@ class ClientConnection(asyncio.Protocol):
         self.sent_at = 0.0
         self.req_bytes_in = 0
         self.req_bytes_out = 0
+        self.slot: edge.Slot | None = None  # counted against connections_per_client
 
     # ------------------------------------------------------------------ client transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -167,6 +169,12 @@ class ClientConnection(asyncio.Protocol):
             self.client_addr = (
                 f"[{peer[0]}]:{peer[1]}" if ":" in self.client_ip else f"{peer[0]}:{peer[1]}"
             )
+        if self.lr.config.limits is not None:
+            self.slot = self.ctx.edges.admit(self.lr, self.client_ip)
+            if self.slot is None:  # over connections_per_client: closed at once, counted
+                self.phase = _CLOSED
+                transport.close()
+                return
         ls = self.lr.stats
         ls.connections_active += 1
         ls.connections_total += 1
@@ -269,6 +277,11 @@ class ClientConnection(asyncio.Protocol):
         self.sio_probe = None
         self.upgrade = req.upgrade == b"websocket"
         self.keep_alive = req.keep_alive and not self.client_eof and not self.ctx.draining
+        if lr.config.limits is not None:
+            wait = self.ctx.edges.retry_after(lr, self.slot, self.client_ip, req.headers, self.last)
+            if wait is not None:  # over requests_per_second (upgrades count too)
+                self._error_response(429, "request rate limit", extra=(("Retry-After", wait),))
+                return
         if lr.config.redirect_https:
             self._redirect_https(req, lr.config.redirect_https)
             return
@@ -809,8 +822,11 @@ class ClientConnection(asyncio.Protocol):
             client_addr=self.client_addr,
             method_path=(req.method.decode("latin-1"), req.target.decode("latin-1")),
             access=self.ctx.access,
-            on_close=_forget_sid(self.group, self.sid) if self.sid is not None else None,
+            on_close=edge.on_tunnel_close(
+                self.slot, _forget_sid(self.group, self.sid) if self.sid is not None else None
+            ),
         )
+        self.slot = None  # the tunnel gives it back
         client_pending = bytes(self.buf) + b"".join(self.pending)
         self.buf.clear()
         self.pending = []
@@ -941,6 +957,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if not self.transport.is_closing():
             self.transport.close()
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
         ls = self.lr.stats
         if self in ls.live:
             ls.live.discard(self)

@@ -48,7 +48,7 @@ WS_CLOSE_REASONS = ("client", "server", "idle_timeout", "shutdown", "error")
 # protocol: a response the proxy cannot pass on (garbage, a head too large, bad framing).
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 # Why a listener closed a connection at once, before reading from it.
-REFUSE_REASONS = ("max_connections", "acl")
+REFUSE_REASONS = ("max_connections", "acl", "connections_per_client")
 
 
 class Histogram:

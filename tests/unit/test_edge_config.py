@@ -100,6 +100,7 @@ def test_limits() -> None:
     )
     assert lst.limits == ClientLimits(3, 2.5, 7, 65536)
     assert lst.trusted_proxies is not None
+    assert lst.trusted_proxies.matches("10.1.2.3") and not lst.trusted_proxies.matches("::2")
     assert lst.trusted_proxies.cidrs == (
         ipaddress.ip_network("10.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
