@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import headers
+from .bandwidth import Shaper
 from .client_limits import ConnectionCounts, RateTable, client_key
 from .config import Forwarding
 
@@ -63,11 +64,30 @@ class ListenerEdge:
     """A listener's per-client state: it outlives snapshots, so a reload neither forgets a
     client's bucket nor loses count of the connections opened before it."""
 
-    __slots__ = ("connections", "rates")
+    __slots__ = ("connections", "rates", "shapers")
 
     def __init__(self) -> None:
         self.connections = ConnectionCounts()
         self.rates = RateTable()
+        self.shapers: Bandwidth | None = None
+
+
+class Bandwidth:
+    """A listener's two shapers: bytes read from its clients, and from backends for them."""
+
+    __slots__ = ("inbound", "outbound")
+
+    def __init__(self, rate: int) -> None:
+        self.inbound = Shaper(rate)
+        self.outbound = Shaper(rate)
+
+    def set_rate(self, rate: int) -> None:
+        self.inbound.bucket.set_rate(rate)
+        self.outbound.bucket.set_rate(rate)
+
+    def close(self) -> None:
+        self.inbound.close()
+        self.outbound.close()
 
 
 class Edges:
@@ -81,6 +101,25 @@ class Edges:
         if e is None:
             e = self.listeners[name] = ListenerEdge()
         return e
+
+    def bandwidth(self, lr: ListenerRuntime) -> Bandwidth | None:
+        """The shapers a new connection of a listener with ``bandwidth`` reads through (a
+        reload's new rate applies to every connection of the listener at once)."""
+        rate = lr.config.bandwidth
+        if not rate:
+            return None
+        e = self.of(lr.name)
+        if e.shapers is None:
+            e.shapers = Bandwidth(rate)
+        elif e.shapers.inbound.bucket.rate != rate:
+            e.shapers.set_rate(rate)
+        return e.shapers
+
+    def close(self) -> None:
+        """Stop the shapers' timers (at shutdown)."""
+        for e in self.listeners.values():
+            if e.shapers is not None:
+                e.shapers.close()
 
     def admit(self, lr: ListenerRuntime, ip: str) -> Slot | None:
         """A new connection from ``ip`` on a listener with ``limits``: its Slot, or None when

@@ -62,6 +62,7 @@ SIO_PROBE_LIMIT = 4096  # bytes of an Engine.IO handshake body read for its sid 
 # Why client reading is paused (a bit each; reading resumes when none is left).
 _P_UPSTREAM_FULL = 1  # the backend is not reading the body as fast as the client sends it
 _P_WAITING = 2  # connecting, or a pipelined request waits for the current response
+_P_BANDWIDTH = 4  # the listener's bandwidth cap (edge.Bandwidth)
 
 _HEAD, _ACTIVE, _CLOSED = 0, 1, 2
 
@@ -159,6 +160,9 @@ class ClientConnection(asyncio.Protocol):
         self.req_bytes_in = 0
         self.req_bytes_out = 0
         self.slot: edge.Slot | None = None  # counted against connections_per_client
+        self.bw: edge.Bandwidth | None = None  # the listener's bandwidth cap, if any
+        self.up_capped = False  # upstream reading paused by the bandwidth cap
+        self.write_paused = False  # the client's write buffer is full
 
     # ------------------------------------------------------------------ client transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -175,6 +179,8 @@ class ClientConnection(asyncio.Protocol):
                 self.phase = _CLOSED
                 transport.close()
                 return
+        if self.lr.config.bandwidth:
+            self.bw = self.ctx.edges.bandwidth(self.lr)
         ls = self.lr.stats
         ls.connections_active += 1
         ls.connections_total += 1
@@ -188,6 +194,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last = self.loop.time()
         self.bytes_in += len(data)
+        if self.bw is not None and self.bw.inbound.spend(len(data), self._bw_resume_client):
+            self._pause(_P_BANDWIDTH)
         if self.phase == _HEAD:
             if not self.head_start:
                 self._start_head_clock(self.last)
@@ -230,11 +238,21 @@ class ClientConnection(asyncio.Protocol):
         self._close()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.up is not None:
             self.up.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.up is not None:
+        self.write_paused = False
+        if self.up is not None and not self.up_capped:
+            self.up.transport.resume_reading()
+
+    def _bw_resume_client(self) -> None:
+        self._resume(_P_BANDWIDTH)
+
+    def _bw_resume_upstream(self) -> None:
+        self.up_capped = False
+        if self.up is not None and not self.write_paused:
             self.up.transport.resume_reading()
 
     # ------------------------------------------------------------------ request side
@@ -541,6 +559,10 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ upstream events
     def upstream_data(self, data: bytes) -> None:
         self.last = self.loop.time()
+        if self.bw is not None and self.bw.outbound.spend(len(data), self._bw_resume_upstream):
+            self.up_capped = True
+            assert self.up is not None
+            self.up.transport.pause_reading()
         if self.resp is None:
             self.resp_buf += data
             self._read_response_head()
