@@ -1,12 +1,13 @@
 """The client connection's edge policies (issue 16): the thin I/O around their pure cores.
 
-Owns what a listener does at its edge besides forwarding, and the state of it that outlives
-config snapshots (``Edges``, one per process, keyed by listener name):
+Owns the state of a listener's edge policies that outlives config snapshots (``Edges``, one
+per process, keyed by listener name) and the calls a client connection makes into it:
 - CLB's optional forwarding headers, read from the connection's transport
   (``forwarding_lines``; the header rules themselves are ``headers.py``'s);
-- per-client connection and request-rate limits (the decisions: ``client_limits.py``);
-- the listener bandwidth cap (``bandwidth.py``);
-- gzip of responses (``gzip_filter.py``).
+- per-client connection and request-rate limits (``admit``, ``retry_after``, ``Slot``; the
+  decisions are ``client_limits.py``'s);
+- the listener bandwidth cap (``bandwidth``: the listener's two ``bandwidth.Shaper``).
+gzip needs no state across responses: the connection calls ``gzip_filter`` directly.
 
 ``http_proxy.ClientConnection`` calls in here from one place per concern, so its own code
 stays about HTTP.

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from . import edge, headers, sticky, upstream
+from . import edge, gzip_filter, headers, sticky, upstream
 from .config import LINGER_TIMEOUT
 from .http1 import (
     BODY_CHUNKED,
@@ -151,6 +151,7 @@ class ClientConnection(asyncio.Protocol):
         self.resp_decode = False
         self.resp_started = False
         self.head_out: bytes | None = None  # a response head waiting for its first body bytes
+        self.gz: gzip_filter.GzipStream | None = None  # the response body being compressed
         # Measurements use perf_counter (uvloop's loop.time() moves in whole milliseconds);
         # timers use loop.time(): sent_at is when request_timeout started counting.
         self.t_start = 0.0
@@ -659,8 +660,14 @@ class ClientConnection(asyncio.Protocol):
         if not self.req_done:
             self.keep_alive = False  # the rest of the body would be taken for a new request
         extra = self._sticky_response(resp, server) if self.group.sticky is not None else ()
+        out = resp
+        self.gz = None
+        gzip_cfg = self.lr.config.gzip
+        if gzip_cfg is not None:  # gzip: maybe another head, and a stream for the body
+            out, self.gz = gzip_filter.start(gzip_cfg, req, resp, kind)
+            chunked_out = chunked_out or self.gz is not None
         head = headers.client_response_head(
-            resp,
+            out,
             chunked=chunked_out,
             keep_alive=self.keep_alive,
             client_version=req.version,
@@ -720,6 +727,9 @@ class ClientConnection(asyncio.Protocol):
     def _response_body(self, data: bytes) -> None:
         if self.sio_probe is not None:
             self._probe_sid(data)
+        if self.gz is not None:
+            self._gzip_body(self.gz, data)
+            return
         kind = self.resp_kind
         if kind == BODY_LENGTH:
             n = self.resp_remaining
@@ -756,6 +766,18 @@ class ClientConnection(asyncio.Protocol):
             self._write(data)
         else:
             self._finish(reuse=False)  # bytes after a body-less response
+
+    def _gzip_body(self, gz: gzip_filter.GzipStream, data: bytes) -> None:
+        """The body through gzip: the stream reads the backend's framing itself."""
+        try:
+            out, done, clean = gz.feed(data)
+        except ParseError as exc:
+            self._bad_gateway(f"invalid chunked response: {exc.reason}")
+            return
+        if out:
+            self._write(out)
+        if done:
+            self._finish(reuse=clean)
 
     def upstream_eof(self) -> None:
         self._upstream_ended(None)
@@ -797,6 +819,11 @@ class ClientConnection(asyncio.Protocol):
     def _finish(self, reuse: bool = True) -> None:
         """The response is complete: account, release the backend, await the next request."""
         assert self.resp is not None
+        if self.gz is not None:  # the end of a compressed body (if the close framed it)
+            tail = self.gz.finish()
+            self.gz = None
+            if tail:
+                self._write(tail)
         if self.head_out is not None:  # a body that brought no bytes of its own
             self.transport.write(self.head_out)
             self.head_out = None

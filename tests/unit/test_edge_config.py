@@ -315,6 +315,11 @@ def test_every_new_key_in_full_yaml() -> None:
     assert set().union(*(m.keys() for m in limits)) == set(cfg._LIMITS_KEYS)
 
 
+def test_the_demo_turns_gzip_on() -> None:
+    demo = cfg.load_config(str(REPO / "config" / "lb.yaml"))
+    assert demo.listeners[0].gzip == Gzip(GZIP_TYPES, 1024)
+
+
 def test_check_reports_every_problem_with_its_path(tmp_path: Path) -> None:
     bad = doc(
         slb_id="a b",
