@@ -157,6 +157,12 @@ class Forwarding:
     client_srcport: bool = False  # X-Forwarded-Client-Srcport: the client's source port
     slb_ip: bool = False  # SLB-IP: the listener address the client connected to
     slb_id: str = ""  # SLB-ID: this instance's name; empty: not sent
+    # Any of the balancer-owned headers on: read once per request, so worked out once here.
+    extra: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        extra = self.port or self.client_srcport or self.slb_ip or bool(self.slb_id)
+        object.__setattr__(self, "extra", extra)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,9 +30,7 @@ if TYPE_CHECKING:
 
 
 def forwarding_lines(fwd: Forwarding, transport: asyncio.BaseTransport) -> tuple[bytes, ...]:
-    """The balancer-owned header lines a listener with ``fwd`` adds to a request."""
-    if not (fwd.port or fwd.client_srcport or fwd.slb_ip or fwd.slb_id):
-        return ()
+    """The balancer-owned header lines a listener with ``fwd`` (``fwd.extra``) adds."""
     local = transport.get_extra_info("sockname")
     peer = transport.get_extra_info("peername")
     local_ok = isinstance(local, tuple)

@@ -481,7 +481,7 @@ class ClientConnection(asyncio.Protocol):
             default_host=server.label.encode(),
             upgrade=self.upgrade,
             proto=fwd.proto,
-            extra=edge.forwarding_lines(fwd, self.transport),  # CLB's optional headers
+            extra=edge.forwarding_lines(fwd, self.transport) if fwd.extra else (),
         )
         if self.pending:
             head += b"".join(self.pending)

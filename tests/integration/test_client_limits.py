@@ -233,3 +233,39 @@ async def test_table_bounded_under_100000_addresses_regular_client_served(make_p
     assert largest == size == len(table)
     assert table.evicted == FLOOD + 1 - size  # every distinct client but the last 1,000
     assert answered == FLOOD + FLOOD // BATCH
+
+
+# ------------------------------------------------------------------------------ reloads
+
+
+async def test_a_reload_keeps_each_clients_state_and_applies_new_numbers(make_backend, make_proxy):
+    from lbproxy.config import parse_config
+
+    a = await make_backend("A")
+
+    def with_limits(limits: dict | None) -> dict:
+        return config_doc([a.address], listener={"limits": limits} if limits else {})
+
+    proxy = await make_proxy(
+        with_limits({"requests_per_second": 0.01, "burst": 2, "connections_per_client": 2})
+    )
+    early_r, early_w = await connect(proxy, "127.0.0.1")  # opened before the reload
+    assert await keep_alive(early_r, early_w) == 200
+    assert (await get(proxy, "127.0.0.1")).status == 200
+    assert (await get(proxy, "127.0.0.1")).status == 429  # the bucket is empty
+
+    new = {"requests_per_second": 0.01, "burst": 5, "connections_per_client": 1}
+    assert (await proxy.apply_config(parse_config(with_limits(new)), "test")).ok
+    # The connection opened before the reload still counts: with the new limit of 1, full.
+    r, w = await connect(proxy, "127.0.0.1")
+    assert await closed_without_answer(r)
+    w.close()
+    assert refused(proxy) == 1
+    # It goes on under the new numbers, and its client's bucket was not forgotten (a fresh
+    # one would hold 5 tokens).
+    assert await keep_alive(early_r, early_w) == 429
+    await wait_for(lambda: proxy.ctx.edges.of("web").connections.open == {}, what="release")
+    assert (await get(proxy, "127.0.0.1")).status == 429  # admitted now; its rate spent
+    assert (await get(proxy, "127.0.0.2")).status == 200  # another client: burst 5
+    assert (await proxy.apply_config(parse_config(with_limits(None)), "test")).ok
+    assert (await get(proxy, "127.0.0.1")).status == 200  # limits gone
