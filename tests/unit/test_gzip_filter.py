@@ -191,7 +191,7 @@ def test_vary_head_and_an_existing_vary_is_not_repeated():
 
 # ------------------------------------------------------------------------------ the stream
 
-TEXT = b"".join(b"line %d of a chat page, some <b>html</b> and words\n" % i for i in range(4000))
+TEXT = b"".join(b"line %d of a chat page, some <b>html</b> and words\n" % i for i in range(1000))
 
 
 def dechunk(data: bytes) -> tuple[bytes, bool]:
@@ -214,7 +214,7 @@ def pieces_of(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-@pytest.mark.parametrize("split", [1, 7, 4096, 1 << 20])
+@pytest.mark.parametrize("split", [13, 997, 4096, 1 << 20])
 @pytest.mark.parametrize("kind", [BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE])
 def test_every_framing_compressed_piece_by_piece(kind, split):
     source = chunked(TEXT, 3000) if kind == BODY_CHUNKED else TEXT
@@ -223,7 +223,7 @@ def test_every_framing_compressed_piece_by_piece(kind, split):
     out = bytearray()
     fed = 0
     done = False
-    for piece in pieces_of(source, split if split > 1 else 997):
+    for piece in pieces_of(source, split):
         client, done, clean = stream.feed(piece)
         assert clean
         payload, last = dechunk(client) if client else (b"", False)
