@@ -151,10 +151,18 @@ async def test_websocket_upgrades_count_as_requests(make_backend, make_proxy):
 async def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(make_backend, make_proxy):
     a = await make_backend("A")
     listener = {
-        "limits": {"requests_per_second": 0.01, "burst": 1},
+        "limits": {"requests_per_second": 0.01, "burst": 1, "connections_per_client": 1},
         "trusted_proxies": ["127.0.0.2/32"],
     }
     proxy = await make_proxy(config_doc([a.address], listener=listener))
+    # A trusted proxy's connections carry many clients: not counted per connection.
+    held = [await connect(proxy, "127.0.0.2") for _ in range(3)]
+    for i, (r, w) in enumerate(held):
+        w.write(b"GET /whoami HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.%d\r\n\r\n" % i)
+        assert (await read_response(r)).status == 200
+    assert refused(proxy) == 0
+    for _, w in held:
+        w.close()
 
     async def via_proxy(xff: str) -> int:
         return (await get(proxy, "127.0.0.2", extra=f"X-Forwarded-For: {xff}\r\n")).status
@@ -168,6 +176,16 @@ async def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(make_backe
     assert untrusted.status == 200
     again = await get(proxy, "127.0.0.3", extra="X-Forwarded-For: 198.51.100.4\r\n")
     assert again.status == 429
+    # and its connections are counted
+    open_ = proxy.ctx.edges.of("web").connections.open
+    await wait_for(lambda: "127.0.0.3" not in open_, what="the closed ones to be given back")
+    r, w = await connect(proxy, "127.0.0.3")
+    assert await keep_alive(r, w) == 429  # admitted (its rate is spent)
+    r2, w2 = await connect(proxy, "127.0.0.3")
+    assert await closed_without_answer(r2)
+    assert refused(proxy) == 1
+    w.close()
+    w2.close()
 
 
 # ------------------------------------------------------------------------------ the table bound
