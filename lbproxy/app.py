@@ -525,6 +525,7 @@ class Proxy:
 
     async def stop_background(self) -> None:
         self.drainer.close()
+        self.ctx.edges.close()  # the bandwidth shapers' timers
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)

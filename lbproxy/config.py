@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import yaml
 
 from . import balancer, health, tls
+from .client_limits import Cidrs
 
 T = TypeVar("T")
 
@@ -66,6 +67,8 @@ MIN_DISCOVERY_INTERVAL = 1.0
 DISCOVERY_EMPTY_INTERVALS = 3
 DNS_PORT = 53
 MIN_STICKY_SECRET = 16  # characters of sticky_session.secret
+DEFAULT_CLIENT_TABLE_SIZE = 65536
+DEFAULT_GZIP_MIN_LENGTH = 1024
 
 
 class ConfigError(Exception):
@@ -195,6 +198,61 @@ class WebSocketPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Forwarding:
+    """CLB's optional forwarding headers (``x_forwarded_for`` stays its own key): each on
+    replaces whatever the client sent under that name. ``proto`` None follows
+    ``x_forwarded_for``, as before these keys existed."""
+
+    proto: bool | None = None  # X-Forwarded-Proto: http or https
+    port: bool = False  # X-Forwarded-Port: the listener's port
+    client_srcport: bool = False  # X-Forwarded-Client-Srcport: the client's source port
+    slb_ip: bool = False  # SLB-IP: the listener address the client connected to
+    slb_id: str = ""  # SLB-ID: this instance's name; empty: not sent
+    # Any of the balancer-owned headers on: read once per request, so worked out once here.
+    extra: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        extra = self.port or self.client_srcport or self.slb_ip or bool(self.slb_id)
+        object.__setattr__(self, "extra", extra)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """Per-client limits of a listener (``limits``); 0 means no limit of that kind."""
+
+    connections_per_client: int = 0
+    requests_per_second: float = 0.0
+    burst: int = 1  # the token bucket's size: requests allowed at once after a quiet spell
+    table_size: int = DEFAULT_CLIENT_TABLE_SIZE  # clients remembered (least recently seen go)
+
+
+@dataclass(frozen=True, slots=True)
+class Gzip:
+    """On-the-fly compression of a listener's text responses (``gzip: true``)."""
+
+    types: frozenset[str]  # media types compressed: CLB's list plus ``gzip_types``
+    min_length: int = DEFAULT_GZIP_MIN_LENGTH  # a smaller Content-Length is sent as it is
+
+
+# CLB's compressed types (Gzip on by default there); ``gzip_types`` adds to them.
+GZIP_TYPES = frozenset(
+    {
+        "text/html",
+        "text/plain",
+        "text/css",
+        "text/xml",
+        "application/javascript",
+        "application/x-javascript",
+        "application/json",
+        "application/xml",
+        "application/rss+xml",
+        "application/atom+xml",
+        "image/svg+xml",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     bind: Address
@@ -211,6 +269,11 @@ class Listener:
     redirect_https: int = 0  # an http listener answering 301 to https on this port; 0: off
     acl: Acl | None = None  # None: every client
     websocket: WebSocketPolicy | None = None  # None: no message limits
+    forwarding: Forwarding = field(default_factory=Forwarding)
+    trusted_proxies: Cidrs | None = None  # peers whose X-Forwarded-For ``limits`` believes
+    limits: ClientLimits | None = None  # None: no per-client limits
+    bandwidth: int = 0  # bytes per second in each direction; 0: unlimited
+    gzip: Gzip | None = None  # None: responses pass uncompressed
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,7 +670,20 @@ _LISTENER_KEYS = (
     "redirect_https",
     "acl",
     "websocket",
+    # edge keys (issue 16): _edge
+    "x_forwarded_proto",
+    "x_forwarded_port",
+    "x_forwarded_client_srcport",
+    "slb_ip",
+    "slb_id",
+    "trusted_proxies",
+    "limits",
+    "bandwidth",
+    "gzip",
+    "gzip_types",
+    "gzip_min_length",
 )
+_LIMITS_KEYS = ("connections_per_client", "requests_per_second", "burst", "table_size")
 _TLS_KEYS = ("cert", "key", "certificates", "policy", "client_ca", "client_auth")
 _CERT_KEYS = ("cert", "key")
 _ACL_KEYS = ("mode", "cidrs")
@@ -744,6 +820,7 @@ def _listeners(r: _Reader, doc: Any, group_names: set[str]) -> list[Listener]:
         )
         before = len(r.problems)
         hardening = _hardening(r, m, path, protocol)
+        edge = _edge(r, m, path, xff)
         if None in (name, bind, protocol, group, idle, request, connect, xff, rules, header):
             continue
         if len(r.problems) > before:
@@ -751,7 +828,7 @@ def _listeners(r: _Reader, doc: Any, group_names: set[str]) -> list[Listener]:
         assert name and bind and protocol and group and idle and request and connect and header
         assert xff is not None and rules is not None
         timeouts = Timeouts(idle, request, connect, header)
-        out.append(Listener(name, bind, group, protocol, timeouts, xff, rules, **hardening))
+        out.append(Listener(name, bind, group, protocol, timeouts, xff, rules, **hardening, **edge))
     return out
 
 
@@ -868,6 +945,133 @@ def _tls(r: _Reader, doc: Any, path: str) -> Tls | None:
     if len(r.problems) > before:
         return None
     return Tls(tuple(pairs), policy, client_ca, client_auth)
+
+
+def _edge(r: _Reader, m: Mapping[str, Any], path: str, xff: bool | None) -> dict[str, Any]:
+    """A listener's forwarding headers, per-client limits, bandwidth cap and gzip (issue 16),
+    as Listener keyword arguments. Problems are reported on ``r``."""
+    out: dict[str, Any] = {}
+    fwd = Forwarding(
+        proto=r.get(m, "x_forwarded_proto", path, _bool, None),
+        port=r.get(m, "x_forwarded_port", path, _bool, False) or False,
+        client_srcport=r.get(m, "x_forwarded_client_srcport", path, _bool, False) or False,
+        slb_ip=r.get(m, "slb_ip", path, _bool, False) or False,
+        slb_id=r.get(m, "slb_id", path, _slb_id, "") or "",
+    )
+    if fwd != Forwarding():
+        out["forwarding"] = fwd
+    if "trusted_proxies" in m:
+        cidrs = _cidr_list(r, m["trusted_proxies"], f"{path}.trusted_proxies")
+        if cidrs is not None:
+            out["trusted_proxies"] = Cidrs(cidrs) if cidrs else None
+    if "limits" in m:
+        out["limits"] = _limits(r, m["limits"], f"{path}.limits")
+    elif "trusted_proxies" in m:
+        r.error(f"{path}.trusted_proxies", "only used with limits (it picks the client address)")
+    if "bandwidth" in m:
+        out["bandwidth"] = r.get(m, "bandwidth", path, parse_bandwidth)
+    gzip = r.get(m, "gzip", path, _bool, False)
+    types = r.get(m, "gzip_types", path, _media_types, frozenset())
+    min_length = r.get(m, "gzip_min_length", path, _size(0, 1 << 30), DEFAULT_GZIP_MIN_LENGTH)
+    if not gzip:
+        for key in ("gzip_types", "gzip_min_length"):
+            if key in m:
+                r.error(f"{path}.{key}", "only used with gzip: true")
+    elif types is not None and min_length is not None:
+        out["gzip"] = Gzip(GZIP_TYPES | types, min_length)
+    del xff  # x_forwarded_proto's default follows it at run time (Forwarding.proto None)
+    return out
+
+
+def _limits(r: _Reader, doc: Any, path: str) -> ClientLimits | None:
+    m = r.mapping(doc, path, _LIMITS_KEYS)
+    if m is None:
+        return None
+    d = ClientLimits()
+    conns = r.get(m, "connections_per_client", path, _int_in(0, 1_000_000), 0)
+    rate = r.get(m, "requests_per_second", path, _rate, 0.0)
+    burst = r.get(m, "burst", path, _int_in(1, 1_000_000), None)
+    table = r.get(m, "table_size", path, _int_in(16, 10_000_000), d.table_size)
+    if burst is not None and not rate:
+        r.error(f"{path}.burst", "only used with requests_per_second")
+    if conns == 0 and rate == 0.0 and None not in (conns, rate):
+        r.error(path, "limits nothing: set connections_per_client and/or requests_per_second")
+        return None
+    if conns is None or rate is None or table is None or ("burst" in m and burst is None):
+        return None
+    if burst is None:
+        burst = max(1, math.ceil(rate))  # one second's worth
+    return ClientLimits(conns, rate, burst, table)
+
+
+def _rate(value: Any) -> float:
+    """Requests per second: a positive number (``0.5`` is one every two seconds)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a positive number of requests per second, got {_show(value)}")
+    if not math.isfinite(value) or not 0 < value <= 1_000_000:
+        raise ValueError(f"expected a number of requests per second 0..1000000, got {value}")
+    return float(value)
+
+
+_BANDWIDTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|k|K|KB|KiB|M|MB|MiB|G|GB|GiB)?(?:/s)?\s*$")
+_RATE_UNIT = {None: 1, "B": 1, "k": 1 << 10, "K": 1 << 10, "KB": 1 << 10, "KiB": 1 << 10}
+_RATE_UNIT.update({"M": 1 << 20, "MB": 1 << 20, "MiB": 1 << 20})
+_RATE_UNIT.update({"G": 1 << 30, "GB": 1 << 30, "GiB": 1 << 30})
+
+
+def parse_bandwidth(value: Any) -> int:
+    """``10MiB/s``, ``512KiB/s``, ``1048576`` (bytes per second; K, M, G are binary)."""
+    wanted = "expected a bandwidth like 10MiB/s, 512KiB/s or 1048576 (bytes per second)"
+    if isinstance(value, bool):
+        raise ValueError(f"{wanted}, got {_show(value)}")
+    if isinstance(value, int):
+        rate = value
+    elif isinstance(value, str) and (found := _BANDWIDTH.match(value)):
+        rate = int(float(found.group(1)) * _RATE_UNIT[found.group(2)])
+    else:
+        raise ValueError(f"{wanted}, got {_show(value)}")
+    if not 1024 <= rate <= 1 << 40:
+        raise ValueError(f"expected a bandwidth of at least 1KiB/s, got {_show(value)}")
+    return rate
+
+
+_MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
+
+
+def _media_types(value: Any) -> frozenset[str]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of media types like [text/csv], got {_show(value)}")
+    out = set()
+    for item in value:
+        text = item.strip().lower() if isinstance(item, str) else None
+        if text is None or not _MEDIA_TYPE.fullmatch(text):
+            raise ValueError(
+                f"expected media types like text/csv (no parameters), got {_show(item)}"
+            )
+        out.add(text)
+    return frozenset(out)
+
+
+def _slb_id(value: Any) -> str:
+    """The instance name sent as SLB-ID: visible ASCII without spaces (a header value)."""
+    if not isinstance(value, str) or not value or not value.isascii() or not value.isprintable():
+        raise ValueError(f"expected a name of visible ASCII characters, got {_show(value)}")
+    if " " in value or len(value) > 256:
+        raise ValueError(f"expected a name without spaces, at most 256 characters, got {value!r}")
+    return value
+
+
+def _cidr_list(r: _Reader, doc: Any, path: str) -> tuple[IPNetwork, ...] | None:
+    if not isinstance(doc, list):
+        r.error(path, f"expected a list of CIDRs like [10.0.0.0/8], got {_show(doc)}")
+        return None
+    cidrs: list[IPNetwork] = []
+    for i, item in enumerate(doc):
+        try:
+            cidrs.append(_cidr(item))
+        except ValueError as exc:
+            r.error(f"{path}[{i}]", str(exc))
+    return tuple(cidrs) if len(cidrs) == len(doc) else None
 
 
 def _acl(r: _Reader, doc: Any, path: str) -> Acl | None:

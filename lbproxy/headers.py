@@ -24,11 +24,16 @@ HOP_BY_HOP = frozenset(
         b"proxy-connection",
     }
 )
-_FORWARDED_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"})
+_FORWARDED_SET = frozenset({b"x-forwarded-host", b"x-real-ip"})
 # Set only by the proxy, from a verified client certificate (mutual TLS): a client's own are
 # removed on every listener, so a backend can trust them whatever the listener.
 CLIENT_CERT = frozenset({b"x-client-cert-subject", b"x-client-cert-fingerprint"})
-_DROPPED_UP = HOP_BY_HOP | CLIENT_CERT
+# Headers only the balancer may set (CLB's optional ones): a client's are never passed on,
+# whether the listener sends its own or not, so a backend can trust them.
+BALANCER_OWNED = frozenset(
+    {b"x-forwarded-port", b"x-forwarded-client-srcport", b"slb-ip", b"slb-id"}
+)
+_DROP = HOP_BY_HOP | BALANCER_OWNED | CLIENT_CERT
 # Never removed because Connection lists them ("Connection: Content-Length"): the proxy frames
 # the body it relays by Content-Length, so dropping it would let the other side read that body
 # as the next message (request smuggling / response desync).
@@ -41,6 +46,7 @@ REASONS = {
     408: "Request Timeout",
     413: "Content Too Large",
     414: "URI Too Long",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -59,6 +65,7 @@ def upstream_request_head(
     forwarded: bool,
     default_host: bytes,
     upgrade: bool,
+    proto: bool | None = None,
     extra: tuple[bytes, ...] = (),
 ) -> bytes:
     """The request head sent to a backend: always HTTP/1.1, keep-alive, hop-by-hop and
@@ -66,8 +73,16 @@ def upstream_request_head(
 
     A chunked body is forwarded with its framing untouched, so Transfer-Encoding: chunked is
     put back; an upgrade keeps ``Connection: Upgrade`` and its ``Upgrade`` value.
+    ``forwarded``: X-Forwarded-For appended to, X-Forwarded-Host and X-Real-IP replaced;
+    ``proto`` (None: as ``forwarded``): X-Forwarded-Proto replaced; ``extra``: the
+    balancer-owned lines (``forwarding_lines``), added after every client header of those
+    names is dropped.
     """
-    drop = _DROPPED_UP | (req.connection - _NEVER_DROPPED) if req.connection else _DROPPED_UP
+    if proto is None:
+        proto = forwarded
+    drop = _DROP | (req.connection - _NEVER_DROPPED) if req.connection else _DROP
+    if proto:
+        drop = drop | {b"x-forwarded-proto"}
     lines = [req.method + b" " + req.target + b" HTTP/1.1"]
     xff: list[bytes] = []
     has_host = False
@@ -100,13 +115,39 @@ def upstream_request_head(
         ip = client_ip.encode()
         xff.append(ip)
         lines.append(b"X-Forwarded-For: " + b", ".join(xff))
-        lines.append(b"X-Forwarded-Proto: " + scheme)
+        if proto:
+            lines.append(b"X-Forwarded-Proto: " + scheme)
         if host:
             lines.append(b"X-Forwarded-Host: " + host)
         lines.append(b"X-Real-IP: " + ip)
+    elif proto:
+        lines.append(b"X-Forwarded-Proto: " + scheme)
     lines.extend(extra)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def forwarding_lines(
+    *,
+    port: int | None,
+    client_port: int | None,
+    slb_ip: str | None,
+    slb_id: str,
+) -> tuple[bytes, ...]:
+    """CLB's optional forwarding headers, each given only when its option is on (None or
+    empty: off): X-Forwarded-Port (the listener's port), X-Forwarded-Client-Srcport (the
+    client's source port), SLB-IP (the listener address the client connected to), SLB-ID
+    (the configured instance name)."""
+    out: list[bytes] = []
+    if port is not None:
+        out.append(b"X-Forwarded-Port: %d" % port)
+    if client_port is not None:
+        out.append(b"X-Forwarded-Client-Srcport: %d" % client_port)
+    if slb_ip:
+        out.append(b"SLB-IP: " + slb_ip.encode())
+    if slb_id:
+        out.append(b"SLB-ID: " + slb_id.encode())
+    return tuple(out)
 
 
 def origin_form(target: bytes) -> bytes:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from . import headers, sticky, tls, upstream
+from . import edge, gzip_filter, headers, sticky, tls, upstream
 from .config import LINGER_TIMEOUT
 from .http1 import (
     BODY_CHUNKED,
@@ -62,6 +62,7 @@ SIO_PROBE_LIMIT = 4096  # bytes of an Engine.IO handshake body read for its sid 
 # Why client reading is paused (a bit each; reading resumes when none is left).
 _P_UPSTREAM_FULL = 1  # the backend is not reading the body as fast as the client sends it
 _P_WAITING = 2  # connecting, or a pipelined request waits for the current response
+_P_BANDWIDTH = 4  # the listener's bandwidth cap (edge.Bandwidth)
 
 _HEAD, _ACTIVE, _CLOSED = 0, 1, 2
 
@@ -79,6 +80,7 @@ class Context:
         self.access = access
         self.report_health = report_health
         self.draining = False
+        self.edges = edge.Edges()  # per-client limits, bandwidth: state kept across reloads
 
 
 class Health(Protocol):
@@ -150,6 +152,7 @@ class ClientConnection(asyncio.Protocol):
         self.resp_decode = False
         self.resp_started = False
         self.head_out: bytes | None = None  # a response head waiting for its first body bytes
+        self.gz: gzip_filter.GzipStream | None = None  # the response body being compressed
         # Measurements use perf_counter (uvloop's loop.time() moves in whole milliseconds);
         # timers use loop.time(): sent_at is when request_timeout started counting.
         self.t_start = 0.0
@@ -158,6 +161,10 @@ class ClientConnection(asyncio.Protocol):
         self.sent_at = 0.0
         self.req_bytes_in = 0
         self.req_bytes_out = 0
+        self.slot: edge.Slot | None = None  # counted against connections_per_client
+        self.bw: edge.Bandwidth | None = None  # the listener's bandwidth cap, if any
+        self.up_capped = False  # upstream reading paused by the bandwidth cap
+        self.write_paused = False  # the client's write buffer is full
 
     # ------------------------------------------------------------------ client transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -171,6 +178,14 @@ class ClientConnection(asyncio.Protocol):
         tls_config = self.lr.config.tls
         if tls_config is not None and tls_config.client_auth is not None:
             self.cert_headers = tls.client_cert_headers(transport.get_extra_info("ssl_object"))
+        if self.lr.config.limits is not None:
+            self.slot = self.ctx.edges.admit(self.lr, self.client_ip)
+            if self.slot is None:  # over connections_per_client: closed at once, counted
+                self.phase = _CLOSED
+                transport.close()
+                return
+        if self.lr.config.bandwidth:
+            self.bw = self.ctx.edges.bandwidth(self.lr)
         ls = self.lr.stats
         ls.connections_active += 1
         ls.connections_total += 1
@@ -184,6 +199,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last = self.loop.time()
         self.bytes_in += len(data)
+        if self.bw is not None and self.bw.inbound.spend(len(data), self._bw_resume_client):
+            self._pause(_P_BANDWIDTH)
         if self.phase == _HEAD:
             if not self.head_start:
                 self._start_head_clock(self.last)
@@ -226,11 +243,21 @@ class ClientConnection(asyncio.Protocol):
         self._close()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.up is not None:
             self.up.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.up is not None:
+        self.write_paused = False
+        if self.up is not None and not self.up_capped:
+            self.up.transport.resume_reading()
+
+    def _bw_resume_client(self) -> None:
+        self._resume(_P_BANDWIDTH)
+
+    def _bw_resume_upstream(self) -> None:
+        self.up_capped = False
+        if self.up is not None and not self.write_paused:
             self.up.transport.resume_reading()
 
     # ------------------------------------------------------------------ request side
@@ -273,6 +300,11 @@ class ClientConnection(asyncio.Protocol):
         self.sio_probe = None
         self.upgrade = req.upgrade == b"websocket"
         self.keep_alive = req.keep_alive and not self.client_eof and not self.ctx.draining
+        if lr.config.limits is not None:
+            wait = self.ctx.edges.retry_after(lr, self.slot, self.client_ip, req.headers, self.last)
+            if wait is not None:  # over requests_per_second (upgrades count too)
+                self._error_response(429, "request rate limit", extra=(("Retry-After", wait),))
+                return
         if lr.config.redirect_https:
             self._redirect_https(req, lr.config.redirect_https)
             return
@@ -444,6 +476,7 @@ class ClientConnection(asyncio.Protocol):
         lr = self.lr
         conn.handler = self
         self.up = conn
+        fwd = lr.config.forwarding
         head = headers.upstream_request_head(
             req,
             client_ip=self.client_ip,
@@ -451,7 +484,10 @@ class ClientConnection(asyncio.Protocol):
             forwarded=lr.config.x_forwarded_for,
             default_host=server.label.encode(),
             upgrade=self.upgrade,
-            extra=self.cert_headers,
+            proto=fwd.proto,
+            extra=self.cert_headers + edge.forwarding_lines(fwd, self.transport)
+            if fwd.extra
+            else self.cert_headers,
         )
         if self.pending:
             head += b"".join(self.pending)
@@ -530,6 +566,10 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ upstream events
     def upstream_data(self, data: bytes) -> None:
         self.last = self.loop.time()
+        if self.bw is not None and self.bw.outbound.spend(len(data), self._bw_resume_upstream):
+            self.up_capped = True
+            assert self.up is not None
+            self.up.transport.pause_reading()
         if self.resp is None:
             self.resp_buf += data
             self._read_response_head()
@@ -626,8 +666,14 @@ class ClientConnection(asyncio.Protocol):
         if not self.req_done:
             self.keep_alive = False  # the rest of the body would be taken for a new request
         extra = self._sticky_response(resp, server) if self.group.sticky is not None else ()
+        out = resp
+        self.gz = None
+        gzip_cfg = self.lr.config.gzip
+        if gzip_cfg is not None:  # gzip: maybe another head, and a stream for the body
+            out, self.gz = gzip_filter.start(gzip_cfg, req, resp, kind)
+            chunked_out = chunked_out or self.gz is not None
         head = headers.client_response_head(
-            resp,
+            out,
             chunked=chunked_out,
             keep_alive=self.keep_alive,
             client_version=req.version,
@@ -687,6 +733,9 @@ class ClientConnection(asyncio.Protocol):
     def _response_body(self, data: bytes) -> None:
         if self.sio_probe is not None:
             self._probe_sid(data)
+        if self.gz is not None:
+            self._gzip_body(self.gz, data)
+            return
         kind = self.resp_kind
         if kind == BODY_LENGTH:
             n = self.resp_remaining
@@ -723,6 +772,18 @@ class ClientConnection(asyncio.Protocol):
             self._write(data)
         else:
             self._finish(reuse=False)  # bytes after a body-less response
+
+    def _gzip_body(self, gz: gzip_filter.GzipStream, data: bytes) -> None:
+        """The body through gzip: the stream reads the backend's framing itself."""
+        try:
+            out, done, clean = gz.feed(data)
+        except ParseError as exc:
+            self._bad_gateway(f"invalid chunked response: {exc.reason}")
+            return
+        if out:
+            self._write(out)
+        if done:
+            self._finish(reuse=clean)
 
     def upstream_eof(self) -> None:
         self._upstream_ended(None)
@@ -763,6 +824,11 @@ class ClientConnection(asyncio.Protocol):
     def _finish(self, reuse: bool = True) -> None:
         """The response is complete: account, release the backend, await the next request."""
         assert self.resp is not None
+        if self.gz is not None:  # the end of a compressed body (if the close framed it)
+            tail = self.gz.finish()
+            self.gz = None
+            if tail:
+                self._write(tail)
         if self.head_out is not None:  # a body that brought no bytes of its own
             self.transport.write(self.head_out)
             self.head_out = None
@@ -810,9 +876,12 @@ class ClientConnection(asyncio.Protocol):
             client_addr=self.client_addr,
             method_path=(req.method.decode("latin-1"), req.target.decode("latin-1")),
             access=self.ctx.access,
-            on_close=_forget_sid(self.group, self.sid) if self.sid is not None else None,
+            on_close=edge.on_tunnel_close(
+                self.slot, _forget_sid(self.group, self.sid) if self.sid is not None else None
+            ),
             policy=lr.config.websocket,
         )
+        self.slot = None  # the tunnel gives it back
         client_pending = bytes(self.buf) + b"".join(self.pending)
         self.buf.clear()
         self.pending = []
@@ -946,6 +1015,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if not self.transport.is_closing():
             self.transport.close()
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
         ls = self.lr.stats
         if self in ls.live:
             ls.live.discard(self)

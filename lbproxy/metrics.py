@@ -56,7 +56,7 @@ BACKEND_STATES = ("up", "down", "unknown", "draining")
 # protocol: a response the proxy cannot pass on (garbage, a head too large, bad framing).
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 # Why a listener closed a connection at once, before reading from it.
-REFUSE_REASONS = ("max_connections", "acl")
+REFUSE_REASONS = ("max_connections", "acl", "connections_per_client")
 # Why a TLS handshake failed: client_certificate (none under client_auth: required, or one
 # that does not verify), protocol (no version or cipher both accept: the policy refused it),
 # timeout (not done within client_header_timeout), other (the client went away, spoke

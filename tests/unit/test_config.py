@@ -912,10 +912,13 @@ def test_demo_config_is_the_documented_demo_with_defaults():
     c = load_config(str(REPO / "config" / "lb.yaml"))
     expected = parse_config(
         {
-            "listeners": [{"name": "web", "bind": "0.0.0.0:5000", "server_group": "rs1"}],
+            "listeners": [
+                # gzip: off by default (as nginx), on in the demo (as CLB)
+                {"name": "web", "bind": "0.0.0.0:5000", "server_group": "rs1", "gzip": True}
+            ],
             "server_groups": {
                 "rs1": {
-                    "scheduler": "wlc",  # the one non-default: WebSockets spread by open count
+                    "scheduler": "wlc",  # WebSockets spread by open count
                     "servers": ["127.0.0.1:5001", "127.0.0.1:5002"],
                     "health_check": {"path": "/health"},
                 }

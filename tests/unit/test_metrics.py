@@ -176,6 +176,7 @@ def _fill(reg: Registry, scale: int) -> None:
     web.connections_refused["acl"] += scale
     web.connections_refused["max_connections"] += 2 * scale
     web.tls_failures["client_certificate"] += scale
+    web.connections_refused["connections_per_client"] += 5 * scale
     web.bytes_in += 100 * scale
     web.bytes_out += 1000 * scale
     web.live.add(_Live(10 * scale, 20 * scale))
@@ -281,6 +282,7 @@ def test_collector_sums_over_registries():
     assert m["lbproxy_connections_refused_total"] == {
         labels(listener="web", reason="max_connections"): 6,
         labels(listener="web", reason="acl"): 3,
+        labels(listener="web", reason="connections_per_client"): 15,
     }
     assert m["lbproxy_tls_handshake_failures_total"] == {
         labels(listener="web", reason="client_certificate"): 3,
