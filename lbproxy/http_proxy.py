@@ -880,6 +880,7 @@ class ClientConnection(asyncio.Protocol):
                 self.slot, _forget_sid(self.group, self.sid) if self.sid is not None else None
             ),
             policy=lr.config.websocket,
+            shapers=self.bw,
         )
         self.slot = None  # the tunnel gives it back
         client_pending = bytes(self.buf) + b"".join(self.pending)

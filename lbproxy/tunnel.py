@@ -45,6 +45,8 @@ from .wsframes import (
 
 if TYPE_CHECKING:
     from .access_log import AccessLog
+    from .bandwidth import Shaper
+    from .edge import Bandwidth
     from .metrics import ListenerStats
     from .snapshot import ServerState
 
@@ -60,6 +62,8 @@ class _End(asyncio.Protocol):
     """One side of a tunnel: what arrives here is written to ``peer``, frame headers followed."""
 
     __slots__ = (
+        "blocked",
+        "capped",
         "capture",
         "cmask",
         "is_client",
@@ -71,6 +75,7 @@ class _End(asyncio.Protocol):
         "quick",
         "remaining",
         "replied",
+        "shaper",
         "tunnel",
     )
 
@@ -89,6 +94,14 @@ class _End(asyncio.Protocol):
         # Nothing in the way of the inline walk in data_received: forwarding, no close code
         # being read, no header held, no message policy to apply (kept by _frames).
         self.quick = not (is_client and tunnel.policy is not None)
+        # The listener's bandwidth cap for what this side sends, if any; reading from this
+        # side pauses while the cap (``capped``) or the peer's full buffer (``blocked``) says.
+        shapers = tunnel.shapers
+        self.shaper: Shaper | None = None
+        if shapers is not None:
+            self.shaper = shapers.inbound if is_client else shapers.outbound
+        self.capped = False
+        self.blocked = False
 
     def data_received(self, data: bytes) -> None:
         t = self.tunnel
@@ -98,6 +111,9 @@ class _End(asyncio.Protocol):
             t.bytes_in += n
         else:
             t.bytes_out += n
+        if self.shaper is not None and self.shaper.spend(n, self._uncap):
+            self.capped = True
+            self._own().pause_reading()
         if not self.quick:
             self._frames(data)
             return
@@ -257,11 +273,26 @@ class _End(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.tunnel.side_lost(self.is_client, exc)
 
+    def _own(self) -> asyncio.Transport:
+        t = self.tunnel
+        return t.client if self.is_client else t.upstream
+
+    def _uncap(self) -> None:
+        self.capped = False
+        if not self.blocked and not self.tunnel.closed:
+            self._own().resume_reading()
+
+    # My own transport's buffer is full: stop reading from the peer until it drains.
     def pause_writing(self) -> None:
+        other = self.tunnel.other(self)
+        other.blocked = True
         self.peer.pause_reading()
 
     def resume_writing(self) -> None:
-        self.peer.resume_reading()
+        other = self.tunnel.other(self)
+        other.blocked = False
+        if not other.capped:
+            self.peer.resume_reading()
 
 
 class Tunnel:
@@ -292,6 +323,7 @@ class Tunnel:
         "policy",
         "reason",
         "server",
+        "shapers",
         "stamp",
         "started",
         "timer",
@@ -314,6 +346,7 @@ class Tunnel:
         access: AccessLog,
         on_close: Any = None,
         policy: WebSocketPolicy | None = None,
+        shapers: Bandwidth | None = None,
     ) -> None:
         self.loop = loop
         self.client = client
@@ -340,6 +373,7 @@ class Tunnel:
         self.ending: str | None = None  # why the proxy is closing it ("drain", "shutdown")
         self.injected = 0  # close frames the proxy has written so far (0..2)
         self.policy = policy  # limits on the client's messages (listeners[].websocket)
+        self.shapers = shapers  # the listener's bandwidth cap (listeners[].bandwidth)
         self.msg_size = 0  # bytes of the client's current message so far (its frames' lengths)
         self.tokens = float(policy.burst) if policy is not None else 0.0  # the rate's bucket
         self.stamp = self.started  # when the bucket was last filled
@@ -360,12 +394,19 @@ class Tunnel:
             server_end.data_received(upstream_pending)
         if client_pending:
             client_end.data_received(client_pending)
-        client.resume_reading()
-        upstream.resume_reading()
+        if not client_end.capped:
+            client.resume_reading()
+        if not server_end.capped:
+            upstream.resume_reading()
         self.timer = self.loop.call_at(self.last + self.idle, self._on_timer)
 
     def live_bytes(self) -> tuple[int, int]:
         return self.bytes_in, self.bytes_out
+
+    def other(self, end: _End) -> _End:
+        ends = self.ends
+        assert ends is not None
+        return ends[1] if end is ends[0] else ends[0]
 
     def messages(self) -> tuple[int, int]:
         """Data messages passed on: (client to server, server to client)."""

@@ -118,3 +118,40 @@ async def test_downloads_and_uploads_held_to_the_rate_fairly(make_backend, make_
     start = time.perf_counter()
     ends = await asyncio.gather(*(download(proxy, "free", DOWNLOAD, []) for _ in range(CLIENTS)))
     assert CLIENTS * DOWNLOAD / (max(ends) - start) > 1.5 * RATE
+
+
+async def test_websocket_tunnels_are_held_to_the_rate_too(make_backend, make_proxy):
+    """Tunnels share their listener's cap: three clients streaming binary messages to an
+    echo backend receive their echoes at the rate (within 15%), fairly."""
+    import aiohttp
+
+    a = await make_backend("A")
+    doc = config_doc([a.address], listener={"bandwidth": f"{RATE // MiB}MiB/s"})
+    proxy = await make_proxy(doc)
+    addr = proxy.listeners.address("web")
+    each = 4 * MiB
+    block = b"w" * 65536
+    progress: list[tuple[float, int]] = []
+
+    async def stream(s: aiohttp.ClientSession) -> float:
+        ws = await s.ws_connect(f"http://{addr}/ws", max_msg_size=0)
+
+        async def send() -> None:
+            for _ in range(each // len(block)):
+                await ws.send_bytes(block)
+
+        sender = asyncio.ensure_future(send())
+        got = 0
+        while got < each:
+            msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.BINARY
+            got += len(msg.data)
+            progress.append((time.perf_counter(), len(msg.data)))
+        await sender
+        await ws.close()
+        return time.perf_counter()
+
+    async with aiohttp.ClientSession() as s:
+        start = time.perf_counter()
+        ends = await asyncio.gather(*(stream(s) for _ in range(CLIENTS)))
+    check(progress, CLIENTS * each, ends, start, "websocket echo")
