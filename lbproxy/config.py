@@ -243,6 +243,7 @@ GZIP_TYPES = frozenset(
         "text/xml",
         "application/javascript",
         "application/x-javascript",
+        "text/javascript",  # not in CLB's list: JavaScript's registered type (RFC 9239)
         "application/json",
         "application/xml",
         "application/rss+xml",
