@@ -2,7 +2,7 @@
 runtime server API (GET /-/servers, PUT /-/servers/{group}/{host:port}).
 
 Owns the aiohttp application on ``admin.bind`` (never on a proxied listener). It only reads
-the proxy's state and asks ``Proxy.reload`` / ``Proxy.set_server_state``; the numbers come
+the proxy's state and asks ``Proxy.reload`` / ``ServerControl.set_server_state``; the numbers come
 from ``metrics``. With ``admin.token`` set, everything that changes state or lists servers
 needs ``Authorization: Bearer <token>``.
 """
@@ -96,7 +96,9 @@ def status(
     groups = []
     for g in snap.groups.values():
         servers = []
-        members = list(g.servers) + [s for s in proxy.removed_servers() if s.group == g.name]
+        members = list(g.servers) + [
+            s for s in proxy.servers.removed_servers() if s.group == g.name
+        ]
         for s in members:
             st = reg.servers.get(s.id, s.stats)
             h = s.health
@@ -284,7 +286,7 @@ class AdminServer:
         problems, admin_state, weight = _server_change(body)
         if problems:
             return _error(400, *problems)
-        server = self.proxy.set_server_state(sid, admin_state, weight)
+        server = self.proxy.servers.set_server_state(sid, admin_state, weight)
         reg, active = await self._active()
         return web.json_response(server_view(server, g.checks, reg, active))
 

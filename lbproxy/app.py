@@ -2,8 +2,7 @@
 
 Owns ``Proxy``: start (build the first snapshot, bind, warm servers, accept, start checks and
 admin), ``reload`` (load -> validate -> build -> warm new servers -> bind -> swap, all or
-nothing), the runtime server state (``set_server_state``: admin state and weight overrides,
-and the drains they begin) and ``close``, the single ordered shutdown path: stop accepting,
+nothing) and ``close``, the single ordered shutdown path: stop accepting,
 let HTTP requests in flight finish, give WebSocket tunnels up to ``shutdown_timeout``, send
 the ones left a close frame (1001) both ways and give their close handshake a moment, cut
 what remains, then stop the background owners.
@@ -11,7 +10,9 @@ what remains, then stop the background owners.
 A set of servers found by DNS discovery (``discovery.py``) takes the reload path: the
 snapshot is rebuilt from the file's config plus every discovered set (``dnsstate``) and
 swapped, so servers that stay keep their state and new or removed ones are handled exactly
-as a reload handles them; it is logged but not counted as a config reload.
+as a reload handles them; it is logged but not counted as a config reload. What is done to
+servers between reloads (health as seen here, runtime overrides, drains, removed servers
+still open) is ``servers.ServerControl``'s.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from .config import (
     WS_CLOSE_HANDSHAKE_TIMEOUT,
     Config,
     ConfigError,
-    HealthCheck,
     Server,
     loads_config,
     read_config_file,
@@ -38,10 +38,10 @@ from .config import (
 from .config import Discovery as DiscoverySpec
 from .discovery import Discovery, resolve_names
 from .dnsstate import with_discovered
-from .drain import Drainer
-from .health import Event, ServerHealth, State, Transition
+from .health import Event, Transition
 from .http_proxy import ClientConnection, Context
 from .listener import BindError, Listeners, Opening, probe_binds
+from .servers import ServerControl
 from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .tunnel import Tunnel
 from .wsframes import GOING_AWAY
@@ -112,9 +112,6 @@ class Proxy:
         self.config_path = config_path
         self.config_raw: bytes | None = None  # the bytes of the config in force, when known
         self.on_applied: Callable[[bytes], None] | None = None
-        self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
-        # The supervisor's hand-over of a runtime override to every worker: (id, state, weight)
-        self.on_override: Callable[[str, str | None, int | None], None] | None = None
         self.on_discovered: Callable[[], None] | None = None  # the supervisor's hand-over
         self.registry = metrics.Registry()
         self.state = RuntimeState(self.registry)
@@ -127,11 +124,11 @@ class Proxy:
         snap, _ = self.state.build(config)
         self.state.commit(snap)
         self.holder = Holder(snap)
+        self.servers = ServerControl(self.state, self.registry, self.holder, role.check)
         self.access = AccessLog(config.access_log)
-        self.ctx = Context(self.registry, self.access, PassiveHealth(self._transition))
+        self.ctx = Context(self.registry, self.access, PassiveHealth(self.servers.transition))
         self.listeners = Listeners(self.ctx, reuse_port=role.reuse_port)
-        self.checker = Checker(self._transition, self.registry)
-        self.drainer = Drainer()
+        self.checker = Checker(self.servers.transition, self.registry)
         self.reload_lock = asyncio.Lock()
         self.last_reload: tuple[float, bool, str] = (time.time(), True, "started")
         self._sweeper: asyncio.Task[None] | None = None
@@ -160,8 +157,8 @@ class Proxy:
             self.access.close()
             raise
         if self.role.check:
-            await self.checker.warm(self._to_warm(None, snap))
-        self._sync_backend_up(snap)
+            await self.checker.warm(self.servers.to_warm(None, snap))
+        self.servers.sync(snap)
         if self.role.check:
             self.checker.apply(snap)
             self.discovery.apply(snap.config, self.discovered)
@@ -230,7 +227,7 @@ class Proxy:
             return self._reload_failed(trigger, [str(exc)])
         if self.role.check:
             # After the binds (a bind error fails fast), before the swap.
-            await self.checker.warm(self._to_warm(old, snap))
+            await self.checker.warm(self.servers.to_warm(old, snap))
         if self._closing:  # close() ran during the warm-up
             self._discard(changes)
             if opening is not None:
@@ -239,7 +236,7 @@ class Proxy:
                 await admin_move.cancel()
             return ReloadResult(False, False, "shutting down: reload ignored")
         if health:
-            self._take_health(snap, health)
+            self.servers.take_health(snap, health)
         if admin_move is not None:
             await admin_move.commit()
             log.info("admin now on http://%s/", config.admin.bind)
@@ -249,9 +246,9 @@ class Proxy:
         self.holder.current = snap  # the swap: new connections and requests see it from here
         self.file_config = file_config
         self.access.configure(config.access_log)
-        self._retire(changes)
-        self._begin_drains(draining, old)
-        self._sync_backend_up(snap)
+        self.servers.retire(changes)
+        self.servers.begin_drains(draining, old)
+        self.servers.sync(snap)
         if self.role.check:
             self.checker.apply(snap)
             self.discovery.apply(config, self.discovered)
@@ -309,159 +306,6 @@ class Proxy:
         r.last_timestamp = time.time()
         self.last_reload = (r.last_timestamp, ok, message)
 
-    def _retire(self, changes: Changes) -> None:
-        """Removed servers: idle pooled connections go now; series go with the last connection."""
-        for s in changes.removed_servers:
-            s.pool.close()
-        self._forget_idle_removed()
-
-    def _begin_drains(self, servers: list[ServerState], old: Snapshot) -> None:
-        """``servers`` just began draining: idle pooled connections go now (busy ones after
-        their response), and with a drain_timeout their tunnels are closed over it. The
-        group's settings in force decide (the old snapshot's, if the group itself left)."""
-        current = self.holder.current
-        for s in servers:
-            s.pool.close()
-            group = current.groups.get(s.group) or old.groups.get(s.group)
-            if group is not None:
-                cfg = group.config
-                self.drainer.start(s, cfg.drain_timeout, cfg.drain_close_code)
-        self.drainer.prune()
-
-    def set_server_state(
-        self, sid: str, admin_state: str | None = None, weight: int | None = None
-    ) -> ServerState:
-        """The runtime API: override a server's admin state and/or weight (kept across
-        reloads while the server stays in the config). Raises KeyError for an unknown id."""
-        server, began = self.state.set_override(sid, admin_state, weight)
-        log.info(
-            "server %s: admin_state %s, weight %d%s",
-            sid,
-            server.admin_state,
-            server.weight,
-            " (draining)" if server.draining else "",
-        )
-        snap = self.holder.current
-        self._begin_drains([server] if began else [], snap)
-        self._sync_backend_up(snap)
-        if self.on_override is not None:
-            self.on_override(sid, admin_state, weight)
-        return server
-
-    def removed_servers(self) -> list[ServerState]:
-        """Servers a reload removed whose last connections are still open (draining)."""
-        return list(self.state.retired.values())
-
-    def overrides(self) -> dict[str, dict[str, object]]:
-        """The runtime overrides in force, for workers and /status (id -> what was set)."""
-        return {
-            sid: {"admin_state": o.admin_state, "weight": o.weight}
-            for sid, o in self.state.overrides.items()
-        }
-
-    def _forget_idle_removed(self) -> None:
-        retired = self.state.retired
-        for sid, s in list(retired.items()):
-            if s.active <= 0 and s.stats.idle:
-                del retired[sid]
-                # Requests in flight at the reload pooled their connections on finishing.
-                s.pool.close()
-                if sid not in self.state.servers:
-                    self.registry.forget_server(sid)
-
-    def _transition(self, server: ServerState, t: Transition) -> None:
-        level = logging.INFO if t.new.value == "up" else logging.WARNING
-        if not self.role.check:
-            # A worker's own mark after a passive failure: the supervisor logs the transition.
-            level = logging.DEBUG
-        log.log(
-            level,
-            "server %s is %s (was %s): %s",
-            server.id,
-            t.new.value.upper(),
-            t.old.value,
-            t.reason,
-        )
-        if server.id in self.state.servers:
-            self.registry.backend_up[server.id] = (
-                server.group,
-                server.label,
-                1 if server.health.available else 0,
-            )
-            self.registry.backend_state[server.id] = (
-                server.group,
-                server.label,
-                server.state_name,
-            )
-        if self.on_health_change is not None:
-            self.on_health_change()
-
-    def set_health(self, states: dict[str, str]) -> None:
-        """A worker takes the supervisor's view of every server's health (id -> state)."""
-        for sid, value in states.items():
-            server = self.state.servers.get(sid)
-            if server is not None:
-                server.health.state = State(value)
-        self._sync_backend_up(self.holder.current)
-
-    @staticmethod
-    def _take_health(snap: Snapshot, states: dict[str, str]) -> None:
-        for g in snap.groups.values():
-            for s in g.servers:
-                value = states.get(s.id)
-                if value is not None:
-                    s.health.state = State(value)
-
-    @staticmethod
-    def _to_warm(old: Snapshot | None, snap: Snapshot) -> list[tuple[ServerState, HealthCheck]]:
-        """What must be checked before ``snap`` goes live: in every checked group, the servers
-        new to it, or all of them when its checks were off (or the group is new).
-
-        A group whose checks were off gets a fresh health record for each server: what
-        passive failures left there while nothing checked is no reason to wait for
-        healthy_threshold now (the warm-up check decides, as for a new server)."""
-        out: list[tuple[ServerState, HealthCheck]] = []
-        for name, g in snap.groups.items():
-            if not g.checks:
-                continue
-            before = old.groups.get(name) if old is not None else None
-            known = before.by_id if before is not None and before.checks else None
-            for s in g.servers:
-                if known is None and s.health.state is not State.UNKNOWN:
-                    s.health = ServerHealth()
-                if known is None or s.id not in known:
-                    out.append((s, g.config.health_check))
-        return out
-
-    def health_map(self) -> dict[str, str]:
-        return {sid: s.health.state.value for sid, s in self.state.servers.items()}
-
-    def _sync_backend_up(self, snap: Snapshot) -> None:
-        up = self.registry.backend_up
-        states = self.registry.backend_state
-        for g in snap.groups.values():
-            for s in g.servers:
-                ok = s.health.available if g.checks else True
-                up[s.id] = (s.group, s.label, 1 if ok else 0)
-                states[s.id] = (
-                    s.group,
-                    s.label,
-                    "up" if not g.checks and not s.draining else s.state_name,
-                )
-        for sid in list(up):
-            if sid not in self.state.servers:
-                del up[sid]
-        for sid in list(states):
-            if sid not in self.state.servers:
-                gone = self.state.retired.get(sid)
-                if gone is None:
-                    del states[sid]
-                else:  # removed, its tunnels still open
-                    states[sid] = (gone.group, gone.label, "draining")
-        self.registry.discovered = {
-            s.id for g in snap.groups.values() for s in g.servers if s.discovered
-        }
-
     async def _sweep(self) -> None:
         """Close expired idle upstream connections; forget drained removed servers."""
         while True:
@@ -476,7 +320,7 @@ class Proxy:
                     # Lookups already ignore expired pins; this returns their memory.
                     g.pins.sids.expire(now)
                     g.pins.cookies.expire(now)
-            self._forget_idle_removed()
+            self.servers.forget_idle_removed()
 
     # ------------------------------------------------------------------ shutdown
     def connections(self) -> list[ClientConnection | Tunnel]:
@@ -504,7 +348,7 @@ class Proxy:
         # rare, and a 50 ms granularity is far below any timeout a user sets.
         while self.connections() and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        self.drainer.close()
+        self.servers.close()
         left = self.connections()
         if left:
             log.info("shutdown: closing %d connections still open", len(left))
@@ -524,7 +368,7 @@ class Proxy:
         await self.stop_background()
 
     async def stop_background(self) -> None:
-        self.drainer.close()
+        self.servers.close()
         self.ctx.edges.close()  # the bandwidth shapers' timers
         if self._sweeper is not None:
             self._sweeper.cancel()

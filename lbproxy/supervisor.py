@@ -70,8 +70,8 @@ class Supervisor:
         self.proxy = Proxy(config, path, Role(serve=False, check=True))
         self.proxy.config_raw = raw
         self.proxy.on_applied = self._config_applied
-        self.proxy.on_health_change = self._broadcast_health
-        self.proxy.on_override = self._broadcast_override
+        self.proxy.servers.on_health_change = self._broadcast_health
+        self.proxy.servers.on_override = self._broadcast_override
         self.proxy.on_discovered = self._discovered
         self.workers = [WorkerHandle(i) for i in range(workers)]
         self._ids = itertools.count()
@@ -130,8 +130,8 @@ class Supervisor:
             "discovered": encode(self.proxy.discovered),
         }
         if with_health:
-            msg["health"] = self.proxy.health_map()
-            msg["overrides"] = self.proxy.overrides()  # a (re)started worker needs them too
+            msg["health"] = self.proxy.servers.health_map()
+            msg["overrides"] = self.proxy.servers.overrides()  # a (re)started worker needs them too
         return msg
 
     async def _read(self, w: WorkerHandle) -> None:
@@ -150,7 +150,7 @@ class Supervisor:
             if op == "ready":
                 w.ready.set()
                 # Health may have changed between the spawn and now.
-                w.send({"op": "health", "states": self.proxy.health_map()})
+                w.send({"op": "health", "states": self.proxy.servers.health_map()})
             elif op == "stats":
                 fut = w.waiters.pop(msg.get("id"), None)
                 if fut is not None and not fut.done():
@@ -197,7 +197,7 @@ class Supervisor:
             self.proxy.ctx.report_health.passive_failure(server, reason)
 
     def _broadcast_health(self) -> None:
-        msg = {"op": "health", "states": self.proxy.health_map()}
+        msg = {"op": "health", "states": self.proxy.servers.health_map()}
         for w in self.workers:
             if w.ready.is_set():
                 w.send(msg)

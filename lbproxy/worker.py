@@ -102,10 +102,10 @@ async def serve() -> int:
     proxy.ctx.report_health.report = report  # type: ignore[attr-defined]
     # Before binding: a connection accepted on the first listener while the next one binds
     # must not find every server still "unknown" (a 503).
-    proxy.set_health(first.get("health", {}))
+    proxy.servers.set_health(first.get("health", {}))
     for sid, o in first.get("overrides", {}).items():
         if sid in proxy.state.servers:
-            proxy.set_server_state(sid, o.get("admin_state"), o.get("weight"))
+            proxy.servers.set_server_state(sid, o.get("admin_state"), o.get("weight"))
     try:
         await proxy.start()
     except BindError as exc:
@@ -138,10 +138,10 @@ async def serve() -> int:
                 return
             op = msg.get("op")
             if op == "health":
-                proxy.set_health(msg["states"])
+                proxy.servers.set_health(msg["states"])
             elif op == "override":
                 if msg["server"] in proxy.state.servers:
-                    proxy.set_server_state(msg["server"], msg["admin_state"], msg["weight"])
+                    proxy.servers.set_server_state(msg["server"], msg["admin_state"], msg["weight"])
             elif op == "stats":
                 active = {sid: s.active for sid, s in proxy.state.servers.items()}
                 data = dump_registry(proxy.registry)
