@@ -159,29 +159,14 @@ class Acl:
 
     mode: str  # "allow" or "deny"
     cidrs: tuple[IPNetwork, ...]
-    # (version, shift, network numbers): one set lookup per distinct prefix length.
-    _index: tuple[tuple[int, int, frozenset[int]], ...] = field(
-        init=False, compare=False, repr=False
-    )
+    _set: Cidrs = field(init=False, compare=False, repr=False)  # the lookup, built once
 
     def __post_init__(self) -> None:
-        by_len: dict[tuple[int, int], set[int]] = {}
-        for net in self.cidrs:
-            shift = net.max_prefixlen - net.prefixlen
-            by_len.setdefault((net.version, shift), set()).add(int(net.network_address) >> shift)
-        index = tuple((v, shift, frozenset(nums)) for (v, shift), nums in by_len.items())
-        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_set", Cidrs(self.cidrs))
 
     def matches(self, ip: str) -> bool:
         """Whether ``ip`` (a peer address as the socket reports it) is in ``cidrs``."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        version, number = addr.version, int(addr)
-        return any(v == version and number >> s in nums for v, s, nums in self._index)
+        return self._set.matches(ip)
 
     def allows(self, ip: str) -> bool:
         return self.matches(ip) == (self.mode == "allow")
