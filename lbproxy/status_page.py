@@ -27,6 +27,7 @@ th{background:#eee} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.up td.state{background:#2e7d32;color:#fff;font-weight:bold}
 tr.down td.state{background:#c62828;color:#fff;font-weight:bold}
 tr.unknown td.state{background:#f9a825;color:#000;font-weight:bold}
+tr.draining td.state{background:#1565c0;color:#fff;font-weight:bold}
 tr.down td{background:#fdecea} tr.unknown td{background:#fff8e1}
 td.state{text-align:center}
 td.rate{color:#1565c0}
@@ -127,10 +128,15 @@ def render_status_page(st: dict[str, Any]) -> str:
             check = s["last_check"] if s["checked"] else "checks disabled"
             why = s["last_change_reason"] if s["state"] != "up" else None
             rate = _rate(f"s/{s['id']}/req", s["requests_total"])
+            shown = "draining" if s["draining"] else s["state"]
+            weight = str(s["weight"])
+            if s["override"] is not None:  # the runtime API's values, and the file's
+                weight += f" (override; file: {s['config_weight']})"
             add(
-                f"<tr class='server {_e(s['state'])}' data-server='{_e(s['address'])}'>"
-                f"<td>{_e(s['address'])}</td><td class=state>{_e(s['state']).upper()}</td>"
-                f"<td class=num>{_e(s['weight'])}</td>"
+                f"<tr class='server {_e(shown)}' data-server='{_e(s['address'])}'>"
+                f"<td>{_e(s['address'])}{' (dns)' if s.get('discovered') else ''}</td>"
+                f"<td class=state>{_e(shown).upper()}</td>"
+                f"<td class=num>{_e(weight)}</td>"
                 f"<td title='{_e(why or check)}'>{_e(check)}</td>"
                 f"<td class=num>{_ms(s['last_check_latency'])}</td>"
                 f"<td class=num>{_e(s['active_connections'])}</td>"

@@ -133,16 +133,19 @@ def backend_app(name: str) -> web.Application:
 
 
 class Backend:
-    """A real aiohttp server on 127.0.0.1; ``stop``/``start`` keep the same port."""
+    """A real aiohttp server on ``host`` (127.0.0.1 unless told: any 127.0.0.0/8 address, or
+    ::1); ``stop``/``start`` keep the same port."""
 
-    def __init__(self, app: web.Application, port: int = 0) -> None:
+    def __init__(self, app: web.Application, port: int = 0, host: str = "127.0.0.1") -> None:
         self.app = app
         self.port = port
+        self.host = host
         self.runner: web.AppRunner | None = None
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     @property
     def name(self) -> str:
@@ -155,7 +158,7 @@ class Backend:
     async def start(self) -> Backend:
         self.runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=0.1)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
+        site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
         await site.start()
         server: Any = site._server
         self.port = server.sockets[0].getsockname()[1]
