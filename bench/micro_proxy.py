@@ -5,7 +5,13 @@ feeds one keep-alive request and its response through them (parse, route, pick, 
 relay, account), so the figure is the proxy's own work with no syscalls. Compare two builds
 or two checkouts by running it with each first on PYTHONPATH.
 
-Not a test. Run: .venv/bin/python bench/micro_proxy.py [--loops N]
+Measured on the 2-core project machine (shared, so minimum of 5 alternating runs), the split of
+the HTTP path into ClientConnection + Exchange (issue 13) against the single class before it:
+interpreted, wrk request 23.5 -> 24.2 us, browser request 31.0 -> 29.4 us (the lean head path
+included); with http1, headers, http_proxy, exchange, sticky and upstream compiled by mypyc,
+11.3 -> 11.5 us and 15.8 -> 14.8 us.
+
+Not a test. Run: ``.venv/bin/python -m bench.micro_proxy [--loops N]`` (from the repository root).
 """
 
 from __future__ import annotations
