@@ -75,7 +75,11 @@ def ext_modules() -> list[object]:
 
     os.chdir(ROOT)  # mypyc takes paths relative to the project and reads its mypy config
     print("lbproxy: compiling the hot modules with mypyc", file=sys.stderr)
-    return list(mypycify(compiled_sources(), opt_level="3", group_name=GROUP))
+    # --warn-unreachable: mypyc trusts mypy's narrowing, so code that mypy takes for unreachable
+    # (say `self.x is not None` after a loop on `self.x is None` whose body set it through a
+    # method) is compiled as unreachable: the build refuses it rather than miscompile it.
+    mypy_args = ["--warn-unreachable"]
+    return list(mypycify([*mypy_args, *compiled_sources()], opt_level="3", group_name=GROUP))
 
 
 if __name__ == "__main__":  # setuptools runs it so; tests import it for INTERPRETED
