@@ -19,7 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import setup  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE = ROOT / "lbproxy"
