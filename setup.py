@@ -50,7 +50,7 @@ def why_pure() -> str | None:
     """None when the compiled build can be made, else why not."""
     if os.environ.get("LBPROXY_PURE", "") not in ("", "0"):
         return "LBPROXY_PURE is set"
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         return f"no C compiler ({cc}) found"
     include = sysconfig.get_paths()["include"]

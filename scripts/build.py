@@ -81,7 +81,7 @@ def has_build_requirements() -> bool:
         importlib.metadata.version("mypy")
     except importlib.metadata.PackageNotFoundError:
         return False
-    return int(setuptools.split(".")[0]) >= 68
+    return int(setuptools.split(".")[0]) >= 77
 
 
 class BuildFailed(Exception):
@@ -102,6 +102,8 @@ def build(kind: str, extra: str | None, reason: str, quiet: bool) -> str:
         if has_build_requirements():
             cmd.insert(4, "--no-build-isolation")  # saves pip a minute setting up its own
     env = dict(os.environ, LBPROXY_PURE="1" if kind == "pure" else "0")
+    # setuptools' warning that an editable install is one: this is what is wanted here
+    env["PYTHONWARNINGS"] = "ignore:Editable installation:UserWarning"
     if not quiet:
         print(f"==> building lbproxy ({kind}): {reason}", file=sys.stderr, flush=True)
     started = time.monotonic()

@@ -52,6 +52,20 @@ def test_compiled_build_compiles_every_module_but_the_cold_ones():
     assert not lbproxy.http_proxy.__file__.endswith(".py")
 
 
+def test_the_pure_build_is_made_when_asked_or_when_nothing_can_compile(monkeypatch, tmp_path):
+    setup = load(REPO / "setup.py", "lbproxy_setup")
+    monkeypatch.delenv("LBPROXY_PURE", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    assert setup.why_pure() is None  # scripts/test installed gcc and the Python headers
+    monkeypatch.setenv("LBPROXY_PURE", "0")
+    assert setup.why_pure() is None
+    monkeypatch.setenv("LBPROXY_PURE", "1")
+    assert setup.why_pure() == "LBPROXY_PURE is set"
+    monkeypatch.delenv("LBPROXY_PURE")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc") + " -pthread")
+    assert setup.why_pure() == f"no C compiler ({tmp_path / 'no-such-cc'}) found"
+
+
 @pytest.fixture
 def build_script() -> ModuleType:
     return load(REPO / "scripts" / "build.py", "lbproxy_build_script")
