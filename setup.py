@@ -7,8 +7,8 @@ added later is compiled by default. All compiled modules share one C extension
 
 The pure-Python build (the same sources, interpreted) is made instead when ``LBPROXY_PURE=1``
 is set, or when no C compiler or no Python headers are found (``gcc`` and ``python3-dev`` on
-Debian). A pure build also removes compiled modules an earlier in-place build left next to the
-sources, since those would shadow them.
+Debian). A pure build in place (an editable install) also removes the compiled modules an
+earlier one left next to the sources, since those would shadow them.
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def why_pure() -> str | None:
     return None
 
 
+def building_in_place() -> bool:
+    """An editable install (or ``build_ext --inplace``): the build lands next to the sources."""
+    return "editable_wheel" in sys.argv or bool({"--inplace", "-i"} & set(sys.argv))
+
+
 def remove_inplace_builds() -> None:
     for p in PACKAGE.iterdir():
         if p.suffix in (".so", ".pyd"):
@@ -66,10 +71,13 @@ def remove_inplace_builds() -> None:
 
 
 def ext_modules() -> list[object]:
+    if sys.argv[1:2] in (["egg_info"], ["dist_info"], ["sdist"]):
+        return []  # pip asks for metadata first: no need to run mypyc for it (about 30 s)
     reason = why_pure()
     if reason is not None:
         print(f"lbproxy: building the pure-Python build ({reason})", file=sys.stderr)
-        remove_inplace_builds()
+        if building_in_place():
+            remove_inplace_builds()
         return []
     from mypyc.build import mypycify
 

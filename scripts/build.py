@@ -70,6 +70,8 @@ def due(kind: str, root: Path = ROOT) -> str | None:
         return f"the {stamp.get('wanted')} build is installed, the {kind} one is wanted"
     if stamp.get("fingerprint") != fingerprint(root):
         return "the sources changed since the last build"
+    if stamp.get("built") == "compiled" and not compiled_files(root):
+        return "the compiled modules are gone"
     return None
 
 

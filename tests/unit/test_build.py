@@ -100,6 +100,9 @@ def test_an_edit_of_any_source_makes_the_compiled_build_due(tmp_path, build_scri
         assert build_script.due("compiled", tmp_path) is None
     (tmp_path / "lbproxy" / "exchange.py").write_text("")  # a new module is compiled too
     assert build_script.due("compiled", tmp_path) is not None
+    (tmp_path / "lbproxy" / "exchange.py").unlink()
+    (tmp_path / "lbproxy" / "http1.cpython-311-x86_64-linux-gnu.so").unlink()
+    assert build_script.due("compiled", tmp_path) == "the compiled modules are gone"
 
 
 def test_switching_between_the_builds_rebuilds(tmp_path, build_script):
