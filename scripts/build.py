@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,45 +75,46 @@ def due(kind: str, root: Path = ROOT) -> str | None:
     return None
 
 
-def has_build_requirements() -> bool:
-    """Whether this venv holds what pyproject.toml's [build-system] requires (the test extra
-    brings them), so that a rebuild needs no isolated build environment."""
-    try:
-        setuptools = importlib.metadata.version("setuptools")
-        importlib.metadata.version("mypy")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return int(setuptools.split(".")[0]) >= 77
-
-
 class BuildFailed(Exception):
     pass
 
 
-def build(kind: str, extra: str | None, reason: str, quiet: bool) -> str:
-    """(Re)install lbproxy editable, which builds it in place; record and say what was built.
-
-    ``quiet`` (under pytest, which would swallow it anyway): pip's output is kept, and shown
-    only in the BuildFailed a failure raises.
-    """
-    before = fingerprint()  # an edit made during the build leaves the stamp stale: rebuilt next
-    target = f"{ROOT}[{extra}]" if extra else str(ROOT)
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "-e", target]
-    if extra is None:
-        cmd.insert(4, "--no-deps")
-        if has_build_requirements():
-            cmd.insert(4, "--no-build-isolation")  # saves pip a minute setting up its own
+def pip(args: list[str], kind: str, quiet: bool) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "-q", *args]
     env = dict(os.environ, LBPROXY_PURE="1" if kind == "pure" else "0")
     # setuptools' warning that an editable install is one: this is what is wanted here
     env["PYTHONWARNINGS"] = "ignore:Editable installation:UserWarning"
-    if not quiet:
-        print(f"==> building lbproxy ({kind}): {reason}", file=sys.stderr, flush=True)
-    started = time.monotonic()
-    STAMP.unlink(missing_ok=True)  # a failed build must not look current
     done = subprocess.run(cmd, env=env, capture_output=quiet, text=True)
     if done.returncode != 0:
         output = (done.stdout or "") + (done.stderr or "")
         raise BuildFailed(f"building lbproxy ({kind}) failed: {' '.join(cmd)}\n{output[-6000:]}")
+
+
+def build_requirements() -> list[str]:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return list(tomllib.load(f)["build-system"]["requires"])
+
+
+def install(extra: str, quiet: bool) -> None:
+    """The venv gets the build's requirements and ``extra``'s packages, lbproxy editable (pure,
+    quickly: the compiled build comes next, once everything it type-checks against is here)."""
+    pip(build_requirements(), "pure", quiet)
+    pip(["--no-build-isolation", "-e", f"{ROOT}[{extra}]"], "pure", quiet)
+
+
+def build(kind: str, reason: str, quiet: bool) -> str:
+    """Reinstall lbproxy editable, which builds it in place; record and say what was built.
+
+    Without build isolation: mypyc type-checks lbproxy against the packages of this venv, as
+    mypy does, and pip needs no minute to set up an environment of its own. ``quiet`` (under
+    pytest, which would swallow it anyway): pip's output is shown only if the build fails.
+    """
+    before = fingerprint()  # an edit made during the build leaves the stamp stale: rebuilt next
+    if not quiet:
+        print(f"==> building lbproxy ({kind}): {reason}", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    STAMP.unlink(missing_ok=True)  # a failed build must not look current
+    pip(["--no-build-isolation", "--no-deps", "-e", str(ROOT)], kind, quiet)
     built = "compiled" if compiled_files() else "pure"
     STAMP.write_text(json.dumps({"wanted": kind, "built": built, "fingerprint": before}) + "\n")
     summary = f"built lbproxy ({built}) in {time.monotonic() - started:.0f} s: {reason}"
@@ -131,19 +132,15 @@ def ensure(kind: str, extra: str | None = None, quiet: bool = False) -> str | No
     """
     with open(ROOT / "lbproxy" / ".build-lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs starting at once build only once
-        deps = VENV / f".installed-{extra}" if extra else None
-        deps_due = deps is not None and (
-            not deps.exists() or (ROOT / "pyproject.toml").stat().st_mtime > deps.stat().st_mtime
-        )
+        if extra is not None:
+            deps = VENV / f".installed-{extra}"
+            pyproject = (ROOT / "pyproject.toml").stat().st_mtime
+            if not deps.exists() or pyproject > deps.stat().st_mtime:
+                install(extra, quiet)
+                deps.touch()
+                STAMP.unlink(missing_ok=True)  # that install was the pure build
         reason = due(kind)
-        if deps_due:
-            summary = build(kind, extra, reason or f"installing [{extra}]", quiet)
-            assert deps is not None
-            deps.touch()
-            return summary
-        if reason is not None:
-            return build(kind, None, reason, quiet)
-        return None
+        return None if reason is None else build(kind, reason, quiet)
 
 
 def pure_tree(dest: Path) -> None:
