@@ -32,6 +32,9 @@ INTERPRETED = frozenset(
         "checker",
         "cli",
         "config",
+        "discovery",  # DNS lookups on a timer (main's service discovery: dnsstate, drain too)
+        "dnsstate",
+        "drain",
         "reload",
         "status_page",
         "supervisor",
