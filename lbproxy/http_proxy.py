@@ -606,7 +606,7 @@ class ClientConnection(asyncio.Protocol):
             if self.sid_hunt and self._sid_hunt(resp):
                 return
             self._response_head(resp)
-            if buf and self.phase == _ACTIVE and self.resp is not None:
+            if buf and self._responding():
                 rest = bytes(buf)
                 buf.clear()
                 self._response_body(rest)
@@ -614,6 +614,12 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(self.head_out)  # the body comes in a later read
                 self.head_out = None
             return
+
+    def _responding(self) -> bool:
+        # A method, not the expression inline in _read_response_head, where mypy still takes
+        # self.resp for None (the loop's condition) after _response_head set it: compiled with
+        # mypyc, that test would be compiled as always false.
+        return self.phase == _ACTIVE and self.resp is not None
 
     def _sid_hunt(self, resp: ResponseHead) -> bool:
         """An unknown sid: a 400 means "not my session", so try the next server (True);
