@@ -45,6 +45,7 @@ from bench import procfs
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("direct", "lbproxy", "nginx", "haproxy")  # the default run
+LBPROXY = [sys.executable, "-m", "lbproxy"]
 EXTRA = ("uvtunnel",)  # on request: bench.uvtunnel, the cheapest uvloop tunnel (WS only)
 Value = float | None
 
@@ -157,8 +158,6 @@ def machine() -> dict[str, str]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    from lbproxy import __version__ as lbproxy_version
-
     uvloop_version = importlib.metadata.version("uvloop")
 
     return {
@@ -166,7 +165,8 @@ def machine() -> dict[str, str]:
         "cpu": f"{model}, {os.cpu_count()} cores",
         "kernel": f"Linux {platform.release()}",
         "python": f"Python {platform.python_version()}, uvloop {uvloop_version}",
-        "lbproxy": f"lbproxy {lbproxy_version}",
+        # the build measured, compiled or pure: asked of the very command the runs start
+        "lbproxy": _version([*LBPROXY, "--version"]),
         "nginx": _version(["nginx", "-v"]) if shutil.which("nginx") else "not installed",
         "haproxy": _version(["haproxy", "-v"]) if shutil.which("haproxy") else "not installed",
         "wrk": _version(["wrk", "--version"]) if shutil.which("wrk") else "not installed",
@@ -436,7 +436,7 @@ access_log:
     def command(self) -> list[str]:
         path = self.tmp / "lbproxy.yaml"
         path.write_text(self.config())
-        return [sys.executable, "-m", "lbproxy", "--config", str(path), "--log-level", "warning"]
+        return [*LBPROXY, "--config", str(path), "--log-level", "warning"]
 
 
 class Nginx(Target):

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__
+from . import __version__, buildinfo
 from .config import Address
 from .metrics import Collector, Registry, merge_registries
 from .snapshot import ADMIN_STATES, ServerState
@@ -137,6 +137,7 @@ def status(
     when, ok, message = proxy.last_reload
     return {
         "version": __version__,
+        "build": buildinfo.kind(),
         "pid": _pid(),
         "config": {"path": proxy.config_path, "sha256": cfg.digest or None},
         "last_reload": {"time": when, "success": ok, "message": message},

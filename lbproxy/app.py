@@ -151,6 +151,11 @@ class Proxy:
     def snapshot(self) -> Snapshot:
         return self.holder.current
 
+    def closing(self) -> bool:
+        # A method, not the attribute, after an await: mypy narrows ``self._closing`` to
+        # False from an earlier check, and mypyc would compile the test away.
+        return self._closing
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Bind (a bind error fails at once), warm every checked server (each bounded by its
@@ -240,7 +245,7 @@ class Proxy:
         if self.role.check:
             # After the binds (a bind error fails fast), before the swap.
             await self.checker.warm(self.servers.to_warm(old, snap))
-        if self._closing:  # close() ran during the warm-up
+        if self.closing():  # close() ran during the warm-up
             self._discard(changes)
             if opening is not None:
                 self.listeners.cancel(opening)

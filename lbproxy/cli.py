@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
-from . import __version__
+from . import __version__, buildinfo
 from .config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the listeners (SO_REUSEPORT), or 'auto' for one per "
         "core; with more than one, a supervisor runs health checks and admin (default: 1)",
     )
-    p.add_argument("--version", action="version", version=f"lbproxy {__version__}")
+    p.add_argument(
+        "--version", action="version", version=f"lbproxy {__version__} ({buildinfo.kind()})"
+    )
     return p
 
 

@@ -90,8 +90,10 @@ class Lookups:
 
     async def _ips(self, name: str, timeout: float) -> tuple[str, list[str], float | None, str]:
         """A and AAAA of ``name`` together: any failure of either fails the whole."""
+        # gather(*list), not gather(a, b): typed as a tuple, the latter returns a list, which
+        # compiled code would refuse.
         results = await asyncio.gather(
-            self._query(name, "A", timeout), self._query(name, "AAAA", timeout)
+            *[self._query(name, "A", timeout), self._query(name, "AAAA", timeout)]
         )
         for bad in ("timeout", "error"):
             for result, _, detail in results:

@@ -536,7 +536,11 @@ def _copy(value: object) -> object:
 
 
 def _fields(obj: object) -> list[str]:
-    return [f for f in type(obj).__slots__ if f not in _LOCAL]  # type: ignore[attr-defined]
+    # Compiled with mypyc a class has no __slots__ at run time; it lists its attributes in
+    # __mypyc_attrs__ instead (what mypyc's own pickling support reads).
+    cls = type(obj)
+    names: tuple[str, ...] = getattr(cls, "__slots__", None) or cls.__mypyc_attrs__  # type: ignore[attr-defined]
+    return [f for f in names if f not in _LOCAL]
 
 
 def dump_registry(reg: Registry) -> dict[str, object]:

@@ -20,7 +20,7 @@ REFRESH_SECONDS = 2
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.1em;margin:1.4em 0 .4em}
-.meta{color:#666;font-size:.9em}
+.meta{color:#666;font-size:.9em} h1 .build{font-size:.7em;font-weight:normal;color:#666}
 table{border-collapse:collapse;min-width:60%;background:#fff}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#eee} td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -78,7 +78,7 @@ def render_status_page(st: dict[str, Any]) -> str:
     add("<title>lbproxy status</title>")
     add(f"<style>{_CSS}</style></head>")
     add(f"<body data-time='{_e(st['time'])}' data-pid='{_e(st['pid'])}'>")
-    add(f"<h1>lbproxy {_e(st['version'])}</h1>")
+    add(f"<h1>lbproxy {_e(st['version'])} <small class=build>{_e(st['build'])}</small></h1>")
     rl = st["last_reload"]
     reload_text = "ok" if rl["success"] else '<span class="bad">FAILED</span>'
     cfg = st["config"]

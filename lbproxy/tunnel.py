@@ -449,7 +449,7 @@ class Tunnel:
                 tokens = self.tokens + (now - self.stamp) * rate
                 self.stamp = now
                 if tokens > p.burst:
-                    tokens = p.burst
+                    tokens = float(p.burst)
                 if tokens < 1:
                     self.tokens = tokens
                     return POLICY_VIOLATION

@@ -19,6 +19,12 @@ ensure_apt() {
         command -v "$bin" >/dev/null 2>&1 || missing+=("$pkg")
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
+    apt_install "${missing[@]}"
+}
+
+# apt_install PACKAGE ...  — install Debian packages (as root, or through sudo).
+apt_install() {
+    local missing=("$@")
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then
         if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
@@ -39,7 +45,18 @@ ensure_apt() {
         "${missing[@]}" >/dev/null
 }
 
-# ensure_venv EXTRA  — .venv with lbproxy installed (editable) plus the named extra.
+# ensure_build_tools  — what compiling the hot modules needs: a C compiler and the headers of
+# the Python that runs lbproxy. Without them setup.py falls back to the pure-Python build.
+ensure_build_tools() {
+    local py="${PYTHON:-python3}"
+    ensure_apt gcc:gcc || return 0
+    "$py" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || apt_install python3-dev || true
+}
+
+# ensure_venv EXTRA  — .venv with lbproxy installed (editable) plus the named extra, and the
+# in-place build current (scripts/build.py: compiled, or pure with LBPROXY_PURE=1).
 ensure_venv() {
     local extra="$1"
     local py="${PYTHON:-python3}"
@@ -49,17 +66,15 @@ ensure_venv() {
     fi
     if [ ! -x "$VENV/bin/python" ]; then
         if ! "$py" -m venv "$VENV" 2>/dev/null; then
-            ensure_apt "false:python3-venv"
+            apt_install python3-venv
             "$py" -m venv "$VENV"
         fi
     fi
-    local stamp="$VENV/.installed-$extra"
-    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    if [ ! -f "$VENV/.installed-$extra" ] || [ "$ROOT/pyproject.toml" -nt "$VENV/.installed-$extra" ]; then
         say "installing Python packages into .venv ($extra)"
         "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install -q -e "$ROOT[$extra]"
-        touch "$stamp"
     fi
+    "$VENV/bin/python" "$ROOT/scripts/build.py" --extra "$extra"
 }
 
 # ensure_venv27  — .venv27: a Python 2.7 virtualenv with Autobahn|Testsuite's wstest, which

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,12 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def expected_build() -> str:
+    """What ``buildinfo.kind()`` must say in this run: scripts/test (or conftest.py, from what
+    scripts/build.py built) sets LBPROXY_EXPECT_BUILD to ``compiled`` or ``pure``."""
+    return {"compiled": "compiled (mypyc)", "pure": "pure"}[os.environ["LBPROXY_EXPECT_BUILD"]]
 
 
 def free_port() -> int:
