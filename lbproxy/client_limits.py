@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 MAX_KEY = 64  # longest X-Forwarded-For entry used as a key (an IPv6 address is at most 45)
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class Cidrs:
     X-Forwarded-For hop of every request (inet_pton, not ipaddress: ~1 us against ~7 us).
     IPv4-mapped IPv6 addresses count as IPv4."""
 
-    cidrs: tuple[Network, ...]
+    cidrs: tuple[IPNetwork, ...]
     # (family, shift, network numbers): one set lookup per distinct prefix length
     _index: tuple[tuple[int, int, frozenset[int]], ...] = field(
         init=False, compare=False, repr=False
@@ -52,9 +52,9 @@ class Cidrs:
         index = tuple((v, shift, frozenset(nums)) for (v, shift), nums in by_len.items())
         object.__setattr__(self, "_index", index)
 
-    def __reduce__(self) -> tuple[type[Cidrs], tuple[tuple[Network, ...]]]:
-        # Copied (or pickled) as its CIDRs, the index rebuilt: compiled with mypyc, the
-        # default state-setting path would assign the frozen fields one by one, and fail.
+    def __reduce__(self) -> tuple[type[Cidrs], tuple[tuple[IPNetwork, ...]]]:
+        # Copies and pickles are rebuilt from the CIDRs: a compiled (mypyc) frozen dataclass
+        # cannot have its fields set back one by one, as copy.deepcopy would.
         return (Cidrs, (self.cidrs,))
 
     def matches(self, ip: str) -> bool:
