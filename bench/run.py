@@ -49,6 +49,7 @@ from bench import procfs
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("direct", "lbproxy", "nginx", "haproxy")  # the default run
+LBPROXY = [sys.executable, "-m", "lbproxy"]
 EXTRA = ("uvtunnel",)  # on request: bench.uvtunnel, the cheapest uvloop tunnel (WS only)
 Value = float | None
 
@@ -163,8 +164,6 @@ def machine() -> dict[str, str]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    from lbproxy import __version__ as lbproxy_version
-
     uvloop_version = importlib.metadata.version("uvloop")
 
     return {
@@ -172,7 +171,8 @@ def machine() -> dict[str, str]:
         "cpu": f"{model}, {os.cpu_count()} cores",
         "kernel": f"Linux {platform.release()}",
         "python": f"Python {platform.python_version()}, uvloop {uvloop_version}",
-        "lbproxy": f"lbproxy {lbproxy_version}",
+        # the build measured, compiled or pure: asked of the very command the runs start
+        "lbproxy": _version([*LBPROXY, "--version"]),
         "nginx": _version(["nginx", "-v"]) if shutil.which("nginx") else "not installed",
         "haproxy": _version(["haproxy", "-v"]) if shutil.which("haproxy") else "not installed",
         "wrk": _version(["wrk", "--version"]) if shutil.which("wrk") else "not installed",
@@ -468,7 +468,7 @@ access_log:
     def command(self) -> list[str]:
         path = self.tmp / "lbproxy.yaml"
         path.write_text(self.config())
-        return [sys.executable, "-m", "lbproxy", "--config", str(path), "--log-level", "warning"]
+        return [*LBPROXY, "--config", str(path), "--log-level", "warning"]
 
 
 class Nginx(Target):
@@ -564,10 +564,47 @@ frontend ws_in
         return ["haproxy", "-f", str(path), "-db"]
 
 
+class LbproxyPolicy(Lbproxy):
+    """lbproxy with WebSocket message policies on (listeners[].websocket), limits high enough
+    never to close a tunnel: the cost of checking every client frame against them."""
+
+    name = "lbproxy-policy"
+
+    def config(self) -> str:
+        policy = (
+            "    websocket:\n      max_message_size: 1MiB\n"
+            "      messages_per_second: 1000000\n      burst: 1000000\n"
+        )
+        text = super().config()
+        marker = "    server_group: ws\n"
+        return text.replace(marker, marker + policy, 1)
+
+
+class Baseline(Lbproxy):
+    """lbproxy from another checkout (``--baseline DIR``: its own ``.venv``), to measure a
+    change before and after in the same run. ``-P`` keeps this checkout's lbproxy/ (the
+    working directory) off its path."""
+
+    name = "baseline"
+    tree: Path | None = None
+
+    def available(self) -> str | None:
+        if self.tree is None or not (self.tree / ".venv" / "bin" / "python").exists():
+            return "no --baseline DIR with a .venv"
+        return None
+
+    def command(self) -> list[str]:
+        assert self.tree is not None
+        cmd = super().command()
+        return [str(self.tree / ".venv" / "bin" / "python"), "-P", *cmd[1:]]
+
+
 TARGET_CLASSES: dict[str, type[Target]] = {
     "direct": Direct,
     "uvtunnel": UvTunnel,
     "lbproxy": Lbproxy,
+    "baseline": Baseline,
+    "lbproxy-policy": LbproxyPolicy,
     "nginx": Nginx,
     "haproxy": Haproxy,
 }
@@ -952,7 +989,11 @@ def report(
     s: Settings,
     quick: bool,
 ) -> str:
-    ratio_cols = [t for t in ("lbproxy", "haproxy") if t in cols and "nginx" in cols]
+    ratio_cols = [
+        t
+        for t in ("lbproxy", "lbproxy-policy", "baseline", "haproxy")
+        if t in cols and "nginx" in cols
+    ]
     head = ["figure", *cols, *(f"{t}/nginx" for t in ratio_cols)]
     cmd = ".venv/bin/python -m bench.run" + (" --quick" if quick else "")
     lines = [
@@ -1141,6 +1182,12 @@ def main(argv: list[str] | None = None) -> int:
         help="markdown file for the table (default: bench/RESULTS.md for a full run of every "
         "target; a --quick or partial run only prints unless --out is given)",
     )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="a checkout of another lbproxy version with its own .venv: adds the target "
+        "'baseline' (put it in --only), to measure a change before and after in one run",
+    )
     p.add_argument("--tunnels", type=int, help="idle tunnels for the memory figure (5000)")
     p.add_argument("--capacity", type=int, help="tunnels that must open at once (9000)")
     p.add_argument(
@@ -1150,6 +1197,8 @@ def main(argv: list[str] | None = None) -> int:
         "WebSocket churn, and print the top functions by self time per request/message",
     )
     args = p.parse_args(argv)
+    if args.baseline:
+        Baseline.tree = Path(args.baseline).resolve()
     only = [t.strip() for t in args.only.split(",") if t.strip()]
     phases = {x.strip() for x in args.phases.split(",") if x.strip()}
     bad = [t for t in only if t not in TARGET_CLASSES] + [x for x in phases if x not in PHASES]

@@ -172,6 +172,9 @@ class AccessLog:
         bytes_in: int,
         bytes_out: int,
         reason: str,
+        messages_in: int = 0,
+        messages_out: int = 0,
+        close_code: str = "-",
     ) -> None:
         self._emit(
             {
@@ -189,6 +192,11 @@ class AccessLog:
                 "bytes_in": bytes_in,
                 "bytes_out": bytes_out,
                 "close_reason": reason,
+                # Data messages each way, and the code of the first close frame ("-": none
+                # passed, "none": a close frame without a code); byte tunnels log 0 and "-".
+                "messages_in": messages_in,
+                "messages_out": messages_out,
+                "close_code": close_code,
             }
         )
 

@@ -1,12 +1,16 @@
-"""The admin listener: /metrics, /status, the status page, /healthz and POST /-/reload.
+"""The admin listener: /metrics, /status, the status page, /healthz, POST /-/reload and the
+runtime server API (GET /-/servers, PUT /-/servers/{group}/{host:port}).
 
 Owns the aiohttp application on ``admin.bind`` (never on a proxied listener). It only reads
-the proxy's state and asks ``Proxy.reload``; the numbers come from ``metrics``.
+the proxy's state and asks ``Proxy.reload`` / ``ServerControl.set_server_state``; the numbers come
+from ``metrics``. With ``admin.token`` set, everything that changes state or lists servers
+needs ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -14,13 +18,44 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__
+from . import __version__, buildinfo
 from .config import Address
 from .metrics import Collector, Registry, merge_registries
+from .snapshot import ADMIN_STATES, ServerState
 from .status_page import render_status_page
 
 if TYPE_CHECKING:
     from .app import Proxy
+
+MAX_WEIGHT = 100
+
+
+def server_view(
+    s: ServerState, checked: bool, reg: Registry, active: dict[str, int] | None
+) -> dict[str, Any]:
+    """One server's runtime state, as /-/servers and /status show it."""
+    st = reg.servers.get(s.id, s.stats)
+    override = None
+    o = s.override
+    if o is not None:
+        override = {
+            k: v for k, v in (("admin_state", o.admin_state), ("weight", o.weight)) if v is not None
+        }
+    return {
+        "id": s.id,
+        "group": s.group,
+        "address": s.label,
+        "discovered": s.discovered,
+        "state": s.health.state.value if checked else "up",
+        "admin_state": s.admin_state,
+        "draining": s.draining,
+        "removed": s.removed,
+        "weight": s.weight,
+        "config_weight": s.config_weight,
+        "override": override or None,
+        "active_connections": active.get(s.id, 0) if active is not None else s.active,
+        "websockets_active": sum(st.ws_active.values()),
+    }
 
 
 def status(
@@ -61,10 +96,12 @@ def status(
     groups = []
     for g in snap.groups.values():
         servers = []
-        for s in g.servers:
+        members = list(g.servers) + [
+            s for s in proxy.servers.removed_servers() if s.group == g.name
+        ]
+        for s in members:
             st = reg.servers.get(s.id, s.stats)
             h = s.health
-            state = h.state.value if g.checks else "up"
             requests = sum(
                 n
                 for ls in reg.listeners.values()
@@ -73,10 +110,7 @@ def status(
             )
             servers.append(
                 {
-                    "id": s.id,
-                    "address": s.label,
-                    "weight": s.weight,
-                    "state": state,
+                    **server_view(s, g.checks, reg, active),
                     "checked": g.checks,
                     "last_check": h.last_reason or None,
                     "last_check_latency": h.last_latency,
@@ -84,9 +118,8 @@ def status(
                         None if h.last_check_at is None else time.monotonic() - h.last_check_at
                     ),
                     "last_change_reason": getattr(h, "last_change_reason", "") or None,
-                    "active_connections": active.get(s.id, 0) if active is not None else s.active,
-                    "websockets_active": sum(st.ws_active.values()),
                     "websockets_total": sum(st.ws_total.values()),
+                    "websockets_drained": st.ws_drained,
                     "requests_total": requests,
                     "upstream_errors": dict(st.errors),
                     "health_checks": dict(st.health_checks),
@@ -97,13 +130,14 @@ def status(
                 "name": g.name,
                 "scheduler": g.config.scheduler,
                 "health_check": g.checks,
-                "servers_up": sum(1 for x in servers if x["state"] == "up"),
+                "servers_up": sum(1 for x in servers if x["state"] == "up" and not x["removed"]),
                 "servers": servers,
             }
         )
     when, ok, message = proxy.last_reload
     return {
         "version": __version__,
+        "build": buildinfo.kind(),
         "pid": _pid(),
         "config": {"path": proxy.config_path, "sha256": cfg.digest or None},
         "last_reload": {"time": when, "success": ok, "message": message},
@@ -142,6 +176,8 @@ class AdminServer:
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_post("/-/reload", self.reload)
+        self.app.router.add_get("/-/servers", self.servers)
+        self.app.router.add_put("/-/servers/{group}/{server}", self.put_server)
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
         self.address: Address | None = None
@@ -203,23 +239,98 @@ class AdminServer:
         text = render_status_page(await self._status())
         return web.Response(text=text, content_type="text/html")
 
-    async def reload(self, request: web.Request) -> web.Response:
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        """The 401 when a token is configured and the request does not carry it, else None."""
         token = self.proxy.holder.current.config.admin.token
-        if token and not _bearer_ok(request.headers.get("Authorization", ""), token):
-            return web.json_response(
-                {
-                    "result": "error",
-                    "errors": ["a valid 'Authorization: Bearer <token>' is needed"],
-                },
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="lbproxy admin"'},
-            )
+        if not token or _bearer_ok(request.headers.get("Authorization", ""), token):
+            return None
+        return web.json_response(
+            {
+                "result": "error",
+                "errors": ["a valid 'Authorization: Bearer <token>' is needed"],
+            },
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="lbproxy admin"'},
+        )
+
+    async def _active(self) -> tuple[Registry, dict[str, int] | None]:
+        if self.workers is None:
+            return self.proxy.registry, None
+        regs, active = await self.workers.gather()
+        return merge_registries([self.proxy.registry, *regs]), active
+
+    async def servers(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        reg, active = await self._active()
+        out: list[dict[str, Any]] = []
+        for g in self.proxy.holder.current.groups.values():
+            out.extend(server_view(s, g.checks, reg, active) for s in g.servers)
+        return web.json_response(out)
+
+    async def put_server(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        group, address = request.match_info["group"], request.match_info["server"]
+        g = self.proxy.holder.current.groups.get(group)
+        if g is None:
+            return _error(404, f"no server group {group!r}")
+        sid = f"{group}/{address}"
+        if sid not in g.by_id:
+            return _error(404, f"no server {address!r} in group {group!r}")
+        try:
+            body = json.loads(await request.read() or b"null")
+        except ValueError as exc:
+            return _error(400, f"the body is not JSON: {exc}")
+        problems, admin_state, weight = _server_change(body)
+        if problems:
+            return _error(400, *problems)
+        server = self.proxy.servers.set_server_state(sid, admin_state, weight)
+        reg, active = await self._active()
+        return web.json_response(server_view(server, g.checks, reg, active))
+
+    async def reload(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
         result = await self.proxy.reload("admin")
         if result.ok:
             return web.json_response(
                 {"result": "ok", "changed": result.changed, "summary": result.message}
             )
         return web.json_response({"result": "error", "errors": list(result.problems)}, status=400)
+
+
+def _error(status: int, *errors: str) -> web.Response:
+    return web.json_response({"result": "error", "errors": list(errors)}, status=status)
+
+
+def _server_change(body: object) -> tuple[list[str], str | None, int | None]:
+    """Validate a PUT /-/servers body: (problems, admin_state, weight)."""
+    if not isinstance(body, dict) or not body:
+        return (
+            ['expected a JSON object with "admin_state" ("ready" or "drain") and/or "weight"'],
+            None,
+            None,
+        )
+    problems = [
+        f"unknown key {k!r} (expected admin_state, weight)"
+        for k in body
+        if k not in ("admin_state", "weight")
+    ]
+    admin_state = body.get("admin_state")
+    if admin_state is not None and admin_state not in ADMIN_STATES:
+        problems.append(f'admin_state: expected "ready" or "drain", got {json.dumps(admin_state)}')
+    weight = body.get("weight")
+    if weight is not None and (
+        isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT
+    ):
+        problems.append(f"weight: expected an integer 0..{MAX_WEIGHT}, got {json.dumps(weight)}")
+    if ("admin_state" in body and admin_state is None) or ("weight" in body and weight is None):
+        problems.append("null is not a value: leave the key out to keep what is set")
+    return problems, admin_state, weight
 
 
 def _bearer_ok(header: str, token: str) -> bool:

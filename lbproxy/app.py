@@ -1,9 +1,18 @@
 """The running proxy: wires the pure core to the I/O owners and runs their one lifecycle.
 
-Owns ``Proxy``: start (build the first snapshot, bind, start checks and admin), ``reload``
-(load -> validate -> build -> bind -> swap, all or nothing) and ``close``, the single ordered
-shutdown path: stop accepting, let HTTP requests in flight finish, give WebSocket tunnels up
-to ``shutdown_timeout``, close what remains, then stop the background owners.
+Owns ``Proxy``: start (build the first snapshot, bind, warm servers, accept, start checks and
+admin), ``reload`` (load -> validate -> build -> warm new servers -> bind -> swap, all or
+nothing) and ``close``, the single ordered shutdown path: stop accepting,
+let HTTP requests in flight finish, give WebSocket tunnels up to ``shutdown_timeout``, send
+the ones left a close frame (1001) both ways and give their close handshake a moment, cut
+what remains, then stop the background owners.
+
+A set of servers found by DNS discovery (``discovery.py``) takes the reload path: the
+snapshot is rebuilt from the file's config plus every discovered set (``dnsstate``) and
+swapped, so servers that stay keep their state and new or removed ones are handled exactly
+as a reload handles them; it is logged but not counted as a config reload. What is done to
+servers between reloads (health as seen here, runtime overrides, drains, removed servers
+still open) is ``servers.ServerControl``'s.
 """
 
 from __future__ import annotations
@@ -18,12 +27,25 @@ from typing import Protocol
 from . import metrics
 from .access_log import AccessLog
 from .checker import Checker
-from .config import Address, Config, ConfigError, loads_config, read_config_file
-from .health import Event, State, Transition
+from .config import (
+    WS_CLOSE_HANDSHAKE_TIMEOUT,
+    Address,
+    Config,
+    ConfigError,
+    Server,
+    loads_config,
+    read_config_file,
+)
+from .config import Discovery as DiscoverySpec
+from .discovery import Discovery, resolve_names
+from .dnsstate import with_discovered
+from .health import Event, Transition
 from .http_proxy import ClientSocket, Context
-from .listener import BindError, Listeners, probe_binds
+from .listener import BindError, Listeners, Opening, probe_binds
+from .servers import ServerControl
 from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .tunnel import Tunnel
+from .wsframes import GOING_AWAY
 
 log = logging.getLogger("lbproxy")
 
@@ -91,24 +113,36 @@ class Role:
 
 
 class Proxy:
-    def __init__(self, config: Config, config_path: str | None = None, role: Role = Role()) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        role: Role = Role(),
+        discovered: dict[str, tuple[DiscoverySpec, tuple[Server, ...]]] | None = None,
+    ) -> None:
         self.role = role
         self.config_path = config_path
         self.config_raw: bytes | None = None  # the bytes of the config in force, when known
         self.on_applied: Callable[[bytes], None] | None = None
-        self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
+        self.on_discovered: Callable[[], None] | None = None  # the supervisor's hand-over
         self.registry = metrics.Registry()
         self.state = RuntimeState(self.registry)
+        # The config as the file says it; snapshots are built from it plus ``discovered``.
+        self.file_config = config
+        self.discovered = dict(discovered or {})
+        self.discovery = Discovery(self._found, self.registry)
+        self._counting = True  # False while applying a discovered set: it is not a reload
+        config = with_discovered(config, self.discovered)
         snap, _ = self.state.build(config)
         self.state.commit(snap)
         self.holder = Holder(snap)
+        self.servers = ServerControl(self.state, self.registry, self.holder, role.check)
         self.access = AccessLog(config.access_log)
-        self.ctx = Context(self.registry, self.access, PassiveHealth(self._transition))
+        self.ctx = Context(self.registry, self.access, PassiveHealth(self.servers.transition))
         self.listeners = Listeners(self.ctx, reuse_port=role.reuse_port)
-        self.checker = Checker(self._transition, self.registry)
+        self.checker = Checker(self.servers.transition, self.registry)
         self.reload_lock = asyncio.Lock()
         self.last_reload: tuple[float, bool, str] = (time.time(), True, "started")
-        self._removed: dict[str, ServerState] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self.admin: AdminListener | None = None  # set by whoever starts one; moved on reload
@@ -117,27 +151,37 @@ class Proxy:
     def snapshot(self) -> Snapshot:
         return self.holder.current
 
+    def closing(self) -> bool:
+        # A method, not the attribute, after an await: mypy narrows ``self._closing`` to
+        # False from an earlier check, and mypyc would compile the test away.
+        return self._closing
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        """Bind (a bind error fails at once), warm every checked server (each bounded by its
+        check timeout; clients meanwhile wait in the listen backlog), then accept: no request
+        is answered 503 for want of a first check. A server down at start fails its warm-up
+        check and is DOWN; its first good check later brings it UP (health.py)."""
         snap = self.holder.current
+        await resolve_names(self.state.servers.values())
         self.access.start()
         try:
-            await self._bind(snap, None)
+            if self.role.serve:
+                await self.listeners.apply(snap, hold=True)
+            else:
+                await probe_binds(snap, None)  # the workers bind; enough to know they can
         except BindError:
             self.access.close()
             raise
-        self._sync_backend_up(snap)
+        if self.role.check:
+            await self.checker.warm(self.servers.to_warm(None, snap))
+        self.servers.sync(snap)
         if self.role.check:
             self.checker.apply(snap)
+            self.discovery.apply(snap.config, self.discovered)
         if self.role.serve:
+            self.listeners.accept()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def _bind(self, snap: Snapshot, old: Snapshot | None) -> None:
-        if self.role.serve:
-            await self.listeners.apply(snap)
-        else:
-            # The workers bind; here it is enough to know they will be able to.
-            await probe_binds(snap, old)
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Load the config file again and swap it in, or change nothing and say why."""
@@ -156,14 +200,20 @@ class Proxy:
                     self.on_applied(raw)  # the supervisor hands the same bytes to every worker
             return result
 
-    async def apply_config(self, config: Config, trigger: str) -> ReloadResult:
+    async def apply_config(
+        self, config: Config, trigger: str, health: dict[str, str] | None = None
+    ) -> ReloadResult:
+        """Swap ``config`` in, or change nothing and say why. ``health`` (a worker's, from
+        the supervisor, which warmed the new servers) is taken before the swap."""
         if self._closing:
             # Applying now would open listeners again (and start checks) mid-shutdown.
             problem = "shutting down: reload ignored"
             log.warning("reload (%s): %s", trigger, problem)
             return ReloadResult(False, False, problem, (problem,))
+        file_config, config = config, with_discovered(config, self.discovered)
         old = self.holder.current
         if config == old.config:
+            self.file_config = file_config
             log.info("reload (%s): configuration unchanged, nothing to do", trigger)
             self._reload_counted(True, "configuration unchanged")
             return ReloadResult(True, False, "configuration unchanged")
@@ -171,6 +221,7 @@ class Proxy:
         if log_problem is not None:
             return self._reload_failed(trigger, [log_problem])
         snap, changes = self.state.build(config)
+        await resolve_names(s for g in snap.groups.values() for s in g.servers)
         admin_move: PendingBind | None = None
         if self.admin is not None and config.admin.bind != old.config.admin.bind:
             try:
@@ -180,23 +231,44 @@ class Proxy:
                 reason = exc.strerror or str(exc)
                 problem = f"admin.bind: cannot listen on {config.admin.bind}: {reason}"
                 return self._reload_failed(trigger, [problem])
+        opening: Opening | None = None
         try:
-            await self._bind(snap, old)
+            if self.role.serve:
+                opening = await self.listeners.open(snap)  # held: nothing accepted yet
+            else:
+                await probe_binds(snap, old)  # the workers bind; enough to know they can
         except BindError as exc:
             self._discard(changes)
             if admin_move is not None:
                 await admin_move.cancel()
             return self._reload_failed(trigger, [str(exc)])
+        if self.role.check:
+            # After the binds (a bind error fails fast), before the swap.
+            await self.checker.warm(self.servers.to_warm(old, snap))
+        if self.closing():  # close() ran during the warm-up
+            self._discard(changes)
+            if opening is not None:
+                self.listeners.cancel(opening)
+            if admin_move is not None:
+                await admin_move.cancel()
+            return ReloadResult(False, False, "shutting down: reload ignored")
+        if health:
+            self.servers.take_health(snap, health)
         if admin_move is not None:
             await admin_move.commit()
             log.info("admin now on http://%s/", config.admin.bind)
-        self.state.commit(snap)
+        if opening is not None:
+            self.listeners.commit(opening)
+        draining = self.state.commit(snap)
         self.holder.current = snap  # the swap: new connections and requests see it from here
+        self.file_config = file_config
         self.access.configure(config.access_log)
-        self._retire(changes)
-        self._sync_backend_up(snap)
+        self.servers.retire(changes)
+        self.servers.begin_drains(draining, old)
+        self.servers.sync(snap)
         if self.role.check:
             self.checker.apply(snap)
+            self.discovery.apply(config, self.discovered)
         summary = changes.summary()
         log.info("reload (%s): applied: %s", trigger, summary)
         self._reload_counted(True, summary)
@@ -205,7 +277,7 @@ class Proxy:
     def _discard(self, changes: Changes) -> None:
         """A snapshot never swapped in leaves no metric series of what only it added."""
         for s in changes.added_servers:
-            if s.id not in self._removed:  # a removed one still draining shares its series
+            if s.id not in self.state.retired:  # a removed one still open shares its series
                 self.registry.forget_server(s.id)
         for name in changes.added_listeners:
             ls = self.registry.listeners.get(name)
@@ -221,7 +293,27 @@ class Proxy:
         self._reload_counted(False, "; ".join(problems))
         return ReloadResult(False, False, "\n".join(problems), tuple(problems))
 
+    async def _found(self, group: str, spec: DiscoverySpec, servers: tuple[Server, ...]) -> None:
+        """Discovery found a new set for ``group``: rebuild and swap as a reload does (servers
+        that stay keep their state; new ones are checked before they take traffic; removed
+        ones finish what they carry), without counting it as a config reload."""
+        async with self.reload_lock:
+            self.discovered[group] = (spec, servers)
+            await self.apply_discovered(f"dns: {group}")
+        if self.on_discovered is not None:
+            self.on_discovered()
+
+    async def apply_discovered(self, trigger: str) -> ReloadResult:
+        """Build from the file's config and ``self.discovered`` as it is now, and swap."""
+        self._counting = False
+        try:
+            return await self.apply_config(self.file_config, trigger)
+        finally:
+            self._counting = True
+
     def _reload_counted(self, ok: bool, message: str = "") -> None:
+        if not self._counting:
+            return
         r = self.registry.reloads
         if ok:
             r.success += 1
@@ -230,67 +322,6 @@ class Proxy:
         r.last_success = 1 if ok else 0
         r.last_timestamp = time.time()
         self.last_reload = (r.last_timestamp, ok, message)
-
-    def _retire(self, changes: Changes) -> None:
-        """Removed servers: idle pooled connections go now; series go with the last connection."""
-        for s in changes.removed_servers:
-            s.pool.close()
-            self._removed[s.id] = s
-        for s in changes.added_servers:
-            self._removed.pop(s.id, None)
-        self._forget_idle_removed()
-
-    def _forget_idle_removed(self) -> None:
-        for sid, s in list(self._removed.items()):
-            if s.active <= 0 and s.stats.idle:
-                del self._removed[sid]
-                # Requests in flight at the reload pooled their connections on finishing.
-                s.pool.close()
-                if sid not in self.state.servers:
-                    self.registry.forget_server(sid)
-
-    def _transition(self, server: ServerState, t: Transition) -> None:
-        level = logging.INFO if t.new.value == "up" else logging.WARNING
-        if not self.role.check:
-            # A worker's own mark after a passive failure: the supervisor logs the transition.
-            level = logging.DEBUG
-        log.log(
-            level,
-            "server %s is %s (was %s): %s",
-            server.id,
-            t.new.value.upper(),
-            t.old.value,
-            t.reason,
-        )
-        if server.id in self.state.servers:
-            self.registry.backend_up[server.id] = (
-                server.group,
-                server.label,
-                1 if server.health.available else 0,
-            )
-        if self.on_health_change is not None:
-            self.on_health_change()
-
-    def set_health(self, states: dict[str, str]) -> None:
-        """A worker takes the supervisor's view of every server's health (id -> state)."""
-        for sid, value in states.items():
-            server = self.state.servers.get(sid)
-            if server is not None:
-                server.health.state = State(value)
-        self._sync_backend_up(self.holder.current)
-
-    def health_map(self) -> dict[str, str]:
-        return {sid: s.health.state.value for sid, s in self.state.servers.items()}
-
-    def _sync_backend_up(self, snap: Snapshot) -> None:
-        up = self.registry.backend_up
-        for g in snap.groups.values():
-            for s in g.servers:
-                ok = s.health.available if g.checks else True
-                up[s.id] = (s.group, s.label, 1 if ok else 0)
-        for sid in list(up):
-            if sid not in self.state.servers:
-                del up[sid]
 
     async def _sweep(self) -> None:
         """Close expired idle upstream connections; forget drained removed servers."""
@@ -306,7 +337,7 @@ class Proxy:
                     # Lookups already ignore expired pins; this returns their memory.
                     g.pins.sids.expire(now)
                     g.pins.cookies.expire(now)
-            self._forget_idle_removed()
+            self.servers.forget_idle_removed()
 
     # ------------------------------------------------------------------ shutdown
     def connections(self) -> list[ClientSocket | Tunnel]:
@@ -323,6 +354,7 @@ class Proxy:
         if timeout is None:
             timeout = self.holder.current.config.shutdown_timeout
         self.listeners.stop_accepting()
+        await self.discovery.close()  # no server set changes while connections finish
         self.ctx.draining = True
         for c in self.connections():
             if isinstance(c, ClientSocket):
@@ -333,23 +365,34 @@ class Proxy:
         # rare, and a 50 ms granularity is far below any timeout a user sets.
         while self.connections() and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        self.servers.close()
         left = self.connections()
         if left:
             log.info("shutdown: closing %d connections still open", len(left))
+        tunnels = [c for c in left if isinstance(c, Tunnel)]
         for c in left:
-            if isinstance(c, Tunnel):
-                c.shutdown()
-            else:
+            if not isinstance(c, Tunnel):
                 c.transport.abort()
                 c.connection_lost(None)
+        # WebSockets end with a close frame (1001) both ways, so clients see a clean close.
+        for t in tunnels:
+            t.go_away(GOING_AWAY, "shutdown")
+        deadline = loop.time() + WS_CLOSE_HANDSHAKE_TIMEOUT
+        while any(not t.closed for t in tunnels) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for t in tunnels:
+            t.shutdown()  # no answer in time (or still mid-frame): cut
         await self.stop_background()
 
     async def stop_background(self) -> None:
+        self.servers.close()
+        self.ctx.edges.close()  # the bandwidth shapers' timers
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
         await self.checker.close()
+        await self.discovery.close()
         for s in self.state.servers.values():
             s.pool.close()
         self.access.close()

@@ -1,8 +1,9 @@
 """Command line: ``lbproxy --config lb.yaml [--check]``. The only place that exits the process.
 
-Owns argument parsing, logging setup, the file-descriptor limit, the event loop (uvloop) and
-the signals: SIGHUP reloads, SIGTERM/SIGINT start the graceful shutdown and a second one
-exits at once.
+Owns argument parsing, logging setup, the file-descriptor limit, the event loop (uvloop),
+the signals (SIGHUP reloads, SIGTERM/SIGINT start the graceful shutdown and a second one
+exits at once) and the systemd readiness notifications (``Type=notify``: READY=1 once
+serving, STOPPING=1 when the shutdown starts; nothing without ``$NOTIFY_SOCKET``).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import uvloop
 
-from . import __version__
+from . import __version__, buildinfo
 from .config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the listeners (SO_REUSEPORT), or 'auto' for one per "
         "core; with more than one, a supervisor runs health checks and admin (default: 1)",
     )
-    p.add_argument("--version", action="version", version=f"lbproxy {__version__}")
+    p.add_argument(
+        "--version", action="version", version=f"lbproxy {__version__} ({buildinfo.kind()})"
+    )
     return p
 
 
@@ -66,6 +70,21 @@ def _workers(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 256:
         raise argparse.ArgumentTypeError(f"expected a number 1..256 or 'auto', got {value!r}")
     return int(value)
+
+
+def sd_notify(state: str) -> None:
+    """Send ``state`` to systemd's notify socket (sd_notify(3)), if there is one."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("could not notify systemd (%s): %s", state, exc.strerror or exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +224,9 @@ async def _run(
     signals = Signals(proxy, stopping, now)
     signals.start()
     log.info("admin on http://%s/", admin.address)
+    sd_notify("READY=1")
     await signals.stop.wait()
+    sd_notify("STOPPING=1")
     await watcher.close()
     await admin.close_listener()
     await close()

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import yaml
 
 from . import balancer, health, tls
+from .client_limits import Cidrs
 
 T = TypeVar("T")
 
@@ -42,6 +43,10 @@ ACCEPT_RETRY_DELAY = 0.1
 # Not a user setting: after an error answer to a client that may still be sending, how long
 # the proxy goes on reading (and dropping) before it closes (RFC 9112 9.6).
 LINGER_TIMEOUT = 2.0
+# A WebSocket the proxy closes (drain, shutdown): how long the close handshake may take once
+# both close frames are out, and how long a frame in flight may take to end before them.
+WS_CLOSE_HANDSHAKE_TIMEOUT = 2.0
+WS_CLOSE_FRAME_WAIT = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_ADMIN_BIND = "127.0.0.1:8404"
 # Multi-worker internals (not user settings): how long the supervisor waits for a worker to
@@ -53,6 +58,17 @@ ACCESS_LOG_DRAIN_TIMEOUT = 5.0
 DEFAULT_STICKY_COOKIE = "SERVERID"
 DEFAULT_STICKY_COOKIE_TIMEOUT = 1000.0
 DEFAULT_SOCKETIO_PATH = "/socket.io/"
+DEFAULT_DISCOVERY_INTERVAL = 10.0
+DEFAULT_DNS_TIMEOUT = 2.0
+# Never re-resolve a name more often than this, whatever its records' TTL says.
+MIN_DISCOVERY_INTERVAL = 1.0
+# Empty answers (the name is gone, or has no such records) that go on for this many intervals
+# empty the group; until then the last known servers are kept.
+DISCOVERY_EMPTY_INTERVALS = 3
+DNS_PORT = 53
+MIN_STICKY_SECRET = 16  # characters of sticky_session.secret
+DEFAULT_CLIENT_TABLE_SIZE = 65536
+DEFAULT_GZIP_MIN_LENGTH = 1024
 
 
 class ConfigError(Exception):
@@ -95,14 +111,42 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
-class Tls:
-    """An https listener's certificate chain and private key (PEM files)."""
+class Certificate:
+    """A certificate chain (leaf first) and its private key, PEM files."""
 
     cert: str
     key: str
-    # sha256 of both files' bytes, filled in by ``loads_config``: a renewed certificate makes
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """An https listener's TLS: its certificates (the first is the default; the others are
+    served to clients whose SNI names them), security policy and client-certificate check."""
+
+    certificates: tuple[Certificate, ...]
+    policy: str | None = None  # a tls.POLICIES name; None: TLS 1.2 and up, Python's ciphers
+    client_ca: str | None = None  # PEM file of the CAs client certificates must chain to
+    client_auth: str | None = None  # "required" or "optional"; None: no client certificate
+    # sha256 of every file's bytes, filled in by ``loads_config``: a renewed certificate makes
     # the config differ, so a reload re-reads it even when the YAML is unchanged.
     digest: str = ""
+
+    @property
+    def cert(self) -> str:
+        """The default certificate's chain file."""
+        return self.certificates[0].cert
+
+    @property
+    def key(self) -> str:
+        return self.certificates[0].key
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file this TLS is built from (certificates, keys, client CA), in order."""
+        out = [f for c in self.certificates for f in (c.cert, c.key)]
+        if self.client_ca is not None:
+            out.append(self.client_ca)
+        return tuple(out)
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -115,32 +159,83 @@ class Acl:
 
     mode: str  # "allow" or "deny"
     cidrs: tuple[IPNetwork, ...]
-    # (version, shift, network numbers): one set lookup per distinct prefix length.
-    _index: tuple[tuple[int, int, frozenset[int]], ...] = field(
-        init=False, compare=False, repr=False
-    )
+    _set: Cidrs = field(init=False, compare=False, repr=False)  # the lookup, built once
 
     def __post_init__(self) -> None:
-        by_len: dict[tuple[int, int], set[int]] = {}
-        for net in self.cidrs:
-            shift = net.max_prefixlen - net.prefixlen
-            by_len.setdefault((net.version, shift), set()).add(int(net.network_address) >> shift)
-        index = tuple((v, shift, frozenset(nums)) for (v, shift), nums in by_len.items())
-        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_set", Cidrs(self.cidrs))
 
     def matches(self, ip: str) -> bool:
         """Whether ``ip`` (a peer address as the socket reports it) is in ``cidrs``."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        version, number = addr.version, int(addr)
-        return any(v == version and number >> s in nums for v, s, nums in self._index)
+        return self._set.matches(ip)
 
     def allows(self, ip: str) -> bool:
         return self.matches(ip) == (self.mode == "allow")
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketPolicy:
+    """``listeners[].websocket``: what a client may send through a WebSocket tunnel. Only
+    client-to-server traffic is limited; server-to-client never is."""
+
+    max_message_size: int = 0  # bytes of one message (all its fragments); 0: no limit
+    messages_per_second: float = 0.0  # data messages per second per tunnel; 0: no limit
+    burst: int = 1  # messages allowed at once above the rate (the token bucket's size)
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """CLB's optional forwarding headers (``x_forwarded_for`` stays its own key): each on
+    replaces whatever the client sent under that name. ``proto`` None follows
+    ``x_forwarded_for``, as before these keys existed."""
+
+    proto: bool | None = None  # X-Forwarded-Proto: http or https
+    port: bool = False  # X-Forwarded-Port: the listener's port
+    client_srcport: bool = False  # X-Forwarded-Client-Srcport: the client's source port
+    slb_ip: bool = False  # SLB-IP: the listener address the client connected to
+    slb_id: str = ""  # SLB-ID: this instance's name; empty: not sent
+    # Any of the balancer-owned headers on: read once per request, so worked out once here.
+    extra: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        extra = self.port or self.client_srcport or self.slb_ip or bool(self.slb_id)
+        object.__setattr__(self, "extra", extra)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """Per-client limits of a listener (``limits``); 0 means no limit of that kind."""
+
+    connections_per_client: int = 0
+    requests_per_second: float = 0.0
+    burst: int = 1  # the token bucket's size: requests allowed at once after a quiet spell
+    table_size: int = DEFAULT_CLIENT_TABLE_SIZE  # clients remembered (least recently seen go)
+
+
+@dataclass(frozen=True, slots=True)
+class Gzip:
+    """On-the-fly compression of a listener's text responses (``gzip: true``)."""
+
+    types: frozenset[str]  # media types compressed: CLB's list plus ``gzip_types``
+    min_length: int = DEFAULT_GZIP_MIN_LENGTH  # a smaller Content-Length is sent as it is
+
+
+# CLB's compressed types (Gzip on by default there); ``gzip_types`` adds to them.
+GZIP_TYPES = frozenset(
+    {
+        "text/html",
+        "text/plain",
+        "text/css",
+        "text/xml",
+        "application/javascript",
+        "application/x-javascript",
+        "text/javascript",  # not in CLB's list: JavaScript's registered type (RFC 9239)
+        "application/json",
+        "application/xml",
+        "application/rss+xml",
+        "application/atom+xml",
+        "image/svg+xml",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +254,12 @@ class Listener:
     tls: Tls | None = None  # set exactly when protocol is https
     redirect_https: int = 0  # an http listener answering 301 to https on this port; 0: off
     acl: Acl | None = None  # None: every client
+    websocket: WebSocketPolicy | None = None  # None: no message limits
+    forwarding: Forwarding = field(default_factory=Forwarding)
+    trusted_proxies: Cidrs | None = None  # peers whose X-Forwarded-For ``limits`` believes
+    limits: ClientLimits | None = None  # None: no per-client limits
+    bandwidth: int = 0  # bytes per second in each direction; 0: unlimited
+    gzip: Gzip | None = None  # None: responses pass uncompressed
     http2: bool = True  # https: ALPN offers h2 (then http/1.1); False: http/1.1 only
 
 
@@ -166,12 +267,33 @@ class Listener:
 class Server:
     address: Address
     weight: int = 100
+    discovered: bool = False  # from DNS (``discovery``), not written in the file
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """A group's servers from DNS: every address of ``dns`` becomes a server ``ip:port``.
+
+    A name whose first label starts with ``_`` (``_chat._tcp.example.com``) is looked up as
+    SRV (each record names its port and weight); any other name as A and AAAA, with ``port``
+    and ``weight`` for every address.
+    """
+
+    dns: str  # lower case, no trailing dot
+    port: int = 0  # A/AAAA: the servers' port; 0 with SRV
+    interval: float = DEFAULT_DISCOVERY_INTERVAL  # re-resolve at least this often
+    weight: int = 100  # A/AAAA servers' weight
+    timeout: float = DEFAULT_DNS_TIMEOUT  # one lookup (every retry included)
+
+    @property
+    def srv(self) -> bool:
+        return self.dns.startswith("_")
 
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
     enabled: bool = True
-    protocol: str = "http"
+    protocol: str = "http"  # "http", "tcp" or "websocket"
     path: str = "/"
     method: str = "HEAD"
     host: str = ""
@@ -195,6 +317,11 @@ class ServerGroup:
     keepalive_timeout: float = 4.0
     hash_key: str = "client_ip"  # what sh hashes: "client_ip" or "x_forwarded_for"
     sticky: StickySession | None = None  # None: no session persistence
+    # A draining server's open WebSockets: 0 leaves them until they end; above 0 the proxy
+    # closes them itself (close frames both ways), spread evenly over this window.
+    drain_timeout: float = 0.0
+    drain_close_code: int = 1001  # 1001 Going Away, or 1012 Service Restart
+    discovery: Discovery | None = None  # None: only the servers written in the file
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +339,8 @@ class StickySession:
     cookie_timeout: float = DEFAULT_STICKY_COOKIE_TIMEOUT
     socketio: bool = False
     socketio_path: str = DEFAULT_SOCKETIO_PATH
+    # The key of the insert cookie's token; "" keeps the built-in key. Never printed.
+    secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +363,7 @@ class Config:
     admin: Admin = field(default_factory=Admin)
     access_log: AccessLog = field(default_factory=AccessLog)
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    resolvers: tuple[Address, ...] = ()  # name servers for discovery; (): the system's
     # sha256 of the file's bytes; not part of equality, so a comment-only edit is a no-op reload.
     digest: str = field(default="", compare=False)
 
@@ -370,6 +500,23 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _duration_or_zero(value: Any) -> float:
+    """A duration that may also be 0 (``0``, ``0s``): "off"."""
+    if not isinstance(value, bool):
+        m = _DURATION.match(value) if isinstance(value, str) else None
+        if value == 0 or (m is not None and float(m.group(1)) == 0):
+            return 0.0
+    return parse_duration(value)
+
+
+def _drain_code(value: Any) -> int:
+    if isinstance(value, bool) or value not in (1001, 1012):
+        raise ValueError(
+            f"expected 1001 (Going Away) or 1012 (Service Restart), got {_show(value)}"
+        )
+    return int(value)
+
+
 def _int_in(low: int, high: int) -> Callable[[Any], int]:
     def conv(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -490,7 +637,7 @@ def _codes(value: Any) -> tuple[str | int, ...]:
 
 # ---------------------------------------------------------------------------------------------
 
-_TOP_KEYS = ("listeners", "server_groups", "admin", "access_log", "shutdown_timeout")
+_TOP_KEYS = ("listeners", "server_groups", "admin", "access_log", "shutdown_timeout", "resolvers")
 _LISTENER_KEYS = (
     "name",
     "bind",
@@ -510,9 +657,25 @@ _LISTENER_KEYS = (
     "redirect_https",
     "acl",
     "http2",
+    "websocket",
+    # edge keys (issue 16): _edge
+    "x_forwarded_proto",
+    "x_forwarded_port",
+    "x_forwarded_client_srcport",
+    "slb_ip",
+    "slb_id",
+    "trusted_proxies",
+    "limits",
+    "bandwidth",
+    "gzip",
+    "gzip_types",
+    "gzip_min_length",
 )
-_TLS_KEYS = ("cert", "key")
+_LIMITS_KEYS = ("connections_per_client", "requests_per_second", "burst", "table_size")
+_TLS_KEYS = ("cert", "key", "certificates", "policy", "client_ca", "client_auth")
+_CERT_KEYS = ("cert", "key")
 _ACL_KEYS = ("mode", "cidrs")
+_WS_POLICY_KEYS = ("max_message_size", "messages_per_second", "burst")
 _RULE_KEYS = ("host", "path", "server_group")
 _GROUP_KEYS = (
     "scheduler",
@@ -522,8 +685,12 @@ _GROUP_KEYS = (
     "keepalive_timeout",
     "hash_key",
     "sticky_session",
+    "drain_timeout",
+    "drain_close_code",
+    "discovery",
 )
-_STICKY_KEYS = ("type", "cookie", "cookie_timeout", "socketio", "socketio_path")
+_DISCOVERY_KEYS = ("dns", "port", "interval", "weight", "timeout")
+_STICKY_KEYS = ("type", "cookie", "cookie_timeout", "socketio", "socketio_path", "secret")
 _SERVER_KEYS = ("address", "weight")
 _CHECK_KEYS = (
     "enabled",
@@ -581,6 +748,7 @@ def parse_config(doc: Any) -> Config:
             access_log = AccessLog(enabled, fmt, path)
 
     shutdown = r.get(top, "shutdown_timeout", "", parse_duration, DEFAULT_SHUTDOWN_TIMEOUT)
+    resolvers = _resolvers(r, top.get("resolvers"))
 
     for lst in listeners:
         if admin.bind.port != 0 and admin.bind == lst.bind:
@@ -588,13 +756,14 @@ def parse_config(doc: Any) -> Config:
 
     if r.problems:
         raise ConfigError(r.problems)
-    assert shutdown is not None
+    assert shutdown is not None and resolvers is not None
     return Config(
         listeners=tuple(listeners),
         server_groups=tuple(groups),
         admin=admin,
         access_log=access_log,
         shutdown_timeout=shutdown,
+        resolvers=resolvers,
     )
 
 
@@ -639,6 +808,7 @@ def _listeners(r: _Reader, doc: Any, group_names: set[str]) -> list[Listener]:
         )
         before = len(r.problems)
         hardening = _hardening(r, m, path, protocol)
+        edge = _edge(r, m, path, xff)
         if None in (name, bind, protocol, group, idle, request, connect, xff, rules, header):
             continue
         if len(r.problems) > before:
@@ -646,7 +816,7 @@ def _listeners(r: _Reader, doc: Any, group_names: set[str]) -> list[Listener]:
         assert name and bind and protocol and group and idle and request and connect and header
         assert xff is not None and rules is not None
         timeouts = Timeouts(idle, request, connect, header)
-        out.append(Listener(name, bind, group, protocol, timeouts, xff, rules, **hardening))
+        out.append(Listener(name, bind, group, protocol, timeouts, xff, rules, **hardening, **edge))
     return out
 
 
@@ -678,14 +848,11 @@ def _hardening(r: _Reader, m: Mapping[str, Any], path: str, protocol: str | None
     if "tls" in m:
         if protocol == "http":
             r.error(f"{path}.tls", "only used with protocol: https")
-        tls_doc = r.mapping(m["tls"], f"{path}.tls", _TLS_KEYS)
-        if tls_doc is not None:
-            cert = r.get(tls_doc, "cert", f"{path}.tls", _file_path)
-            key = r.get(tls_doc, "key", f"{path}.tls", _file_path)
-            if cert is not None and key is not None:
-                out["tls"] = Tls(cert, key)
+        tls_config = _tls(r, m["tls"], f"{path}.tls")
+        if tls_config is not None:
+            out["tls"] = tls_config
     elif protocol == "https":
-        r.error(f"{path}.tls", "required with protocol: https (cert and key, PEM files)")
+        r.error(f"{path}.tls", "required with protocol: https (cert and key, or certificates)")
     if "redirect_https" in m:
         if protocol == "https":
             r.error(f"{path}.redirect_https", "only used with protocol: http")
@@ -697,7 +864,207 @@ def _hardening(r: _Reader, m: Mapping[str, Any], path: str, protocol: str | None
             # No h2c (cleartext HTTP/2): browsers speak HTTP/2 over TLS only.
             r.error(f"{path}.http2", "only used with protocol: https (HTTP/2 is offered by ALPN)")
         out["http2"] = r.get(m, "http2", path, _bool, True)
+    if "websocket" in m:
+        out["websocket"] = _ws_policy(r, m["websocket"], f"{path}.websocket")
     return out
+
+
+def _ws_policy(r: _Reader, doc: Any, path: str) -> WebSocketPolicy | None:
+    m = r.mapping(doc, path, _WS_POLICY_KEYS)
+    if m is None:
+        return None
+    if "max_message_size" not in m and "messages_per_second" not in m:
+        r.error(path, "expected max_message_size and/or messages_per_second")
+        return None
+    size = r.get(m, "max_message_size", path, _size(1, 1 << 40), 0)
+    rate = r.get(m, "messages_per_second", path, _positive_number, 0.0)
+    burst = r.get(m, "burst", path, _int_in(1, 1_000_000), None)
+    if size is None or rate is None:
+        return None
+    if burst is None:
+        if "burst" in m:
+            return None
+        burst = max(1, math.ceil(rate))  # a second's worth
+    elif not rate:
+        r.error(f"{path}.burst", "only used with messages_per_second")
+        return None
+    return WebSocketPolicy(size, float(rate), burst)
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a positive number, got {_show(value)}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a positive number, got {_show(value)}")
+    return float(value)
+
+
+def _tls(r: _Reader, doc: Any, path: str) -> Tls | None:
+    m = r.mapping(doc, path, _TLS_KEYS)
+    if m is None:
+        return None
+    before = len(r.problems)
+    pairs: list[Certificate] = []
+    if "certificates" in m:
+        if "cert" in m or "key" in m:
+            r.error(path, "either cert and key, or certificates: not both")
+        items = m["certificates"]
+        if not isinstance(items, list) or not items:
+            r.error(
+                f"{path}.certificates",
+                f"expected a non-empty list of {{cert, key}}, got {_show(items)}",
+            )
+            items = []
+        for j, item in enumerate(items):
+            where = f"{path}.certificates[{j}]"
+            cm = r.mapping(item, where, _CERT_KEYS)
+            if cm is not None:
+                cert = r.get(cm, "cert", where, _file_path)
+                key = r.get(cm, "key", where, _file_path)
+                if cert is not None and key is not None:
+                    pairs.append(Certificate(cert, key))
+    else:
+        cert = r.get(m, "cert", path, _file_path)
+        key = r.get(m, "key", path, _file_path)
+        if cert is not None and key is not None:
+            pairs.append(Certificate(cert, key))
+    policy = r.get(m, "policy", path, _choice(*tls.POLICIES), None)
+    client_ca = r.get(m, "client_ca", path, _file_path, None)
+    client_auth = r.get(m, "client_auth", path, _choice(*tls.CLIENT_AUTH), None)
+    if "client_auth" in m and "client_ca" not in m:
+        r.error(f"{path}.client_auth", "needs client_ca (the CAs client certificates chain to)")
+    if client_ca is not None and client_auth is None:
+        client_auth = "required"  # a CA given means client certificates are wanted
+    if len(r.problems) > before:
+        return None
+    return Tls(tuple(pairs), policy, client_ca, client_auth)
+
+
+def _edge(r: _Reader, m: Mapping[str, Any], path: str, xff: bool | None) -> dict[str, Any]:
+    """A listener's forwarding headers, per-client limits, bandwidth cap and gzip (issue 16),
+    as Listener keyword arguments. Problems are reported on ``r``."""
+    out: dict[str, Any] = {}
+    fwd = Forwarding(
+        proto=r.get(m, "x_forwarded_proto", path, _bool, None),
+        port=r.get(m, "x_forwarded_port", path, _bool, False) or False,
+        client_srcport=r.get(m, "x_forwarded_client_srcport", path, _bool, False) or False,
+        slb_ip=r.get(m, "slb_ip", path, _bool, False) or False,
+        slb_id=r.get(m, "slb_id", path, _slb_id, "") or "",
+    )
+    if fwd != Forwarding():
+        out["forwarding"] = fwd
+    if "trusted_proxies" in m:
+        cidrs = _cidr_list(r, m["trusted_proxies"], f"{path}.trusted_proxies")
+        if cidrs is not None:
+            out["trusted_proxies"] = Cidrs(cidrs) if cidrs else None
+    if "limits" in m:
+        out["limits"] = _limits(r, m["limits"], f"{path}.limits")
+    elif "trusted_proxies" in m:
+        r.error(f"{path}.trusted_proxies", "only used with limits (it picks the client address)")
+    if "bandwidth" in m:
+        out["bandwidth"] = r.get(m, "bandwidth", path, parse_bandwidth)
+    gzip = r.get(m, "gzip", path, _bool, False)
+    types = r.get(m, "gzip_types", path, _media_types, frozenset())
+    min_length = r.get(m, "gzip_min_length", path, _size(0, 1 << 30), DEFAULT_GZIP_MIN_LENGTH)
+    if not gzip:
+        for key in ("gzip_types", "gzip_min_length"):
+            if key in m:
+                r.error(f"{path}.{key}", "only used with gzip: true")
+    elif types is not None and min_length is not None:
+        out["gzip"] = Gzip(GZIP_TYPES | types, min_length)
+    del xff  # x_forwarded_proto's default follows it at run time (Forwarding.proto None)
+    return out
+
+
+def _limits(r: _Reader, doc: Any, path: str) -> ClientLimits | None:
+    m = r.mapping(doc, path, _LIMITS_KEYS)
+    if m is None:
+        return None
+    d = ClientLimits()
+    conns = r.get(m, "connections_per_client", path, _int_in(0, 1_000_000), 0)
+    rate = r.get(m, "requests_per_second", path, _rate, 0.0)
+    burst = r.get(m, "burst", path, _int_in(1, 1_000_000), None)
+    table = r.get(m, "table_size", path, _int_in(16, 10_000_000), d.table_size)
+    if burst is not None and not rate:
+        r.error(f"{path}.burst", "only used with requests_per_second")
+    if conns == 0 and rate == 0.0 and None not in (conns, rate):
+        r.error(path, "limits nothing: set connections_per_client and/or requests_per_second")
+        return None
+    if conns is None or rate is None or table is None or ("burst" in m and burst is None):
+        return None
+    if burst is None:
+        burst = max(1, math.ceil(rate))  # one second's worth
+    return ClientLimits(conns, rate, burst, table)
+
+
+def _rate(value: Any) -> float:
+    """Requests per second: a positive number (``0.5`` is one every two seconds)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a positive number of requests per second, got {_show(value)}")
+    if not math.isfinite(value) or not 0 < value <= 1_000_000:
+        raise ValueError(f"expected a number of requests per second 0..1000000, got {value}")
+    return float(value)
+
+
+_BANDWIDTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|k|K|KB|KiB|M|MB|MiB|G|GB|GiB)?(?:/s)?\s*$")
+_RATE_UNIT = {None: 1, "B": 1, "k": 1 << 10, "K": 1 << 10, "KB": 1 << 10, "KiB": 1 << 10}
+_RATE_UNIT.update({"M": 1 << 20, "MB": 1 << 20, "MiB": 1 << 20})
+_RATE_UNIT.update({"G": 1 << 30, "GB": 1 << 30, "GiB": 1 << 30})
+
+
+def parse_bandwidth(value: Any) -> int:
+    """``10MiB/s``, ``512KiB/s``, ``1048576`` (bytes per second; K, M, G are binary)."""
+    wanted = "expected a bandwidth like 10MiB/s, 512KiB/s or 1048576 (bytes per second)"
+    if isinstance(value, bool):
+        raise ValueError(f"{wanted}, got {_show(value)}")
+    if isinstance(value, int):
+        rate = value
+    elif isinstance(value, str) and (found := _BANDWIDTH.match(value)):
+        rate = int(float(found.group(1)) * _RATE_UNIT[found.group(2)])
+    else:
+        raise ValueError(f"{wanted}, got {_show(value)}")
+    if not 1024 <= rate <= 1 << 40:
+        raise ValueError(f"expected a bandwidth of at least 1KiB/s, got {_show(value)}")
+    return rate
+
+
+_MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
+
+
+def _media_types(value: Any) -> frozenset[str]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of media types like [text/csv], got {_show(value)}")
+    out = set()
+    for item in value:
+        text = item.strip().lower() if isinstance(item, str) else None
+        if text is None or not _MEDIA_TYPE.fullmatch(text):
+            raise ValueError(
+                f"expected media types like text/csv (no parameters), got {_show(item)}"
+            )
+        out.add(text)
+    return frozenset(out)
+
+
+def _slb_id(value: Any) -> str:
+    """The instance name sent as SLB-ID: visible ASCII without spaces (a header value)."""
+    if not isinstance(value, str) or not value or not value.isascii() or not value.isprintable():
+        raise ValueError(f"expected a name of visible ASCII characters, got {_show(value)}")
+    if " " in value or len(value) > 256:
+        raise ValueError(f"expected a name without spaces, at most 256 characters, got {value!r}")
+    return value
+
+
+def _cidr_list(r: _Reader, doc: Any, path: str) -> tuple[IPNetwork, ...] | None:
+    if not isinstance(doc, list):
+        r.error(path, f"expected a list of CIDRs like [10.0.0.0/8], got {_show(doc)}")
+        return None
+    cidrs: list[IPNetwork] = []
+    for i, item in enumerate(doc):
+        try:
+            cidrs.append(_cidr(item))
+        except ValueError as exc:
+            r.error(f"{path}[{i}]", str(exc))
+    return tuple(cidrs) if len(cidrs) == len(doc) else None
 
 
 def _acl(r: _Reader, doc: Any, path: str) -> Acl | None:
@@ -794,7 +1161,9 @@ def _server_groups(r: _Reader, doc: Any) -> list[ServerGroup]:
         if g is None:
             continue
         scheduler = r.get(g, "scheduler", path, _choice(*balancer.SCHEDULERS), "rr")
-        servers = _servers(r, g.get("servers", _MISSING), f"{path}.servers")
+        discovery = _discovery(r, g.get("discovery"), f"{path}.discovery")
+        servers_doc = g.get("servers", () if "discovery" in g else _MISSING)
+        servers = _servers(r, servers_doc, f"{path}.servers")
         check = _health_check(r, g.get("health_check"), f"{path}.health_check")
         d = ServerGroup(gname, ())
         keepalive = r.get(
@@ -802,16 +1171,30 @@ def _server_groups(r: _Reader, doc: Any) -> list[ServerGroup]:
         )
         ka_timeout = r.get(g, "keepalive_timeout", path, parse_duration, d.keepalive_timeout)
         hash_key = r.get(g, "hash_key", path, _choice("client_ip", "x_forwarded_for"), d.hash_key)
+        drain = r.get(g, "drain_timeout", path, _duration_or_zero, d.drain_timeout)
+        drain_code = r.get(g, "drain_close_code", path, _drain_code, d.drain_close_code)
         before = len(r.problems)
         sticky = _sticky(r, g.get("sticky_session"), f"{path}.sticky_session")
-        if None in (scheduler, servers, check, keepalive, ka_timeout, hash_key):
+        if None in (scheduler, servers, check, keepalive, ka_timeout, hash_key, drain, drain_code):
             continue
         if len(r.problems) > before:
             continue
         assert scheduler and servers is not None and check and keepalive is not None
-        assert ka_timeout and hash_key
+        assert ka_timeout and hash_key and drain is not None and drain_code is not None
         out.append(
-            ServerGroup(gname, servers, scheduler, check, keepalive, ka_timeout, hash_key, sticky)
+            ServerGroup(
+                gname,
+                servers,
+                scheduler,
+                check,
+                keepalive,
+                ka_timeout,
+                hash_key,
+                sticky,
+                drain,
+                drain_code,
+                discovery,
+            )
         )
     return out
 
@@ -871,6 +1254,9 @@ def _sticky(r: _Reader, doc: Any, path: str) -> StickySession | None:
     timeout = r.get(m, "cookie_timeout", path, parse_duration, d.cookie_timeout)
     socketio = r.get(m, "socketio", path, _bool, d.socketio)
     sio_path = r.get(m, "socketio_path", path, _prefix, d.socketio_path)
+    secret = r.get(m, "secret", path, _secret, d.secret)
+    if "secret" in m and kind != "insert":
+        r.error(f"{path}.secret", "only used with type: insert")
     if "type" not in m:
         for key in ("cookie", "cookie_timeout"):
             if key in m:
@@ -885,14 +1271,105 @@ def _sticky(r: _Reader, doc: Any, path: str) -> StickySession | None:
         r.error(f"{path}.socketio_path", "only used with socketio: true")
     if cookie is None or timeout is None or socketio is None or sio_path is None:
         return None
-    return StickySession(kind, cookie, timeout, socketio, sio_path)
+    if secret is None:
+        return None
+    return StickySession(kind, cookie, timeout, socketio, sio_path, secret)
+
+
+def _secret(value: Any) -> str:
+    """``sticky_session.secret``: printable, long enough to be a key. Never echoed."""
+    if not isinstance(value, str) or not value.isprintable():
+        raise ValueError("expected a string of printable characters")
+    if len(value) < MIN_STICKY_SECRET:
+        raise ValueError(f"expected at least {MIN_STICKY_SECRET} characters")
+    return value
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def _dns_name(value: Any) -> str:
+    """A DNS name to look up: lower case, without a trailing dot."""
+    wanted = "expected a DNS name like chat.internal or _chat._tcp.example.com"
+    if not isinstance(value, str):
+        raise ValueError(f"{wanted}, got {_show(value)}")
+    name = value.strip().lower().removesuffix(".")
+    if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(x) for x in name.split(".")):
+        raise ValueError(f"{wanted}, got {value!r}")
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    raise ValueError(f"{value!r} is an address, not a name: list it under servers instead")
+
+
+def _discovery(r: _Reader, doc: Any, path: str) -> Discovery | None:
+    """``server_groups.<name>.discovery``; None when absent or wrong (problems on ``r``)."""
+    if doc is None:
+        return None
+    m = r.mapping(doc, path, _DISCOVERY_KEYS)
+    if m is None:
+        return None
+    d = Discovery("")
+    name = r.get(m, "dns", path, _dns_name)
+    srv = name is not None and name.startswith("_")
+    if srv and "port" in m:
+        r.error(f"{path}.port", "not used with an SRV name (the records carry the ports)")
+    elif name is not None and not srv and "port" not in m:
+        r.error(f"{path}.port", "required with an A/AAAA name (the servers' port)")
+    port = r.get(m, "port", path, _int_in(1, 65535), 0) if not srv else 0
+    if srv and "weight" in m:
+        r.error(f"{path}.weight", "not used with an SRV name (the records carry the weights)")
+    interval = r.get(m, "interval", path, parse_duration, d.interval)
+    if interval is not None and interval < MIN_DISCOVERY_INTERVAL:
+        r.error(f"{path}.interval", f"must be at least {MIN_DISCOVERY_INTERVAL:g}s")
+        interval = None
+    weight = r.get(m, "weight", path, _int_in(0, 100), d.weight)
+    timeout = r.get(m, "timeout", path, parse_duration, d.timeout)
+    if timeout is not None and timeout > 30:
+        r.error(f"{path}.timeout", "must be at most 30s")
+        timeout = None
+    if None in (name, port, interval, weight, timeout) or (srv and ("port" in m or "weight" in m)):
+        return None
+    assert name and port is not None and interval and weight is not None and timeout
+    return Discovery(name, port, interval, weight, timeout)
+
+
+def _resolvers(r: _Reader, doc: Any) -> tuple[Address, ...] | None:
+    """``resolvers``: name servers as ``ip`` or ``ip:port`` (``[v6]:port``); port 53 default."""
+    if doc is None:
+        return ()
+    if not isinstance(doc, list):
+        r.error("resolvers", f"expected a list like [127.0.0.1:53], got {_show(doc)}")
+        return None
+    out: list[Address] = []
+    for i, item in enumerate(doc):
+        try:
+            out.append(_resolver(item))
+        except ValueError as exc:
+            r.error(f"resolvers[{i}]", str(exc))
+    return tuple(out) if len(out) == len(doc) else None
+
+
+def _resolver(value: Any) -> Address:
+    if isinstance(value, str):
+        try:
+            return Address(str(ipaddress.ip_address(value.strip())), DNS_PORT)
+        except ValueError:
+            pass
+    addr = parse_address(value)
+    try:
+        ipaddress.ip_address(addr.host)
+    except ValueError:
+        raise ValueError(f"a name server is an IP address (ip or ip:port), got {value!r}") from None
+    return addr
 
 
 def _servers(r: _Reader, doc: Any, path: str) -> tuple[Server, ...] | None:
     if doc is _MISSING:
-        r.error(path, "required (a list of servers, may be empty)")
+        r.error(path, "required (a list of servers, may be empty), or discovery")
         return None
-    if doc is None:
+    if doc is None or doc == ():
         return ()
     if not isinstance(doc, list):
         r.error(path, f"expected a list of servers, got {_show(doc)}")
@@ -928,7 +1405,7 @@ def _health_check(r: _Reader, doc: Any, path: str) -> HealthCheck | None:
     d = HealthCheck()
     values = (
         r.get(m, "enabled", path, _bool, d.enabled),
-        r.get(m, "protocol", path, _choice("http", "tcp"), d.protocol),
+        r.get(m, "protocol", path, _choice("http", "tcp", "websocket"), d.protocol),
         r.get(m, "path", path, _path, d.path),
         r.get(m, "method", path, _choice("HEAD", "GET"), d.method),
         r.get(m, "host", path, _check_host, d.host),
@@ -941,6 +1418,13 @@ def _health_check(r: _Reader, doc: Any, path: str) -> HealthCheck | None:
     )
     if any(v is None for v in values):
         return None
+    if values[1] == "websocket":
+        # The check is an upgrade: always a GET, and only 101 passes.
+        unused = [key for key in ("method", "expected_codes") if key in m]
+        for key in unused:
+            r.error(f"{path}.{key}", "not used with protocol: websocket (a GET expecting 101)")
+        if unused:
+            return None
     return HealthCheck(*values)  # type: ignore[arg-type]
 
 
@@ -1004,17 +1488,23 @@ def _load_tls_files(config: Config, path: str) -> Config:
     problems: list[str] = []
     listeners = list(config.listeners)
     base = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
+
+    def full(p: str) -> str:
+        return os.path.join(base, os.path.expanduser(p))
+
     for i, lst in enumerate(listeners):
         if lst.tls is None:
             continue
-        cert = os.path.join(base, os.path.expanduser(lst.tls.cert))
-        key = os.path.join(base, os.path.expanduser(lst.tls.key))
+        pairs = tuple(Certificate(full(c.cert), full(c.key)) for c in lst.tls.certificates)
+        ca = full(lst.tls.client_ca) if lst.tls.client_ca is not None else None
         try:
-            _, digest = tls.load(cert, key)
+            loaded = tls.load(replace(lst.tls, certificates=pairs, client_ca=ca))
         except tls.TlsError as exc:
             problems.append(f"listeners[{i}].tls: {exc}")
             continue
-        listeners[i] = replace(lst, tls=Tls(cert, key, digest))
+        listeners[i] = replace(
+            lst, tls=replace(lst.tls, certificates=pairs, client_ca=ca, digest=loaded.digest)
+        )
     if problems:
         raise ConfigError(problems)
     return replace(config, listeners=tuple(listeners))

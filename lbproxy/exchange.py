@@ -1,8 +1,12 @@
 """One proxied request and its response, whatever front end the request came in on.
 
-Owns, per request: its head and body framing toward the backend, the choice of a server
-(asking ``sticky.Affinity`` for the session's pin), connecting, retries, the response
-(``Response``: head, body framing, relay) and the accounting (metrics, access log).
+Owns, per request: its head and body framing toward the backend (with the balancer's own
+lines: forwarding options, X-Client-Cert-*), the choice of a server (asking
+``sticky.Affinity`` for the session's pin), connecting (to the server's resolved addresses),
+retries, the response (``Response``: head, body framing, gzip, relay), backend reads under
+the listener's bandwidth cap, the 429 of ``limits.requests_per_second``, the tunnel after a
+101 (taking the client's connection slot) and the accounting (metrics, access log; a cut
+response too).
 
 An ``Exchange`` never touches the client's socket: it talks to its front end through the
 small ``Downstream`` interface (write a response head, body bytes, end, pause, resume, cut,
@@ -36,7 +40,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from . import headers, sticky, upstream
+from . import bandwidth, edge, gzip_filter, headers, sticky, upstream
 from .http1 import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -54,6 +58,7 @@ from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .access_log import AccessLog
+    from .config import Forwarding
     from .metrics import Registry
     from .snapshot import GroupRuntime, ListenerRuntime, ServerState
 
@@ -78,13 +83,15 @@ class Health(Protocol):
 
 
 class Context:
-    """What every connection of the process shares: the health reporter, stats, access log."""
+    """What every connection of the process shares: the health reporter, stats, access log,
+    the edge policies' state (per-client limits, bandwidth shapers: kept across reloads)."""
 
     def __init__(self, registry: Registry, access: AccessLog, report_health: Health) -> None:
         self.registry = registry
         self.access = access
         self.report_health = report_health
         self.draining = False
+        self.edges = edge.Edges()
 
 
 class Downstream(Protocol):
@@ -98,6 +105,10 @@ class Downstream(Protocol):
     protocol: str  # what the client speaks, as metrics and the access log name it: "HTTP/2"
     last: float  # loop time of the last activity (upstream bytes keep the client side alive)
     chunked_ok: bool  # whether a chunked response body may go out with its framing
+    cert_headers: tuple[bytes, ...]  # X-Client-Cert-* of a verified client certificate
+    slot: edge.Slot | None  # its place in connections_per_client (a tunnel takes it over)
+    shapers: bandwidth.Bandwidth | None  # the listener's bandwidth cap (backend reads spend too)
+    write_paused: bool  # the client's write buffer is full (backend reading paused for it)
 
     def send_head(
         self, resp: ResponseHead, extra: tuple[bytes, ...], kind: int, ended: bool
@@ -144,6 +155,11 @@ class Downstream(Protocol):
 
     def local_host(self) -> bytes:
         """The address the client connected to, as a Host value."""
+        ...
+
+    def forwarding_lines(self, fwd: Forwarding) -> tuple[bytes, ...]:
+        """The balancer-owned header lines (``fwd.extra``: CLB's optional ones) for this
+        client's connection."""
         ...
 
 
@@ -266,8 +282,16 @@ class Exchange:
         self.response = Response()
 
     def begin(self) -> bool:
-        """False when the listener answers the request itself (``redirect_https``)."""
-        port = self.lr.config.redirect_https
+        """False when the listener answers the request itself (429 past
+        ``limits.requests_per_second``, upgrades counted too; ``redirect_https``)."""
+        lr, down = self.lr, self.down
+        if lr.config.limits is not None:
+            edges = self.ctx.edges
+            wait = edges.retry_after(lr, down.slot, down.client_ip, self.req.headers, down.last)
+            if wait is not None:
+                self.answer(429, "request rate limit", (("Retry-After", wait),))
+                return False
+        port = lr.config.redirect_https
         if port:
             host = self.req.host
             if host is None:  # an HTTP/1.0 request without Host: the address it connected to
@@ -333,6 +357,8 @@ class Exchange:
     # ------------------------------------------------------------------ upstream.Handler
     def upstream_data(self, data: bytes) -> None:
         self.down.last = self.loop.time()
+        if self.down.shapers is not None:
+            self.dispatch.spend(self, len(data))
         response = self.response
         if response.head is None:
             response.buf += data
@@ -355,14 +381,14 @@ class Exchange:
     # ------------------------------------------------------------------ flow control
     def pause_upstream(self) -> None:
         """The client reads slower than the backend sends."""
-        up = self.dispatch.up
-        if up is not None:
-            up.transport.pause_reading()
+        self.dispatch.pause_reading()
 
     def resume_upstream(self) -> None:
-        up = self.dispatch.up
-        if up is not None:
-            up.transport.resume_reading()
+        self.dispatch.resume_reading()
+
+    def uncap(self) -> None:
+        """The bandwidth cap's debt is paid (``Dispatch.spend``)."""
+        self.dispatch.uncap(client_full=self.down.write_paused)
 
     def pause(self, bit: int) -> None:
         """Take no more request body, for reason ``bit`` (``_P_*``)."""
@@ -398,22 +424,10 @@ class Exchange:
         if self.response.started:
             log.info("%s: idle timeout mid-response", self.down.client_addr)
             self.fail(504, "idle timeout")
-        elif self._upstream_stopped_reading():
+        elif self.dispatch.stopped_reading(self):
             self.fail(504, "the server stopped reading the request body")
         else:
             self.fail(504 if self.req_done else 408, "idle timeout")
-
-    def _upstream_stopped_reading(self) -> bool:
-        """The body stalled because the backend stopped reading it (the client was paused for
-        it): a backend timeout, counted as one, not the client's (408)."""
-        server = self.dispatch.server
-        if self.req_done or not self.paused & _P_UPSTREAM_FULL or server is None:
-            return False
-        server.stats.errors["timeout"] += 1
-        log.warning(
-            "%s: upstream %s stopped reading the request body", self.down.client_addr, server.label
-        )
-        return True
 
     def client_gone(self) -> None:
         """The client went away mid-request: nothing more can be delivered."""
@@ -424,8 +438,11 @@ class Exchange:
     # ------------------------------------------------------------------ endings
     def finish(self, reuse: bool = True) -> None:
         """The response is complete: account, release the backend, let the front go on."""
-        resp = self.response.head
+        response = self.response
+        resp = response.head
         assert resp is not None
+        if response.gz is not None:  # the end of a compressed body (if the close framed it)
+            response.gzip_tail(self)
         self.done = True
         self.account(resp.status)
         reuse = reuse and self.req_done and resp.keep_alive and self.response.kind != BODY_CLOSE
@@ -439,9 +456,6 @@ class Exchange:
             # a bad answer to one request says nothing about the server's other requests.
             server.stats.errors[kind] += 1
             log.warning("%s: upstream %s: %s", self.down.client_addr, server.label, reason)
-        resp = self.response.head
-        if self.response.started and resp is not None:
-            self.account(resp.status)
         self.fail(502, reason)
 
     def fail(self, status: int, reason: str) -> None:
@@ -454,7 +468,12 @@ class Exchange:
         self.answer(status, reason)
 
     def cut(self) -> None:
-        """The response has started: the client can only learn of a failure from a cut."""
+        """The response has started: the client can only learn of a failure from a cut.
+        Counted and logged with the status that started, whatever cut it (a bad or closing
+        backend, a timeout)."""
+        resp = self.response.head
+        if resp is not None:
+            self.account(resp.status)
         self.done = True
         self.dispatch.release(self, reuse=False)
         self.down.cut()
@@ -498,13 +517,51 @@ class Dispatch:
     Owns the servers tried, the server in use and the connection to it, until it is released
     or handed to a tunnel after a 101."""
 
-    __slots__ = ("connect_task", "server", "tried", "up")
+    __slots__ = ("capped", "connect_task", "server", "tried", "up")
 
     def __init__(self) -> None:
         self.tried: list[ServerState] = []
         self.server: ServerState | None = None
         self.up: upstream.UpstreamConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
+        self.capped = False  # reading the backend paused by the listener's bandwidth cap
+
+    # ------------------------------------------------------------------ reading the backend
+    def spend(self, ex: Exchange, n: int) -> None:
+        """``n`` bytes read from the backend, against the listener's bandwidth cap: over it,
+        reading pauses until the debt is paid (``Exchange.uncap``)."""
+        shapers = ex.down.shapers
+        assert shapers is not None
+        if shapers.outbound.spend(n, ex.uncap):
+            self.capped = True
+            self.pause_reading()
+
+    def pause_reading(self) -> None:
+        if self.up is not None:
+            self.up.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """The client reads again; the bandwidth cap may still hold the backend back."""
+        if self.up is not None and not self.capped:
+            self.up.transport.resume_reading()
+
+    def uncap(self, client_full: bool) -> None:
+        """The cap's debt is paid; a full client buffer may still hold the backend back."""
+        self.capped = False
+        if self.up is not None and not client_full:
+            self.up.transport.resume_reading()
+
+    def stopped_reading(self, ex: Exchange) -> bool:
+        """The body stalled because the backend stopped reading it (the client was paused for
+        it): a backend timeout, counted as one, not the client's (408)."""
+        server = self.server
+        if ex.req_done or not ex.paused & _P_UPSTREAM_FULL or server is None:
+            return False
+        server.stats.errors["timeout"] += 1
+        log.warning(
+            "%s: upstream %s stopped reading the request body", ex.down.client_addr, server.label
+        )
+        return True
 
     def choose(self, ex: Exchange, server: ServerState | None = None) -> None:
         """Send the request to ``server``, or to the one its session is pinned to, or to the
@@ -546,7 +603,7 @@ class Dispatch:
 
     async def _connect(self, ex: Exchange, server: ServerState, timeout: float) -> None:
         try:
-            conn = await upstream.connect(server.address, timeout)
+            conn = await upstream.connect(server.connect_to, timeout)
         except TimeoutError:
             self.connect_task = None
             self.failed(ex, server, "timeout", f"connect timeout after {timeout:g}s", True)
@@ -581,14 +638,20 @@ class Dispatch:
 
     def upstream_head(self, ex: Exchange, server: ServerState) -> bytes:
         """The request head as ``server`` gets it."""
-        config = ex.lr.config
+        config, down = ex.lr.config, ex.down
+        fwd = config.forwarding
+        extra = down.cert_headers
+        if fwd.extra:
+            extra = extra + down.forwarding_lines(fwd)
         return headers.upstream_request_head(
             ex.req,
-            client_ip=ex.down.client_ip,
+            client_ip=down.client_ip,
             scheme=b"https" if config.tls is not None else b"http",
             forwarded=config.x_forwarded_for,
             default_host=server.label.encode(),
             upgrade=ex.upgrade,
+            proto=fwd.proto,
+            extra=extra,
         )
 
     def _out_of_resources(self, ex: Exchange, exc: OSError) -> None:
@@ -673,10 +736,12 @@ class Dispatch:
         ex.bytes_out += len(head)
         ex.done = True
         ex.account(101, access_line=False)  # the tunnel logs one line when it closes
-        client, client_pending = ex.down.upgrade(head)
+        down = ex.down
+        client, client_pending = down.upgrade(head)
         up.handler = None
         self.up = None  # the server stays taken (``active``) until the tunnel closes
         aff, req = ex.affinity, ex.req
+        slot, down.slot = down.slot, None  # the tunnel gives it back when it closes
         tunnel = Tunnel(
             ex.loop,
             client,
@@ -688,7 +753,11 @@ class Dispatch:
             client_addr=ex.down.client_addr,
             method_path=(req.method.decode("latin-1"), req.target.decode("latin-1")),
             access=ex.ctx.access,
-            on_close=aff.tunnel_closed if aff is not None and aff.sid is not None else None,
+            on_close=edge.on_tunnel_close(
+                slot, aff.tunnel_closed if aff is not None and aff.sid is not None else None
+            ),
+            policy=ex.lr.config.websocket,
+            shapers=down.shapers,
         )
         if ex.pending:
             client_pending += b"".join(ex.pending)
@@ -710,7 +779,8 @@ class Dispatch:
             return
         self.up = None
         last = self.tried[-1] if self.tried else None
-        if reuse and last is not None and not up.closed:
+        # A draining server's keep-alive connections close after their current response.
+        if reuse and last is not None and not up.closed and not last.draining:
             up.transport.resume_reading()
             last.pool.put(up, ex.loop.time(), ex.group.config.keepalive_connections)
         else:
@@ -722,7 +792,7 @@ class Response:
     relays both downstream. The exchange (the backend connection's handler) passes itself in:
     nothing here points back at it, so a finished exchange is freed by reference counting."""
 
-    __slots__ = ("buf", "decode", "head", "kind", "remaining", "started", "tracker")
+    __slots__ = ("buf", "decode", "gz", "head", "kind", "remaining", "started", "tracker")
 
     def __init__(self) -> None:
         self.head: ResponseHead | None = None
@@ -732,6 +802,7 @@ class Response:
         self.tracker: ChunkedTracker | None = None
         self.decode = False  # chunked framing removed for this client
         self.started = False  # response bytes went downstream: no retry, a failure is a cut
+        self.gz: gzip_filter.GzipStream | None = None  # the body being compressed (gzip)
 
     # ------------------------------------------------------------------ head
     def read_head(self, ex: Exchange) -> None:
@@ -792,9 +863,14 @@ class Response:
         if ex.affinity is not None:
             now = ex.loop.time()
             extra = ex.affinity.response(resp.status, resp.headers, server.id, server.token, now)
+        out = resp
+        gzip_cfg = ex.lr.config.gzip
+        if gzip_cfg is not None:  # gzip: maybe another head, and a stream for the body
+            # An HTTP/2 stream (no chunked framing) frames the compressed bytes itself.
+            out, self.gz = gzip_filter.start(gzip_cfg, ex.req, resp, kind, ex.down.chunked_ok)
         ended = kind == BODY_NONE or (kind == BODY_LENGTH and self.remaining == 0)
         self.started = True
-        ex.bytes_out += ex.down.send_head(resp, extra, kind, ended)
+        ex.bytes_out += ex.down.send_head(out, extra, kind, ended)
         if ended:
             ex.finish()
 
@@ -810,6 +886,9 @@ class Response:
             assert server is not None
             ttl = ex.lr.config.timeouts.idle
             aff.read_handshake(data, self.kind == BODY_CHUNKED, server.id, ex.loop.time(), ttl)
+        if self.gz is not None:
+            self._gzip_body(ex, self.gz, data)
+            return
         kind = self.kind
         if kind == BODY_LENGTH:
             n = self.remaining
@@ -847,6 +926,27 @@ class Response:
         else:
             ex.finish(reuse=False)  # bytes after a body-less response
 
+    def _gzip_body(self, ex: Exchange, gz: gzip_filter.GzipStream, data: bytes) -> None:
+        """The body through gzip: the stream reads the backend's framing itself."""
+        try:
+            out, done, clean = gz.feed(data)
+        except ParseError as exc:
+            ex.bad_gateway(f"invalid chunked response: {exc.reason}")
+            return
+        if out:
+            self._write(ex, out)
+        if done:
+            ex.finish(reuse=clean)
+
+    def gzip_tail(self, ex: Exchange) -> None:
+        """The compressed body's last bytes, at its end."""
+        gz = self.gz
+        assert gz is not None
+        self.gz = None
+        tail = gz.finish()
+        if tail:
+            self._write(ex, tail)
+
     def ended(self, ex: Exchange, exc: Exception | None) -> None:
         """The backend connection closed (``exc``: why, if known)."""
         up, server = ex.dispatch.up, ex.dispatch.server
@@ -867,7 +967,6 @@ class Response:
         # The response was cut short: the client can only learn it from a cut connection.
         server.stats.errors["reset"] += 1
         log.warning("%s: upstream %s closed mid-response", ex.down.client_addr, server.label)
-        ex.account(resp.status)
         ex.cut()
 
 

@@ -67,6 +67,7 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from . import headers
+from .config import Forwarding
 from .exchange import Context, Exchange, record
 from .http1 import Limits, ParseError, RequestHead, ResponseHead, parse_request_head
 from .http_proxy import _CLOSED, ClientConnection, ClientSocket, ListenerHandle
@@ -128,7 +129,6 @@ class Http2Connection(ClientSocket):
             )
         )
         self.streams: dict[int, Stream] = {}
-        self.write_paused = False  # the client socket's buffer is full
         self.reset_budget = float(RAPID_RESET_BURST)
         self.reset_time = self.last
         self.goaway = 0  # 1: GOAWAY 2^31-1 and a PING sent; 2: the final GOAWAY sent
@@ -139,6 +139,8 @@ class Http2Connection(ClientSocket):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self.phase == _CLOSED:  # refused (connections_per_client): not a byte of HTTP/2
+            return
         lim = self.lr.limits
         list_size = lim.max_header_size + 32 * lim.max_header_count  # HPACK counts 32 a field
         h2 = self.h2
@@ -181,6 +183,8 @@ class Http2Connection(ClientSocket):
         if self.phase == _CLOSED:
             return
         self.bytes_in += len(data)
+        if self.shapers is not None:
+            self._spend_in(len(data))
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
@@ -396,6 +400,7 @@ class Stream:
     """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange."""
 
     __slots__ = (
+        "cert_headers",
         "chunked",
         "client_addr",
         "client_ip",
@@ -409,9 +414,11 @@ class Stream:
         "out",
         "paused",
         "request_complete",
+        "shapers",
         "sid",
+        "slot",
         "unacked",
-        "up_paused",
+        "write_paused",
     )
 
     protocol = "HTTP/2"
@@ -433,7 +440,15 @@ class Stream:
         self.closed = False  # answered, cut or reset: nothing more goes out
         self.paused = False  # the exchange takes no more body: received DATA is not acked
         self.unacked = 0
-        self.up_paused = False
+        # The backend is paused for this stream: its bytes wait for a window or the socket
+        # (the exchange's bandwidth cap keeps it paused until both let go).
+        self.write_paused = False
+        # The connection's edge: X-Client-Cert-* of its certificate, its client's place in
+        # connections_per_client (read by the 429 check; no tunnel takes it over HTTP/2),
+        # and the listener's bandwidth shapers (backend reads for this stream spend on them).
+        self.cert_headers = conn.cert_headers
+        self.slot = conn.slot
+        self.shapers = conn.shapers
 
     # ------------------------------------------------------------------ request
     def start(self, raw: Iterable[tuple[bytes, bytes]], ended: bool) -> None:
@@ -569,8 +584,8 @@ class Stream:
         if ex is None or ex.done:
             return
         want = bool(self.out) or self.conn.write_paused
-        if want != self.up_paused:
-            self.up_paused = want
+        if want != self.write_paused:
+            self.write_paused = want
             if want:
                 ex.pause_upstream()
             else:
@@ -668,6 +683,9 @@ class Stream:
 
     def local_host(self) -> bytes:
         return self.conn.local_host()
+
+    def forwarding_lines(self, fwd: Forwarding) -> tuple[bytes, ...]:
+        return self.conn.forwarding_lines(fwd)
 
     # ------------------------------------------------------------------ timeouts
     def check_timeouts(self, now: float, idle: float, request: float) -> float:

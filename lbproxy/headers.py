@@ -2,10 +2,11 @@
 
 Owns hop-by-hop removal (RFC 9110 section 7.6.1: Connection and every token it lists,
 Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-Connection), the X-Forwarded-*
-family, the upgrade hand-through, and the short error responses the proxy writes itself.
-Pure functions over parsed heads; the proxy calls them once per message. A head goes out as
-its sender wrote it, but for the lines the parser noted as hop-by-hop or X-Forwarded-*: the
-common head costs a list copy and a join, not an object per field.
+family, the X-Client-Cert-* headers clients may not send, the upgrade hand-through, and the
+short error responses the proxy writes itself. Pure functions over parsed heads; the proxy
+calls them once per message. A head goes out as its sender wrote it, but for the lines the
+parser noted as hop-by-hop, X-Forwarded-* or balancer-owned: the common head costs a list
+copy and a join, not an object per field.
 """
 
 from __future__ import annotations
@@ -25,14 +26,24 @@ HOP_BY_HOP = frozenset(
         b"proxy-connection",
     }
 )
-_FORWARDED_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"})
+_FORWARDED_SET = frozenset({b"x-forwarded-host", b"x-real-ip"})
+# Set only by the proxy, from a verified client certificate (mutual TLS): a client's own are
+# removed on every listener, so a backend can trust them whatever the listener.
+CLIENT_CERT = frozenset({b"x-client-cert-subject", b"x-client-cert-fingerprint"})
+# Headers only the balancer may set (CLB's optional ones): a client's are never passed on,
+# whether the listener sends its own or not, so a backend can trust them.
+BALANCER_OWNED = frozenset(
+    {b"x-forwarded-port", b"x-forwarded-client-srcport", b"slb-ip", b"slb-id"}
+)
+_DROP = HOP_BY_HOP | BALANCER_OWNED | CLIENT_CERT
 # Never removed because Connection lists them ("Connection: Content-Length"): the proxy frames
 # the body it relays by Content-Length, so dropping it would let the other side read that body
 # as the next message (request smuggling / response desync).
 _NEVER_DROPPED = frozenset({b"content-length", b"host"})
-# Connection tokens whose fields the parser already notes as hop-by-hop (or never drops):
-# a Connection header listing only these needs no look at the other fields.
-_LISTED_OK = HOP_BY_HOP | _NEVER_DROPPED | {b"close"}
+# Connection tokens whose fields the parser already notes as hop-by-hop or always dropped (or
+# that are never dropped): a Connection header listing only these needs no look at the other
+# fields.
+_LISTED_OK = _DROP | _NEVER_DROPPED | {b"close"}
 
 REASONS = {
     301: "Moved Permanently",
@@ -41,6 +52,7 @@ REASONS = {
     408: "Request Timeout",
     413: "Content Too Large",
     414: "URI Too Long",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -59,16 +71,26 @@ def upstream_request_head(
     forwarded: bool,
     default_host: bytes,
     upgrade: bool,
+    proto: bool | None = None,
+    extra: tuple[bytes, ...] = (),
 ) -> bytes:
-    """The request head sent to a backend: always HTTP/1.1, keep-alive, hop-by-hop removed.
+    """The request head sent to a backend: always HTTP/1.1, keep-alive, hop-by-hop and
+    client-sent X-Client-Cert-* removed, ``extra`` lines (the proxy's own) added.
 
     A chunked body is forwarded with its framing untouched, so Transfer-Encoding: chunked is
     put back; an upgrade keeps ``Connection: Upgrade`` and its ``Upgrade`` value.
+    ``forwarded``: X-Forwarded-For appended to, X-Forwarded-Host and X-Real-IP replaced;
+    ``proto`` (None: as ``forwarded``): X-Forwarded-Proto replaced; ``extra``: the
+    balancer-owned lines (``forwarding_lines``), added after every client header of those
+    names is dropped.
 
     The field lines go out as the client sent them; only the lines the parser noted (hop-by-hop,
-    X-Forwarded-*, Host of an absolute-form target) are dropped or replaced. A Connection
-    header naming other fields takes the slower path that looks at every field.
+    X-Forwarded-*, X-Real-IP, balancer-owned, X-Client-Cert-*, Host of an absolute-form target)
+    are dropped or replaced. A Connection header naming other fields takes the slower path that
+    looks at every field.
     """
+    if proto is None:
+        proto = forwarded
     if req.connection and not req.connection <= _LISTED_OK:
         return _upstream_request_head_by_field(
             req,
@@ -77,6 +99,8 @@ def upstream_request_head(
             forwarded=forwarded,
             default_host=default_host,
             upgrade=upgrade,
+            proto=proto,
+            extra=extra,
         )
     lines = req.lines
     hop = req.hop
@@ -88,15 +112,28 @@ def upstream_request_head(
         # The authority of an absolute-form target replaces Host (RFC 9112 3.2.2).
         assert host is not None
         out[host_line] = lines[host_line].partition(b":")[0] + b": " + host
-    xff: list[bytes] | None = None
+    xff: list[bytes] = []
     drop = hop
-    if forwarded and req.forwarded is not None:
-        xff = []
-        for i in req.forwarded:
+    noted = req.forwarded
+    if noted is not None:
+        gone: list[int] = []
+        for i in noted:
             name, _, value = lines[i].partition(b":")
-            if len(name) == 15 and name.lower() == b"x-forwarded-for":
-                xff.append(value.strip())
-        drop = req.forwarded if hop is None else hop + req.forwarded
+            lname = name.lower()
+            if lname == b"x-forwarded-for":
+                keep = not forwarded
+                if forwarded:
+                    xff.append(value.strip())
+            elif lname == b"x-forwarded-proto":
+                keep = not proto
+            elif lname in _FORWARDED_SET:
+                keep = not forwarded
+            else:
+                keep = False  # balancer-owned or X-Client-Cert-*: never passed from a client
+            if not keep:
+                gone.append(i)
+        if gone:
+            drop = gone if hop is None else hop + gone
     if drop is not None:
         for i in sorted(drop, reverse=True):
             del out[i]
@@ -112,10 +149,14 @@ def upstream_request_head(
     if forwarded:
         ip = client_ip.encode()
         out.append(b"X-Forwarded-For: " + (b", ".join(xff) + b", " + ip if xff else ip))
-        out.append(b"X-Forwarded-Proto: " + scheme)
+        if proto:
+            out.append(b"X-Forwarded-Proto: " + scheme)
         if host:
             out.append(b"X-Forwarded-Host: " + host)
         out.append(b"X-Real-IP: " + ip)
+    elif proto:
+        out.append(b"X-Forwarded-Proto: " + scheme)
+    out.extend(extra)
     out.append(b"\r\n")
     return b"\r\n".join(out)
 
@@ -137,9 +178,13 @@ def _upstream_request_head_by_field(
     forwarded: bool,
     default_host: bytes,
     upgrade: bool,
+    proto: bool,
+    extra: tuple[bytes, ...],
 ) -> bytes:
     """``upstream_request_head`` when Connection names fields to drop: field by field."""
-    drop = HOP_BY_HOP | (req.connection - _NEVER_DROPPED)
+    drop = _DROP | (req.connection - _NEVER_DROPPED)
+    if proto:
+        drop = drop | {b"x-forwarded-proto"}
     lines = [req.method + b" " + req.target + b" HTTP/1.1"]
     xff: list[bytes] = []
     has_host = False
@@ -171,12 +216,39 @@ def _upstream_request_head_by_field(
         ip = client_ip.encode()
         xff.append(ip)
         lines.append(b"X-Forwarded-For: " + b", ".join(xff))
-        lines.append(b"X-Forwarded-Proto: " + scheme)
+        if proto:
+            lines.append(b"X-Forwarded-Proto: " + scheme)
         if host:
             lines.append(b"X-Forwarded-Host: " + host)
         lines.append(b"X-Real-IP: " + ip)
+    elif proto:
+        lines.append(b"X-Forwarded-Proto: " + scheme)
+    lines.extend(extra)
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
+
+
+def forwarding_lines(
+    *,
+    port: int | None,
+    client_port: int | None,
+    slb_ip: str | None,
+    slb_id: str,
+) -> tuple[bytes, ...]:
+    """CLB's optional forwarding headers, each given only when its option is on (None or
+    empty: off): X-Forwarded-Port (the listener's port), X-Forwarded-Client-Srcport (the
+    client's source port), SLB-IP (the listener address the client connected to), SLB-ID
+    (the configured instance name)."""
+    out: list[bytes] = []
+    if port is not None:
+        out.append(b"X-Forwarded-Port: %d" % port)
+    if client_port is not None:
+        out.append(b"X-Forwarded-Client-Srcport: %d" % client_port)
+    if slb_ip:
+        out.append(b"SLB-IP: " + slb_ip.encode())
+    if slb_id:
+        out.append(b"SLB-ID: " + slb_id.encode())
+    return tuple(out)
 
 
 def origin_form(target: bytes) -> bytes:

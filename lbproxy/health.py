@@ -12,6 +12,8 @@ States
     UNKNOWN  the server just appeared and has never been checked. Takes no traffic.
     UP       takes traffic. The only state that does.
     DOWN     takes no traffic.
+    A server also remembers whether it has *ever* been UP (``been_up``): the one fact the
+    gates below need besides the counters.
 
 Events
     CHECK_OK      an active check got an expected status code.
@@ -25,7 +27,11 @@ Transitions (the ``TRANSITIONS`` table below is the authority; this is its prose
     UNKNOWN + PASSIVE_FAIL  -> DOWN at once.
     UP + CHECK_FAIL         -> DOWN once ``unhealthy_threshold`` checks in a row failed.
     UP + PASSIVE_FAIL       -> DOWN at once; active checks bring it back.
-    DOWN + CHECK_OK         -> UP once ``healthy_threshold`` checks in a row passed.
+    DOWN + CHECK_OK         -> UP at once while the server has never been UP (a backend
+                               that was down when it was first checked, e.g. started after
+                               the proxy: Envoy's startup rule); once it has been UP, only
+                               after ``healthy_threshold`` checks in a row passed (a server
+                               that failed must prove itself before it gets traffic again).
     Anything else leaves the state alone.
 
 Counters (the part that does not fit in the table, the same in every state)
@@ -76,7 +82,8 @@ class Gate(enum.Enum):
     """What must hold before a table entry fires."""
 
     AT_ONCE = "at_once"
-    HEALTHY_THRESHOLD = "healthy_threshold"
+    # healthy_threshold checks in a row; a server never UP yet needs only this one.
+    HEALTHY_THRESHOLD_ONCE_UP = "healthy_threshold_once_up"
     UNHEALTHY_THRESHOLD = "unhealthy_threshold"
 
 
@@ -94,7 +101,7 @@ TRANSITIONS: Final[Mapping[State, Mapping[Event, tuple[State, Gate]]]] = {
         Event.PASSIVE_FAIL: (State.DOWN, Gate.AT_ONCE),
     },
     State.DOWN: {
-        Event.CHECK_OK: (State.UP, Gate.HEALTHY_THRESHOLD),
+        Event.CHECK_OK: (State.UP, Gate.HEALTHY_THRESHOLD_ONCE_UP),
     },
 }
 
@@ -116,6 +123,7 @@ class ServerHealth:
     """Health of one server; mutated only through ``observe``."""
 
     __slots__ = (
+        "been_up",
         "failures",
         "last_change_at",
         "last_change_reason",
@@ -128,6 +136,7 @@ class ServerHealth:
 
     def __init__(self) -> None:
         self.state: State = State.UNKNOWN
+        self.been_up = False  # ever UP: from then on DOWN -> UP waits for healthy_threshold
         self.successes: int = 0
         self.failures: int = 0
         # Result text of the last active check; passive failures do not overwrite it,
@@ -189,13 +198,16 @@ class ServerHealth:
         word = _EVENT_WORDS[event]
         if gate is Gate.AT_ONCE:
             text = f"{word}: {reason}"
-        elif gate is Gate.HEALTHY_THRESHOLD:
-            if self.successes < healthy_threshold:
+        elif gate is Gate.HEALTHY_THRESHOLD_ONCE_UP:
+            if not self.been_up:
+                text = f"check ok, never up before (no healthy_threshold wait): {reason}"
+            elif self.successes < healthy_threshold:
                 return None
-            text = (
-                f"{self.successes} consecutive checks ok "
-                f"(healthy_threshold {healthy_threshold}), last: {reason}"
-            )
+            else:
+                text = (
+                    f"{self.successes} consecutive checks ok "
+                    f"(healthy_threshold {healthy_threshold}), last: {reason}"
+                )
         else:
             if self.failures < unhealthy_threshold:
                 return None
@@ -205,6 +217,8 @@ class ServerHealth:
             )
         old = self.state
         self.state = new
+        if new is State.UP:
+            self.been_up = True
         self.last_change_at = now
         self.last_change_reason = text
         return Transition(old, new, text)

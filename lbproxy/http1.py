@@ -122,7 +122,9 @@ _K_EXPECT = 6
 # Not framing, but what a proxy changes: their line numbers are noted (``hop``, ``forwarded``)
 # so that a head is forwarded as received without every line becoming a Python object.
 _K_HOP = 7  # the other hop-by-hop fields (RFC 9110 7.6.1)
-_K_FORWARDED = 8  # replaced by the proxy's own in a request; plain in a response
+# X-Forwarded-*, X-Real-IP, and the names only the balancer sets (headers.BALANCER_OWNED,
+# headers.CLIENT_CERT): replaced or dropped in a request; plain in a response.
+_K_FORWARDED = 8
 _K_CLOSE = 9  # a field named "close": hop-by-hop when Connection lists the token
 
 _SPECIAL: dict[bytes, int] = {
@@ -140,6 +142,12 @@ _SPECIAL: dict[bytes, int] = {
     b"x-forwarded-proto": _K_FORWARDED,
     b"x-forwarded-host": _K_FORWARDED,
     b"x-real-ip": _K_FORWARDED,
+    b"x-forwarded-port": _K_FORWARDED,
+    b"x-forwarded-client-srcport": _K_FORWARDED,
+    b"slb-ip": _K_FORWARDED,
+    b"slb-id": _K_FORWARDED,
+    b"x-client-cert-subject": _K_FORWARDED,
+    b"x-client-cert-fingerprint": _K_FORWARDED,
     b"close": _K_CLOSE,
 }
 
@@ -192,8 +200,10 @@ class RequestHead:
     CRLFs); ``headers`` gives the fields as (name, value) pairs, in order, made on first use.
     ``hop`` lists the line numbers of hop-by-hop fields (Connection, Transfer-Encoding,
     Upgrade, Keep-Alive, TE, Trailer, Proxy-Connection, and fields named "close" when
-    Connection lists that token), ``forwarded`` those of X-Forwarded-For/-Proto/-Host and
-    X-Real-IP, ``host_line`` that of Host (0: none).
+    Connection lists that token), ``forwarded`` those of X-Forwarded-For/-Proto/-Host,
+    X-Real-IP and the names only the balancer sets (X-Forwarded-Port,
+    X-Forwarded-Client-Srcport, SLB-IP, SLB-ID, X-Client-Cert-*), ``host_line`` that of Host
+    (0: none).
     """
 
     __slots__ = (

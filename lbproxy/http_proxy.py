@@ -10,8 +10,18 @@ parser's 414/431/505).
 Each parsed request becomes an ``exchange.Exchange``, which does the rest (server, body,
 retries, response, accounting) and reaches the client through this connection's
 ``Downstream`` methods: ``send_head``, ``write``, ``flush``, ``end``, ``send_error``, ``cut``,
-``pause_reading``/``resume_reading``, ``wake_at``, ``upgrade``. ``ClientSocket`` holds what
-does not depend on the protocol spoken (stats, pausing, the timer, writes, closing, lingering).
+``pause_reading``/``resume_reading``, ``wake_at``, ``upgrade``, ``local_host``,
+``forwarding_lines``. ``ClientSocket`` holds what
+does not depend on the protocol spoken (stats, pausing, the timer, writes, closing, lingering,
+the connection's edge policies and its client certificate).
+
+The edge policies (issue 16) hook in here from one place each, their state and decisions
+being ``edge.py``'s: a new connection is admitted or refused (``limits``,
+connections_per_client) and gets its listener's bandwidth shapers; client reads spend on the
+inbound shaper (``_P_BANDWIDTH``), backend reads on the outbound one (the exchange's
+``Dispatch.spend``), and a full client buffer and a cap never undo each other's pause
+(``write_paused``); the connection's slot goes to a tunnel with the transport. The 429 of
+``requests_per_second`` is the exchange's (``Exchange.begin``), gzip the response's.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from . import headers
+from . import bandwidth, edge, headers, tls
 from .config import LINGER_TIMEOUT
 from .exchange import BUFFER_LIMIT, Context, Exchange, Health, record
 from .http1 import (
@@ -34,6 +44,7 @@ from .http1 import (
 )
 
 if TYPE_CHECKING:
+    from .config import Forwarding
     from .snapshot import ListenerRuntime
 
 __all__ = ["ClientConnection", "Context", "Health", "ListenerHandle"]
@@ -44,6 +55,7 @@ _clock = time.perf_counter
 # Why client reading is paused (a bit each; reading resumes when none is left).
 _P_EXCHANGE = 1  # the exchange takes no more body (connecting, or the backend is full)
 _P_PIPELINED = 2  # a request that came early waits for the current response
+_P_BANDWIDTH = 4  # the listener's bandwidth cap (bandwidth.Bandwidth)
 
 _HEAD, _ACTIVE, _CLOSED = 0, 1, 2
 
@@ -61,7 +73,9 @@ class ClientSocket(asyncio.Protocol):
     """What a front end does with its client socket, whatever the protocol on it: counted in
     the listener's stats while open, reading paused for a set of reasons (bits), one timer
     (``_on_timer``, the front end's), writes (a response head held back goes out with the
-    next bytes in one writev), closing, and lingering after an answer."""
+    next bytes in one writev), closing, and lingering after an answer; admitted under the
+    listener's per-client limits (``slot``), read through its bandwidth cap (``shapers``),
+    the X-Client-Cert-* lines of a verified client certificate (``cert_headers``)."""
 
     def __init__(self, ctx: Context, handle: ListenerHandle) -> None:
         self.ctx = ctx
@@ -80,8 +94,14 @@ class ClientSocket(asyncio.Protocol):
         self.last = self.loop.time()  # the protocol is made at the accept: its time
         self.timer: asyncio.TimerHandle | None = None
         self.timer_when = 0.0
+        self.cert_headers: tuple[bytes, ...] = ()  # a verified client certificate (mutual TLS)
+        self.slot: edge.Slot | None = None  # counted against connections_per_client
+        self.shapers: bandwidth.Bandwidth | None = None  # the listener's bandwidth cap, if any
+        self.write_paused = False  # the client's write buffer is full
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Counted and open, unless over ``connections_per_client`` (then closed at once,
+        counted as refused; ``phase`` says so)."""
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
@@ -89,6 +109,17 @@ class ClientSocket(asyncio.Protocol):
             self.client_addr = (
                 f"[{peer[0]}]:{peer[1]}" if ":" in self.client_ip else f"{peer[0]}:{peer[1]}"
             )
+        config = self.lr.config
+        if config.tls is not None and config.tls.client_auth is not None:
+            self.cert_headers = tls.client_cert_headers(transport.get_extra_info("ssl_object"))
+        if config.limits is not None:
+            self.slot = self.ctx.edges.admit(self.lr, self.client_ip)
+            if self.slot is None:
+                self.phase = _CLOSED
+                transport.close()
+                return
+        if config.bandwidth:
+            self.shapers = self.ctx.edges.bandwidth(self.lr)
         ls = self.lr.stats
         ls.connections_active += 1
         ls.connections_total += 1
@@ -120,6 +151,18 @@ class ClientSocket(asyncio.Protocol):
         name = str(local[0]) if isinstance(local, tuple) else "localhost"
         return (f"[{name}]" if ":" in name else name).encode()
 
+    def forwarding_lines(self, fwd: Forwarding) -> tuple[bytes, ...]:
+        return edge.forwarding_lines(fwd, self.transport)
+
+    def _spend_in(self, n: int) -> None:
+        """``n`` bytes read from the client, against the listener's bandwidth cap."""
+        shapers = self.shapers
+        if shapers is not None and shapers.inbound.spend(n, self._bw_resume_client):
+            self._pause(_P_BANDWIDTH)
+
+    def _bw_resume_client(self) -> None:
+        self._resume(_P_BANDWIDTH)
+
     def _close_after_write(self, linger: bool = False) -> None:
         """Close once what is buffered is written. With ``linger``, when the client may still
         be sending (RFC 9112 9.6): send FIN after the answer and read and drop what comes for
@@ -146,6 +189,9 @@ class ClientSocket(asyncio.Protocol):
             return
         if not self.transport.is_closing():
             self.transport.close()
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
         ls = self.lr.stats
         if self in ls.live:
             ls.live.discard(self)
@@ -201,12 +247,16 @@ class ClientConnection(ClientSocket):
     # ------------------------------------------------------------------ client transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self.phase == _CLOSED:  # refused (connections_per_client)
+            return
         t = self.lr.config.timeouts
         self._arm(min(self.last + t.idle, self.head_start + t.client_header))
 
     def data_received(self, data: bytes) -> None:
         self.last = self.loop.time()
         self.bytes_in += len(data)
+        if self.shapers is not None:
+            self._spend_in(len(data))
         if self.phase == _HEAD:
             if not self.head_start:
                 self._start_head_clock(self.last)
@@ -253,10 +303,12 @@ class ClientConnection(ClientSocket):
         self._close()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.exchange is not None:
             self.exchange.pause_upstream()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.exchange is not None:
             self.exchange.resume_upstream()
 
@@ -312,8 +364,9 @@ class ClientConnection(ClientSocket):
     ) -> int:
         ex = self.exchange
         assert ex is not None
-        chunked = kind == BODY_CHUNKED and self.chunked_ok
-        if kind == BODY_CLOSE or (kind == BODY_CHUNKED and not chunked) or not ex.req_done:
+        relayed = kind == BODY_CHUNKED and self.chunked_ok
+        chunked = relayed or ex.response.gz is not None  # gzip's output is chunked too
+        if kind == BODY_CLOSE or (kind == BODY_CHUNKED and not relayed) or not ex.req_done:
             # The body ends by closing, or the rest of the request body would be taken for a
             # new request.
             self.keep_alive = False
@@ -346,9 +399,12 @@ class ClientConnection(ClientSocket):
             self._close_after_write(linger=linger)
             return
         self.phase = _HEAD
-        if self.paused:
-            self.paused = 0  # what the exchange paused for ended with it; early bytes go now
-            self.transport.resume_reading()
+        if self.paused & (_P_EXCHANGE | _P_PIPELINED):
+            # What the exchange paused for ended with it; early bytes go now (unless the
+            # bandwidth cap still holds them back).
+            self.paused &= _P_BANDWIDTH
+            if not self.paused:
+                self.transport.resume_reading()
         if self.buf:
             self._start_head_clock(self.loop.time())  # a pipelined request, waiting since
             self._read_head()

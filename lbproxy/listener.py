@@ -37,12 +37,14 @@ import resource
 import socket
 import ssl
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from . import tls
 from .config import ACCEPT_RETRY_DELAY, Address, Tls
 from .h2_front import Alpn
 from .http_proxy import ClientConnection, Context, ListenerHandle
+from .metrics import ListenerStats
 from .snapshot import Snapshot
 
 log = logging.getLogger("lbproxy.listener")
@@ -91,7 +93,9 @@ class Acceptor:
     ``host:port`` normally resolves to one). Quacks like the part of asyncio.Server in use:
     ``sockets``, ``is_serving``, ``close``."""
 
-    def __init__(self, owner: Listeners, bound: _Bound, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self, owner: Listeners, bound: _Bound, sockets: list[socket.socket], hold: bool
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.owner = owner
         self.bound = bound
@@ -99,7 +103,17 @@ class Acceptor:
         self.pending = 0  # accepted, not yet a connection (transport or TLS handshake to come)
         self.retry: asyncio.TimerHandle | None = None
         self.closed = False
-        self._add_readers()
+        # Held: listening (clients wait in the backlog) but not accepting yet, until
+        # ``accept``: the proxy's start holds its listeners while servers are warmed.
+        self.held = hold
+        if not hold:
+            self._add_readers()
+
+    def accept(self) -> None:
+        """Start accepting on a socket opened held."""
+        if self.held and not self.closed:
+            self.held = False
+            self._add_readers()
 
     def _add_readers(self) -> None:
         for sock in self.sockets:
@@ -119,7 +133,7 @@ class Acceptor:
         if self.retry is not None:
             self.retry.cancel()
             self.retry = None
-        else:
+        elif not self.held:
             self._remove_readers()
         for sock in self.sockets:
             sock.close()
@@ -202,11 +216,12 @@ class Acceptor:
             conn.close()
             return
         self.pending += 1
-        self._drive(coro)
+        self._drive(coro, stats if ssl_ctx is not None else None)
 
-    def _drive(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _drive(self, coro: Coroutine[Any, Any, Any], tls_stats: ListenerStats | None) -> None:
         """Run ``coro`` (a connect_accepted_socket) to its end without a task: each time it
-        waits on a future, go on when that future is done."""
+        waits on a future, go on when that future is done. A failed TLS handshake is counted
+        in ``tls_stats``."""
         try:
             step = coro.send(None)
         except StopIteration:
@@ -215,12 +230,24 @@ class Acceptor:
         except (Exception, asyncio.CancelledError) as exc:
             # A TLS handshake that failed or timed out; the transport is closed already.
             self.pending -= 1
+            if tls_stats is not None:
+                tls_stats.tls_failures[tls.failure_reason(exc)] += 1
             log.debug("listener %s: connection failed: %r", self.bound.handle.runtime.name, exc)
             return
         if hasattr(step, "add_done_callback"):
-            step.add_done_callback(lambda _: self._drive(coro))
+            step.add_done_callback(lambda _: self._drive(coro, tls_stats))
         else:  # a bare yield: go on at the next turn of the loop
-            self.loop.call_soon(self._drive, coro)
+            self.loop.call_soon(self._drive, coro, tls_stats)
+
+
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """Sockets opened for a snapshot, held until ``Listeners.commit`` or ``cancel``."""
+
+    snap: Snapshot
+    contexts: dict[str, tuple[tuple[Tls, bool], ssl.SSLContext]]
+    opened: dict[str, _Bound]
+    moved: dict[str, str]  # listener -> the listener whose socket it takes over
 
 
 class Listeners:
@@ -244,14 +271,21 @@ class Listeners:
             if lst.tls is None or self._tls_loaded.get(lst.name) == (lst.tls, lst.http2):
                 continue
             try:
-                context, _ = tls.load(lst.tls.cert, lst.tls.key, lst.http2)
+                context = tls.load(lst.tls, lst.http2).context
             except tls.TlsError as exc:
                 raise BindError(f"listeners[{i}].tls: {exc}") from None
             built[lst.name] = ((lst.tls, lst.http2), context)
         return built
 
-    async def apply(self, snap: Snapshot) -> None:
-        """Make the open sockets match ``snap``; raise BindError and change nothing on failure."""
+    async def apply(self, snap: Snapshot, hold: bool = False) -> None:
+        """Make the open sockets match ``snap``; raise BindError and change nothing on failure.
+        With ``hold`` new sockets listen but accept nothing until ``accept``."""
+        self.commit(await self.open(snap), accept=not hold)
+
+    async def open(self, snap: Snapshot) -> Opening:
+        """Build the TLS contexts and open the sockets ``snap`` adds, held (listening, not
+        accepting); raise BindError and change nothing on failure. Nothing else changes
+        until ``commit`` (or ``cancel``)."""
         contexts = self._build_tls(snap)
         opened: dict[str, _Bound] = {}
         moved: dict[str, str] = {}  # listener -> the listener whose socket it takes over
@@ -267,13 +301,29 @@ class Listeners:
                 continue
             handle = self.handles.get(lst.name) or ListenerHandle(snap.listeners[lst.name])
             try:
-                opened[lst.name] = await self._open(lst.bind, handle)
+                opened[lst.name] = await self._open(lst.bind, handle, hold=True)
             except OSError as exc:
                 for b in opened.values():
                     b.server.close()
                 raise BindError(
                     f"listeners[{i}].bind: cannot listen on {lst.bind}: {exc.strerror or exc}"
                 ) from None
+        return Opening(snap, contexts, opened, moved)
+
+    @staticmethod
+    def cancel(opening: Opening) -> None:
+        for b in opening.opened.values():
+            b.server.close()
+
+    def commit(self, opening: Opening, accept: bool = True) -> None:
+        """Point the listeners at ``opening``'s snapshot, take over moved sockets, stop the
+        ones no longer wanted, and (with ``accept``) start accepting on the new ones."""
+        snap, contexts, opened, moved = (
+            opening.snap,
+            opening.contexts,
+            opening.opened,
+            opening.moved,
+        )
         for name, (files, context) in contexts.items():
             self.tls_contexts[name] = context
             self._tls_loaded[name] = files
@@ -301,6 +351,9 @@ class Listeners:
         for name in list(self.handles):
             if name not in snap.listeners:
                 del self.handles[name]
+        if accept:
+            for b in opened.values():
+                b.server.accept()
 
     def _vacated(self, address: Address, snap: Snapshot) -> str | None:
         """The listener bound to ``address`` that ``snap`` no longer has there, if any."""
@@ -313,7 +366,7 @@ class Listeners:
                     return name
         return None
 
-    async def _open(self, address: Address, handle: ListenerHandle) -> _Bound:
+    async def _open(self, address: Address, handle: ListenerHandle, hold: bool) -> _Bound:
         loop = asyncio.get_running_loop()
         bound = _Bound(address, handle)
         infos = await loop.getaddrinfo(
@@ -341,8 +394,13 @@ class Listeners:
             for sock in sockets:
                 sock.close()
             raise
-        bound.server = Acceptor(self, bound, sockets)
+        bound.server = Acceptor(self, bound, sockets, hold)
         return bound
+
+    def accept(self) -> None:
+        """Start accepting on every socket opened held."""
+        for b in self.bound.values():
+            b.server.accept()
 
     def address(self, name: str) -> Address:
         """The address actually bound (port 0 in the config becomes the kernel's choice)."""

@@ -44,11 +44,24 @@ TIME_BUCKETS = (
 # Buckets for WebSocket lifetimes: a second to a day.
 WS_BUCKETS = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 
-WS_CLOSE_REASONS = ("client", "server", "idle_timeout", "shutdown", "error")
+# drain: the proxy closed it (close frames both ways) because its server was draining;
+# policy: because the client broke the listener's WebSocket message policy.
+WS_CLOSE_REASONS = ("client", "server", "idle_timeout", "shutdown", "drain", "policy", "error")
+# Which part of listeners[].websocket a client broke.
+WS_POLICY_REASONS = ("max_message_size", "messages_per_second")
+# Who sent a WebSocket close frame: a side of the tunnel, or the proxy itself.
+WS_CLOSE_SIDES = ("client", "server", "proxy")
+# lbproxy_backend_state's states: health, with draining over it.
+BACKEND_STATES = ("up", "down", "unknown", "draining")
 # protocol: a response the proxy cannot pass on (garbage, a head too large, bad framing).
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 # Why a listener closed a connection at once, before reading from it.
-REFUSE_REASONS = ("max_connections", "acl")
+REFUSE_REASONS = ("max_connections", "acl", "connections_per_client")
+# Why a TLS handshake failed: client_certificate (none under client_auth: required, or one
+# that does not verify), protocol (no version or cipher both accept: the policy refused it),
+# timeout (not done within client_header_timeout), other (the client went away, spoke
+# plain HTTP, refused the proxy's certificate, ...). The same names as tls.FAILURE_REASONS.
+TLS_FAILURE_REASONS = ("client_certificate", "protocol", "timeout", "other")
 
 
 class Histogram:
@@ -106,8 +119,13 @@ class ListenerStats:
         "protocols",
         "request_duration",
         "requests",
+        "tls_failures",
+        "ws_close_codes",
         "ws_closes",
         "ws_duration",
+        "ws_messages_in",
+        "ws_messages_out",
+        "ws_policy",
     )
 
     def __init__(self, name: str) -> None:
@@ -115,6 +133,7 @@ class ListenerStats:
         self.connections_active = 0
         self.connections_total = 0
         self.connections_refused = dict.fromkeys(REFUSE_REASONS, 0)
+        self.tls_failures = dict.fromkeys(TLS_FAILURE_REASONS, 0)
         self.bytes_in = 0  # closed connections' bytes; open ones are read from `live`
         self.bytes_out = 0
         # (server_group, server, code) -> count
@@ -124,6 +143,10 @@ class ListenerStats:
         self.request_duration: dict[str, Histogram] = {}  # server_group -> histogram
         self.ws_duration: dict[str, Histogram] = {}
         self.ws_closes = dict.fromkeys(WS_CLOSE_REASONS, 0)
+        self.ws_messages_in = 0  # WebSocket data messages, client to server
+        self.ws_messages_out = 0  # and server to client
+        self.ws_close_codes: dict[tuple[str, str], int] = {}  # (side, code) -> close frames
+        self.ws_policy = dict.fromkeys(WS_POLICY_REASONS, 0)  # tunnels closed by the policy
         self.live: set[LiveConnection] = set()
 
     def count_request(
@@ -136,6 +159,13 @@ class ListenerStats:
         if h is None:
             h = self.request_duration[group] = Histogram(TIME_BUCKETS)
         h.observe(duration)
+
+    def count_ws_policy(self, reason: str) -> None:
+        self.ws_policy[reason] += 1
+
+    def count_ws_close_code(self, side: str, code: int | None) -> None:
+        key = (side, "none" if code is None else str(code))
+        self.ws_close_codes[key] = self.ws_close_codes.get(key, 0) + 1
 
     def count_ws_close(self, group: str, reason: str, duration: float) -> None:
         self.ws_closes[reason] += 1
@@ -155,6 +185,7 @@ class ServerStats:
         "server",
         "upstream_response",
         "ws_active",
+        "ws_drained",
         "ws_total",
     )
 
@@ -166,6 +197,7 @@ class ServerStats:
         self.health_checks = {"success": 0, "failure": 0}
         self.ws_active: dict[str, int] = {}  # listener -> open tunnels
         self.ws_total: dict[str, int] = {}  # listener -> tunnels established
+        self.ws_drained = 0  # tunnels the proxy closed because this server was draining
 
     def ws_opened(self, listener: str) -> None:
         self.ws_active[listener] = self.ws_active.get(listener, 0) + 1
@@ -199,6 +231,12 @@ class Registry:
         self.reloads = ReloadStats()
         # Filled in by the owner of health state: server id -> (group, server, up)
         self.backend_up: dict[str, tuple[str, str, int]] = {}
+        # Likewise: server id -> (group, server, one of BACKEND_STATES)
+        self.backend_state: dict[str, tuple[str, str, str]] = {}
+        # DNS discovery (in the process that runs it): (server_group, result) -> lookups, and
+        # the ids of the servers it found (for lbproxy_backend_discovered).
+        self.dns_lookups: dict[tuple[str, str], int] = {}
+        self.discovered: set[str] = set()
 
     def listener(self, name: str) -> ListenerStats:
         s = self.listeners.get(name)
@@ -216,6 +254,7 @@ class Registry:
         """Drop a removed server's series (called once its last connection has ended)."""
         ss = self.servers.pop(server_id, None)
         self.backend_up.pop(server_id, None)
+        self.backend_state.pop(server_id, None)
         if ss is None:
             return
         for ls in self.listeners.values():
@@ -274,6 +313,11 @@ class Collector(_PromCollector):
             "Client connections closed at once, without reading from them",
             labels=["listener", "reason"],
         )
+        tls_failures = CounterMetricFamily(
+            "lbproxy_tls_handshake_failures",
+            "TLS handshakes of client connections that failed, by why",
+            labels=["listener", "reason"],
+        )
         ws_active = GaugeMetricFamily(
             "lbproxy_websockets_active",
             "WebSocket tunnels open",
@@ -293,6 +337,31 @@ class Collector(_PromCollector):
             "lbproxy_websocket_closes",
             "WebSocket tunnels closed, by who closed them",
             labels=["listener", "reason"],
+        )
+        ws_messages = CounterMetricFamily(
+            "lbproxy_websocket_messages",
+            "WebSocket data messages relayed (a fragmented message counts once)",
+            labels=["listener", "direction"],
+        )
+        ws_codes = CounterMetricFamily(
+            "lbproxy_websocket_close_codes",
+            "WebSocket close frames, by who sent them and their code",
+            labels=["listener", "side", "code"],
+        )
+        ws_policy = CounterMetricFamily(
+            "lbproxy_websocket_policy_closes",
+            "WebSocket tunnels closed because the client broke the listener's message policy",
+            labels=["listener", "reason"],
+        )
+        ws_drained = CounterMetricFamily(
+            "lbproxy_websockets_drained",
+            "WebSocket tunnels the proxy closed because their server was draining",
+            labels=["server_group", "server"],
+        )
+        backend_state = GaugeMetricFamily(
+            "lbproxy_backend_state",
+            "1 for the server's current state (draining over health)",
+            labels=["server_group", "server", "state"],
         )
         nbytes = CounterMetricFamily(
             "lbproxy_bytes",
@@ -326,6 +395,16 @@ class Collector(_PromCollector):
         last_ts = GaugeMetricFamily(
             "lbproxy_config_last_reload_timestamp_seconds", "Time of the last reload attempt"
         )
+        dns_lookups = CounterMetricFamily(
+            "lbproxy_dns_lookups",
+            "DNS discovery lookups by result (ok, nxdomain, timeout, error)",
+            labels=["server_group", "result"],
+        )
+        discovered = GaugeMetricFamily(
+            "lbproxy_backend_discovered",
+            "1 for a server found through DNS discovery, 0 for one written in the file",
+            labels=["server_group", "server"],
+        )
 
         # One set of numbers: the sum over the registries (one per worker process, or just
         # this one), by the same rules that carry a dead worker's counters.
@@ -344,8 +423,16 @@ class Collector(_PromCollector):
             conn_total.add_metric([name], ls.connections_total)
             for reason, n in sorted(ls.connections_refused.items()):
                 conn_refused.add_metric([name, reason], n)
+            for reason, n in sorted(ls.tls_failures.items()):
+                tls_failures.add_metric([name, reason], n)
             for reason, n in sorted(ls.ws_closes.items()):
                 ws_closes.add_metric([name, reason], n)
+            ws_messages.add_metric([name, "in"], ls.ws_messages_in)
+            ws_messages.add_metric([name, "out"], ls.ws_messages_out)
+            for (side, code), n in sorted(ls.ws_close_codes.items()):
+                ws_codes.add_metric([name, side, code], n)
+            for reason, n in sorted(ls.ws_policy.items()):
+                ws_policy.add_metric([name, reason], n)
             # Open connections' bytes live on the connections, not in the counters.
             bin_, bout = ls.bytes_in, ls.bytes_out
             for reg in regs:
@@ -363,16 +450,26 @@ class Collector(_PromCollector):
                 ws_active.add_metric([lname, ss.group, ss.server], n)
             for lname, n in sorted(ss.ws_total.items()):
                 ws_total.add_metric([lname, ss.group, ss.server], n)
+            ws_drained.add_metric([ss.group, ss.server], ss.ws_drained)
             for result, n in sorted(ss.health_checks.items()):
                 checks.add_metric([ss.group, ss.server, result], n)
             for kind, n in sorted(ss.errors.items()):
                 errors.add_metric([ss.group, ss.server, kind], n)
         for g, srv, up in sorted(total.backend_up.values()):
             backend_up.add_metric([g, srv], up)
+        for g, srv, current in sorted(total.backend_state.values()):
+            for st in BACKEND_STATES:
+                backend_state.add_metric([g, srv, st], 1 if st == current else 0)
         for g, n in sorted(total.retries.items()):
             retries.add_metric([g], n)
 
         if regs:
+            # Discovery runs where reloads do, with the health state.
+            first = regs[0]
+            for (g, result), n in sorted(first.dns_lookups.items()):
+                dns_lookups.add_metric([g, result], n)
+            for sid, (g, srv, _) in sorted(first.backend_up.items()):
+                discovered.add_metric([g, srv], 1 if sid in first.discovered else 0)
             # Reloads happen in the process that validates config; take the first registry's.
             rl = regs[0].reloads
             reloads.add_metric(["success"], rl.success)
@@ -389,18 +486,26 @@ class Collector(_PromCollector):
             conn_active,
             conn_total,
             conn_refused,
+            tls_failures,
             ws_active,
             ws_total,
             ws_dur,
             ws_closes,
+            ws_messages,
+            ws_codes,
+            ws_policy,
+            ws_drained,
             nbytes,
             backend_up,
+            backend_state,
             checks,
             errors,
             retries,
             reloads,
             last_ok,
             last_ts,
+            dns_lookups,
+            discovered,
         )
 
 
@@ -453,7 +558,11 @@ def _copy(value: object) -> object:
 
 
 def _fields(obj: object) -> list[str]:
-    return [f for f in type(obj).__slots__ if f not in _LOCAL]  # type: ignore[attr-defined]
+    # Compiled with mypyc a class has no __slots__ at run time; it lists its attributes in
+    # __mypyc_attrs__ instead (what mypyc's own pickling support reads).
+    cls = type(obj)
+    names: tuple[str, ...] = getattr(cls, "__slots__", None) or cls.__mypyc_attrs__  # type: ignore[attr-defined]
+    return [f for f in names if f not in _LOCAL]
 
 
 def dump_registry(reg: Registry) -> dict[str, object]:
@@ -507,4 +616,6 @@ def merge_registries(regs: Iterable[Registry]) -> Registry:
         for sid, (g, srv, up) in reg.backend_up.items():
             prev = out.backend_up.get(sid)
             out.backend_up[sid] = (g, srv, up + (prev[2] if prev else 0))
+        for sid, entry in reg.backend_state.items():
+            out.backend_state.setdefault(sid, entry)  # one owner of health and drain states
     return out

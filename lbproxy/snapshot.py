@@ -1,8 +1,9 @@
 """The runtime built from one Config, and the state that outlives it.
 
 Owns:
-- ``State``: what must survive a reload, keyed by stable ids — per server (``group/address``)
-  its health, open-connection count, upstream pool and counters; per group its scheduler.
+- ``RuntimeState``: what must survive a reload, keyed by stable ids — per server
+  (``group/address``) its health, open-connection count, open tunnels, upstream pool,
+  counters and runtime overrides (admin state, weight); per group its scheduler.
 - ``Snapshot``: an immutable view of one validated Config (listeners, groups, their servers)
   pointing into that state. Connections take the current snapshot when they start a request
   and keep it, so a reload never changes what an open connection does.
@@ -16,14 +17,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import balancer, metrics
-from .config import Config, Listener, Server, ServerGroup, StickySession
+from .config import Address, Config, Listener, Server, ServerGroup, StickySession
 from .health import ServerHealth, State
 from .http1 import Limits
 from .rules import Router
 from .sticky import CookieMap, SidTable, server_token
 from .upstream import Pool
+
+ADMIN_STATES = ("ready", "drain")
+
+
+class OpenTunnel(Protocol):
+    """An open WebSocket tunnel to a server (tunnel.Tunnel, which sits above this module),
+    as draining it sees it."""
+
+    started: float  # loop time
+    closed: bool
+    ending: str | None  # why the proxy is closing it, if it is
+
+    def go_away(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """What the runtime API changed on one server; None: the config's value holds."""
+
+    admin_state: str | None = None
+    weight: int | None = None
 
 
 def server_id(group: str, server: Server) -> str:
@@ -36,27 +59,68 @@ class ServerState:
     __slots__ = (
         "active",
         "address",
+        "admin_state",
+        "config_weight",
+        "connect_to",
+        "discovered",
+        "draining",
         "group",
         "health",
         "id",
         "label",
+        "override",
         "pool",
+        "removed",
         "stats",
         "token",
+        "token_secret",
+        "tunnels",
         "weight",
     )
 
-    def __init__(self, sid: str, group: str, server: Server, registry: metrics.Registry) -> None:
+    def __init__(
+        self, sid: str, group: str, server: Server, registry: metrics.Registry, secret: str = ""
+    ) -> None:
         self.id = sid
         self.group = group
         self.address = server.address
+        # Where connects go: the address itself, or (a host name) the addresses it resolved
+        # to when the config was loaded (``app.Proxy``): no name lookup per connect.
+        self.connect_to: tuple[Address, ...] = (server.address,)
         self.label = str(server.address)
-        self.weight = server.weight
+        self.config_weight = server.weight  # the file's weight
+        self.weight = server.weight  # the one in force (a runtime override wins)
+        self.admin_state = "ready"  # "drain" when the runtime API says so
+        self.override: Override | None = None  # what the runtime API set, if anything
+        self.removed = False  # a reload took it out of its group; open tunnels remain
+        # Takes no new requests or tunnels: removed, weight 0 or admin_state drain. Kept as a
+        # field (updated by ``refresh``) because the scheduler reads it per request.
+        self.draining = server.weight == 0
         self.active = 0  # open requests and tunnels to this server
+        self.tunnels: set[OpenTunnel] = set()  # open tunnels, for draining them
         self.health = ServerHealth()
         self.pool = Pool()
         self.stats = registry.server(sid, group, self.label)
-        self.token = server_token(sid)  # the insert cookie's value: the server, not its address
+        self.discovered = server.discovered  # from DNS: the same address is the same server
+        # The insert cookie's value: the server, not its address (re-keyed by ``commit`` when
+        # the group's sticky_session.secret changes).
+        self.token = server_token(sid, secret)
+        self.token_secret = secret  # what ``token`` is keyed with
+
+    def refresh(self, override: Override | None) -> bool:
+        """Apply the config weight and ``override``; True if the server just began draining."""
+        was = self.draining
+        self.override = override
+        self.admin_state = (override.admin_state if override else None) or "ready"
+        w = override.weight if override is not None else None
+        self.weight = self.config_weight if w is None else w
+        self.draining = self.removed or self.weight == 0 or self.admin_state == "drain"
+        return self.draining and not was
+
+    @property
+    def state_name(self) -> str:
+        """One of metrics.BACKEND_STATES: draining over health."""
+        return "draining" if self.draining else self.health.state.value
 
     def __repr__(self) -> str:
         return f"<Server {self.id} {self.health.state.value} active={self.active}>"
@@ -102,19 +166,29 @@ class GroupRuntime:
         self.pins = pins
         self.hash_xff = config.hash_key == "x_forwarded_for"
         self.by_id = {s.id: s for s in servers}
-        self.by_token = {s.token: s for s in servers}
+        secret = _secret(config)
+        # Computed here, not read from the servers: their ``token`` follows a new secret only
+        # when this snapshot is committed.
+        self.by_token = {
+            (s.token if s.token_secret == secret else server_token(s.id, secret)): s
+            for s in servers
+        }
 
     def pinnable(self, server: ServerState | None) -> bool:
-        """Whether a session pinned to ``server`` may go on there: weight 0 drains only new
-        sessions (as HAProxy does); a down server loses its sessions."""
+        """Whether a session pinned to ``server`` may go on there: a draining server (weight
+        0, admin drain) keeps its sessions (as HAProxy's drain does) unless the group has a
+        drain_timeout, whose point is to move every session off; a down server loses its
+        sessions."""
         if server is None:
+            return False
+        if server.draining and self.config.drain_timeout > 0:
             return False
         return server.health.state is State.UP or not self.checks
 
     def available(self) -> list[ServerState]:
         if not self.checks:
-            return [s for s in self.servers if s.weight > 0]
-        return [s for s in self.servers if s.health.state is State.UP and s.weight > 0]
+            return [s for s in self.servers if not s.draining]
+        return [s for s in self.servers if s.health.state is State.UP and not s.draining]
 
     def pick(self, key: str | None, exclude: Sequence[ServerState] = ()) -> ServerState | None:
         """A server for a new request or tunnel, never one in ``exclude`` (already tried)."""
@@ -124,6 +198,10 @@ class GroupRuntime:
         if not candidates:
             return None
         return self.scheduler.pick(candidates, key)
+
+
+def _secret(group: ServerGroup) -> str:
+    return group.sticky.secret if group.sticky is not None else ""
 
 
 class ListenerRuntime:
@@ -194,6 +272,10 @@ class RuntimeState:
         self.servers: dict[str, ServerState] = {}
         self.schedulers: dict[str, balancer.Scheduler] = {}
         self.pins: dict[str, Pins] = {}
+        self.overrides: dict[str, Override] = {}  # server id -> what the runtime API set
+        # Servers a reload removed while connections to them were open: they drain, and a
+        # reload that brings one back revives the same state (its tunnels, counters, pool).
+        self.retired: dict[str, ServerState] = {}
 
     def build(self, config: Config) -> tuple[Snapshot, Changes]:
         """A snapshot of ``config`` reusing the state of servers that persist.
@@ -211,7 +293,9 @@ class RuntimeState:
                 sid = server_id(g.name, srv)
                 st = self.servers.get(sid)
                 if st is None:
-                    st = ServerState(sid, g.name, srv, self.registry)
+                    st = self.retired.get(sid) or ServerState(
+                        sid, g.name, srv, self.registry, _secret(g)
+                    )
                     added.append(st)
                 servers[sid] = st
                 members.append(st)
@@ -251,17 +335,53 @@ class RuntimeState:
             ),
         )
 
-    def commit(self, snap: Snapshot) -> None:
-        """Make ``snap``'s servers the known ones (weights follow the new config)."""
+    def commit(self, snap: Snapshot) -> list[ServerState]:
+        """Make ``snap``'s servers the known ones (weights follow the new config, overrides
+        of servers that stay are kept, those of servers that left are dropped). Returns the
+        servers that begin draining with it: removed ones and those whose weight became 0."""
         servers, schedulers, config, pins = self._pending
         assert config is snap.config
+        self.overrides = {sid: o for sid, o in self.overrides.items() if sid in servers}
+        started: list[ServerState] = []
         for g in config.server_groups:
+            secret = _secret(g)
             for srv in g.servers:
-                servers[server_id(g.name, srv)].weight = srv.weight
+                st = servers[server_id(g.name, srv)]
+                st.config_weight = srv.weight
+                st.removed = False
+                st.discovered = srv.discovered
+                if st.token_secret != secret:
+                    st.token = server_token(st.id, secret)
+                    st.token_secret = secret
+                if st.refresh(self.overrides.get(st.id)) and st.id in self.servers:
+                    started.append(st)
+        for sid, st in self.servers.items():
+            if sid not in servers:
+                st.removed = True
+                self.retired[sid] = st
+                if st.refresh(None):
+                    started.append(st)
+        for sid in servers:
+            self.retired.pop(sid, None)
         self.servers = servers
         self.schedulers = schedulers
         self.pins = pins
         self._config = config
+        return started
+
+    def set_override(
+        self, sid: str, admin_state: str | None = None, weight: int | None = None
+    ) -> tuple[ServerState, bool]:
+        """Change a server's runtime state (a None argument leaves that part as it is).
+        Returns the server and whether it just began draining. Raises KeyError."""
+        st = self.servers[sid]
+        old = self.overrides.get(sid, Override())
+        new = Override(
+            admin_state if admin_state is not None else old.admin_state,
+            weight if weight is not None else old.weight,
+        )
+        self.overrides[sid] = new
+        return st, st.refresh(new)
 
 
 class Holder:

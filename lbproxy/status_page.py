@@ -20,13 +20,14 @@ REFRESH_SECONDS = 2
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.1em;margin:1.4em 0 .4em}
-.meta{color:#666;font-size:.9em}
+.meta{color:#666;font-size:.9em} h1 .build{font-size:.7em;font-weight:normal;color:#666}
 table{border-collapse:collapse;min-width:60%;background:#fff}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#eee} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.up td.state{background:#2e7d32;color:#fff;font-weight:bold}
 tr.down td.state{background:#c62828;color:#fff;font-weight:bold}
 tr.unknown td.state{background:#f9a825;color:#000;font-weight:bold}
+tr.draining td.state{background:#1565c0;color:#fff;font-weight:bold}
 tr.down td{background:#fdecea} tr.unknown td{background:#fff8e1}
 td.state{text-align:center}
 td.rate{color:#1565c0}
@@ -77,7 +78,7 @@ def render_status_page(st: dict[str, Any]) -> str:
     add("<title>lbproxy status</title>")
     add(f"<style>{_CSS}</style></head>")
     add(f"<body data-time='{_e(st['time'])}' data-pid='{_e(st['pid'])}'>")
-    add(f"<h1>lbproxy {_e(st['version'])}</h1>")
+    add(f"<h1>lbproxy {_e(st['version'])} <small class=build>{_e(st['build'])}</small></h1>")
     rl = st["last_reload"]
     reload_text = "ok" if rl["success"] else '<span class="bad">FAILED</span>'
     cfg = st["config"]
@@ -127,10 +128,15 @@ def render_status_page(st: dict[str, Any]) -> str:
             check = s["last_check"] if s["checked"] else "checks disabled"
             why = s["last_change_reason"] if s["state"] != "up" else None
             rate = _rate(f"s/{s['id']}/req", s["requests_total"])
+            shown = "draining" if s["draining"] else s["state"]
+            weight = str(s["weight"])
+            if s["override"] is not None:  # the runtime API's values, and the file's
+                weight += f" (override; file: {s['config_weight']})"
             add(
-                f"<tr class='server {_e(s['state'])}' data-server='{_e(s['address'])}'>"
-                f"<td>{_e(s['address'])}</td><td class=state>{_e(s['state']).upper()}</td>"
-                f"<td class=num>{_e(s['weight'])}</td>"
+                f"<tr class='server {_e(shown)}' data-server='{_e(s['address'])}'>"
+                f"<td>{_e(s['address'])}{' (dns)' if s.get('discovered') else ''}</td>"
+                f"<td class=state>{_e(shown).upper()}</td>"
+                f"<td class=num>{_e(weight)}</td>"
                 f"<td title='{_e(why or check)}'>{_e(check)}</td>"
                 f"<td class=num>{_ms(s['last_check_latency'])}</td>"
                 f"<td class=num>{_e(s['active_connections'])}</td>"

@@ -71,17 +71,22 @@ _COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _COOKIE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 
 
-def server_token(server_id: str) -> str:
+def server_token(server_id: str, secret: str = "") -> str:
     """An opaque 16-hex-digit token for ``server_id`` (``group/host:port``): a keyed BLAKE2b,
-    the same in every process and after restarts, from which the address cannot be read."""
-    digest = hashlib.blake2b(server_id.encode("utf-8"), key=_TOKEN_KEY, digest_size=8)
+    the same in every process and after restarts, from which the address cannot be read.
+
+    ``secret`` (``sticky_session.secret``) is the key; without it a built-in key is used, so
+    anyone who knows an address and this source can compute its token. Instances sharing a
+    secret understand each other's cookies."""
+    key = hashlib.sha256(secret.encode("utf-8")).digest() if secret else _TOKEN_KEY
+    digest = hashlib.blake2b(server_id.encode("utf-8"), key=key, digest_size=8)
     return digest.hexdigest()
 
 
-def token_map(server_ids: Iterable[str]) -> dict[str, str]:
+def token_map(server_ids: Iterable[str], secret: str = "") -> dict[str, str]:
     """``server_token(id) -> id`` for the servers of a group: built once per snapshot, so a
     cookie value is resolved with one dict lookup (a token of a removed server is absent)."""
-    return {server_token(sid): sid for sid in server_ids}
+    return {server_token(sid, secret): sid for sid in server_ids}
 
 
 def _unquote_value(value: str) -> str:

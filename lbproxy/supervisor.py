@@ -4,6 +4,8 @@ Owns the worker processes (``python -m lbproxy.worker``, each in its own session
 terminal's Ctrl-C reaches only the supervisor) and their control channels. It:
 - validates the config once and hands the same bytes to every worker; a reload that fails
   validation (or whose new binds cannot be bound) reaches no worker;
+- runs DNS discovery once, for all workers, and hands every new set of servers found to
+  each of them (they rebuild their snapshot from it as from a config);
 - runs the health checks once, for all workers, and sends every change to each of them at
   once; a worker's passive failure comes back here and is broadcast like a check result;
 - serves the admin listener, summing the workers' stats for /metrics and /status;
@@ -26,6 +28,7 @@ from typing import Any
 
 from .app import Proxy, Role
 from .config import WORKER_START_TIMEOUT, WORKER_STATS_TIMEOUT, Config
+from .dnsstate import encode
 from .metrics import Registry, load_registry, merge_registries
 from .worker import CONTROL_LINE_LIMIT
 
@@ -67,7 +70,9 @@ class Supervisor:
         self.proxy = Proxy(config, path, Role(serve=False, check=True))
         self.proxy.config_raw = raw
         self.proxy.on_applied = self._config_applied
-        self.proxy.on_health_change = self._broadcast_health
+        self.proxy.servers.on_health_change = self._broadcast_health
+        self.proxy.servers.on_override = self._broadcast_override
+        self.proxy.on_discovered = self._discovered
         self.workers = [WorkerHandle(i) for i in range(workers)]
         self._ids = itertools.count()
         self._monitors: list[asyncio.Task[None]] = []
@@ -76,7 +81,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Start checks and every worker; raise RuntimeError if a worker cannot start."""
+        """Warm and start checks, then every worker (with the first round's results, so a
+        worker accepts nothing before they are known); raise RuntimeError if a worker cannot
+        start."""
         await self.proxy.start()
         for w in self.workers:
             await self._spawn(w)
@@ -120,9 +127,11 @@ class Supervisor:
             "op": "config",
             "raw": base64.b64encode(raw).decode(),
             "path": self.proxy.config_path,
+            "discovered": encode(self.proxy.discovered),
         }
         if with_health:
-            msg["health"] = self.proxy.health_map()
+            msg["health"] = self.proxy.servers.health_map()
+            msg["overrides"] = self.proxy.servers.overrides()  # a (re)started worker needs them too
         return msg
 
     async def _read(self, w: WorkerHandle) -> None:
@@ -141,7 +150,7 @@ class Supervisor:
             if op == "ready":
                 w.ready.set()
                 # Health may have changed between the spawn and now.
-                w.send({"op": "health", "states": self.proxy.health_map()})
+                w.send({"op": "health", "states": self.proxy.servers.health_map()})
             elif op == "stats":
                 fut = w.waiters.pop(msg.get("id"), None)
                 if fut is not None and not fut.done():
@@ -188,17 +197,28 @@ class Supervisor:
             self.proxy.ctx.report_health.passive_failure(server, reason)
 
     def _broadcast_health(self) -> None:
-        msg = {"op": "health", "states": self.proxy.health_map()}
+        msg = {"op": "health", "states": self.proxy.servers.health_map()}
         for w in self.workers:
             if w.ready.is_set():
                 w.send(msg)
 
-    def _config_applied(self, raw: bytes) -> None:
-        msg = self._config_msg()
+    def _broadcast_override(self, sid: str, admin_state: str | None, weight: int | None) -> None:
+        msg = {"op": "override", "server": sid, "admin_state": admin_state, "weight": weight}
+        for w in self.workers:
+            w.send(msg)  # a worker still starting reads it after its config, in order
+
+    def _discovered(self) -> None:
+        msg = {"op": "discovered", "groups": encode(self.proxy.discovered)}
         for w in self.workers:
             w.send(msg)
-        # The workers build the same snapshot from the same bytes; their health comes from here.
         self._broadcast_health()
+
+    def _config_applied(self, raw: bytes) -> None:
+        # The workers build the same snapshot from the same bytes; their health comes from
+        # here, in the same message: servers warmed here are up there from the swap on.
+        msg = self._config_msg(with_health=True)
+        for w in self.workers:
+            w.send(msg)
 
     # ------------------------------------------------------------------ admin view
     def _retire_stats(self, w: WorkerHandle) -> None:

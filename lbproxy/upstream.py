@@ -7,12 +7,14 @@ Owns:
 - ``Pool``: idle keep-alive connections of one server, newest first; an entry older than
   the group's keepalive_timeout is closed instead of reused (checked lazily on take, and by
   the owner's periodic ``expire`` so descriptors are not held forever);
-- ``connect``: a TCP connect bounded by the listener's connect timeout.
+- ``connect``: a TCP connect bounded by the listener's connect timeout, to a server's
+  resolved addresses (IP literals: no name lookup per connect), tried in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Protocol
 
 from .config import Address
@@ -130,10 +132,21 @@ class Pool:
         self.idle = []
 
 
-async def connect(address: Address, timeout: float) -> UpstreamConnection:
-    """Open a TCP connection to ``address``; raises OSError or TimeoutError."""
+async def connect(addresses: Sequence[Address], timeout: float) -> UpstreamConnection:
+    """Open a TCP connection to the first of ``addresses`` that takes it, all within
+    ``timeout``; raises OSError (the last address's) or TimeoutError."""
     loop = asyncio.get_running_loop()
+    last = len(addresses) - 1
     async with asyncio.timeout(timeout):
-        _, proto = await loop.create_connection(UpstreamConnection, address.host, address.port)
-    # uvloop sets TCP_NODELAY on every TCP transport itself: nothing to tune here.
-    return proto
+        for i, address in enumerate(addresses):
+            try:
+                _, proto = await loop.create_connection(
+                    UpstreamConnection, address.host, address.port
+                )
+            except OSError:
+                if i == last:
+                    raise
+                continue
+            # uvloop sets TCP_NODELAY on every TCP transport itself: nothing to tune here.
+            return proto
+    raise OSError("no address to connect to")

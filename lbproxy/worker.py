@@ -3,8 +3,13 @@
 Owns the worker end of the control channel: newline-delimited JSON, orders on stdin and
 reports on stdout (logs go to stderr, so stdout carries nothing else).
 
-Orders:   {"op": "config", "raw": <base64 file bytes>, "path": ..., "health": {id: state}}
+Orders:   {"op": "config", "raw": <base64 file bytes>, "path": ..., "health": {id: state},
+           "overrides": {id: {"admin_state": ..., "weight": ...}},
+           "discovered": <dnsstate.encode>}
+          (health: the supervisor's, its new servers already warmed, taken before the swap)
+          {"op": "discovered", "groups": <dnsstate.encode>}
           {"op": "health", "states": {id: state}}
+          {"op": "override", "server": id, "admin_state": ..., "weight": ...}
           {"op": "stats", "id": n}
 Reports:  {"op": "ready", "pid": n}
           {"op": "passive", "server": id, "reason": text}
@@ -34,6 +39,7 @@ import uvloop
 
 from .app import Proxy, Role
 from .config import loads_config
+from .dnsstate import decode
 from .listener import BindError, raise_fd_limit
 from .metrics import dump_registry
 from .snapshot import ServerState
@@ -85,7 +91,8 @@ async def serve() -> int:
         return 1
     raw = decode_raw(first)
     config = loads_config(raw, first["path"])
-    proxy = Proxy(config, None, Role(serve=True, check=False, reuse_port=True))
+    discovered = decode(first.get("discovered"))
+    proxy = Proxy(config, None, Role(serve=True, check=False, reuse_port=True), discovered)
     proxy.config_raw = raw
 
     def report(server: ServerState, reason: str) -> None:
@@ -94,7 +101,10 @@ async def serve() -> int:
     proxy.ctx.report_health.report = report  # type: ignore[attr-defined]
     # Before binding: a connection accepted on the first listener while the next one binds
     # must not find every server still "unknown" (a 503).
-    proxy.set_health(first.get("health", {}))
+    proxy.servers.set_health(first.get("health", {}))
+    for sid, o in first.get("overrides", {}).items():
+        if sid in proxy.state.servers:
+            proxy.servers.set_server_state(sid, o.get("admin_state"), o.get("weight"))
     try:
         await proxy.start()
     except BindError as exc:
@@ -127,14 +137,22 @@ async def serve() -> int:
                 return
             op = msg.get("op")
             if op == "health":
-                proxy.set_health(msg["states"])
+                proxy.servers.set_health(msg["states"])
+            elif op == "override":
+                if msg["server"] in proxy.state.servers:
+                    proxy.servers.set_server_state(msg["server"], msg["admin_state"], msg["weight"])
             elif op == "stats":
                 active = {sid: s.active for sid, s in proxy.state.servers.items()}
                 data = dump_registry(proxy.registry)
                 ch.send({"op": "stats", "id": msg["id"], "data": data, "active": active})
+            elif op == "discovered":
+                proxy.discovered = decode(msg["groups"])
+                await proxy.apply_discovered("supervisor: dns")
             elif op == "config":
                 raw = decode_raw(msg)
-                result = await proxy.apply_config(loads_config(raw, msg["path"]), "supervisor")
+                proxy.discovered = decode(msg.get("discovered"))
+                config = loads_config(raw, msg["path"])
+                result = await proxy.apply_config(config, "supervisor", msg.get("health"))
                 if result.ok:
                     proxy.config_raw = raw
                 ch.send({"op": "applied", "ok": result.ok, "message": result.message})

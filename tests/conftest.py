@@ -20,9 +20,12 @@ async def make_backend() -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
     started: list[Backend] = []
 
     async def make(
-        name: str, port: int = 0, app: Callable[[str], web.Application] = backend_app
+        name: str,
+        port: int = 0,
+        app: Callable[[str], web.Application] = backend_app,
+        host: str = "127.0.0.1",
     ) -> Backend:
-        b = await Backend(app(name), port).start()
+        b = await Backend(app(name), port, host).start()
         started.append(b)
         return b
 

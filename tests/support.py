@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,12 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def expected_build() -> str:
+    """What ``buildinfo.kind()`` must say in this run: scripts/test (or conftest.py, from what
+    scripts/build.py built) sets LBPROXY_EXPECT_BUILD to ``compiled`` or ``pure``."""
+    return {"compiled": "compiled (mypyc)", "pure": "pure"}[os.environ["LBPROXY_EXPECT_BUILD"]]
 
 
 def free_port() -> int:
@@ -133,16 +140,19 @@ def backend_app(name: str) -> web.Application:
 
 
 class Backend:
-    """A real aiohttp server on 127.0.0.1; ``stop``/``start`` keep the same port."""
+    """A real aiohttp server on ``host`` (127.0.0.1 unless told: any 127.0.0.0/8 address, or
+    ::1); ``stop``/``start`` keep the same port."""
 
-    def __init__(self, app: web.Application, port: int = 0) -> None:
+    def __init__(self, app: web.Application, port: int = 0, host: str = "127.0.0.1") -> None:
         self.app = app
         self.port = port
+        self.host = host
         self.runner: web.AppRunner | None = None
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     @property
     def name(self) -> str:
@@ -155,7 +165,7 @@ class Backend:
     async def start(self) -> Backend:
         self.runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=0.1)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
+        site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
         await site.start()
         server: Any = site._server
         self.port = server.sockets[0].getsockname()[1]

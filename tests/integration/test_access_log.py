@@ -24,7 +24,14 @@ import pytest
 import yaml
 
 from lbproxy.config import load_config, parse_config
-from tests.support import config_doc, proxy_url, raw_request, wait_for
+from tests.support import (
+    RawServer,
+    config_doc,
+    proxy_url,
+    raw_request,
+    read_request_head,
+    wait_for,
+)
 
 NO_CHECKS = {"health_check": {"enabled": False}}
 HTTP_FIELDS = {
@@ -42,7 +49,13 @@ HTTP_FIELDS = {
     "bytes_in",
     "bytes_out",
 }
-TUNNEL_FIELDS = (HTTP_FIELDS - {"upstream_time"}) | {"duration", "close_reason"}
+TUNNEL_FIELDS = (HTTP_FIELDS - {"upstream_time"}) | {
+    "duration",
+    "close_reason",
+    "messages_in",
+    "messages_out",
+    "close_code",
+}
 
 
 def log_doc(servers: list[str], path: Path | str, fmt: str = "json", **kw: Any) -> dict[str, Any]:
@@ -133,6 +146,8 @@ async def test_json_lines_for_requests_and_a_tunnel(tmp_path, make_backend, make
     assert (tunnel["type"], tunnel["method"], tunnel["path"]) == ("websocket", "GET", "/ws?room=1")
     assert tunnel["status"] == 101
     assert tunnel["close_reason"] == "client"
+    # aiohttp's client closes with 1000; three messages each way (close frames not counted).
+    assert (tunnel["messages_in"], tunnel["messages_out"], tunnel["close_code"]) == (3, 3, "1000")
     assert 0 <= tunnel["duration"] < 5 and tunnel["duration"] == tunnel["total_time"]
     # Three 100-byte messages each way plus the close frames: framing adds a few bytes each.
     assert 300 < tunnel["bytes_in"] < 360
@@ -378,3 +393,30 @@ async def test_a_stuck_log_does_not_hold_up_shutdown(tmp_path, make_backend, mon
         # The abandoned writer finishes once the FIFO is read again; then it can close.
         await wait_for(lambda: not writer.is_alive(), what="the writer to finish")
         fifo.close()
+
+
+@pytest.mark.parametrize("cut_by", ["idle_timeout", "backend_close"])
+async def test_a_response_cut_after_it_started_is_counted_and_logged(tmp_path, make_proxy, cut_by):
+    """However a started response is cut (the listener's idle timeout while the backend
+    stalls mid-body, or the backend closing mid-body), it is one request in
+    lbproxy_requests_total and one access log line, with the status that started."""
+
+    async def backend(reader: Any, writer: Any) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        if cut_by == "idle_timeout":
+            await reader.read()  # stall until the proxy gives up and closes
+        else:
+            writer.transport.abort()
+
+    log = tmp_path / "access.log"
+    async with RawServer(backend) as srv:
+        proxy = await make_proxy(log_doc([srv.address], log, listener={"idle_timeout": "300ms"}))
+        addr = proxy.listeners.address("web")
+        got = await raw_request(addr.host, addr.port, b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200") and len(got.partition(b"\r\n\r\n")[2]) == 10
+        [line] = [json.loads(x) for x in await wait_lines(log, 1)]
+    assert (line["path"], line["status"], line["server"]) == ("/cut", 200, srv.address)
+    requests = proxy.registry.listeners["web"].requests
+    assert requests == {("rs1", srv.address, "200"): 1}

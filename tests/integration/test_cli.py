@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from lbproxy.config import _LISTENER_KEYS
-from tests.support import free_port, wait_for
+from tests.support import expected_build, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -166,13 +166,17 @@ def test_shipped_configs_pass_check(command, name):
     assert r.stderr == f"lbproxy: {REPO / 'config' / name}: configuration is valid\n"
 
 
-def test_usage_errors_and_version():
+def test_usage_errors():
     r = run(MODULE)
     assert r.returncode == 2
     assert "--config" in r.stderr
     assert_no_traceback(r)
-    r = run(MODULE, "--version")
-    assert (r.returncode, r.stdout) == (0, "lbproxy 0.1.0\n")
+
+
+@COMMANDS
+def test_version_says_which_build_runs(command):
+    r = run(command, "--version")
+    assert (r.returncode, r.stdout) == (0, f"lbproxy 0.1.0 ({expected_build()})\n")
 
 
 # ------------------------------------------------------------------------------- a real run

@@ -22,6 +22,10 @@ class RecordingDownstream:
     client_addr = "127.0.0.9:5555"
     chunked_ok = False  # like an HTTP/2 stream: the body's payload, never its chunked framing
     protocol = "HTTP/2"
+    cert_headers: tuple[bytes, ...] = ()  # no client certificate
+    slot = None  # no per-client limits
+    shapers = None  # no bandwidth cap
+    write_paused = False
 
     def __init__(self) -> None:
         self.last = 0.0
@@ -71,6 +75,9 @@ class RecordingDownstream:
 
     def local_host(self) -> bytes:
         return b"127.0.0.1"
+
+    def forwarding_lines(self, fwd: object) -> tuple[bytes, ...]:
+        return ()
 
 
 def exchange(proxy: Proxy, head: bytes) -> tuple[Exchange, RecordingDownstream]:

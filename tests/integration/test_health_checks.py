@@ -23,7 +23,15 @@ from lbproxy.app import Proxy
 from lbproxy.config import parse_config
 from lbproxy.health import State
 from lbproxy.snapshot import ServerState
-from tests.support import Backend, backend_app, config_doc, free_port, proxy_url, wait_for
+from tests.support import (
+    Backend,
+    backend_app,
+    config_doc,
+    free_port,
+    proxy_url,
+    read_response,
+    wait_for,
+)
 
 
 class HealthControl:
@@ -321,22 +329,34 @@ async def test_http_check_of_a_non_http_server_fails(launch):
 # ---------------------------------------------------------------------------- startup
 
 
-async def test_no_traffic_before_the_first_check_answers(make_controlled, launch):
+async def test_clients_wait_for_the_first_check_instead_of_getting_503(make_controlled):
+    """Start binds, then holds accepting until the first check answers: a client that
+    connects meanwhile waits in the listen backlog and is served, never answered 503."""
     a = await make_controlled("A")
     a.health.gate = asyncio.Event()
-    proxy = await launch(config_doc([a.address]))
-    s = server(proxy, a.address)
-    await wait_for(lambda: a.health.arrived == 1, what="the first check to arrive")
-    for _ in range(3):
-        status, _ = await get(proxy_url(proxy, path="/whoami"))
-        assert status == 503
-    assert s.health.state is State.UNKNOWN
-    assert [r[1] for r in a.requests if r[1] != "/health"] == []
-
-    a.health.gate.set()
-    await wait_for(lambda: s.health.state is State.UP, what="the first check to pass")
-    assert s.health.successes == 1
-    assert await get(proxy_url(proxy, path="/whoami")) == (200, "A")
+    port = free_port()
+    doc = config_doc([a.address], listener={"bind": f"127.0.0.1:{port}"})
+    proxy = Proxy(parse_config(doc))
+    starting = asyncio.create_task(proxy.start())
+    try:
+        await wait_for(lambda: a.health.arrived == 1, what="the first check to arrive")
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        for _, w in clients:
+            w.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert not starting.done()
+        assert [r[1] for r in a.requests if r[1] != "/health"] == []
+        a.health.gate.set()
+        await starting
+        s = server(proxy, a.address)
+        assert s.health.state is State.UP and s.health.successes == 1
+        for r, w in clients:
+            resp = await read_response(r)
+            assert (resp.status, resp.body) == (200, b"A")
+            w.close()
+    finally:
+        a.health.gate.set()
+        await starting
+        await proxy.close(timeout=0.5)
 
 
 async def test_live_backends_serve_within_one_check(make_backend, launch):

@@ -289,7 +289,7 @@ async def test_large_download_to_a_client_that_stops_reading_is_flow_controlled(
     peak = await sampler
     assert peak < 2 * 1024 * 1024, peak
     (stream,) = h2_connections(proxy)[0].streams.values()
-    assert stream.up_paused
+    assert stream.write_paused  # the backend is paused for it
     c.window_update(0, len(got))
     c.window_update(sid, len(got))
     _, rest = await c.response(sid, timeout=60)

@@ -156,7 +156,11 @@ async def test_max_connections_refuses_new_ones_and_keeps_the_open_ones(make_pro
     writer.write(b"GET /refused HTTP/1.1\r\nHost: a\r\n\r\n")
     assert await closed_without_answer(reader)
     writer.close()
-    assert stats.connections_refused == {"max_connections": 1, "acl": 0}
+    assert stats.connections_refused == {
+        "max_connections": 1,
+        "acl": 0,
+        "connections_per_client": 0,
+    }
     assert metric(proxy.registry, "lbproxy_connections_refused_total", listener="web",
                   reason="max_connections") == 1  # fmt: skip
     assert stats.connections_total == 3

@@ -341,11 +341,27 @@ async def test_websocket_counts_durations_and_close_reasons(make_backend, make_p
             ("web", A): 3,
             ("idle", A): 1,
         }
-        await proxy.close(timeout=0.1)  # the third tunnel is cut by the shutdown
-        assert (await ws[2].receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        await proxy.close(timeout=0.1)  # the third tunnel is closed by the shutdown
+        last = await ws[2].receive()
+        assert (last.type, last.data) == (aiohttp.WSMsgType.CLOSE, 1001)
         await ws[2].close()
     m = await scrape(admin)
-    reasons = ("client", "server", "idle_timeout", "shutdown", "error")
+    reasons = ("client", "server", "idle_timeout", "shutdown", "drain", "policy", "error")
+    # Data messages each way: three pings and the "close:1000" order in, three echoes out.
+    assert m.series("lbproxy_websocket_messages_total", "listener", "direction") == {
+        ("web", "in"): 4,
+        ("web", "out"): 3,
+        ("idle", "in"): 0,
+        ("idle", "out"): 0,
+    }
+    # Every close frame that passed, by sender: the client's close and the server's echo of
+    # it, the server's close and the client's echo, and the proxy's own 1001 at shutdown
+    # (the client's answer to it stops at the proxy). The idle timeout closes without frames.
+    assert m.series("lbproxy_websocket_close_codes_total", "listener", "side", "code") == {
+        ("web", "client", "1000"): 2,
+        ("web", "server", "1000"): 2,
+        ("web", "proxy", "1001"): 1,
+    }
     assert m.series("lbproxy_websocket_closes_total", "listener", "reason") == {
         **{("web", r): 0 for r in reasons},
         **{("idle", r): 0 for r in reasons},

@@ -22,7 +22,7 @@ from lbproxy.admin import AdminServer
 from lbproxy.app import Proxy
 from lbproxy.config import load_config
 from tests.cdp import Chromium
-from tests.support import Backend, config_doc, proxy_url, wait_for
+from tests.support import Backend, config_doc, expected_build, proxy_url, wait_for
 
 SCREENSHOT = "/tmp/lbproxy-status.png"
 CHECKS = {
@@ -60,6 +60,17 @@ async def fetch_status(admin: AdminServer) -> dict[str, Any]:
 
 def servers_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["address"]: s for g in status["server_groups"] for s in g["servers"]}
+
+
+async def test_status_json_and_page_say_which_build_runs(make_backend, make_proxy, make_admin):
+    a = await make_backend("A")
+    admin = await make_admin(await make_proxy(config_doc([a.address])))
+    st = await fetch_status(admin)
+    assert (st["version"], st["build"]) == ("0.1.0", expected_build())
+    async with aiohttp.ClientSession() as s, s.get(f"http://{admin.address}/") as r:
+        assert r.status == 200
+        page = await r.text()
+    assert f"<h1>lbproxy 0.1.0 <small class=build>{expected_build()}</small></h1>" in page
 
 
 async def test_status_json_describes_listeners_groups_servers_and_config(

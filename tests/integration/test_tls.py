@@ -6,7 +6,7 @@
 - a reload re-reads the certificate: new connections see the new one while an open WSS
   tunnel goes on; a reload with a broken certificate changes nothing;
 - a client that does not finish its TLS handshake within client_header_timeout is dropped,
-  and one speaking plain HTTP to the TLS port harms nothing;
+  and one speaking plain HTTP to the TLS port harms nothing (both counted by reason);
 - the ACL refuses a client before its handshake costs anything;
 - ``redirect_https`` answers 301 to ``https://<the Host the client used>:<port><target>``.
 """
@@ -177,8 +177,18 @@ async def test_unfinished_handshake_is_dropped_at_client_header_timeout(
     assert 0.28 <= time.monotonic() - started < 1.5
     writer.close()
 
+    stats = proxy.registry.listeners["secure"]
+    await wait_for(lambda: stats.tls_failures["timeout"] == 1)
+
     resp, raw = await exchange(addr.host, addr.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert resp is None or not raw.startswith(b"HTTP/1.1 200")  # plain HTTP gets nowhere
+    await wait_for(lambda: stats.tls_failures["other"] == 1)
+    assert stats.tls_failures == {
+        "client_certificate": 0,
+        "protocol": 0,
+        "timeout": 1,
+        "other": 1,
+    }
     async with (
         aiohttp.ClientSession() as s,
         s.get(f"{base(proxy)}/whoami", ssl=client_context(cert)) as r,

@@ -382,6 +382,7 @@ def test_schema_keys_include_the_documented_ones():
         "admin",
         "access_log",
         "shutdown_timeout",
+        "resolvers",
     )
     assert set(cfg._LISTENER_KEYS) >= {
         "name",
@@ -529,7 +530,7 @@ def test_server_groups_required_and_non_empty():
 
 def test_group_needs_servers_key():
     assert problems(with_("server_groups.rs1", {})) == [
-        "server_groups.rs1.servers: required (a list of servers, may be empty)"
+        "server_groups.rs1.servers: required (a list of servers, may be empty), or discovery"
     ]
     assert problems(with_("server_groups.rs1.servers", "127.0.0.1:5001")) == [
         "server_groups.rs1.servers: expected a list of servers, got '127.0.0.1:5001'"
@@ -601,6 +602,18 @@ def test_unknown_scheduler(scheduler, shown):
         ("keepalive_connections", -1, "expected an integer 0..10000, got -1"),
         ("keepalive_connections", 10001, "expected an integer 0..10000, got 10001"),
         ("keepalive_timeout", "0s", "expected a positive duration, got '0s'"),
+        ("drain_timeout", "-1s", "expected a duration like 60s, 500ms or 2m, got '-1s'"),
+        ("drain_timeout", True, "expected a duration like 60s, 500ms or 2m, got true"),
+        (
+            "drain_close_code",
+            1000,
+            "expected 1001 (Going Away) or 1012 (Service Restart), got 1000",
+        ),
+        (
+            "drain_close_code",
+            "1001",
+            "expected 1001 (Going Away) or 1012 (Service Restart), got '1001'",
+        ),
     ],
 )
 def test_group_bad_values(key, value, message):
@@ -609,12 +622,25 @@ def test_group_bad_values(key, value, message):
     ]
 
 
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(None, 0.0), (0, 0.0), ("0s", 0.0), ("0", 0.0), ("30s", 30.0), (2, 2.0)]
+)
+def test_drain_timeout_zero_means_off(value, seconds):
+    doc = with_("server_groups.rs1.drain_timeout", value) if value is not None else minimal()
+    g = parse_config(doc).server_groups[0]
+    assert (g.drain_timeout, g.drain_close_code) == (seconds, 1001)
+    g = parse_config(with_("server_groups.rs1.drain_close_code", 1012)).server_groups[0]
+    assert g.drain_close_code == 1012
+
+
 # ----------------------------------------------------------------------------- health check
 
 HC = "server_groups.rs1.health_check"
 
 
-@pytest.mark.parametrize(("key", "value"), [("protocol", "tcp"), ("method", "GET")])
+@pytest.mark.parametrize(
+    ("key", "value"), [("protocol", "tcp"), ("protocol", "websocket"), ("method", "GET")]
+)
 def test_health_check_choices(key, value):
     c = parse_config(with_(f"{HC}.{key}", value))
     assert getattr(c.server_groups[0].health_check, key) == value
@@ -624,7 +650,7 @@ def test_health_check_choices(key, value):
     ("key", "value", "message"),
     [
         ("enabled", "yes", "expected true or false, got 'yes'"),
-        ("protocol", "https", "expected one of http, tcp, got 'https'"),
+        ("protocol", "https", "expected one of http, tcp, websocket, got 'https'"),
         ("method", "POST", "expected one of HEAD, GET, got 'POST'"),
         ("method", "get", "expected one of HEAD, GET, got 'get'"),
         ("path", "health", "expected a path starting with '/', got 'health'"),
@@ -707,6 +733,17 @@ def test_every_health_check_problem_at_once():
         f"{HC}.port",
         f"{HC}.interval",
         f"{HC}.expected_codes",
+    ]
+
+
+def test_websocket_check_takes_path_and_host_and_refuses_method_and_codes():
+    doc = with_(HC, {"protocol": "websocket", "path": "/ws", "host": "chat.example"})
+    check = parse_config(doc).server_groups[0].health_check
+    assert (check.protocol, check.path, check.host) == ("websocket", "/ws", "chat.example")
+    doc = with_(HC, {"protocol": "websocket", "method": "GET", "expected_codes": [101]})
+    assert problems(doc) == [
+        f"{HC}.method: not used with protocol: websocket (a GET expecting 101)",
+        f"{HC}.expected_codes: not used with protocol: websocket (a GET expecting 101)",
     ]
 
 
@@ -837,7 +874,7 @@ def test_load_config_yaml_merge_keys_still_work(tmp_path):
         load_config(path)
     assert info.value.problems == [
         "x-defaults: unknown key (allowed: listeners, server_groups, admin, access_log, "
-        "shutdown_timeout)"
+        "shutdown_timeout, resolvers)"
     ]
     doc = yaml.load(Path(path).read_text(), Loader=cfg._UniqueKeyLoader)
     assert doc["server_groups"]["rs1"]["servers"] == [{"address": "127.0.0.1:5001", "weight": 7}]
@@ -875,10 +912,13 @@ def test_demo_config_is_the_documented_demo_with_defaults():
     c = load_config(str(REPO / "config" / "lb.yaml"))
     expected = parse_config(
         {
-            "listeners": [{"name": "web", "bind": "0.0.0.0:5000", "server_group": "rs1"}],
+            "listeners": [
+                # gzip: off by default (as nginx), on in the demo (as CLB)
+                {"name": "web", "bind": "0.0.0.0:5000", "server_group": "rs1", "gzip": True}
+            ],
             "server_groups": {
                 "rs1": {
-                    "scheduler": "wlc",  # the one non-default: WebSockets spread by open count
+                    "scheduler": "wlc",  # WebSockets spread by open count
                     "servers": ["127.0.0.1:5001", "127.0.0.1:5002"],
                     "health_check": {"path": "/health"},
                 }
@@ -907,5 +947,59 @@ def test_full_config_shows_every_key():
     assert set().union(*(_keys(s) for s in servers)) == set(cfg._SERVER_KEYS)
     assert any(isinstance(s, str) for s in servers)  # the shorthand is shown too
     assert set().union(*(_keys(g["health_check"]) for g in groups)) == set(cfg._CHECK_KEYS)
+    websockets = [lst["websocket"] for lst in doc["listeners"] if "websocket" in lst]
+    assert set().union(*(_keys(w) for w in websockets)) == set(cfg._WS_POLICY_KEYS)
+    discoveries = [g["discovery"] for g in groups if "discovery" in g]
+    assert set().union(*(_keys(d) for d in discoveries)) == set(cfg._DISCOVERY_KEYS)
     assert _keys(doc["admin"]) == {"bind", "token"}
     assert _keys(doc["access_log"]) == {"enabled", "format", "path"}
+
+
+# ----------------------------------------------------------------------------- websocket policy
+
+WS = "listeners[0].websocket"
+
+
+def test_websocket_policy_values_and_defaults():
+    lst = parse_config(with_(WS, {"max_message_size": "1MiB"})).listeners[0]
+    assert lst.websocket == cfg.WebSocketPolicy(1 << 20, 0.0, 1)
+    lst = parse_config(with_(WS, {"messages_per_second": 2.5})).listeners[0]
+    assert lst.websocket == cfg.WebSocketPolicy(0, 2.5, 3)  # burst: a second's worth
+    lst = parse_config(with_(WS, {"messages_per_second": 10, "burst": 50})).listeners[0]
+    assert lst.websocket == cfg.WebSocketPolicy(0, 10.0, 50)
+    assert parse_config(minimal()).listeners[0].websocket is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({}, f"{WS}: expected max_message_size and/or messages_per_second"),
+        ({"burst": 5}, f"{WS}: expected max_message_size and/or messages_per_second"),
+        (
+            {"max_message_size": 0},
+            f"{WS}.max_message_size: expected a size 1..1099511627776 bytes, got 0",
+        ),
+        (
+            {"messages_per_second": 0},
+            f"{WS}.messages_per_second: expected a positive number, got 0",
+        ),
+        (
+            {"messages_per_second": "5"},
+            f"{WS}.messages_per_second: expected a positive number, got '5'",
+        ),
+        (
+            {"messages_per_second": 5, "burst": 0},
+            f"{WS}.burst: expected an integer 1..1000000, got 0",
+        ),
+        ({"max_message_size": 10, "burst": 3}, f"{WS}.burst: only used with messages_per_second"),
+    ],
+)
+def test_websocket_policy_bad_values(value, message):
+    assert problems(with_(WS, value)) == [message]
+
+
+def test_websocket_policy_unknown_key():
+    assert problems(with_(WS, {"max_size": 10})) == [
+        f"{WS}.max_size: unknown key (allowed: max_message_size, messages_per_second, burst)",
+        f"{WS}: expected max_message_size and/or messages_per_second",
+    ]

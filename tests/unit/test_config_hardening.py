@@ -158,7 +158,7 @@ def test_unknown_key_lists_the_new_ones() -> None:
 
 def test_https_needs_tls_and_tls_needs_https() -> None:
     assert problems(doc(protocol="https")) == [
-        "listeners[0].tls: required with protocol: https (cert and key, PEM files)"
+        "listeners[0].tls: required with protocol: https (cert and key, or certificates)"
     ]
     assert problems(doc(tls={"cert": "c.pem", "key": "k.pem"})) == [
         "listeners[0].tls: only used with protocol: https"
@@ -167,7 +167,8 @@ def test_https_needs_tls_and_tls_needs_https() -> None:
         "listeners[0].tls.key: required"
     ]
     assert problems(doc(protocol="https", tls={"cert": "c.pem", "key": "", "ca": "x"})) == [
-        "listeners[0].tls.ca: unknown key (allowed: cert, key)",
+        "listeners[0].tls.ca: unknown key "
+        "(allowed: cert, key, certificates, policy, client_ca, client_auth)",
         "listeners[0].tls.key: expected a file path, got ''",
     ]
     assert problems(doc(protocol="https", tls="c.pem")) == [

@@ -319,7 +319,7 @@ def test_sticky_socketio_path_without_socketio() -> None:
         (
             {"type": "insert", "enabled": True},
             "sticky_session.enabled: unknown key"
-            " (allowed: type, cookie, cookie_timeout, socketio, socketio_path)",
+            " (allowed: type, cookie, cookie_timeout, socketio, socketio_path, secret)",
         ),
         (
             {"type": "insert", "cookie_timeout": "soon"},

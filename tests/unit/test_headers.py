@@ -459,3 +459,51 @@ def test_the_parsed_pairs_are_still_there_for_the_rules_that_need_them():
     req = request(b"GET / HTTP/1.1\r\nHost: h\r\nCookie:  a=1 \r\nX-Forwarded-For: 1.2.3.4\r\n\r\n")
     assert req.headers == [(b"Host", b"h"), (b"Cookie", b"a=1"), (b"X-Forwarded-For", b"1.2.3.4")]
     assert (req.host_line, req.hop, req.forwarded) == (1, None, [3])
+
+
+# ------------------------------- the balancer's own names on both paths (lean, field by field)
+
+OWNED = (
+    b"X-Forwarded-Port: 1\r\nx-forwarded-client-srcport: 2\r\nSLB-IP: 6.6.6.6\r\n"
+    b"slb-id: spoof\r\nX-Client-Cert-Subject: CN=mallory\r\nX-CLIENT-CERT-FINGERPRINT: ab\r\n"
+)
+
+
+@pytest.mark.parametrize("connection", [b"", b"Connection: x-hop\r\nX-Hop: 1\r\n"])
+@pytest.mark.parametrize(("forwarded", "proto"), [(True, None), (False, None), (False, True)])
+def test_balancer_owned_and_client_cert_names_never_pass_on_either_path(
+    connection: bytes, forwarded: bool, proto: bool | None
+) -> None:
+    # With a Connection header naming another field the head is rebuilt field by field;
+    # without, the parser's noted lines are dropped from the head as received: same rules.
+    raw = (
+        b"GET / HTTP/1.1\r\nHost: h\r\n" + connection + OWNED + b"X-Forwarded-Proto: gopher\r\n"
+        b"X-Forwarded-For: 9.9.9.9\r\nX-Kept: 1\r\n\r\n"
+    )
+    out = headers.upstream_request_head(
+        request(raw),
+        client_ip=CLIENT,
+        scheme=b"https",
+        forwarded=forwarded,
+        default_host=DEFAULT_HOST,
+        upgrade=False,
+        proto=proto,
+        extra=(b"SLB-ID: lb-1", b"X-Client-Cert-Subject: CN=alice"),
+    )
+    request(out)
+    assert values(out, b"slb-id") == [b"lb-1"]
+    assert values(out, b"x-client-cert-subject") == [b"CN=alice"]
+    for name in (b"x-forwarded-port", b"x-forwarded-client-srcport", b"slb-ip", b"x-hop"):
+        assert values(out, name) == []
+    assert values(out, b"x-client-cert-fingerprint") == []
+    assert values(out, b"x-kept") == [b"1"]
+    proto_on = forwarded if proto is None else proto
+    assert values(out, b"x-forwarded-proto") == ([b"https"] if proto_on else [b"gopher"])
+    xff = [b"9.9.9.9, " + CLIENT.encode()] if forwarded else [b"9.9.9.9"]
+    assert values(out, b"x-forwarded-for") == xff
+
+
+def test_a_backend_response_keeps_the_names_only_the_balancer_sets_in_requests():
+    # Only requests are the balancer's to vouch for: a backend's response passes as it is.
+    raw = b"HTTP/1.1 200 OK\r\n" + OWNED + b"Content-Length: 0\r\n\r\n"
+    assert client(raw) == raw

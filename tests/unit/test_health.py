@@ -46,8 +46,16 @@ def in_state(state: State) -> ServerHealth:
     if state is State.UP:
         feed(h, OK)
     elif state is State.DOWN:
-        feed(h, FAIL)
+        feed(h, OK, PASSIVE)  # down after having been up: healthy_threshold applies
     assert h.state is state
+    return h
+
+
+def never_up_down() -> ServerHealth:
+    """DOWN from its very first check (a backend that was down when the proxy started)."""
+    h = ServerHealth()
+    feed(h, FAIL)
+    assert h.state is State.DOWN and not h.been_up
     return h
 
 
@@ -71,7 +79,7 @@ def test_table_matches_the_rules() -> None:
         FAIL: (State.DOWN, Gate.UNHEALTHY_THRESHOLD),
         PASSIVE: (State.DOWN, Gate.AT_ONCE),
     }
-    assert TRANSITIONS[State.DOWN] == {OK: (State.UP, Gate.HEALTHY_THRESHOLD)}
+    assert TRANSITIONS[State.DOWN] == {OK: (State.UP, Gate.HEALTHY_THRESHOLD_ONCE_UP)}
 
 
 def test_enum_values() -> None:
@@ -182,6 +190,36 @@ def test_down_goes_up_after_healthy_threshold_successes() -> None:
     assert h.available
 
 
+def test_never_up_down_goes_up_on_its_first_ok_despite_healthy_threshold() -> None:
+    # Envoy's startup rule: a backend down at start (or started after the proxy) serves
+    # after one good check, not healthy_threshold of them.
+    h = never_up_down()
+    feed(h, FAIL, FAIL, PASSIVE, FAIL, healthy=3)
+    assert h.state is State.DOWN
+    [t] = feed(h, OK, healthy=3)
+    assert (t.old, t.new) == (State.DOWN, State.UP)
+    assert t.reason == "check ok, never up before (no healthy_threshold wait): 200 OK"
+    assert h.available and h.been_up
+
+
+def test_healthy_threshold_applies_once_the_server_has_been_up() -> None:
+    h = never_up_down()
+    feed(h, OK, healthy=3)
+    [t] = feed(h, FAIL, FAIL, FAIL, unhealthy=3)
+    assert t.new is State.DOWN
+    assert feed(h, OK, OK, healthy=3) == []
+    assert feed(h, OK, healthy=3)[0].new is State.UP
+
+
+def test_been_up_is_set_by_every_way_up() -> None:
+    h = ServerHealth()
+    assert not h.been_up
+    feed(h, OK)
+    assert h.been_up
+    feed(h, PASSIVE)
+    assert h.been_up  # going down again does not forget it
+
+
 def test_check_fail_resets_success_count_in_down() -> None:
     h = in_state(State.DOWN)
     assert feed(h, OK, OK, FAIL, OK, OK, healthy=3) == []
@@ -200,7 +238,7 @@ def test_down_failures_change_nothing_but_count() -> None:
     h = in_state(State.DOWN)
     assert feed(h, FAIL, FAIL, PASSIVE, FAIL) == []
     assert h.state is State.DOWN
-    assert h.failures == 4  # passive failures are not counted as failed checks
+    assert h.failures == 3  # passive failures are not counted as failed checks
 
 
 # --- counting, flapping, reloads --------------------------------------------------------

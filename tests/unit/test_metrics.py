@@ -28,18 +28,26 @@ FAMILIES = {
     "lbproxy_connections_active": "gauge",
     "lbproxy_connections": "counter",
     "lbproxy_connections_refused": "counter",
+    "lbproxy_tls_handshake_failures": "counter",
     "lbproxy_websockets_active": "gauge",
     "lbproxy_websockets": "counter",
     "lbproxy_websocket_duration_seconds": "histogram",
     "lbproxy_websocket_closes": "counter",
+    "lbproxy_websocket_messages": "counter",
+    "lbproxy_websocket_close_codes": "counter",
+    "lbproxy_websocket_policy_closes": "counter",
+    "lbproxy_websockets_drained": "counter",
     "lbproxy_bytes": "counter",
     "lbproxy_backend_up": "gauge",
+    "lbproxy_backend_state": "gauge",
     "lbproxy_health_checks": "counter",
     "lbproxy_upstream_errors": "counter",
     "lbproxy_retries": "counter",
     "lbproxy_config_reloads": "counter",
     "lbproxy_config_last_reload_success": "gauge",
     "lbproxy_config_last_reload_timestamp_seconds": "gauge",
+    "lbproxy_dns_lookups": "counter",
+    "lbproxy_backend_discovered": "gauge",
 }
 
 
@@ -173,6 +181,8 @@ def _fill(reg: Registry, scale: int) -> None:
     web.connections_active += scale
     web.connections_refused["acl"] += scale
     web.connections_refused["max_connections"] += 2 * scale
+    web.tls_failures["client_certificate"] += scale
+    web.connections_refused["connections_per_client"] += 5 * scale
     web.bytes_in += 100 * scale
     web.bytes_out += 1000 * scale
     web.live.add(_Live(10 * scale, 20 * scale))
@@ -181,13 +191,20 @@ def _fill(reg: Registry, scale: int) -> None:
     web.count_request("g", "", 503, 0.0001)
     web.count_ws_close("g", "client", 2.0)
     web.ws_closes["shutdown"] += scale
+    web.ws_messages_in += 10 * scale
+    web.ws_messages_out += 20 * scale
+    web.count_ws_close_code("proxy", 1001)
+    web.count_ws_close_code("client", None)
+    web.count_ws_policy("max_message_size")
     ss = reg.server("g/s:1", "g", "s:1")
+    ss.ws_drained += scale
     ss.upstream_response.observe(0.002)
     ss.ws_opened("web")
     ss.errors["connect"] += scale
     ss.health_checks["success"] += 5 * scale
     ss.health_checks["failure"] += scale
     reg.backend_up["g/s:1"] = ("g", "s:1", 1)
+    reg.backend_state["g/s:1"] = ("g", "s:1", "draining")
     reg.count_retry("g")
 
 
@@ -234,7 +251,25 @@ def test_collector_sums_over_registries():
     assert closes[labels(listener="web", reason="client")] == 2
     assert closes[labels(listener="web", reason="shutdown")] == 3
     assert closes[labels(listener="web", reason="error")] == 0
-    assert len(closes) == 5
+    assert len(closes) == 7
+    assert m["lbproxy_websocket_policy_closes_total"] == {
+        labels(listener="web", reason="max_message_size"): 2,
+        labels(listener="web", reason="messages_per_second"): 0,
+    }
+    assert m["lbproxy_websocket_messages_total"] == {
+        labels(listener="web", direction="in"): 30,
+        labels(listener="web", direction="out"): 60,
+    }
+    assert m["lbproxy_websocket_close_codes_total"] == {
+        labels(listener="web", side="proxy", code="1001"): 2,
+        labels(listener="web", side="client", code="none"): 2,
+    }
+    assert m["lbproxy_websockets_drained_total"] == {labels(server_group="g", server="s:1"): 3}
+    # One owner of the state (not a sum over processes): 1 for the current one only.
+    assert m["lbproxy_backend_state"] == {
+        labels(server_group="g", server="s:1", state=st): 1 if st == "draining" else 0
+        for st in ("up", "down", "unknown", "draining")
+    }
     assert m["lbproxy_websocket_duration_seconds_count"] == {
         labels(listener="web", server_group="g"): 2
     }
@@ -253,6 +288,13 @@ def test_collector_sums_over_registries():
     assert m["lbproxy_connections_refused_total"] == {
         labels(listener="web", reason="max_connections"): 6,
         labels(listener="web", reason="acl"): 3,
+        labels(listener="web", reason="connections_per_client"): 15,
+    }
+    assert m["lbproxy_tls_handshake_failures_total"] == {
+        labels(listener="web", reason="client_certificate"): 3,
+        labels(listener="web", reason="protocol"): 0,
+        labels(listener="web", reason="timeout"): 0,
+        labels(listener="web", reason="other"): 0,
     }
     assert m["lbproxy_retries_total"] == {labels(server_group="g"): 2}
     assert m["lbproxy_config_reloads_total"] == {

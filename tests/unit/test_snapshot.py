@@ -282,3 +282,89 @@ def test_reload_of_100_groups_of_10_servers_within_budget(change):
     elapsed = best_of_3(reload_once)
     assert len(state.servers) == 1000
     assert elapsed < BUDGET, f"build+commit took {elapsed * 1000:.1f} ms"
+
+
+# ------------------------------------------------------------------ draining and overrides
+
+
+def test_removed_and_weight_0_servers_begin_draining_on_commit():
+    state = RuntimeState(metrics.Registry())
+    snap, _ = build(state, doc({"g1": [A, B, C]}))
+    a, b, c = snap.groups["g1"].servers
+    assert not any(s.draining for s in (a, b, c))
+    new, _ = state.build(parse_config(doc({"g1": [A, {"address": B, "weight": 0}]})))
+    began = state.commit(new)
+    assert began == [b, c]
+    assert (b.draining, b.removed, c.draining, c.removed) == (True, False, True, True)
+    assert state.retired == {c.id: c}
+    assert [s.state_name for s in (a, b, c)] == ["unknown", "draining", "draining"]
+    # Brought back, the removed one is the same state again (its tunnels, its counters).
+    again, changes = build(state, doc({"g1": [A, B, C]}))
+    assert servers_of(again, "g1")[c.id] is c and c in changes.added_servers
+    assert not c.draining and not b.draining and state.retired == {}
+
+
+def test_overrides_survive_reloads_while_the_server_stays():
+    state = RuntimeState(metrics.Registry())
+    snap, _ = build(state, doc({"g1": [A, B]}))
+    a, b = snap.groups["g1"].servers
+    for s in (a, b):
+        mark_up(s)
+    server, began = state.set_override(a.id, admin_state="drain")
+    assert (server, began, a.draining) == (a, True, True)
+    assert snap.groups["g1"].available() == [b]
+    server, began = state.set_override(a.id, weight=30)  # the admin state stays
+    assert (began, a.admin_state, a.weight, a.draining) == (False, "drain", 30, True)
+    build(state, doc({"g1": [{"address": A, "weight": 70}, B]}))
+    assert (a.admin_state, a.weight, a.config_weight, a.draining) == ("drain", 30, 70, True)
+    state.set_override(a.id, admin_state="ready")
+    assert (a.draining, a.weight) == (False, 30)
+    state.set_override(b.id, weight=0)
+    assert b.draining
+    # Gone from the config, its overrides go too; back, it has the file's values.
+    build(state, doc({"g1": [B]}))
+    assert a.id not in state.overrides and b.id in state.overrides
+    build(state, doc({"g1": [A, B]}))
+    assert (a.admin_state, a.weight, a.override) == ("ready", 100, None)
+    with pytest.raises(KeyError):
+        state.set_override("g1/127.0.0.1:1", admin_state="drain")
+
+
+def test_pins_to_a_draining_server_hold_unless_the_group_drains_with_a_timeout():
+    state = RuntimeState(metrics.Registry())
+    d = doc({"g1": [A, B]})
+    snap, _ = build(state, d)
+    a, b = snap.groups["g1"].servers
+    for s in (a, b):
+        mark_up(s)
+    state.set_override(a.id, admin_state="drain")
+    assert snap.groups["g1"].pinnable(a)  # HAProxy's drain: sessions stay
+    d["server_groups"]["g1"]["drain_timeout"] = "10s"
+    snap, _ = build(state, d)
+    assert not snap.groups["g1"].pinnable(a)  # everything moves off within the window
+    assert snap.groups["g1"].pinnable(b)
+
+
+def test_sticky_secret_keys_the_tokens_and_a_new_secret_rekeys_on_commit():
+    from lbproxy.sticky import server_token
+
+    state = RuntimeState(metrics.Registry())
+
+    def with_secret(secret: str | None) -> dict[str, Any]:
+        d = doc({"g1": ["127.0.0.1:5001"]})
+        if secret is not None:
+            d["server_groups"]["g1"]["sticky_session"] = {"type": "insert", "secret": secret}
+        return d
+
+    snap, _ = build(state, with_secret(None))
+    server = snap.groups["g1"].servers[0]
+    assert server.token == server_token("g1/127.0.0.1:5001")  # the built-in key
+
+    secret = "a-secret-of-twenty-chars"
+    snap2, _ = state.build(parse_config(with_secret(secret)))
+    keyed = server_token("g1/127.0.0.1:5001", secret)
+    assert keyed != server.token
+    assert set(snap2.groups["g1"].by_token) == {keyed}
+    assert server.token != keyed  # the old snapshot's connections still set the old token
+    state.commit(snap2)
+    assert snap2.groups["g1"].servers[0] is server and server.token == keyed

@@ -1,0 +1,97 @@
+"""Builds lbproxy: the hot modules compiled with mypyc, or every module as pure Python.
+
+Every module of ``lbproxy/`` is compiled except those in ``INTERPRETED`` (the cold ones: run
+once at start or reload, or only for the operator; compiling them buys nothing), so a module
+added later is compiled by default. All compiled modules share one C extension
+(``lbproxy/_mypyc__mypyc*.so``) so that calls between them stay native.
+
+The pure-Python build (the same sources, interpreted) is made instead when ``LBPROXY_PURE=1``
+is set, or when no C compiler or no Python headers are found (``gcc`` and ``python3-dev`` on
+Debian). A pure build in place (an editable install) also removes the compiled modules an
+earlier one left next to the sources, since those would shadow them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import setup  # type: ignore[import-untyped]
+
+ROOT = Path(__file__).resolve().parent
+PACKAGE = ROOT / "lbproxy"
+INTERPRETED = frozenset(
+    {
+        "__init__",
+        "__main__",
+        "admin",
+        "buildinfo",
+        "checker",
+        "cli",
+        "config",
+        "discovery",  # DNS lookups on a timer (main's service discovery: dnsstate, drain too)
+        "dnsstate",
+        "drain",
+        "reload",
+        "status_page",
+        "supervisor",
+        "tls",
+        "worker",
+    }
+)
+GROUP = "lbproxy._mypyc"  # the shared library of every compiled module: lbproxy/_mypyc__mypyc*.so
+
+
+def compiled_sources() -> list[str]:
+    return sorted(f"lbproxy/{p.name}" for p in PACKAGE.glob("*.py") if p.stem not in INTERPRETED)
+
+
+def why_pure() -> str | None:
+    """None when the compiled build can be made, else why not."""
+    if os.environ.get("LBPROXY_PURE", "") not in ("", "0"):
+        return "LBPROXY_PURE is set"
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc}) found"
+    include = sysconfig.get_paths()["include"]
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return f"no Python headers ({include}/Python.h) found"
+    return None
+
+
+def building_in_place() -> bool:
+    """An editable install (or ``build_ext --inplace``): the build lands next to the sources."""
+    return "editable_wheel" in sys.argv or bool({"--inplace", "-i"} & set(sys.argv))
+
+
+def remove_inplace_builds() -> None:
+    for p in PACKAGE.iterdir():
+        if p.suffix in (".so", ".pyd"):
+            p.unlink()
+
+
+def ext_modules() -> list[object]:
+    if sys.argv[1:2] in (["egg_info"], ["dist_info"], ["sdist"]):
+        return []  # pip asks for metadata first: no need to run mypyc for it (about 30 s)
+    reason = why_pure()
+    if reason is not None:
+        print(f"lbproxy: building the pure-Python build ({reason})", file=sys.stderr)
+        if building_in_place():
+            remove_inplace_builds()
+        return []
+    from mypyc.build import mypycify
+
+    os.chdir(ROOT)  # mypyc takes paths relative to the project and reads its mypy config
+    print("lbproxy: compiling the hot modules with mypyc", file=sys.stderr)
+    # --warn-unreachable: mypyc trusts mypy's narrowing, so code that mypy takes for unreachable
+    # (say `self.x is not None` after a loop on `self.x is None` whose body set it through a
+    # method) is compiled as unreachable: the build refuses it rather than miscompile it.
+    mypy_args = ["--warn-unreachable"]
+    return list(mypycify([*mypy_args, *compiled_sources()], opt_level="3", group_name=GROUP))
+
+
+if __name__ == "__main__":  # setuptools runs it so; tests import it for INTERPRETED
+    setup(ext_modules=ext_modules())

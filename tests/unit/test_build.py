@@ -1,0 +1,133 @@
+"""Which build runs (compiled with mypyc, or pure), and the guard against stale compiled code.
+
+The whole suite runs on the compiled build and a smoke run on the pure one (scripts/test);
+LBPROXY_EXPECT_BUILD says which of the two this run must be.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import lbproxy.http_proxy
+from lbproxy import buildinfo
+from tests.support import expected_build
+
+REPO = Path(__file__).resolve().parents[2]
+# The modules issue 13 measured as the hot path: compiled whenever the build is.
+HOT = {
+    "http1", "headers", "http_proxy", "tunnel", "upstream", "balancer", "metrics", "snapshot",
+    "sticky", "rules", "health", "access_log", "app",
+}  # fmt: skip
+
+
+def load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_build_that_runs_is_the_expected_one():
+    assert buildinfo.kind() == expected_build()
+
+
+def test_compiled_build_compiles_every_module_but_the_cold_ones():
+    setup = load(REPO / "setup.py", "lbproxy_setup")
+    every = {p.stem for p in (REPO / "lbproxy").glob("*.py")}
+    compiled = set(buildinfo.compiled_modules())
+    if expected_build() == buildinfo.PURE:
+        assert compiled == set()
+        assert lbproxy.http_proxy.__file__.endswith(".py")
+        return
+    assert compiled == every - setup.INTERPRETED
+    assert compiled >= HOT
+    assert {"cli", "config", "supervisor", "worker", "admin", "status_page"} <= setup.INTERPRETED
+    # what the tests imported is the compiled code, not the source next to it
+    assert not lbproxy.http_proxy.__file__.endswith(".py")
+
+
+def test_the_pure_build_is_made_when_asked_or_when_nothing_can_compile(monkeypatch, tmp_path):
+    setup = load(REPO / "setup.py", "lbproxy_setup")
+    monkeypatch.delenv("LBPROXY_PURE", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    assert setup.why_pure() is None  # scripts/test installed gcc and the Python headers
+    monkeypatch.setenv("LBPROXY_PURE", "0")
+    assert setup.why_pure() is None
+    monkeypatch.setenv("LBPROXY_PURE", "1")
+    assert setup.why_pure() == "LBPROXY_PURE is set"
+    monkeypatch.delenv("LBPROXY_PURE")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc") + " -pthread")
+    assert setup.why_pure() == f"no C compiler ({tmp_path / 'no-such-cc'}) found"
+
+
+@pytest.fixture
+def build_script() -> ModuleType:
+    return load(REPO / "scripts" / "build.py", "lbproxy_build_script")
+
+
+def fake_checkout(root: Path) -> None:
+    (root / "lbproxy").mkdir()
+    (root / "lbproxy" / "http1.py").write_text("x = 1\n")
+    (root / "lbproxy" / "config.py").write_text("y = 1\n")
+    (root / "setup.py").write_text("")
+    (root / "pyproject.toml").write_text("")
+
+
+def record(script: ModuleType, root: Path, wanted: str) -> None:
+    stamp = {"wanted": wanted, "built": wanted, "fingerprint": script.fingerprint(root)}
+    (root / "lbproxy" / ".build-stamp").write_text(json.dumps(stamp))
+
+
+def test_an_edit_of_any_source_makes_the_compiled_build_due(tmp_path, build_script):
+    fake_checkout(tmp_path)
+    assert build_script.due("compiled", tmp_path) == "no build recorded"
+    (tmp_path / "lbproxy" / "http1.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    record(build_script, tmp_path, "compiled")
+    assert build_script.due("compiled", tmp_path) is None
+    # an interpreted module counts too: mypyc compiles against its types and constants
+    for edited in ("lbproxy/http1.py", "lbproxy/config.py", "setup.py", "pyproject.toml"):
+        path = tmp_path / edited
+        before = path.read_text()
+        path.write_text(before + "# edited\n")
+        assert build_script.due("compiled", tmp_path) == "the sources changed since the last build"
+        path.write_text(before)
+        assert build_script.due("compiled", tmp_path) is None
+    (tmp_path / "lbproxy" / "exchange.py").write_text("")  # a new module is compiled too
+    assert build_script.due("compiled", tmp_path) is not None
+    (tmp_path / "lbproxy" / "exchange.py").unlink()
+    (tmp_path / "lbproxy" / "http1.cpython-311-x86_64-linux-gnu.so").unlink()
+    assert build_script.due("compiled", tmp_path) == "the compiled modules are gone"
+
+
+def test_switching_between_the_builds_rebuilds(tmp_path, build_script):
+    fake_checkout(tmp_path)
+    so = tmp_path / "lbproxy" / "http1.cpython-311-x86_64-linux-gnu.so"
+    so.write_bytes(b"")
+    record(build_script, tmp_path, "compiled")
+    # compiled modules would shadow the sources: they must go before a pure run
+    assert build_script.due("pure", tmp_path) is not None
+    so.unlink()
+    record(build_script, tmp_path, "pure")
+    assert build_script.due("pure", tmp_path) is None
+    assert build_script.due("compiled", tmp_path) is not None
+    # with nothing compiled, the sources are what runs: a pure tree is never stale
+    (tmp_path / "lbproxy" / "http1.py").write_text("x = 2\n")
+    assert build_script.due("pure", tmp_path) is None
+
+
+def test_the_pure_tree_has_no_compiled_module(tmp_path, build_script):
+    dest = tmp_path / "pure"
+    build_script.pure_tree(dest)
+    assert (dest / "lbproxy" / "http_proxy.py").read_bytes() == (
+        REPO / "lbproxy" / "http_proxy.py"
+    ).read_bytes()
+    assert (dest / "tests" / "unit" / "test_build.py").exists()
+    assert not list((dest / "lbproxy").glob("*.so"))
+    assert not (dest / "lbproxy" / ".build-stamp").exists()
+    assert not (dest / ".venv").exists()
