@@ -44,7 +44,7 @@ from .http_proxy import ClientSocket, Context
 from .listener import BindError, Listeners, Opening, probe_binds
 from .servers import ServerControl
 from .snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
-from .tunnel import Tunnel
+from .tunnel import IdleSweeper, Tunnel
 from .wsframes import GOING_AWAY
 
 log = logging.getLogger("lbproxy")
@@ -144,6 +144,7 @@ class Proxy:
         self.reload_lock = asyncio.Lock()
         self.last_reload: tuple[float, bool, str] = (time.time(), True, "started")
         self._sweeper: asyncio.Task[None] | None = None
+        self.idle_tunnels = IdleSweeper(self.registry.listeners)  # one timer, every tunnel
         self._closing = False
         self.admin: AdminListener | None = None  # set by whoever starts one; moved on reload
 
@@ -182,6 +183,7 @@ class Proxy:
         if self.role.serve:
             self.listeners.accept()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self.idle_tunnels.start()
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Load the config file again and swap it in, or change nothing and say why."""
@@ -385,6 +387,7 @@ class Proxy:
         await self.stop_background()
 
     async def stop_background(self) -> None:
+        self.idle_tunnels.close()
         self.servers.close()
         self.ctx.edges.close()  # the bandwidth shapers' timers
         if self._sweeper is not None:

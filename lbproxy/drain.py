@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .snapshot import OpenTunnel, ServerState
+from .metrics import ListenerStats
+from .snapshot import ServerState
+from .tunnel import Tunnel, open_tunnels
 
 log = logging.getLogger("lbproxy.drain")
 
@@ -33,7 +35,9 @@ class _Job:
         self.code = code
         self.loop = asyncio.get_running_loop()
         # Oldest first: the longest-lived sessions have had the most of their server.
-        self.tunnels: list[OpenTunnel] = sorted(server.tunnels, key=lambda t: t.started)
+        self.tunnels: list[Tunnel] = sorted(
+            open_tunnels(owner.listeners, server), key=lambda t: t.started
+        )
         self.step = 0
         self.due = self.loop.time()  # the drain's start; each close is due relative to it
         self.timer: asyncio.TimerHandle | None = None
@@ -62,11 +66,11 @@ class _Job:
             self.step += 1
             self._arm()
             return
-        for t in list(self.server.tunnels):  # arrived after the drain began
+        for t in open_tunnels(self.owner.listeners, self.server):  # came after the drain began
             self._close(t)
         self.owner.finished(self)
 
-    def _close(self, tunnel: OpenTunnel) -> None:
+    def _close(self, tunnel: Tunnel) -> None:
         if tunnel.closed or tunnel.ending is not None:
             return
         self.server.stats.ws_drained += 1
@@ -81,12 +85,13 @@ class _Job:
 class Drainer:
     """The drains in progress, one per server id."""
 
-    def __init__(self) -> None:
+    def __init__(self, listeners: dict[str, ListenerStats]) -> None:
+        self.listeners = listeners  # the registry's: every open tunnel is in one's ``live``
         self._jobs: dict[str, _Job] = {}
 
     def start(self, server: ServerState, window: float, code: int) -> None:
         """Close ``server``'s tunnels over ``window`` seconds (nothing to do when 0)."""
-        if window <= 0 or server.id in self._jobs or not server.tunnels:
+        if window <= 0 or server.id in self._jobs or not open_tunnels(self.listeners, server):
             return
         job = self._jobs[server.id] = _Job(self, server, window, code)
         job.start()

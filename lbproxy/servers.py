@@ -33,7 +33,7 @@ class ServerControl:
         self.registry = registry
         self.holder = holder
         self.checks = checks  # this process runs the health checks (logs transitions)
-        self.drainer = Drainer()
+        self.drainer = Drainer(registry.listeners)
         self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
         # The supervisor's hand-over of a runtime override to every worker: (id, state, weight)
         self.on_override: Callable[[str, str | None, int | None], None] | None = None

@@ -2,7 +2,7 @@
 
 Owns:
 - ``RuntimeState``: what must survive a reload, keyed by stable ids — per server
-  (``group/address``) its health, open-connection count, open tunnels, upstream pool,
+  (``group/address``) its health, open-connection count, upstream pool,
   counters and runtime overrides (admin state, weight); per group its scheduler.
 - ``Snapshot``: an immutable view of one validated Config (listeners, groups, their servers)
   pointing into that state. Connections take the current snapshot when they start a request
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from . import balancer, metrics
 from .config import Address, Config, Listener, Server, ServerGroup, StickySession
@@ -28,17 +27,6 @@ from .sticky import CookieMap, SidTable, server_token
 from .upstream import Pool
 
 ADMIN_STATES = ("ready", "drain")
-
-
-class OpenTunnel(Protocol):
-    """An open WebSocket tunnel to a server (tunnel.Tunnel, which sits above this module),
-    as draining it sees it."""
-
-    started: float  # loop time
-    closed: bool
-    ending: str | None  # why the proxy is closing it, if it is
-
-    def go_away(self, code: int, reason: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +62,6 @@ class ServerState:
         "stats",
         "token",
         "token_secret",
-        "tunnels",
         "weight",
     )
 
@@ -97,7 +84,6 @@ class ServerState:
         # field (updated by ``refresh``) because the scheduler reads it per request.
         self.draining = server.weight == 0
         self.active = 0  # open requests and tunnels to this server
-        self.tunnels: set[OpenTunnel] = set()  # open tunnels, for draining them
         self.health = ServerHealth()
         self.pool = Pool()
         self.stats = registry.server(sid, group, self.label)

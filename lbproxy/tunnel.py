@@ -14,10 +14,12 @@ side, then wait briefly for the close handshake. Only ``Upgrade: websocket`` is 
 any other Upgrade header is removed on the way to the backend (as hop-by-hop), which also
 keeps h2c smuggling out.
 
-No task per tunnel: two small Protocol objects and one timer. Per chunk the work is a write,
+No task and no timer per tunnel: two small Protocol objects. Per chunk the work is a write,
 one clock read, an integer comparison and an addition; a frame header is parsed only where a
-frame starts. The idle timer is lazy: it wakes at the earliest possible expiry and re-arms
-itself from the last activity instead of being reset per chunk.
+frame starts. Idle tunnels are found by ``IdleSweeper``, one timer for all of a process's
+tunnels (a timer handle each would cost about 200 bytes per tunnel): it looks at every
+tunnel's last activity a few times per idle timeout, so a tunnel closes within a quarter of
+its idle timeout (at most a second) after it expired.
 
 Timeouts come from the snapshot the tunnel started with and never change after (a reload
 does not touch open tunnels); the close-handshake bounds come from ``config``.
@@ -50,6 +52,10 @@ if TYPE_CHECKING:
     from .snapshot import ServerState
 
 log = logging.getLogger("lbproxy.tunnel")
+
+# How often IdleSweeper looks: a quarter of the shortest idle timeout, within these bounds.
+SWEEP_MIN = 0.05
+SWEEP_MAX = 1.0
 
 # What a frame-aware side does with what it reads.
 _FORWARD = 0  # pass it on
@@ -384,7 +390,6 @@ class Tunnel:
         client.set_protocol(ends[0])
         upstream.set_protocol(ends[1])
         self.listener.live.add(self)
-        self.server.tunnels.add(self)
         self.server.stats.ws_opened(self.listener.name)
         client_end, server_end = ends
         # The first bytes go through the same path as every later read: frames that came
@@ -397,7 +402,6 @@ class Tunnel:
             client.resume_reading()
         if not server_end.capped:
             upstream.resume_reading()
-        self.timer = self.loop.call_at(self.last + self.idle, self._on_timer)
 
     def live_bytes(self) -> tuple[int, int]:
         return self.bytes_in, self.bytes_out
@@ -413,13 +417,6 @@ class Tunnel:
         if ends is None:
             return 0, 0
         return ends[0].messages, ends[1].messages
-
-    def _on_timer(self) -> None:
-        deadline = self.last + self.idle
-        if self.loop.time() >= deadline:
-            self.close("idle_timeout")
-        else:
-            self.timer = self.loop.call_at(deadline, self._on_timer)
 
     # ------------------------------------------------------------------ frame events
     def count_messages(self, from_client: bool, n: int = 1) -> None:
@@ -566,7 +563,6 @@ class Tunnel:
         ls.connections_active -= 1
         ls.count_ws_close(self.group, self.reason, now - self.started)
         server = self.server
-        server.tunnels.discard(self)
         server.stats.ws_closed(ls.name)
         server.active -= 1
         if self.access.enabled:
@@ -592,3 +588,47 @@ class Tunnel:
             )
         if self.on_close is not None:
             self.on_close(self)
+
+
+class IdleSweeper:
+    """Closes the tunnels of a process that were idle for their ``idle_timeout``, with one
+    timer for all of them. Each sweep looks at every open tunnel's last activity and comes
+    back after a quarter of the shortest idle timeout among them (between 50 ms and 1 s)."""
+
+    def __init__(self, listeners: dict[str, ListenerStats]) -> None:
+        self.listeners = listeners  # the registry's, by name: every open tunnel is in a ``live``
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self.timer = asyncio.get_running_loop().call_later(SWEEP_MAX, self._sweep)
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        shortest = SWEEP_MAX * 4
+        for ls in list(self.listeners.values()):
+            for c in list(ls.live):
+                if type(c) is not Tunnel or c.ending is not None or c.closed:
+                    continue
+                if now >= c.last + c.idle:
+                    c.close("idle_timeout")
+                elif c.idle < shortest:
+                    shortest = c.idle
+        period = min(max(shortest / 4, SWEEP_MIN), SWEEP_MAX)
+        self.timer = loop.call_later(period, self._sweep)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def open_tunnels(listeners: dict[str, ListenerStats], server: ServerState) -> list[Tunnel]:
+    """The open tunnels to ``server`` (for a drain: rare, so a scan rather than an index that
+    would cost every tunnel a set entry)."""
+    return [
+        c
+        for ls in listeners.values()
+        for c in ls.live
+        if type(c) is Tunnel and c.server is server and not c.closed
+    ]
