@@ -440,12 +440,8 @@ class Stream:
         self.closed = False  # answered, cut or reset: nothing more goes out
         self.paused = False  # the exchange takes no more body: received DATA is not acked
         self.unacked = 0
-        # The backend is paused for this stream: its bytes wait for a window or the socket
-        # (the exchange's bandwidth cap keeps it paused until both let go).
-        self.write_paused = False
-        # The connection's edge: X-Client-Cert-* of its certificate, its client's place in
-        # connections_per_client (read by the 429 check; no tunnel takes it over HTTP/2),
-        # and the listener's bandwidth shapers (backend reads for this stream spend on them).
+        self.write_paused = False  # the backend is paused: bytes wait for a window or the socket
+        # The connection's edge (mTLS headers, per-client slot: no tunnel takes it over HTTP/2).
         self.cert_headers = conn.cert_headers
         self.slot = conn.slot
         self.shapers = conn.shapers
