@@ -750,9 +750,14 @@ class Dispatch:
             group=ex.group.name,
             server=server,
             idle_timeout=ex.lr.config.timeouts.idle,
-            client_addr=ex.down.client_addr,
-            method_path=(req.method.decode("latin-1"), req.target.decode("latin-1")),
             access=ex.ctx.access,
+            # Kept only for the access log's line: an idle tunnel is mostly these strings.
+            client_addr=ex.down.client_addr if ex.ctx.access.enabled else "-",
+            method_path=(
+                (req.method.decode("latin-1"), req.target.decode("latin-1"))
+                if ex.ctx.access.enabled
+                else None
+            ),
             on_close=edge.on_tunnel_close(
                 slot, aff.tunnel_closed if aff is not None and aff.sid is not None else None
             ),

@@ -347,7 +347,7 @@ class Tunnel:
         server: ServerState,
         idle_timeout: float,
         client_addr: str,
-        method_path: tuple[str, str],
+        method_path: tuple[str, str] | None,
         access: AccessLog,
         on_close: Any = None,
         policy: WebSocketPolicy | None = None,
@@ -566,7 +566,8 @@ class Tunnel:
         server.stats.ws_closed(ls.name)
         server.active -= 1
         if self.access.enabled:
-            method, path = self.method_path
+            # None: the access log was off when the tunnel opened (nothing kept for it).
+            method, path = self.method_path or ("-", "-")
             m_in, m_out = self.messages()
             if self.close_side is None:
                 code = "-"
