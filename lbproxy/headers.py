@@ -141,14 +141,35 @@ def upstream_request_head(
         # An HTTP/1.0 client may omit Host; HTTP/1.1 to the backend requires one.
         host = host or default_host
         out.append(b"Host: " + host)
-    if req.chunked:
+    upgrade_to = _first_value(lines, hop, b"upgrade") if upgrade else None
+    return _end_head(
+        out, req.chunked, upgrade_to, forwarded, proto, xff, client_ip, scheme, host, extra
+    )
+
+
+def _end_head(
+    out: list[bytes],
+    chunked: bool,
+    upgrade_to: bytes | None,
+    forwarded: bool,
+    proto: bool,
+    xff: list[bytes],
+    client_ip: str,
+    scheme: bytes,
+    host: bytes | None,
+    extra: tuple[bytes, ...],
+) -> bytes:
+    """The lines the proxy adds after the client's own (framing, upgrade, X-Forwarded-*,
+    ``extra``) and the head's end, for both ways of building a request head."""
+    if chunked:
         out.append(b"Transfer-Encoding: chunked")
-    if upgrade:
+    if upgrade_to is not None:
         out.append(b"Connection: Upgrade")
-        out.append(b"Upgrade: " + _first_value(lines, hop, b"upgrade"))
+        out.append(b"Upgrade: " + upgrade_to)
     if forwarded:
         ip = client_ip.encode()
-        out.append(b"X-Forwarded-For: " + (b", ".join(xff) + b", " + ip if xff else ip))
+        xff.append(ip)
+        out.append(b"X-Forwarded-For: " + b", ".join(xff))
         if proto:
             out.append(b"X-Forwarded-Proto: " + scheme)
         if host:
@@ -207,25 +228,10 @@ def _upstream_request_head_by_field(
     if not has_host:
         host = host or default_host
         lines.append(b"Host: " + host)
-    if req.chunked:
-        lines.append(b"Transfer-Encoding: chunked")
-    if upgrade:
-        lines.append(b"Connection: Upgrade")
-        lines.append(b"Upgrade: " + _header_value(req, b"upgrade"))
-    if forwarded:
-        ip = client_ip.encode()
-        xff.append(ip)
-        lines.append(b"X-Forwarded-For: " + b", ".join(xff))
-        if proto:
-            lines.append(b"X-Forwarded-Proto: " + scheme)
-        if host:
-            lines.append(b"X-Forwarded-Host: " + host)
-        lines.append(b"X-Real-IP: " + ip)
-    elif proto:
-        lines.append(b"X-Forwarded-Proto: " + scheme)
-    lines.extend(extra)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    upgrade_to = _header_value(req, b"upgrade") if upgrade else None
+    return _end_head(
+        lines, req.chunked, upgrade_to, forwarded, proto, xff, client_ip, scheme, host, extra
+    )
 
 
 def forwarding_lines(
