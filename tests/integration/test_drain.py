@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import WSMsgType, web
 
 from lbproxy import wsframes
-from lbproxy.admin import AdminServer
-from lbproxy.app import Proxy
 from lbproxy.config import parse_config
 from tests.support import RawServer, config_doc, proxy_url, start_proxy, wait_for
 
@@ -57,21 +53,6 @@ def ws_app(name: str) -> web.Application:
     app.router.add_get("/ws", ws)
     app.router.add_get("/whoami", whoami)
     return app
-
-
-@pytest.fixture
-async def make_admin() -> AsyncIterator[Callable[[Proxy], Awaitable[AdminServer]]]:
-    started: list[AdminServer] = []
-
-    async def make(proxy: Proxy) -> AdminServer:
-        admin = AdminServer(proxy)
-        await admin.start()
-        started.append(admin)
-        return admin
-
-    yield make
-    for a in started:
-        await a.close()
 
 
 def doc_for(servers: list[str], **group: Any) -> dict[str, Any]:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
 
-from lbproxy.admin import AdminServer
 from lbproxy.app import Proxy
 from lbproxy.config import load_config
 from tests.hardening import RecordingBackend, closed_without_answer, exchange, raw_config
@@ -582,21 +581,6 @@ async def test_backend_that_never_reads_the_body_is_a_504_not_the_clients_fault(
 
 
 # ------------------------------------------------------------------------------ admin
-
-
-@pytest.fixture
-async def make_admin() -> AsyncIterator[Callable[[Proxy], Awaitable[AdminServer]]]:
-    started: list[AdminServer] = []
-
-    async def make(proxy: Proxy) -> AdminServer:
-        admin = AdminServer(proxy)
-        await admin.start()
-        started.append(admin)
-        return admin
-
-    yield make
-    for a in started:
-        await a.close()
 
 
 async def test_admin_token_guards_reload(make_backend, make_proxy, make_admin, tmp_path):

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbproxy.admin import AdminServer
-from lbproxy.app import Proxy
 from lbproxy.config import load_config, parse_config
 from tests.support import (
     RawServer,
@@ -79,21 +76,6 @@ async def scrape(admin: AdminServer) -> Scrape:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain")
         return Scrape(await r.text())
-
-
-@pytest.fixture
-async def make_admin() -> AsyncIterator[Callable[[Proxy], Awaitable[AdminServer]]]:
-    started: list[AdminServer] = []
-
-    async def make(proxy: Proxy) -> AdminServer:
-        admin = AdminServer(proxy)
-        await admin.start()
-        started.append(admin)
-        return admin
-
-    yield make
-    for a in started:
-        await a.close()
 
 
 def group(servers: list[dict[str, Any]] | list[str], **extra: Any) -> dict[str, Any]:

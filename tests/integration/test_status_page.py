@@ -11,15 +11,12 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 
 from lbproxy.admin import AdminServer
-from lbproxy.app import Proxy
 from lbproxy.config import load_config
 from tests.cdp import Chromium
 from tests.support import Backend, config_doc, expected_build, proxy_url, wait_for
@@ -33,21 +30,6 @@ CHECKS = {
         "healthy_threshold": 1,
     }
 }
-
-
-@pytest.fixture
-async def make_admin() -> AsyncIterator[Callable[[Proxy], Awaitable[AdminServer]]]:
-    started: list[AdminServer] = []
-
-    async def make(proxy: Proxy) -> AdminServer:
-        admin = AdminServer(proxy)
-        await admin.start()
-        started.append(admin)
-        return admin
-
-    yield make
-    for a in started:
-        await a.close()
 
 
 async def fetch_status(admin: AdminServer) -> dict[str, Any]:
