@@ -359,7 +359,7 @@ class RedisBus(Bus):
     @staticmethod
     async def _dispose(pubsub: PubSub, client: Redis) -> None:
         try:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
             await client.aclose()
         except Exception as exc:  # already broken; nothing more to do
             log.debug("redis bus: error while closing a connection: %s", _describe(exc))
