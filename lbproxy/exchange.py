@@ -58,7 +58,7 @@ from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .access_log import AccessLog
-    from .config import Forwarding
+    from .config import Forwarding, Listener
     from .metrics import Registry
     from .snapshot import GroupRuntime, ListenerRuntime, ServerState
 
@@ -161,6 +161,13 @@ class Downstream(Protocol):
         """The balancer-owned header lines (``fwd.extra``: CLB's optional ones) for this
         client's connection."""
         ...
+
+
+def _no_extensions(config: Listener) -> bool:
+    """Whether WebSocket extensions are kept off this listener's tunnels: under a
+    ``max_message_size`` (a compressed frame's length is not its message's size)."""
+    policy = config.websocket
+    return policy is not None and policy.max_message_size > 0
 
 
 def record(
@@ -652,6 +659,7 @@ class Dispatch:
             upgrade=ex.upgrade,
             proto=fwd.proto,
             extra=extra,
+            no_extensions=ex.upgrade and _no_extensions(config),
         )
 
     def _out_of_resources(self, ex: Exchange, exc: OSError) -> None:
@@ -826,6 +834,11 @@ class Response:
             aff = ex.affinity
             if status == 101:
                 if ex.upgrade:
+                    if _no_extensions(ex.lr.config) and headers.accepts_extension(resp):
+                        # Not offered (the offer was dropped): a compressed message could
+                        # pass max_message_size, so the tunnel is never made.
+                        ex.bad_gateway("101 accepting a WebSocket extension that was not offered")
+                        return
                     if aff is not None and aff.hunt:
                         ex.dispatch.sid_hunt(ex, status)  # found the session's server: pin it
                     ex.dispatch.hand_over(ex, raw, bytes(buf))

@@ -2,9 +2,10 @@
 
 Owns hop-by-hop removal (RFC 9110 section 7.6.1: Connection and every token it lists,
 Keep-Alive, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-Connection), the X-Forwarded-*
-family, the X-Client-Cert-* headers clients may not send, the upgrade hand-through, and the
-short error responses the proxy writes itself. Pure functions over parsed heads; the proxy
-calls them once per message. A head goes out as its sender wrote it, but for the lines the
+family, the X-Client-Cert-* headers clients may not send, the upgrade hand-through (and the
+WebSocket extension offer a message size limit rules out), and the short error responses
+the proxy writes itself. Pure functions over parsed heads; the proxy calls them once per
+message. A head goes out as its sender wrote it, but for the lines the
 parser noted as hop-by-hop, X-Forwarded-* or balancer-owned: the common head costs a list
 copy and a join, not an object per field.
 """
@@ -27,6 +28,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 _FORWARDED_SET = frozenset({b"x-forwarded-host", b"x-real-ip"})
+# The WebSocket extension offer (permessage-deflate, RFC 7692), dropped from an upgrade on a
+# listener with a max_message_size: nothing offered, nothing compressed, so a message's size is
+# its frames' payload lengths (tunnel.Tunnel.police).
+WS_EXTENSIONS = b"sec-websocket-extensions"
 # Set only by the proxy, from a verified client certificate (mutual TLS): a client's own are
 # removed on every listener, so a backend can trust them whatever the listener.
 CLIENT_CERT = frozenset({b"x-client-cert-subject", b"x-client-cert-fingerprint"})
@@ -73,12 +78,14 @@ def upstream_request_head(
     upgrade: bool,
     proto: bool | None = None,
     extra: tuple[bytes, ...] = (),
+    no_extensions: bool = False,
 ) -> bytes:
     """The request head sent to a backend: always HTTP/1.1, keep-alive, hop-by-hop and
     client-sent X-Client-Cert-* removed, ``extra`` lines (the proxy's own) added.
 
     A chunked body is forwarded with its framing untouched, so Transfer-Encoding: chunked is
-    put back; an upgrade keeps ``Connection: Upgrade`` and its ``Upgrade`` value.
+    put back; an upgrade keeps ``Connection: Upgrade`` and its ``Upgrade`` value, and loses
+    its Sec-WebSocket-Extensions offer with ``no_extensions``.
     ``forwarded``: X-Forwarded-For appended to, X-Forwarded-Host and X-Real-IP replaced;
     ``proto`` (None: as ``forwarded``): X-Forwarded-Proto replaced; ``extra``: the
     balancer-owned lines (``forwarding_lines``), added after every client header of those
@@ -101,6 +108,7 @@ def upstream_request_head(
             upgrade=upgrade,
             proto=proto,
             extra=extra,
+            no_extensions=no_extensions,
         )
     lines = req.lines
     hop = req.hop
@@ -134,6 +142,10 @@ def upstream_request_head(
                 gone.append(i)
         if gone:
             drop = gone if hop is None else hop + gone
+    if no_extensions:
+        offer = _named(lines, WS_EXTENSIONS)
+        if offer:
+            drop = offer if drop is None else drop + offer
     if drop is not None:
         for i in sorted(drop, reverse=True):
             del out[i]
@@ -182,6 +194,11 @@ def _end_head(
     return b"\r\n".join(out)
 
 
+def _named(lines: list[bytes], lname: bytes) -> list[int]:
+    """The indexes of the field lines named ``lname`` (the parser notes only some names)."""
+    return [i for i in range(1, len(lines)) if lines[i].partition(b":")[0].lower() == lname]
+
+
 def _first_value(lines: list[bytes], among: list[int] | None, lname: bytes) -> bytes:
     """The value of the first of the lines ``among`` whose field is named ``lname``."""
     for i in sorted(among or ()):
@@ -201,11 +218,14 @@ def _upstream_request_head_by_field(
     upgrade: bool,
     proto: bool,
     extra: tuple[bytes, ...],
+    no_extensions: bool,
 ) -> bytes:
     """``upstream_request_head`` when Connection names fields to drop: field by field."""
     drop = _DROP | (req.connection - _NEVER_DROPPED)
     if proto:
         drop = drop | {b"x-forwarded-proto"}
+    if no_extensions:
+        drop = drop | {WS_EXTENSIONS}
     lines = [req.method + b" " + req.target + b" HTTP/1.1"]
     xff: list[bytes] = []
     has_host = False
@@ -283,6 +303,11 @@ def https_location(host: bytes, port: int, target: bytes) -> str:
         target = b"/"  # asterisk-form (OPTIONS *)
     netloc = name if port == 443 else f"{name}:{port}"
     return f"https://{netloc}{target.decode('latin-1')}"
+
+
+def accepts_extension(resp: ResponseHead) -> bool:
+    """A 101 accepting a WebSocket extension (a Sec-WebSocket-Extensions field not empty)."""
+    return any(v for name, v in resp.headers if name.lower() == WS_EXTENSIONS)
 
 
 def _header_value(req: RequestHead, lname: bytes) -> bytes:

@@ -47,8 +47,9 @@ WS_BUCKETS = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 # drain: the proxy closed it (close frames both ways) because its server was draining;
 # policy: because the client broke the listener's WebSocket message policy.
 WS_CLOSE_REASONS = ("client", "server", "idle_timeout", "shutdown", "drain", "policy", "error")
-# Which part of listeners[].websocket a client broke.
-WS_POLICY_REASONS = ("max_message_size", "messages_per_second")
+# Which part of listeners[].websocket a client broke; extension: a frame with RSV bits set (a
+# compressed one) under max_message_size, where no extension is negotiated.
+WS_POLICY_REASONS = ("max_message_size", "messages_per_second", "extension")
 # Who sent a WebSocket close frame: a side of the tunnel, or the proxy itself.
 WS_CLOSE_SIDES = ("client", "server", "proxy")
 # lbproxy_backend_state's states: health, with draining over it.

@@ -6,6 +6,10 @@ ping/pong and close codes pass byte for byte. Backpressure is the transports' ow
 side's write buffer passes its high-water mark, reading from the other side pauses until it
 drains, so a fast sender cannot grow the proxy's memory.
 
+Under ``max_message_size`` no extension is negotiated, as a compressed frame's length would not
+be its message's size: ``headers`` drops the client's offer, ``exchange`` refuses a 101
+accepting one, and ``Tunnel.police`` a client frame using one (RSV bits set).
+
 The tunnel also follows WebSocket frame *headers* in both directions (``wsframes``):
 payloads are skipped by length, never unmasked or copied, and what is forwarded is exactly
 what was read. Knowing where frames begin lets it count messages and close codes and, to
@@ -40,6 +44,8 @@ from .wsframes import (
     OP_CLOSE,
     OP_CONTINUATION,
     POLICY_VIOLATION,
+    PROTOCOL_ERROR,
+    RSV_BITS,
     close_code,
     close_frame,
     parse_header,
@@ -208,7 +214,7 @@ class _End(asyncio.Protocol):
             self.remaining = hdr.length
             op = hdr.opcode
             if police and self.mode != _DROP:
-                code = t.police(op, hdr.length) if op <= OP_BINARY else 0
+                code = t.police(buf[0], hdr.length)
                 if code:
                     # Refused: what came before the frame goes on, then the close; the
                     # frame and everything after it never reach the server.
@@ -432,11 +438,20 @@ class Tunnel:
             self.close_side = side
             self.close_code = code
 
-    def police(self, opcode: int, length: int) -> int:
-        """A client data frame's header against the listener's policy: 0 to let it pass, or
-        the close code that refuses it (1009 too big, 1008 over the message rate)."""
+    def police(self, first: int, length: int) -> int:
+        """A client frame's header (its first byte and payload length) against the listener's
+        policy: 0 to let it pass, or the close code that refuses it (1009 too big, 1008 over
+        the message rate, 1002 an extension's frame where none was negotiated)."""
         p = self.policy
         assert p is not None
+        if first & RSV_BITS and p.max_message_size:
+            # Under max_message_size no extension is negotiated (the offer never reaches the
+            # server, a 101 accepting one is refused): RSV bits are a protocol error, and a
+            # compressed frame's length says nothing of its message's size.
+            return PROTOCOL_ERROR
+        opcode = first & 0x0F
+        if opcode > OP_BINARY:
+            return 0  # control frames: neither messages nor counted in a message's size
         if opcode != OP_CONTINUATION:
             self.msg_size = length
             rate = p.messages_per_second
@@ -460,9 +475,12 @@ class Tunnel:
     def refuse(self, code: int) -> None:
         """The client broke the policy: ``code`` to it (at the next frame boundary of the
         stream to it), 1001 to the server (already sent, in place of the refused frame)."""
-        self.listener.count_ws_policy(
-            "max_message_size" if code == MESSAGE_TOO_BIG else "messages_per_second"
-        )
+        if code == MESSAGE_TOO_BIG:
+            self.listener.count_ws_policy("max_message_size")
+        elif code == POLICY_VIOLATION:
+            self.listener.count_ws_policy("messages_per_second")
+        else:
+            self.listener.count_ws_policy("extension")
         self.ending = "policy"
         self.count_close("proxy", code)
         if self.timer is not None:

@@ -20,11 +20,16 @@ OP_BINARY: Final = 0x2
 OP_CLOSE: Final = 0x8
 
 GOING_AWAY: Final = 1001
+PROTOCOL_ERROR: Final = 1002
 POLICY_VIOLATION: Final = 1008
 MESSAGE_TOO_BIG: Final = 1009
 SERVICE_RESTART: Final = 1012
 # Close codes the proxy may choose for a drain (group ``drain_close_code``).
 DRAIN_CODES: Final = (GOING_AWAY, SERVICE_RESTART)
+
+# RSV1-3 of a header's first byte: set only by a negotiated extension (RSV1: a compressed
+# message under permessage-deflate, RFC 7692), a protocol error otherwise (RFC 6455 5.2).
+RSV_BITS: Final = 0x70
 
 # The longest header: 2 bytes, an 8-byte extended length, a 4-byte masking key.
 MAX_HEADER: Final = 14

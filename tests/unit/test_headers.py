@@ -34,7 +34,12 @@ def response(raw: bytes) -> ResponseHead:
 
 
 def upstream(
-    raw: bytes, *, forwarded: bool = True, upgrade: bool = False, client_ip: str = CLIENT
+    raw: bytes,
+    *,
+    forwarded: bool = True,
+    upgrade: bool = False,
+    client_ip: str = CLIENT,
+    no_extensions: bool = False,
 ) -> bytes:
     out = headers.upstream_request_head(
         request(raw),
@@ -43,6 +48,7 @@ def upstream(
         forwarded=forwarded,
         default_host=DEFAULT_HOST,
         upgrade=upgrade,
+        no_extensions=no_extensions,
     )
     request(out)  # what the backend gets must itself be a valid request head
     return out
@@ -249,6 +255,36 @@ def test_upgrade_request_with_forwarding():
     assert values(out, b"Upgrade") == [b"WebSocket"]
     assert values(out, b"X-Forwarded-For") == [CLIENT.encode()]
     assert values(out, b"X-Forwarded-Host") == [b"chat.example"]
+
+
+def test_no_extensions_drops_every_offer_line_and_nothing_else():
+    raw = WS_REQUEST.replace(
+        b"\r\n\r\n", b"\r\nsec-websocket-extensions: x-webkit-deflate-frame\r\n\r\n"
+    )
+    want = (
+        upstream(raw, upgrade=True, forwarded=False)
+        .replace(b"Sec-WebSocket-Extensions: permessage-deflate\r\n", b"")
+        .replace(b"sec-websocket-extensions: x-webkit-deflate-frame\r\n", b"")
+    )
+    assert upstream(raw, upgrade=True, forwarded=False, no_extensions=True) == want
+    assert values(want, b"Sec-WebSocket-Protocol") == [b"chat, superchat"]
+    # The field-by-field path (Connection naming another field) drops it too.
+    by_field = raw.replace(b"keep-alive, Upgrade", b"keep-alive, Upgrade, X-Drop\r\nX-Drop: 1")
+    out = upstream(by_field, upgrade=True, no_extensions=True)
+    assert values(out, b"Sec-WebSocket-Extensions") == values(out, b"X-Drop") == []
+    assert values(out, b"Sec-WebSocket-Key") == [b"dGhlIHNhbXBsZSBub25jZQ=="]
+    assert values(upstream(by_field, upgrade=True), b"Sec-WebSocket-Extensions") == [
+        b"permessage-deflate",
+        b"x-webkit-deflate-frame",
+    ]
+
+
+def test_a_101_accepting_an_extension():
+    base = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    assert not headers.accepts_extension(response(base + b"\r\n"))
+    assert not headers.accepts_extension(response(base + b"Sec-WebSocket-Extensions:\r\n\r\n"))
+    accepted = base + b"sec-websocket-extensions: permessage-deflate\r\n\r\n"
+    assert headers.accepts_extension(response(accepted))
 
 
 def test_upgrade_not_taken_strips_connection_and_upgrade():

@@ -255,6 +255,7 @@ def test_collector_sums_over_registries():
     assert m["lbproxy_websocket_policy_closes_total"] == {
         labels(listener="web", reason="max_message_size"): 2,
         labels(listener="web", reason="messages_per_second"): 0,
+        labels(listener="web", reason="extension"): 0,
     }
     assert m["lbproxy_websocket_messages_total"] == {
         labels(listener="web", direction="in"): 30,

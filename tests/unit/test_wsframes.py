@@ -321,7 +321,7 @@ async def test_messages_past_the_rate_and_burst_get_1008() -> None:
         t.ends[0].data_received(m)
     refused(upstream, b"".join(msgs[:3]))
     assert bytes(client.data) == wsframes.close_frame(1008, masked=False)
-    assert ls.ws_policy == {"max_message_size": 0, "messages_per_second": 1}
+    assert ls.ws_policy == {"max_message_size": 0, "messages_per_second": 1, "extension": 0}
     t.close(None)
 
 
@@ -333,3 +333,44 @@ async def test_server_to_client_traffic_is_never_limited() -> None:
     t.ends[1].data_received(out)
     assert bytes(client.data) == out and t.ending is None
     t.close(None)
+
+
+def rsv1(f: bytes) -> bytes:
+    """``f`` with RSV1 set: what permessage-deflate marks a compressed message with."""
+    return bytes((f[0] | 0x40,)) + f[1:]
+
+
+async def test_an_extension_frame_under_max_message_size_gets_1002_before_any_of_it_passes() -> (
+    None
+):
+    """Under max_message_size no extension is negotiated: a frame with an RSV bit (a
+    compressed one, whatever its length) is a protocol error, refused before it passes."""
+    policy = WebSocketPolicy(max_message_size=1000)
+    ok = frame(1, b"x" * 10, mask=True)
+    for bad in (rsv1(frame(1, b"tiny", mask=True)), rsv1(frame(9, b"", mask=True))):
+        for cut in (len(ok) + 1, len(ok) + 2):
+            t, client, upstream, ls = make_tunnel(policy)
+            assert t.ends is not None
+            feed(t.ends[0], ok + bad + ok, [cut])
+            refused(upstream, ok)
+            assert bytes(client.data) == wsframes.close_frame(1002, masked=False)
+            assert ls.ws_policy == {
+                "max_message_size": 0,
+                "messages_per_second": 0,
+                "extension": 1,
+            }
+            assert ls.ws_close_codes == {("proxy", "1002"): 1}
+            t.close(None)
+            assert t.reason == "policy"
+
+
+async def test_a_rate_only_policy_and_no_policy_pass_extension_frames() -> None:
+    """Without max_message_size the extension is negotiated end to end: RSV1 frames pass."""
+    data = rsv1(frame(1, b"deflated", mask=True)) + rsv1(frame(2, b"z" * 300, mask=True))
+    for policy in (None, WebSocketPolicy(messages_per_second=1e6, burst=1000)):
+        t, _, upstream, _ = make_tunnel(policy)
+        assert t.ends is not None
+        feed(t.ends[0], data, [3])
+        assert bytes(upstream.data) == data and t.ending is None
+        assert t.messages() == (2, 0)
+        t.close("client")
