@@ -3,8 +3,8 @@ runtime server API (GET /-/servers, PUT /-/servers/{group}/{host:port}).
 
 Owns the aiohttp application on ``admin.bind`` (never on a proxied listener). It only reads
 the proxy's state and asks ``Proxy.reload`` / ``ServerControl.set_server_state``; the numbers come
-from ``metrics``. With ``admin.token`` set, everything that changes state or lists servers
-needs ``Authorization: Bearer <token>``.
+from ``metrics``, rendered for /metrics by ``metric_families``. With ``admin.token`` set,
+everything that changes state or lists servers needs ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, buildinfo
 from .config import Address
-from .metrics import Collector, Registry, merge_registries
+from .metric_families import Collector
+from .metrics import Registry, merge_registries
 from .snapshot import ADMIN_STATES, ServerState
 from .status_page import render_status_page
 

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from lbproxy.app import Proxy
 from lbproxy.config import load_config
 from lbproxy.h2_front import MAX_CONCURRENT_STREAMS, Http2Connection
-from lbproxy.metrics import Collector
+from lbproxy.metric_families import Collector
 from tests.h2client import GoAwayFrame, PingFrame, RawH2, RstStreamFrame
 from tests.hardening import make_cert, openssl_available
 from tests.support import Backend, backend_app, wait_for

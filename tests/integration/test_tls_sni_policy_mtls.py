@@ -27,7 +27,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from lbproxy import metrics
+from lbproxy import metric_families
 from lbproxy.app import Proxy
 from lbproxy.config import load_config
 from tests.pki import CA, Issued
@@ -311,7 +311,7 @@ async def test_mutual_tls_required(make_backend, make_proxy, pki, tmp_path):
     await wait_for(lambda: stats.tls_failures["client_certificate"] == 3)
     assert len(backend.requests) == before
     reg = CollectorRegistry()
-    reg.register(metrics.Collector(proxy.registry))
+    reg.register(metric_families.Collector(proxy.registry))
     text = generate_latest(reg).decode()
     assert (
         'lbproxy_tls_handshake_failures_total{listener="secure",reason="client_certificate"} 3.0'

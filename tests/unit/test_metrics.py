@@ -1,18 +1,22 @@
-"""The metrics core without sockets: histogram buckets, forgetting a server, and the
-Collector's exposition (names, types, labels) summed over several registries."""
+"""The metrics core without sockets: histogram buckets, forgetting a server, the
+Collector's exposition (names, types, labels) summed over several registries, and the
+README's metrics table against the table of families."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lbproxy.metric_families import FAMILIES as TABLE
+from lbproxy.metric_families import Collector
 from lbproxy.metrics import (
     TIME_BUCKETS,
     WS_BUCKETS,
-    Collector,
     Histogram,
     Registry,
     dump_registry,
@@ -342,3 +346,37 @@ def test_requests_by_protocol_and_rapid_resets_sum_over_workers() -> None:
         (("listener", "web"), ("protocol", "HTTP/2")): 2.0,
     }
     assert m["lbproxy_http2_rapid_reset_closes_total"] == {(("listener", "web"),): 2.0}
+
+
+# ------------------------------------------------------------------ README
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_metrics() -> list[tuple[str, str, tuple[str, ...]]]:
+    """(exposed name, type, label names) of each row of the README's metrics table."""
+    section = README.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| `lbproxy_"):
+            continue
+        name, kind, label_cell = (c.strip() for c in line.strip("|").split("|"))
+        found = re.match(r"(counter|gauge|histogram)\b", kind)
+        assert found, f"{name}: the type column does not start with a type: {kind!r}"
+        # Each label may be followed by "(what its values are)", commas and all.
+        while (bare := re.sub(r"\([^()]*\)", "", label_cell)) != label_cell:
+            label_cell = bare
+        labels = tuple(x.strip() for x in label_cell.split(",") if x.strip())
+        rows.append((name.strip("`"), found.group(1), labels))
+    return rows
+
+
+def test_readme_metrics_table_lists_exactly_the_families_in_order():
+    expected = [
+        (f.name + ("_total" if f.kind == "counter" else ""), f.kind, f.labels) for f in TABLE
+    ]
+    assert readme_metrics() == expected
+
+
+def test_the_table_of_families_is_what_the_collector_exposes():
+    assert {f.name: f.kind for f in TABLE} == FAMILIES
+    assert len(TABLE) == len(FAMILIES)  # no name twice
