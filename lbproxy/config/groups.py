@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from .model import (
+    DEFAULT_WEIGHT,
     MIN_DISCOVERY_INTERVAL,
     SCHEDULERS,
     Address,
@@ -34,6 +35,7 @@ from .units import (
     _show,
     parse_address,
     parse_duration,
+    parse_weight,
 )
 
 _GROUP_KEYS = (
@@ -188,7 +190,7 @@ def _discovery(r: Reader, doc: Any, path: str) -> Discovery | None:
     if interval is not None and interval < MIN_DISCOVERY_INTERVAL:
         r.error(f"{path}.interval", f"must be at least {MIN_DISCOVERY_INTERVAL:g}s")
         interval = None
-    weight = r.get(m, "weight", path, _int_in(0, 100), d.weight)
+    weight = r.get(m, "weight", path, parse_weight, d.weight)
     timeout = r.get(m, "timeout", path, parse_duration, d.timeout)
     if timeout is not None and timeout > 30:
         r.error(f"{path}.timeout", "must be at most 30s")
@@ -220,7 +222,7 @@ def _servers(r: Reader, doc: Any, path: str) -> tuple[Server, ...] | None:
             ok = False
             continue
         address = r.get(m, "address", spath, parse_address)
-        weight = r.get(m, "weight", spath, _int_in(0, 100), 100)
+        weight = r.get(m, "weight", spath, parse_weight, DEFAULT_WEIGHT)
         if address is None or weight is None:
             ok = False
             continue

@@ -63,6 +63,9 @@ DISCOVERY_EMPTY_INTERVALS = 3
 DNS_PORT = 53
 MIN_STICKY_SECRET = 16  # characters of sticky_session.secret
 DEFAULT_CLIENT_TABLE_SIZE = 65536
+# A server's weight (file, discovery, PUT /-/servers): 0 takes no new traffic.
+MAX_WEIGHT = 100
+DEFAULT_WEIGHT = 100
 DEFAULT_GZIP_MIN_LENGTH = 1024
 
 
@@ -258,7 +261,7 @@ class Listener:
 @dataclass(frozen=True, slots=True)
 class Server:
     address: Address
-    weight: int = 100
+    weight: int = DEFAULT_WEIGHT
     discovered: bool = False  # from DNS (``discovery``), not written in the file
 
 
@@ -274,7 +277,7 @@ class Discovery:
     dns: str  # lower case, no trailing dot
     port: int = 0  # A/AAAA: the servers' port; 0 with SRV
     interval: float = DEFAULT_DISCOVERY_INTERVAL  # re-resolve at least this often
-    weight: int = 100  # A/AAAA servers' weight
+    weight: int = DEFAULT_WEIGHT  # A/AAAA servers' weight
     timeout: float = DEFAULT_DNS_TIMEOUT  # one lookup (every retry included)
 
     @property

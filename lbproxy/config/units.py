@@ -15,7 +15,7 @@ from typing import Any
 
 from ..cidrs import IPNetwork
 from ..status_codes import parse_expected_codes
-from .model import DNS_PORT, MIN_STICKY_SECRET, Address
+from .model import DNS_PORT, MAX_WEIGHT, MIN_STICKY_SECRET, Address
 
 
 def _show(value: Any) -> str:
@@ -382,3 +382,7 @@ def _resolver(value: Any) -> Address:
     except ValueError:
         raise ValueError(f"a name server is an IP address (ip or ip:port), got {value!r}") from None
     return addr
+
+
+# A server's weight, wherever one is given: the file, discovery, the runtime API.
+parse_weight = _int_in(0, MAX_WEIGHT)
