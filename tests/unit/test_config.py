@@ -1069,3 +1069,43 @@ def test_websocket_policy_unknown_key():
         f"{WS}.max_size: unknown key (allowed: max_message_size, messages_per_second, burst)",
         f"{WS}: expected max_message_size and/or messages_per_second",
     ]
+
+
+# ------------------------------------------------------------------------ lines and did you mean
+
+
+def test_every_problem_names_its_file_and_line(tmp_path):
+    text = (
+        "listeners:\n"  # 1
+        "  - name: web\n"  # 2
+        "    bind: 0.0.0.0:5000\n"  # 3
+        "    server_group: chat.v2\n"  # 4
+        "    idle_timout: 30s\n"  # 5
+        "server_groups:\n"  # 6
+        "  chat.v2:\n"  # 7: a group name with a dot
+        "    servers:\n"  # 8
+        "      - 127.0.0.1:5001\n"  # 9
+        "      - address: 127.0.0.1\n"  # 10
+        "    health_check: {}\n"  # 11
+        "admin: {}\n"  # 12
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:10: server_groups.chat.v2.servers[1].address: expected host:port, got '127.0.0.1'",
+        f"{path}:5: listeners[0].idle_timout: unknown key (did you mean 'idle_timeout'?"
+        " allowed: " + ", ".join(LISTENER_KEYS) + ")",
+    ]
+
+
+def test_a_missing_key_points_at_its_parent(tmp_path):
+    path = write(tmp_path, GOOD.replace("    bind: 0.0.0.0:5000\n", ""))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:2: listeners[0].bind: required"]
+
+
+def test_a_far_typo_lists_the_keys_without_a_guess():
+    (problem,) = problems(with_("server_groups.rs1.zzzz", 1))
+    assert "did you mean" not in problem
