@@ -1,9 +1,10 @@
 """Builds lbproxy: the hot modules compiled with mypyc, or every module as pure Python.
 
-Every module of ``lbproxy/`` is compiled except those in ``INTERPRETED`` (the cold ones: run
-once at start or reload, or only for the operator; compiling them buys nothing), so a module
-added later is compiled by default. All compiled modules share one C extension
-(``lbproxy/_mypyc__mypyc*.so``) so that calls between them stay native.
+Every module of ``lbproxy/`` (subpackages too) is compiled except those in ``INTERPRETED`` (the
+cold ones: run once at start or reload, or only for the operator; compiling them buys nothing;
+a subpackage named there is interpreted whole), so a module added later is compiled by
+default. All compiled modules share one C extension (``lbproxy/_mypyc__mypyc*.so``) so that
+calls between them stay native.
 
 The pure-Python build (the same sources, interpreted) is made instead when ``LBPROXY_PURE=1``
 is set, or when no C compiler or no Python headers are found (``gcc`` and ``python3-dev`` on
@@ -31,7 +32,7 @@ INTERPRETED = frozenset(
         "buildinfo",
         "checker",
         "cli",
-        "config",
+        "config",  # the package: model, validation, loading (once per start or reload)
         "discovery",  # DNS lookups on a timer (main's service discovery: dnsstate, drain too)
         "dnsstate",
         "drain",
@@ -45,8 +46,22 @@ INTERPRETED = frozenset(
 GROUP = "lbproxy._mypyc"  # the shared library of every compiled module: lbproxy/_mypyc__mypyc*.so
 
 
+def module_name(path: Path) -> str:
+    """``lbproxy/config/load.py`` -> ``config.load``; ``lbproxy/cli.py`` -> ``cli``."""
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+def interpreted(path: Path) -> bool:
+    """A module listed in INTERPRETED, or any module of a subpackage listed there (``config``
+    covers ``config/__init__.py``, ``config/load.py``...)."""
+    parts = module_name(path).split(".")
+    return any(".".join(parts[:n]) in INTERPRETED for n in range(1, len(parts) + 1))
+
+
 def compiled_sources() -> list[str]:
-    return sorted(f"lbproxy/{p.name}" for p in PACKAGE.glob("*.py") if p.stem not in INTERPRETED)
+    return sorted(
+        p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py") if not interpreted(p)
+    )
 
 
 def why_pure() -> str | None:

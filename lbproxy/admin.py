@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, buildinfo
 from .config import Address
+from .config.units import parse_weight
 from .metric_families import Collector
 from .metrics import Registry, merge_registries
 from .snapshot import ADMIN_STATES, ServerState
@@ -27,8 +28,6 @@ from .status_page import render_status_page
 
 if TYPE_CHECKING:
     from .app import Proxy
-
-MAX_WEIGHT = 100
 
 
 def server_view(
@@ -324,12 +323,14 @@ def _server_change(body: object) -> tuple[list[str], str | None, int | None]:
     admin_state = body.get("admin_state")
     if admin_state is not None and admin_state not in ADMIN_STATES:
         problems.append(f'admin_state: expected "ready" or "drain", got {json.dumps(admin_state)}')
-    weight = body.get("weight")
-    if weight is not None and (
-        isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT
-    ):
-        problems.append(f"weight: expected an integer 0..{MAX_WEIGHT}, got {json.dumps(weight)}")
-    if ("admin_state" in body and admin_state is None) or ("weight" in body and weight is None):
+    raw = weight = body.get("weight")
+    if raw is not None:
+        try:
+            weight = parse_weight(raw)  # the config file's own check of a weight
+        except ValueError as exc:
+            problems.append(f"weight: {exc}")
+            weight = None
+    if ("admin_state" in body and admin_state is None) or ("weight" in body and raw is None):
         problems.append("null is not a value: leave the key out to keep what is set")
     return problems, admin_state, weight
 

@@ -29,6 +29,8 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Protocol, TypeVar
 
+from .config.model import SCHEDULERS
+
 __all__ = [
     "SCHEDULERS",
     "Candidate",
@@ -248,14 +250,13 @@ class ConsistentHash:
         return eligible[ring.lookup(key)]
 
 
-SCHEDULERS: Final[tuple[str, ...]] = ("rr", "wrr", "wlc", "sh")
-
 _FACTORIES: Final[Mapping[str, Callable[[], Scheduler]]] = {
     "rr": RoundRobin,
     "wrr": SmoothWeightedRoundRobin,
     "wlc": WeightedLeastConnections,
     "sh": ConsistentHash,
 }
+assert tuple(_FACTORIES) == SCHEDULERS, "the config's scheduler names are the balancer's"
 
 
 def make_scheduler(name: str, previous: Scheduler | None = None) -> Scheduler:

@@ -54,6 +54,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from .status_codes import CODE_CLASSES as _CLASSES
+from .status_codes import is_digits as _is_digits
+from .status_codes import parse_expected_codes
+
 __all__ = [
     "TRANSITIONS",
     "Event",
@@ -224,18 +228,6 @@ class ServerHealth:
         return Transition(old, new, text)
 
 
-# Status classes a check may accept. 1xx is left out on purpose: it is never the final
-# response to a check's GET.
-_CLASSES: Final[Mapping[str, int]] = {"http_2xx": 2, "http_3xx": 3, "http_4xx": 4, "http_5xx": 5}
-_CODE_MIN: Final = 100
-_CODE_MAX: Final = 599
-
-
-def _is_digits(text: str) -> bool:
-    # str.isdigit alone accepts "²" and other non-ASCII digits that int() rejects.
-    return text.isascii() and text.isdigit()
-
-
 def codes_match(status: int, expected: Sequence[str | int]) -> bool:
     """Whether ``status`` is accepted by ``expected`` (status classes or exact codes).
 
@@ -256,40 +248,3 @@ def codes_match(status: int, expected: Sequence[str | int]) -> bool:
             if status // 100 == cls:
                 return True
     return False
-
-
-def parse_expected_codes(items: Sequence[object]) -> tuple[str | int, ...]:
-    """Validate and normalise a configured ``expected_codes`` list.
-
-    Classes come back lower-case ("HTTP_2XX" -> "http_2xx"), digit strings come back as
-    ints ("200" -> 200), duplicates are dropped, order is kept. Raises ValueError naming
-    the first bad item.
-    """
-    if isinstance(items, (str, bytes)):
-        raise ValueError(f"expected a list of status classes or codes, got the string {items!r}")
-    if not items:
-        raise ValueError("expected at least one status class or code, got an empty list")
-    out: list[str | int] = []
-    for index, item in enumerate(items):
-        value = _parse_code(item)
-        if value is None:
-            raise ValueError(
-                f"item {index} ({item!r}) is neither a status class "
-                f"({', '.join(_CLASSES)}) nor a status code {_CODE_MIN}..{_CODE_MAX}"
-            )
-        if value not in out:
-            out.append(value)
-    return tuple(out)
-
-
-def _parse_code(item: object) -> str | int | None:
-    if isinstance(item, bool):  # an int subclass, but True is not status code 1
-        return None
-    if isinstance(item, str):
-        text = item.strip()
-        if not _is_digits(text):
-            return text.lower() if text.lower() in _CLASSES else None
-        item = int(text)
-    if isinstance(item, int) and _CODE_MIN <= item <= _CODE_MAX:
-        return item
-    return None

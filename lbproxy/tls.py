@@ -25,7 +25,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-CLIENT_AUTH = ("required", "optional")
+from .config.model import TLS_POLICIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +63,7 @@ POLICIES: dict[str, Policy] = {
     "tls_cipher_policy_1_2_strict": Policy(_V.TLSv1_2, _V.TLSv1_2, _STRICT),
     "tls_cipher_policy_1_2_strict_with_1_3": Policy(_V.TLSv1_2, _V.TLSv1_3, _STRICT),
 }
+assert tuple(POLICIES) == TLS_POLICIES, "the config's policy names are these"
 DEFAULT_POLICY = Policy(_V.TLSv1_2, _V.MAXIMUM_SUPPORTED, "")  # no ``policy``: TLS 1.2 and up
 
 # Headers a verified client certificate becomes. Always removed from what clients send.

@@ -4,7 +4,7 @@ In a checkout lbproxy is installed editable, and ``setup.py`` compiles the hot m
 place: ``lbproxy/http1.cpython-*.so`` next to ``lbproxy/http1.py``, where it shadows the source.
 So a compiled module built from older sources would silently run instead of the code being
 tested. This script prevents that: it fingerprints everything the build reads (every
-``lbproxy/*.py``, since mypyc compiles against the types of the interpreted modules too,
+``lbproxy/**/*.py``, since mypyc compiles against the types of the interpreted modules too,
 ``setup.py``, ``pyproject.toml``, the interpreter) and reinstalls, which rebuilds, whenever the
 fingerprint differs from the one recorded in ``lbproxy/.build-stamp`` by the last build.
 ``scripts/test``, ``scripts/demo`` and ``conftest.py`` (before any test imports lbproxy) run it.
@@ -40,7 +40,7 @@ def wanted() -> str:
 
 def fingerprint(root: Path = ROOT) -> str:
     h = hashlib.sha256(sys.version.encode())
-    files = [*sorted((root / "lbproxy").glob("*.py")), root / "setup.py", root / "pyproject.toml"]
+    files = [*sorted((root / "lbproxy").rglob("*.py")), root / "setup.py", root / "pyproject.toml"]
     for path in files:
         h.update(b"\0" + path.relative_to(root).as_posix().encode() + b"\0")
         h.update(path.read_bytes())

@@ -20,7 +20,6 @@ import aiohttp
 import pytest
 import yaml
 
-from lbproxy.config import _LISTENER_KEYS
 from tests.support import expected_build, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +43,15 @@ server_groups:
       - address: 127.0.0.1:5002
         weight: 50
 """
+
+# Every key a listener takes, as the unknown-key message lists them.
+LISTENER_KEYS = (
+    "name, bind, protocol, server_group, idle_timeout, request_timeout, connect_timeout, "
+    "x_forwarded_for, rules, client_header_timeout, max_request_line, max_header_size, "
+    "max_header_count, max_connections, tls, redirect_https, acl, http2, websocket, "
+    "x_forwarded_proto, x_forwarded_port, x_forwarded_client_srcport, slb_ip, slb_id, "
+    "trusted_proxies, limits, bandwidth, gzip, gzip_types, gzip_min_length"
+)
 
 
 def run(command: list[str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -89,13 +97,16 @@ def test_check_prints_every_problem_one_per_line(command, tmp_path):
     r = check(command, write(tmp_path, text))
     assert r.returncode == 2
     assert r.stdout == ""
+    path = tmp_path / "lb.yaml"
     assert r.stderr.splitlines() == [
-        "lbproxy: server_groups.rs1.servers[1].address: expected host:port, got '127.0.0.1'",
-        "lbproxy: server_groups.rs1.servers[2].weight: expected an integer 0..100, got 500",
-        "lbproxy: listeners[0].idle_timout: unknown key (allowed: "
-        + ", ".join(_LISTENER_KEYS)
-        + ")",
-        "lbproxy: shutdown_timeout: expected a duration like 60s, 500ms or 2m, got '5 parsecs'",
+        f"lbproxy: {path}:10: server_groups.rs1.servers[1].address: expected host:port,"
+        " got '127.0.0.1'",
+        f"lbproxy: {path}:12: server_groups.rs1.servers[2].weight: expected an integer 0..100,"
+        " got 500",
+        f"lbproxy: {path}:5: listeners[0].idle_timout: unknown key (did you mean"
+        " 'idle_timeout'? allowed: " + LISTENER_KEYS + ")",
+        f"lbproxy: {path}:13: shutdown_timeout: expected a duration like 60s, 500ms or 2m,"
+        " got '5 parsecs'",
     ]
     assert_no_traceback(r)
 
@@ -126,20 +137,22 @@ def test_check_yaml_syntax_error_names_file_line_column(command, tmp_path):
 def test_check_bad_value_is_one_clear_line(command, tmp_path):
     r = check(command, write(tmp_path, VALID.replace("127.0.0.1:5000", "0.0.0.0")))
     assert r.returncode == 2
-    assert r.stderr == "lbproxy: listeners[0].bind: expected host:port, got '0.0.0.0'\n"
+    path = tmp_path / "lb.yaml"
+    assert r.stderr == f"lbproxy: {path}:3: listeners[0].bind: expected host:port, got '0.0.0.0'\n"
     assert_no_traceback(r)
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("", "lbproxy: the config file is empty\n"),
-        ("- a\n- b\n", "lbproxy: expected a mapping, got a list\n"),
+        ("", "lbproxy: {path}: the config file is empty\n"),
+        ("- a\n- b\n", "lbproxy: {path}:1: expected a mapping, got a list\n"),
     ],
 )
 def test_check_empty_or_non_mapping_file(text, expected, tmp_path):
-    r = check(MODULE, write(tmp_path, text))
-    assert (r.returncode, r.stderr) == (2, expected)
+    path = write(tmp_path, text)
+    r = check(MODULE, path)
+    assert (r.returncode, r.stderr) == (2, expected.format(path=path))
 
 
 def test_check_duplicate_key_is_refused(tmp_path):

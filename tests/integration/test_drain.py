@@ -324,6 +324,9 @@ async def test_runtime_api_drain_weight_and_reloads(make_backend, make_proxy, ma
         for bad in ({}, [], {"admin_state": "maint"}, {"weight": 101}, {"weight": "5"}, {"x": 1}):
             err = await put(f"rs1/{a.address}", bad, 400)
             assert err["result"] == "error" and err["errors"]
+        # the weight is checked as the config file's weight is, with the same words
+        err = await put(f"rs1/{a.address}", {"weight": 101}, 400)
+        assert err["errors"] == ["weight: expected an integer 0..100, got 101"]
         async with s.put(f"{base}/rs1/{a.address}", data=b"{not json") as r:
             assert r.status == 400 and "JSON" in (await r.json())["errors"][0]
         await ws.close()

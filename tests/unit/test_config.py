@@ -30,6 +30,7 @@ from lbproxy.config import (
     parse_config,
     parse_duration,
 )
+from lbproxy.config import load as config_load
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -358,14 +359,82 @@ def test_a_broken_group_does_not_also_break_its_listeners():
     ]
 
 
+# Every key the file takes at each place, in the order the unknown-key message lists them.
+TOP_KEYS = ("listeners", "server_groups", "admin", "access_log", "shutdown_timeout", "resolvers")
+LISTENER_KEYS = (
+    "name",
+    "bind",
+    "protocol",
+    "server_group",
+    "idle_timeout",
+    "request_timeout",
+    "connect_timeout",
+    "x_forwarded_for",
+    "rules",
+    "client_header_timeout",
+    "max_request_line",
+    "max_header_size",
+    "max_header_count",
+    "max_connections",
+    "tls",
+    "redirect_https",
+    "acl",
+    "http2",
+    "websocket",
+    "x_forwarded_proto",
+    "x_forwarded_port",
+    "x_forwarded_client_srcport",
+    "slb_ip",
+    "slb_id",
+    "trusted_proxies",
+    "limits",
+    "bandwidth",
+    "gzip",
+    "gzip_types",
+    "gzip_min_length",
+)
+GROUP_KEYS = (
+    "scheduler",
+    "servers",
+    "health_check",
+    "keepalive_connections",
+    "keepalive_timeout",
+    "hash_key",
+    "sticky_session",
+    "drain_timeout",
+    "drain_close_code",
+    "discovery",
+)
+CHECK_KEYS = (
+    "enabled",
+    "protocol",
+    "path",
+    "method",
+    "host",
+    "port",
+    "interval",
+    "timeout",
+    "healthy_threshold",
+    "unhealthy_threshold",
+    "expected_codes",
+)
+
+
+def allowed_at(place: str, doc: dict[str, Any]) -> tuple[str, ...]:
+    """The keys the file accepts at ``place`` of ``doc``, as its unknown-key message lists them."""
+    bogus = f"{place}.zzzz" if place else "zzzz"
+    (problem,) = [p for p in problems(with_(bogus, 1, doc)) if p.startswith(bogus + ":")]
+    return tuple(problem.split("allowed: ", 1)[1].removesuffix(")").split(", "))
+
+
 @pytest.mark.parametrize(
     ("path", "allowed"),
     [
-        ("bogus", cfg._TOP_KEYS),
-        ("listeners[0].bogus", cfg._LISTENER_KEYS),
-        ("server_groups.rs1.bogus", cfg._GROUP_KEYS),
-        ("server_groups.rs1.servers[0].bogus", cfg._SERVER_KEYS),
-        ("server_groups.rs1.health_check.bogus", cfg._CHECK_KEYS),
+        ("bogus", TOP_KEYS),
+        ("listeners[0].bogus", LISTENER_KEYS),
+        ("server_groups.rs1.bogus", GROUP_KEYS),
+        ("server_groups.rs1.servers[0].bogus", ("address", "weight")),
+        ("server_groups.rs1.health_check.bogus", CHECK_KEYS),
         ("admin.bogus", ("bind", "token")),
         ("access_log.bogus", ("enabled", "format", "path")),
     ],
@@ -376,15 +445,9 @@ def test_unknown_key_is_an_error_naming_its_place(path, allowed):
 
 
 def test_schema_keys_include_the_documented_ones():
-    assert cfg._TOP_KEYS == (
-        "listeners",
-        "server_groups",
-        "admin",
-        "access_log",
-        "shutdown_timeout",
-        "resolvers",
-    )
-    assert set(cfg._LISTENER_KEYS) >= {
+    doc = minimal()
+    assert allowed_at("", doc) == TOP_KEYS
+    assert set(allowed_at("listeners[0]", doc)) >= {
         "name",
         "bind",
         "protocol",
@@ -394,27 +457,16 @@ def test_schema_keys_include_the_documented_ones():
         "connect_timeout",
         "x_forwarded_for",
     }
-    assert set(cfg._GROUP_KEYS) >= {
+    assert set(allowed_at("server_groups.rs1", doc)) >= {
         "scheduler",
         "servers",
         "health_check",
         "keepalive_connections",
         "keepalive_timeout",
     }
-    assert cfg._SERVER_KEYS == ("address", "weight")
-    assert cfg._CHECK_KEYS == (
-        "enabled",
-        "protocol",
-        "path",
-        "method",
-        "host",
-        "port",
-        "interval",
-        "timeout",
-        "healthy_threshold",
-        "unhealthy_threshold",
-        "expected_codes",
-    )
+    servers = with_("server_groups.rs1.servers", [{"address": "127.0.0.1:5001"}])
+    assert allowed_at("server_groups.rs1.servers[0]", servers) == ("address", "weight")
+    assert allowed_at("server_groups.rs1.health_check", doc) == CHECK_KEYS
 
 
 def test_typo_in_a_key_is_reported_and_the_rest_still_checked():
@@ -873,26 +925,27 @@ def test_load_config_yaml_merge_keys_still_work(tmp_path):
     with pytest.raises(ConfigError) as info:  # x-defaults is an unknown key, the rest is fine
         load_config(path)
     assert info.value.problems == [
-        "x-defaults: unknown key (allowed: listeners, server_groups, admin, access_log, "
+        f"{path}:1: x-defaults: unknown key (allowed: listeners, server_groups, admin, access_log, "
         "shutdown_timeout, resolvers)"
     ]
-    doc = yaml.load(Path(path).read_text(), Loader=cfg._UniqueKeyLoader)
+    doc = yaml.load(Path(path).read_text(), Loader=config_load._UniqueKeyLoader)
     assert doc["server_groups"]["rs1"]["servers"] == [{"address": "127.0.0.1:5001", "weight": 7}]
 
 
 def test_load_config_empty_and_comment_only_files(tmp_path):
     for text in ("", "# nothing here\n"):
         with pytest.raises(ConfigError) as info:
-            load_config(write(tmp_path, text))
-        assert info.value.problems == ["the config file is empty"]
+            path = write(tmp_path, text)
+            load_config(path)
+        assert info.value.problems == [f"{path}: the config file is empty"]
 
 
 def test_load_config_validation_problems_pass_through(tmp_path):
     path = write(tmp_path, GOOD.replace("127.0.0.1:5001", "127.0.0.1"))
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert info.value.problems == [
-        "server_groups.rs1.servers[0].address: expected host:port, got '127.0.0.1'"
+    assert info.value.problems == [  # with the file and line the problem is on
+        f"{path}:8: server_groups.rs1.servers[0].address: expected host:port, got '127.0.0.1'"
     ]
 
 
@@ -935,22 +988,35 @@ def _keys(node: Any) -> set[str]:
 def test_full_config_shows_every_key():
     doc = yaml.safe_load((REPO / "config" / "full.yaml").read_text())
     load_config(str(REPO / "config" / "full.yaml"))  # valid
-    assert _keys(doc) == set(cfg._TOP_KEYS)
-    assert set().union(*(_keys(lst) for lst in doc["listeners"])) == set(cfg._LISTENER_KEYS)
+    base = minimal()
+    rule = with_("listeners[0].rules", [{"path": "/a", "server_group": "rs1"}])
+    sticky = with_("server_groups.rs1.sticky_session", {"socketio": True})
+    server = with_("server_groups.rs1.servers", [{"address": "127.0.0.1:5001"}])
+    ws = with_("listeners[0].websocket", {"max_message_size": 10})
+    dns = with_("server_groups.rs1.discovery", {"dns": "chat.internal", "port": 80})
+    assert _keys(doc) == set(allowed_at("", base))
+    listener_keys = set(allowed_at("listeners[0]", base))
+    assert set().union(*(_keys(lst) for lst in doc["listeners"])) == listener_keys
     groups = doc["server_groups"].values()
-    assert set().union(*(_keys(g) for g in groups)) == set(cfg._GROUP_KEYS)
+    group_keys = set(allowed_at("server_groups.rs1", base))
+    assert set().union(*(_keys(g) for g in groups)) == group_keys
     rules = [r for lst in doc["listeners"] for r in lst.get("rules", [])]
-    assert set().union(*(_keys(r) for r in rules)) == set(cfg._RULE_KEYS)
+    assert set().union(*(_keys(r) for r in rules)) == set(allowed_at("listeners[0].rules[0]", rule))
     stickies = [g["sticky_session"] for g in groups if "sticky_session" in g]
-    assert set().union(*(_keys(s) for s in stickies)) == set(cfg._STICKY_KEYS)
+    sticky_keys = set(allowed_at("server_groups.rs1.sticky_session", sticky))
+    assert set().union(*(_keys(s) for s in stickies)) == sticky_keys
     servers = [s for g in groups for s in g["servers"]]
-    assert set().union(*(_keys(s) for s in servers)) == set(cfg._SERVER_KEYS)
+    server_keys = set(allowed_at("server_groups.rs1.servers[0]", server))
+    assert set().union(*(_keys(s) for s in servers)) == server_keys
     assert any(isinstance(s, str) for s in servers)  # the shorthand is shown too
-    assert set().union(*(_keys(g["health_check"]) for g in groups)) == set(cfg._CHECK_KEYS)
+    check_keys = set(allowed_at("server_groups.rs1.health_check", base))
+    assert set().union(*(_keys(g["health_check"]) for g in groups)) == check_keys
     websockets = [lst["websocket"] for lst in doc["listeners"] if "websocket" in lst]
-    assert set().union(*(_keys(w) for w in websockets)) == set(cfg._WS_POLICY_KEYS)
+    ws_keys = set(allowed_at("listeners[0].websocket", ws))
+    assert set().union(*(_keys(w) for w in websockets)) == ws_keys
     discoveries = [g["discovery"] for g in groups if "discovery" in g]
-    assert set().union(*(_keys(d) for d in discoveries)) == set(cfg._DISCOVERY_KEYS)
+    dns_keys = set(allowed_at("server_groups.rs1.discovery", dns))
+    assert set().union(*(_keys(d) for d in discoveries)) == dns_keys
     assert _keys(doc["admin"]) == {"bind", "token"}
     assert _keys(doc["access_log"]) == {"enabled", "format", "path"}
 
@@ -1003,3 +1069,43 @@ def test_websocket_policy_unknown_key():
         f"{WS}.max_size: unknown key (allowed: max_message_size, messages_per_second, burst)",
         f"{WS}: expected max_message_size and/or messages_per_second",
     ]
+
+
+# ------------------------------------------------------------------------ lines and did you mean
+
+
+def test_every_problem_names_its_file_and_line(tmp_path):
+    text = (
+        "listeners:\n"  # 1
+        "  - name: web\n"  # 2
+        "    bind: 0.0.0.0:5000\n"  # 3
+        "    server_group: chat.v2\n"  # 4
+        "    idle_timout: 30s\n"  # 5
+        "server_groups:\n"  # 6
+        "  chat.v2:\n"  # 7: a group name with a dot
+        "    servers:\n"  # 8
+        "      - 127.0.0.1:5001\n"  # 9
+        "      - address: 127.0.0.1\n"  # 10
+        "    health_check: {}\n"  # 11
+        "admin: {}\n"  # 12
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}:10: server_groups.chat.v2.servers[1].address: expected host:port, got '127.0.0.1'",
+        f"{path}:5: listeners[0].idle_timout: unknown key (did you mean 'idle_timeout'?"
+        " allowed: " + ", ".join(LISTENER_KEYS) + ")",
+    ]
+
+
+def test_a_missing_key_points_at_its_parent(tmp_path):
+    path = write(tmp_path, GOOD.replace("    bind: 0.0.0.0:5000\n", ""))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}:2: listeners[0].bind: required"]
+
+
+def test_a_far_typo_lists_the_keys_without_a_guess():
+    (problem,) = problems(with_("server_groups.rs1.zzzz", 1))
+    assert "did you mean" not in problem

@@ -256,8 +256,9 @@ def test_load_reports_bad_tls_files(tmp_path: Path, pems: dict[str, tuple[str, s
     ]
     for tls, message in cases:
         with pytest.raises(ConfigError) as e:
-            load_config(str(write_config(tmp_path, tls)))
-        assert e.value.problems == [f"listeners[0].tls: {message}"]
+            path = write_config(tmp_path, tls)
+            load_config(str(path))
+        assert e.value.problems == [f"{path}:6: listeners[0].tls: {message}"]
 
 
 def test_check_command_reports_a_bad_certificate(tmp_path: Path) -> None:
@@ -270,7 +271,7 @@ def test_check_command_reports_a_bad_certificate(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert r.stderr == (
-        f"lbproxy: listeners[0].tls: cannot read certificate {tmp_path / 'nope.pem'}: "
+        f"lbproxy: {path}:6: listeners[0].tls: cannot read certificate {tmp_path / 'nope.pem'}: "
         "no such file or directory\n"
     )
 

@@ -211,9 +211,10 @@ def test_load_reports_bad_files_of_the_new_keys(tmp_path: Path, pki: dict[str, A
     ]
     for tls_doc, message in cases:
         with pytest.raises(ConfigError) as e:
-            load_config(write(tmp_path, tls_doc))
+            path = write(tmp_path, tls_doc)
+            load_config(path)
         [problem] = e.value.problems
-        assert problem.startswith(f"listeners[0].tls: {message}"), problem
+        assert problem.startswith(f"{path}:6: listeners[0].tls: {message}"), problem
 
 
 def test_check_command_reports_a_bad_client_ca(tmp_path: Path, pki: dict[str, Any]) -> None:
@@ -227,7 +228,7 @@ def test_check_command_reports_a_bad_client_ca(tmp_path: Path, pki: dict[str, An
     )
     assert r.returncode == 2
     assert r.stderr == (
-        f"lbproxy: listeners[0].tls: cannot read client CA {tmp_path / 'nope-ca.pem'}: "
+        f"lbproxy: {path}:6: listeners[0].tls: cannot read client CA {tmp_path / 'nope-ca.pem'}: "
         "no such file or directory\n"
     )
 

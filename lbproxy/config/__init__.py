@@ -1,0 +1,146 @@
+"""lbproxy's configuration: the model (``model``), the leaf values (``units``), validation
+(``validate``, ``groups``) and reading the file (``load``).
+
+Importing this package is cheap: the model and validation only. ``load_config``,
+``loads_config`` and ``read_config_file`` live in ``load`` (which imports yaml and ``tls``) and
+are imported from there on first use, so a hot module that wants ``Address`` never pulls in the
+YAML loader.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..cidrs import IPNetwork
+from .model import (
+    ACCEPT_RETRY_DELAY,
+    ACCESS_LOG_DRAIN_TIMEOUT,
+    DEFAULT_ADMIN_BIND,
+    DEFAULT_CLIENT_HEADER_TIMEOUT,
+    DEFAULT_CLIENT_TABLE_SIZE,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DISCOVERY_INTERVAL,
+    DEFAULT_DNS_TIMEOUT,
+    DEFAULT_GZIP_MIN_LENGTH,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_HEADER_COUNT,
+    DEFAULT_MAX_HEADER_SIZE,
+    DEFAULT_MAX_REQUEST_LINE,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_SOCKETIO_PATH,
+    DEFAULT_STICKY_COOKIE,
+    DEFAULT_STICKY_COOKIE_TIMEOUT,
+    DISCOVERY_EMPTY_INTERVALS,
+    DNS_PORT,
+    GZIP_TYPES,
+    LINGER_TIMEOUT,
+    MIN_DISCOVERY_INTERVAL,
+    MIN_STICKY_SECRET,
+    SCHEDULERS,
+    TLS_CLIENT_AUTH,
+    TLS_POLICIES,
+    WORKER_START_TIMEOUT,
+    WORKER_STATS_TIMEOUT,
+    WS_CLOSE_FRAME_WAIT,
+    WS_CLOSE_HANDSHAKE_TIMEOUT,
+    AccessLog,
+    Acl,
+    Address,
+    Admin,
+    Certificate,
+    ClientLimits,
+    Config,
+    ConfigError,
+    Discovery,
+    Forwarding,
+    Gzip,
+    HealthCheck,
+    Listener,
+    Rule,
+    Server,
+    ServerGroup,
+    StickySession,
+    Timeouts,
+    Tls,
+    WebSocketPolicy,
+)
+from .units import parse_address, parse_bandwidth, parse_duration, parse_size
+from .validate import parse_config
+
+if TYPE_CHECKING:
+    from .load import load_config, loads_config, read_config_file
+
+_LAZY = frozenset({"load_config", "loads_config", "read_config_file"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import load
+
+        return getattr(load, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "ACCEPT_RETRY_DELAY",
+    "ACCESS_LOG_DRAIN_TIMEOUT",
+    "DEFAULT_ADMIN_BIND",
+    "DEFAULT_CLIENT_HEADER_TIMEOUT",
+    "DEFAULT_CLIENT_TABLE_SIZE",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_DISCOVERY_INTERVAL",
+    "DEFAULT_DNS_TIMEOUT",
+    "DEFAULT_GZIP_MIN_LENGTH",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_HEADER_COUNT",
+    "DEFAULT_MAX_HEADER_SIZE",
+    "DEFAULT_MAX_REQUEST_LINE",
+    "DEFAULT_REQUEST_TIMEOUT",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "DEFAULT_SOCKETIO_PATH",
+    "DEFAULT_STICKY_COOKIE",
+    "DEFAULT_STICKY_COOKIE_TIMEOUT",
+    "DISCOVERY_EMPTY_INTERVALS",
+    "DNS_PORT",
+    "GZIP_TYPES",
+    "LINGER_TIMEOUT",
+    "MIN_DISCOVERY_INTERVAL",
+    "MIN_STICKY_SECRET",
+    "SCHEDULERS",
+    "TLS_CLIENT_AUTH",
+    "TLS_POLICIES",
+    "WORKER_START_TIMEOUT",
+    "WORKER_STATS_TIMEOUT",
+    "WS_CLOSE_FRAME_WAIT",
+    "WS_CLOSE_HANDSHAKE_TIMEOUT",
+    "AccessLog",
+    "Acl",
+    "Address",
+    "Admin",
+    "Certificate",
+    "ClientLimits",
+    "Config",
+    "ConfigError",
+    "Discovery",
+    "Forwarding",
+    "Gzip",
+    "HealthCheck",
+    "IPNetwork",
+    "Listener",
+    "Rule",
+    "Server",
+    "ServerGroup",
+    "StickySession",
+    "Timeouts",
+    "Tls",
+    "WebSocketPolicy",
+    "load_config",
+    "loads_config",
+    "parse_address",
+    "parse_bandwidth",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+    "read_config_file",
+]

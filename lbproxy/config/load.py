@@ -1,0 +1,171 @@
+"""Reading a config file: the only place that opens it and parses YAML.
+
+``loads_config`` parses the YAML (refusing a key given twice), validates it with
+``parse_config`` and, when that fails, gives every problem the file and line it comes from
+(``lb.yaml:14: server_groups.rs1.servers[1].address: ...``): the document is composed a second
+time with its node marks and each problem's place is walked down that tree. It then checks
+every https listener's certificate files and digests the file's bytes.
+
+Kept apart from the model so a module that only wants ``Address`` never imports yaml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import replace
+from typing import Any
+
+import yaml
+
+from .. import tls
+from .model import Certificate, Config, ConfigError
+from .validate import parse_config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader refusing a key given twice in one mapping (plain YAML keeps the last one, so a
+    second ``rs1:`` group or a second ``bind:`` would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor" merges; keys it brings may be overridden
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first.get(key)
+            except TypeError:
+                continue  # unhashable: SafeConstructor reports it
+            if line is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {line})", key_node.start_mark
+                )
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the file at ``path``; every failure is a ConfigError with clear lines."""
+    return loads_config(read_config_file(path), path)
+
+
+def read_config_file(path: str) -> bytes:
+    """The config file's bytes; a missing or unreadable file is a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
+
+
+def loads_config(raw: bytes, path: str = "<config>") -> Config:
+    """Validate config file bytes (``path`` names them in messages, with each problem's line)."""
+    try:
+        doc = yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError([f"{where}: YAML syntax error: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: YAML error: {exc}"]) from None
+    try:
+        config = parse_config(doc)
+    except ConfigError as exc:
+        raise ConfigError(with_lines(exc.problems, raw, path)) from None
+    config = _load_tls_files(config, raw, path)
+    return replace(config, digest=hashlib.sha256(raw).hexdigest())
+
+
+# A problem's place: dotted keys and [i] indexes, then ": " and the message.
+_PLACE = re.compile(r"^([A-Za-z0-9_.\-\[\]]+): ")
+
+
+def with_lines(problems: list[str], raw: bytes, path: str) -> list[str]:
+    """``problems`` (``place: message``) as ``path:line: place: message``, the line being where
+    the place is written, or where its nearest written parent is (a required key left out)."""
+    try:
+        root = yaml.compose(raw, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        root = None  # the document loaded once already; never expected, but lines are a bonus
+    out = []
+    for problem in problems:
+        found = _PLACE.match(problem)
+        line = line_of(root, found.group(1)) if found and root is not None else None
+        if line is None and root is not None:
+            line = root.start_mark.line + 1
+        out.append(f"{path}:{line}: {problem}" if line is not None else f"{path}: {problem}")
+    return out
+
+
+def line_of(node: yaml.Node | None, place: str) -> int | None:
+    """The 1-based line of ``place`` (``server_groups.rs1.servers[1].address``) in the tree
+    under ``node``: the deepest node of the place that the file has."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    rest = place
+    while rest:
+        if rest.startswith("["):
+            end = rest.find("]")
+            index = rest[1:end]
+            if not isinstance(node, yaml.SequenceNode) or not index.isdigit():
+                break
+            items = node.value
+            if int(index) >= len(items):
+                break
+            node = items[int(index)]
+            line = node.start_mark.line + 1
+            rest = rest[end + 1 :].removeprefix(".")
+            continue
+        if not isinstance(node, yaml.MappingNode):
+            break
+        # A group name may hold dots: take the longest key that the place starts with.
+        best: tuple[yaml.Node, yaml.Node] | None = None
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if (
+                isinstance(key, str)
+                and rest.startswith(key)
+                and rest[len(key) : len(key) + 1] in ("", ".", "[")
+                and (best is None or len(key) > len(best[0].value))
+            ):
+                best = (key_node, value_node)
+        if best is None:
+            break
+        line = best[0].start_mark.line + 1
+        node = best[1]
+        rest = rest[len(best[0].value) :].removeprefix(".")
+    return line
+
+
+def _load_tls_files(config: Config, raw: bytes, path: str) -> Config:
+    """Check every https listener's certificate and key now (missing, unreadable, not PEM or
+    not a pair: a ConfigError, so a reload with a bad certificate changes nothing), and give
+    each its files' digest. Relative paths are relative to the config file's directory."""
+    problems: list[str] = []
+    listeners = list(config.listeners)
+    base = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
+
+    def full(p: str) -> str:
+        return os.path.join(base, os.path.expanduser(p))
+
+    for i, lst in enumerate(listeners):
+        if lst.tls is None:
+            continue
+        pairs = tuple(Certificate(full(c.cert), full(c.key)) for c in lst.tls.certificates)
+        ca = full(lst.tls.client_ca) if lst.tls.client_ca is not None else None
+        try:
+            loaded = tls.load(replace(lst.tls, certificates=pairs, client_ca=ca))
+        except tls.TlsError as exc:
+            problems.append(f"listeners[{i}].tls: {exc}")
+            continue
+        listeners[i] = replace(
+            lst, tls=replace(lst.tls, certificates=pairs, client_ca=ca, digest=loaded.digest)
+        )
+    if problems:
+        raise ConfigError(with_lines(problems, raw, path))
+    return replace(config, listeners=tuple(listeners))
