@@ -291,34 +291,10 @@ class Dispatch:
         assert server is not None and up is not None
         server.stats.upstream_response.observe(ex.head_time())
         ex.handed_over(head)
-        down = ex.down
-        client, client_pending = down.upgrade(head)
+        client, client_pending = ex.down.upgrade(head)
         up.handler = None
         self.up = None  # the server stays taken (``active``) until the tunnel closes
-        aff, req, access = ex.affinity, ex.req, ex.ctx.access
-        slot, down.slot = down.slot, None  # the tunnel gives it back when it closes
-        tunnel = Tunnel(
-            ex.loop,
-            client,
-            up.transport,
-            listener=ex.lr.stats,
-            group=ex.group.name,
-            server=server,
-            idle_timeout=ex.lr.config.timeouts.idle,
-            access=access,
-            # Kept only for the access log's line: an idle tunnel is mostly these strings.
-            client_addr=down.client_addr if access.enabled else "-",
-            method_path=(
-                (req.method.decode("latin-1"), req.target.decode("latin-1"))
-                if access.enabled
-                else None
-            ),
-            on_close=edge.on_tunnel_close(
-                slot, aff.tunnel_closed if aff is not None and aff.sid is not None else None
-            ),
-            policy=ex.lr.config.websocket,
-            shapers=down.shapers,
-        )
+        tunnel = _tunnel(ex, server, client, up.transport)
         if self.pending:
             client_pending += self._take_pending()
         tunnel.start(client_pending, rest)
@@ -344,3 +320,31 @@ class Dispatch:
             last.pool.put(up, ex.loop.time(), ex.group.config.keepalive_connections)
         else:
             up.close()
+
+
+def _tunnel(
+    ex: ExchangeBase, server: ServerState, client: asyncio.Transport, backend: asyncio.Transport
+) -> Tunnel:
+    """The tunnel of an upgraded exchange, taking over the client's connection slot."""
+    down, aff, req, access = ex.down, ex.affinity, ex.req, ex.ctx.access
+    slot, down.slot = down.slot, None  # the tunnel gives it back when it closes
+    return Tunnel(
+        ex.loop,
+        client,
+        backend,
+        listener=ex.lr.stats,
+        group=ex.group.name,
+        server=server,
+        idle_timeout=ex.lr.config.timeouts.idle,
+        access=access,
+        # Kept only for the access log's line: an idle tunnel is mostly these strings.
+        client_addr=down.client_addr if access.enabled else "-",
+        method_path=(
+            (req.method.decode("latin-1"), req.target.decode("latin-1")) if access.enabled else None
+        ),
+        on_close=edge.on_tunnel_close(
+            slot, aff.tunnel_closed if aff is not None and aff.sid is not None else None
+        ),
+        policy=ex.lr.config.websocket,
+        shapers=down.shapers,
+    )
