@@ -103,7 +103,7 @@ _NEXT: Final[tuple[int, ...]] = tuple(
 )
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(Exception):
     """An event the exchange's state does not allow: a bug in the exchange."""
 
 
