@@ -18,6 +18,7 @@ still open) is ``servers.ServerControl``'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -223,37 +224,36 @@ class Proxy:
         if log_problem is not None:
             return self._reload_failed(trigger, [log_problem])
         snap, changes = self.state.build(config)
-        await resolve_names(s for g in snap.groups.values() for s in g.servers)
-        admin_move: PendingBind | None = None
-        if self.admin is not None and config.admin.bind != old.config.admin.bind:
+        # Each step below is prepared and registered for undoing; the swap commits them all
+        # at once (``pop_all``). A failure, a shutdown meanwhile or an exception unwinds the
+        # steps prepared so far in reverse order, leaving everything as it was.
+        async with contextlib.AsyncExitStack() as undo:
+            undo.callback(self._discard, changes)
+            await resolve_names(s for g in snap.groups.values() for s in g.servers)
+            admin_move: PendingBind | None = None
+            if self.admin is not None and config.admin.bind != old.config.admin.bind:
+                try:
+                    admin_move = await self.admin.prepare(config.admin.bind)
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                    problem = f"admin.bind: cannot listen on {config.admin.bind}: {reason}"
+                    return self._reload_failed(trigger, [problem])
+                undo.push_async_callback(admin_move.cancel)
+            opening: Opening | None = None
             try:
-                admin_move = await self.admin.prepare(config.admin.bind)
-            except OSError as exc:
-                self._discard(changes)
-                reason = exc.strerror or str(exc)
-                problem = f"admin.bind: cannot listen on {config.admin.bind}: {reason}"
-                return self._reload_failed(trigger, [problem])
-        opening: Opening | None = None
-        try:
-            if self.role.serve:
-                opening = await self.listeners.open(snap)  # held: nothing accepted yet
-            else:
-                await probe_binds(snap, old)  # the workers bind; enough to know they can
-        except BindError as exc:
-            self._discard(changes)
-            if admin_move is not None:
-                await admin_move.cancel()
-            return self._reload_failed(trigger, [str(exc)])
-        if self.role.check:
-            # After the binds (a bind error fails fast), before the swap.
-            await self.checker.warm(self.servers.to_warm(old, snap))
-        if self.closing():  # close() ran during the warm-up
-            self._discard(changes)
-            if opening is not None:
-                self.listeners.cancel(opening)
-            if admin_move is not None:
-                await admin_move.cancel()
-            return ReloadResult(False, False, "shutting down: reload ignored")
+                if self.role.serve:
+                    opening = await self.listeners.open(snap)  # held: nothing accepted yet
+                    undo.callback(self.listeners.cancel, opening)
+                else:
+                    await probe_binds(snap, old)  # the workers bind; enough to know they can
+            except BindError as exc:
+                return self._reload_failed(trigger, [str(exc)])
+            if self.role.check:
+                # After the binds (a bind error fails fast), before the swap.
+                await self.checker.warm(self.servers.to_warm(old, snap))
+            if self.closing():  # close() ran during the warm-up
+                return ReloadResult(False, False, "shutting down: reload ignored")
+            undo.pop_all()  # from here on the new configuration is committed
         if health:
             self.servers.take_health(snap, health)
         if admin_move is not None:

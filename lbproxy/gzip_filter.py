@@ -127,16 +127,16 @@ def rewrite_head(resp: ResponseHead, verdict: int) -> ResponseHead:
     if verdict == GZIP:
         lines.append(b"Content-Encoding: gzip")
     return ResponseHead(
-        resp.version,
-        resp.status,
-        resp.reason,
-        lines,
-        None if verdict == GZIP else resp.content_length,
-        False if verdict == GZIP else resp.chunked,
-        resp.keep_alive,
-        resp.connection,
-        resp.upgrade,
-        resp.raw_len,
+        version=resp.version,
+        status=resp.status,
+        reason=resp.reason,
+        lines=lines,
+        content_length=None if verdict == GZIP else resp.content_length,
+        chunked=False if verdict == GZIP else resp.chunked,
+        keep_alive=resp.keep_alive,
+        connection=resp.connection,
+        upgrade=resp.upgrade,
+        raw_len=resp.raw_len,
     )
 
 

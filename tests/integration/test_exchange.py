@@ -10,8 +10,10 @@ import hashlib
 import json
 
 from lbproxy.app import Proxy
-from lbproxy.exchange import Dispatch, Exchange, Response
+from lbproxy.dispatch import Dispatch
+from lbproxy.exchange import Exchange
 from lbproxy.http1 import BODY_CHUNKED, BODY_LENGTH, ResponseHead, parse_request_head
+from lbproxy.response import Response
 from tests.support import config_doc, wait_for
 
 
