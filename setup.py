@@ -28,26 +28,31 @@ INTERPRETED = frozenset(
     {
         "__init__",
         "__main__",
-        "admin",
         "buildinfo",
-        "checker",
-        "cli",
         "config",  # the package: model, validation, loading (once per start or reload)
-        "discovery",  # DNS lookups on a timer (main's service discovery: dnsstate, drain too)
-        "dnsstate",
-        "drain",
-        "reload",
-        "status_page",
-        "supervisor",
-        "tls",
-        "worker",
+        "run",  # the command line, the supervisor, the worker's start
+        # control: what runs at start, on a reload, on a timer or for the operator
+        "control.admin",
+        "control.checker",
+        "control.discovery",  # DNS lookups on a timer (its decisions: core.dns, drain too)
+        "control.drain",
+        "control.loading",
+        "control.reload",
+        "control.status_page",
+        "core.dns",
+        "proxy.tls",
+        # the packages' faces (a docstring each)
+        "control",
+        "core",
+        "proxy",
+        "wire",
     }
 )
 GROUP = "lbproxy._mypyc"  # the shared library of every compiled module: lbproxy/_mypyc__mypyc*.so
 
 
 def module_name(path: Path) -> str:
-    """``lbproxy/config/load.py`` -> ``config.load``; ``lbproxy/cli.py`` -> ``cli``."""
+    """``lbproxy/config/load.py`` -> ``config.load``; ``lbproxy/run/cli.py`` -> ``cli``."""
     return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
 
 

@@ -12,8 +12,8 @@ import time
 import timeit
 from collections.abc import Callable
 
-from lbproxy.headers import client_response_head, upstream_request_head
-from lbproxy.http1 import ChunkedTracker, Limits, parse_request_head, parse_response_head
+from lbproxy.wire.headers import client_response_head, upstream_request_head
+from lbproxy.wire.http1 import ChunkedTracker, Limits, parse_request_head, parse_response_head
 
 # CPU time of this process, not wall time: on a machine shared with other work, wall time
 # counts the moments the process waits for a core.

@@ -24,10 +24,11 @@ from typing import Any
 import uvloop
 
 from bench.micro_http1 import BACKEND_RESPONSE, BROWSER_REQUEST, WRK_REQUEST
-from lbproxy.app import Proxy
 from lbproxy.config import parse_config
-from lbproxy.http_proxy import ClientConnection, ListenerHandle
-from lbproxy.upstream import UpstreamConnection
+from lbproxy.control.app import Proxy
+from lbproxy.proxy.client import ClientConnection
+from lbproxy.proxy.client_socket import ListenerHandle
+from lbproxy.proxy.upstream import UpstreamConnection
 
 RESPONSE = BACKEND_RESPONSE.replace(b"Content-Length: 27", b"Content-Length: 2") + b"ok"
 

@@ -1,7 +1,8 @@
 """Keeps this checkout's build of lbproxy current: ``python scripts/build.py [--extra NAME]``.
 
 In a checkout lbproxy is installed editable, and ``setup.py`` compiles the hot modules in
-place: ``lbproxy/http1.cpython-*.so`` next to ``lbproxy/http1.py``, where it shadows the source.
+place: ``lbproxy/wire/http1.cpython-*.so`` next to ``lbproxy/wire/http1.py``, where it shadows
+the source.
 So a compiled module built from older sources would silently run instead of the code being
 tested. This script prevents that: it fingerprints everything the build reads (every
 ``lbproxy/**/*.py``, since mypyc compiles against the types of the interpreted modules too,

@@ -9,7 +9,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from lbproxy.app import Proxy
+from lbproxy.control.app import Proxy
 from tests.support import Backend, backend_app, start_proxy
 
 

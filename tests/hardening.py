@@ -17,7 +17,7 @@ import socket
 import subprocess
 from typing import Any
 
-from lbproxy.http1 import (
+from lbproxy.wire.http1 import (
     BODY_CHUNKED,
     BODY_LENGTH,
     ChunkedTracker,
@@ -237,7 +237,7 @@ def metric(registry: Any, name: str, **labels: str) -> float | None:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from lbproxy.metric_families import Collector
+    from lbproxy.control.metric_families import Collector
 
     prom = CollectorRegistry(auto_describe=False)
     prom.register(Collector(registry))

@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from lbproxy.app import Proxy
 from lbproxy.config import Config, parse_config
+from lbproxy.control.app import Proxy
 
 
 async def wait_for(

@@ -1,20 +1,18 @@
 """lbproxy's configuration: the model (``model``), the leaf values (``units``), validation
 (``validate``, ``groups``) and reading the file (``load``).
 
-Importing this package is cheap: the model and validation only. ``load_config``,
-``loads_config`` and ``read_config_file`` live in ``load`` (which imports yaml and ``tls``) and
-are imported from there on first use, so a hot module that wants ``Address`` never pulls in the
-YAML loader.
+Importing this package is cheap: the model and validation only. Reading a file (``load``,
+which imports yaml) is imported by what reads one (``control.loading``), so a hot module that
+wants ``Address`` never pulls in the YAML loader.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from ..cidrs import IPNetwork
+from ..wire.cidrs import IPNetwork
 from .model import (
     ACCEPT_RETRY_DELAY,
     ACCESS_LOG_DRAIN_TIMEOUT,
+    CONTROL_LINE_LIMIT,
     DEFAULT_ADMIN_BIND,
     DEFAULT_CLIENT_HEADER_TIMEOUT,
     DEFAULT_CLIENT_TABLE_SIZE,
@@ -68,23 +66,10 @@ from .model import (
 from .units import parse_address, parse_bandwidth, parse_duration, parse_size
 from .validate import parse_config
 
-if TYPE_CHECKING:
-    from .load import load_config, loads_config, read_config_file
-
-_LAZY = frozenset({"load_config", "loads_config", "read_config_file"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from . import load
-
-        return getattr(load, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "ACCEPT_RETRY_DELAY",
     "ACCESS_LOG_DRAIN_TIMEOUT",
+    "CONTROL_LINE_LIMIT",
     "DEFAULT_ADMIN_BIND",
     "DEFAULT_CLIENT_HEADER_TIMEOUT",
     "DEFAULT_CLIENT_TABLE_SIZE",
@@ -135,12 +120,9 @@ __all__ = [
     "Timeouts",
     "Tls",
     "WebSocketPolicy",
-    "load_config",
-    "loads_config",
     "parse_address",
     "parse_bandwidth",
     "parse_config",
     "parse_duration",
     "parse_size",
-    "read_config_file",
 ]

@@ -3,8 +3,9 @@
 ``loads_config`` parses the YAML (refusing a key given twice), validates it with
 ``parse_config`` and, when that fails, gives every problem the file and line it comes from
 (``lb.yaml:14: server_groups.rs1.servers[1].address: ...``): the document is composed a second
-time with its node marks and each problem's place is walked down that tree. It then checks
-every https listener's certificate files and digests the file's bytes.
+time with its node marks and each problem's place is walked down that tree. It digests the
+file's bytes; the certificate files a config names are checked above this layer
+(``control.loading``, with ``proxy.tls``).
 
 Kept apart from the model so a module that only wants ``Address`` never imports yaml.
 """
@@ -12,15 +13,13 @@ Kept apart from the model so a module that only wants ``Address`` never imports 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import replace
 from typing import Any
 
 import yaml
 
-from .. import tls
-from .model import Certificate, Config, ConfigError
+from .model import Config, ConfigError
 from .validate import parse_config
 
 
@@ -46,11 +45,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str) -> Config:
-    """Read and validate the file at ``path``; every failure is a ConfigError with clear lines."""
-    return loads_config(read_config_file(path), path)
-
-
 def read_config_file(path: str) -> bytes:
     """The config file's bytes; a missing or unreadable file is a one-line ConfigError."""
     try:
@@ -62,8 +56,9 @@ def read_config_file(path: str) -> bytes:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
 
 
-def loads_config(raw: bytes, path: str = "<config>") -> Config:
-    """Validate config file bytes (``path`` names them in messages, with each problem's line)."""
+def loads_document(raw: bytes, path: str = "<config>") -> Config:
+    """Validate config file bytes (``path`` names them in messages, with each problem's line);
+    the files it names are checked by ``control.loading``."""
     try:
         doc = yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.MarkedYAMLError as exc:
@@ -76,7 +71,6 @@ def loads_config(raw: bytes, path: str = "<config>") -> Config:
         config = parse_config(doc)
     except ConfigError as exc:
         raise ConfigError(with_lines(exc.problems, raw, path)) from None
-    config = _load_tls_files(config, raw, path)
     return replace(config, digest=hashlib.sha256(raw).hexdigest())
 
 
@@ -140,32 +134,3 @@ def line_of(node: yaml.Node | None, place: str) -> int | None:
         node = best[1]
         rest = rest[len(best[0].value) :].removeprefix(".")
     return line
-
-
-def _load_tls_files(config: Config, raw: bytes, path: str) -> Config:
-    """Check every https listener's certificate and key now (missing, unreadable, not PEM or
-    not a pair: a ConfigError, so a reload with a bad certificate changes nothing), and give
-    each its files' digest. Relative paths are relative to the config file's directory."""
-    problems: list[str] = []
-    listeners = list(config.listeners)
-    base = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
-
-    def full(p: str) -> str:
-        return os.path.join(base, os.path.expanduser(p))
-
-    for i, lst in enumerate(listeners):
-        if lst.tls is None:
-            continue
-        pairs = tuple(Certificate(full(c.cert), full(c.key)) for c in lst.tls.certificates)
-        ca = full(lst.tls.client_ca) if lst.tls.client_ca is not None else None
-        try:
-            loaded = tls.load(replace(lst.tls, certificates=pairs, client_ca=ca))
-        except tls.TlsError as exc:
-            problems.append(f"listeners[{i}].tls: {exc}")
-            continue
-        listeners[i] = replace(
-            lst, tls=replace(lst.tls, certificates=pairs, client_ca=ca, digest=loaded.digest)
-        )
-    if problems:
-        raise ConfigError(with_lines(problems, raw, path))
-    return replace(config, listeners=tuple(listeners))

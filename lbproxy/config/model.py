@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..cidrs import Cidrs, IPNetwork
+from ..wire.cidrs import Cidrs, IPNetwork
 
 # Names the schema accepts for values that other modules implement: they check these match
 # (balancer.make_scheduler, tls.POLICIES) so the config never imports them.
@@ -48,6 +48,8 @@ DEFAULT_ADMIN_BIND = "127.0.0.1:8404"
 # start serving, and for a worker to answer a stats request before /metrics goes without it.
 WORKER_START_TIMEOUT = 30.0
 WORKER_STATS_TIMEOUT = 2.0
+# bytes of one supervisor-worker control message (a config file, a stats dump)
+CONTROL_LINE_LIMIT = 2**26
 # At exit, how long the access log may take to write out its queued lines.
 ACCESS_LOG_DRAIN_TIMEOUT = 5.0
 DEFAULT_STICKY_COOKIE = "SERVERID"

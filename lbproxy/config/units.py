@@ -13,8 +13,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..cidrs import IPNetwork
-from ..status_codes import parse_expected_codes
+from ..wire.cidrs import IPNetwork
+from ..wire.status_codes import parse_expected_codes
 from .model import DNS_PORT, MAX_WEIGHT, MIN_STICKY_SECRET, Address
 
 

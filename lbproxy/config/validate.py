@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..cidrs import Cidrs, IPNetwork
+from ..wire.cidrs import Cidrs, IPNetwork
 from .groups import server_groups
 from .model import (
     DEFAULT_CLIENT_HEADER_TIMEOUT,

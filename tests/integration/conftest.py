@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from lbproxy.admin import AdminServer
-from lbproxy.app import Proxy
+from lbproxy.control.admin import AdminServer
+from lbproxy.control.app import Proxy
 from tests.integration.test_workers import start_lbproxy
 
 __all__ = ["make_admin", "start_lbproxy"]

@@ -23,7 +23,8 @@ import aiohttp
 import pytest
 import yaml
 
-from lbproxy.config import load_config, parse_config
+from lbproxy.config import parse_config
+from lbproxy.control.loading import load_config
 from tests.support import (
     RawServer,
     config_doc,
@@ -369,7 +370,7 @@ async def test_unwritable_path_on_reload_keeps_the_old_log(tmp_path, make_backen
 
 @pytest.mark.timeout(30)
 async def test_a_stuck_log_does_not_hold_up_shutdown(tmp_path, make_backend, monkeypatch):
-    from lbproxy import access_log
+    from lbproxy.proxy import access_log
     from tests.support import start_proxy
 
     monkeypatch.setattr(access_log, "ACCESS_LOG_DRAIN_TIMEOUT", 0.5)

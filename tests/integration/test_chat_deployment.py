@@ -37,8 +37,8 @@ import pytest
 
 from backends.chat.app import STATIC_DIR, ChatServer
 from backends.chat.bus import MemoryBus
-from lbproxy.app import Proxy
 from lbproxy.config import parse_config
+from lbproxy.control.app import Proxy
 from tests.backends.cdp import Browser, Page, find_chromium
 from tests.backends.helpers import recv_json, say
 from tests.backends.redis_server import REDIS_MISSING, RedisServer, find_redis_server, free_port

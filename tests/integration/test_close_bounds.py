@@ -22,10 +22,10 @@ import time
 import aiohttp
 import pytest
 
-from lbproxy.app import Proxy
-from lbproxy.checker import ws_accept
 from lbproxy.config import WS_CLOSE_FRAME_WAIT, WS_CLOSE_HANDSHAKE_TIMEOUT, parse_config
-from lbproxy.wsframes import GOING_AWAY, close_frame
+from lbproxy.control.app import Proxy
+from lbproxy.control.checker import ws_accept
+from lbproxy.wire.wsframes import GOING_AWAY, close_frame
 from tests.support import RawServer, config_doc, read_request_head, wait_for
 
 NO_CHECKS = {"health_check": {"enabled": False}}

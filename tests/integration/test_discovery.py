@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbproxy.app import Proxy
+from lbproxy.control.app import Proxy
 from tests.dns_server import DnsServer
 from tests.support import Backend, free_port, proxy_url, wait_for
 
@@ -216,7 +216,7 @@ async def test_failure_holds_the_last_set_then_empty_answers_empty_the_group(
     make_proxy: MakeProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="lbproxy.discovery")
+    caplog.set_level(logging.INFO, logger="lbproxy.control.discovery")
     port = free_port()
     await make_backend("B2", port, host="127.0.0.2")
     dns_server.set("chat.test", "A", ["127.0.0.2"], ttl=1)
@@ -271,7 +271,7 @@ async def test_a_name_missing_at_start_answers_503_then_fills(
 async def test_literal_and_discovered_servers_side_by_side_on_status_and_metrics(
     dns_server: DnsServer, make_backend: MakeBackend, make_proxy: MakeProxy
 ) -> None:
-    from lbproxy.admin import AdminServer
+    from lbproxy.control.admin import AdminServer
 
     port = free_port()
     await make_backend("B2", port, host="127.0.0.2")

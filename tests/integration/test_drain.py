@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from lbproxy import wsframes
 from lbproxy.config import parse_config
+from lbproxy.wire import wsframes
 from tests.support import RawServer, config_doc, proxy_url, start_proxy, wait_for
 
 NO_CHECKS = {"health_check": {"enabled": False}}

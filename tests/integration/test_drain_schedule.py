@@ -15,8 +15,8 @@ import asyncio
 import aiohttp
 from aiohttp import WSMsgType
 
-from lbproxy import wsframes
 from lbproxy.config import parse_config
+from lbproxy.wire import wsframes
 from tests.support import config_doc, proxy_url
 
 N = 6

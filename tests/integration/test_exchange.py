@@ -9,11 +9,11 @@ import gc
 import hashlib
 import json
 
-from lbproxy.app import Proxy
-from lbproxy.dispatch import Dispatch
-from lbproxy.exchange import Exchange
-from lbproxy.http1 import BODY_CHUNKED, BODY_LENGTH, ResponseHead, parse_request_head
-from lbproxy.response import Response
+from lbproxy.control.app import Proxy
+from lbproxy.proxy.dispatch import Dispatch
+from lbproxy.proxy.exchange import Exchange
+from lbproxy.proxy.response import Response
+from lbproxy.wire.http1 import BODY_CHUNKED, BODY_LENGTH, ResponseHead, parse_request_head
 from tests.support import config_doc, wait_for
 
 

@@ -26,9 +26,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from lbproxy.app import Proxy
-from lbproxy.health import State
-from lbproxy.snapshot import ServerState
+from lbproxy.control.app import Proxy
+from lbproxy.core.health import State
+from lbproxy.core.snapshot import ServerState
 from tests.support import Backend, backend_app, config_doc, free_port, proxy_url, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

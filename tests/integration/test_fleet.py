@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from lbproxy.sticky import server_token
+from lbproxy.core.sticky import server_token
 from tests.integration import test_socketio
 from tests.integration.test_socketio import Client, SioServer
 from tests.integration.test_workers import Cluster, spawn, write_config

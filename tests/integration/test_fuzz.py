@@ -26,8 +26,8 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbproxy.app import Proxy
-from lbproxy.http1 import ParseError, parse_response_head
+from lbproxy.control.app import Proxy
+from lbproxy.wire.http1 import ParseError, parse_response_head
 from tests.hardening import RecordingBackend, raw_config
 from tests.support import start_proxy
 

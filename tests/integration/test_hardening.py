@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 import yaml
 
-from lbproxy.app import Proxy
-from lbproxy.config import load_config
+from lbproxy.control.app import Proxy
+from lbproxy.control.loading import load_config
 from tests.hardening import RecordingBackend, closed_without_answer, exchange, raw_config
 from tests.support import (
     RawResponse,

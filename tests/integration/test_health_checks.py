@@ -19,10 +19,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from lbproxy.app import Proxy
 from lbproxy.config import parse_config
-from lbproxy.health import State
-from lbproxy.snapshot import ServerState
+from lbproxy.control.app import Proxy
+from lbproxy.core.health import State
+from lbproxy.core.snapshot import ServerState
 from tests.support import (
     Backend,
     backend_app,

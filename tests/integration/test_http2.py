@@ -30,10 +30,10 @@ from aiohttp import web
 from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame
 from prometheus_client import CollectorRegistry, generate_latest
 
-from lbproxy.app import Proxy
-from lbproxy.config import load_config
-from lbproxy.h2_front import MAX_CONCURRENT_STREAMS, Http2Connection
-from lbproxy.metric_families import Collector
+from lbproxy.control.app import Proxy
+from lbproxy.control.loading import load_config
+from lbproxy.control.metric_families import Collector
+from lbproxy.proxy.http2 import MAX_CONCURRENT_STREAMS, Http2Connection
 from tests.h2client import GoAwayFrame, PingFrame, RawH2, RstStreamFrame
 from tests.hardening import make_cert, openssl_available
 from tests.support import Backend, backend_app, wait_for

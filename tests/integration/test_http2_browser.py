@@ -16,7 +16,7 @@ import pytest
 
 from backends.chat.app import ChatServer
 from backends.chat.bus import MemoryBus
-from lbproxy.h2_front import Http2Connection
+from lbproxy.proxy.http2 import Http2Connection
 from tests.backends.cdp import Browser, find_chromium
 from tests.hardening import make_cert, openssl_available
 from tests.support import config_doc

@@ -31,7 +31,7 @@ import pytest
 from aiohttp import web
 from hyperframe.frame import SettingsFrame
 
-from lbproxy.app import Proxy
+from lbproxy.control.app import Proxy
 from tests.h2client import PREFACE, RawH2
 from tests.pki import CA, Issued
 from tests.support import backend_app, wait_for

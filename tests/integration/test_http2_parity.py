@@ -16,9 +16,9 @@ import httpx
 import pytest
 from hyperframe.frame import HeadersFrame
 
-from lbproxy.app import Proxy
-from lbproxy.exchange import Exchange
-from lbproxy.h2_front import Http2Connection, Stream
+from lbproxy.control.app import Proxy
+from lbproxy.proxy.exchange import Exchange
+from lbproxy.proxy.http2 import Http2Connection, Stream
 from tests.h2client import GoAwayFrame, RawH2, RstStreamFrame
 from tests.hardening import make_cert, openssl_available
 from tests.support import RawServer, read_request_head, wait_for

@@ -22,8 +22,8 @@ import time
 import pytest
 from hyperframe.frame import Frame, PingFrame, RstStreamFrame
 
-from lbproxy.app import Proxy
-from lbproxy.h2_front import RAPID_RESET_BURST, RAPID_RESET_RATE
+from lbproxy.control.app import Proxy
+from lbproxy.proxy.http2 import RAPID_RESET_BURST, RAPID_RESET_RATE
 from tests.h2client import GoAwayFrame, RawH2
 from tests.hardening import make_cert, openssl_available
 from tests.integration.test_http2 import ENHANCE_YOUR_CALM, h2_doc

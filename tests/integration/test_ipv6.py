@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from lbproxy.app import Proxy
+from lbproxy.control.app import Proxy
 from tests.support import config_doc, wait_for
 
 

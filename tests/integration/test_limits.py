@@ -32,8 +32,8 @@ import aiohttp
 import pytest
 import yaml
 
-from lbproxy.app import Proxy
 from lbproxy.config import parse_config
+from lbproxy.control.app import Proxy
 from tests.hardening import (
     RecordingBackend,
     closed_without_answer,

@@ -17,8 +17,9 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbproxy.admin import AdminServer
-from lbproxy.config import load_config, parse_config
+from lbproxy.config import parse_config
+from lbproxy.control.admin import AdminServer
+from lbproxy.control.loading import load_config
 from tests.support import (
     RawServer,
     config_doc,

@@ -24,9 +24,9 @@ import aiohttp
 import pytest
 import yaml
 
-from lbproxy.app import Proxy
 from lbproxy.config import parse_config
-from lbproxy.health import State
+from lbproxy.control.app import Proxy
+from lbproxy.core.health import State
 from tests.support import config_doc, free_port, proxy_url, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -830,7 +830,7 @@ async def test_admin_reload_answers_with_summary_or_errors(make_backend, lbproxy
 
 
 async def test_admin_bind_moves_on_reload_and_a_bad_one_changes_nothing(make_backend, make_proxy):
-    from lbproxy.admin import AdminServer
+    from lbproxy.control.admin import AdminServer
 
     a = await make_backend("A")
     first, second = free_port(), free_port()

@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from lbproxy.app import Proxy
 from lbproxy.config import parse_config
+from lbproxy.control.app import Proxy
 from tests.support import (
     Backend,
     backend_app,

@@ -25,11 +25,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from lbproxy.app import Proxy
-from lbproxy.balancer import ConsistentHash
 from lbproxy.config import parse_config
-from lbproxy.health import State
-from lbproxy.snapshot import ServerState
+from lbproxy.control.app import Proxy
+from lbproxy.core.balancer import ConsistentHash
+from lbproxy.core.health import State
+from lbproxy.core.snapshot import ServerState
 from tests.support import Backend, config_doc, proxy_url, wait_for
 
 pytestmark = pytest.mark.timeout(30)

@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from lbproxy.app import Proxy
 from lbproxy.config import parse_config
+from lbproxy.control.app import Proxy
 from tests.support import config_doc, free_port, proxy_url, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -40,10 +40,10 @@ import redis.asyncio as aioredis
 import socketio
 import yaml
 
-from lbproxy.app import Proxy
 from lbproxy.config import parse_config
-from lbproxy.http_proxy import ClientConnection
-from lbproxy.snapshot import GroupRuntime
+from lbproxy.control.app import Proxy
+from lbproxy.core.snapshot import GroupRuntime
+from lbproxy.proxy.client import ClientConnection
 from tests.support import config_doc, free_port, proxy_url, wait_for
 
 pytestmark = pytest.mark.timeout(60)

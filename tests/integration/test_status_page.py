@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from lbproxy.admin import AdminServer
-from lbproxy.config import load_config
+from lbproxy.control.admin import AdminServer
+from lbproxy.control.loading import load_config
 from tests.cdp import Chromium
 from tests.support import Backend, config_doc, expected_build, proxy_url, wait_for
 

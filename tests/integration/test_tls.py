@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 import yaml
 
-from lbproxy.app import Proxy
-from lbproxy.config import load_config
+from lbproxy.control.app import Proxy
+from lbproxy.control.loading import load_config
 from tests.hardening import closed_without_answer, exchange, make_cert, openssl_available
 from tests.support import free_port, read_response, wait_for
 

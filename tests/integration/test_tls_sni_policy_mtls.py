@@ -27,9 +27,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from lbproxy import metric_families
-from lbproxy.app import Proxy
-from lbproxy.config import load_config
+from lbproxy.control import metric_families
+from lbproxy.control.app import Proxy
+from lbproxy.control.loading import load_config
 from tests.pki import CA, Issued
 from tests.support import read_response, wait_for
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from lbproxy.reload import FileWatcher
+from lbproxy.control.reload import FileWatcher
 from tests.hardening import make_cert, openssl_available
 from tests.integration.test_tls import (
     base,

@@ -25,11 +25,11 @@ import pytest
 import yaml
 from aiohttp import WSMsgType, web
 
-from lbproxy.app import Proxy
-from lbproxy.checker import ws_accept
 from lbproxy.config import parse_config
-from lbproxy.health import State
-from lbproxy.snapshot import ServerState
+from lbproxy.control.app import Proxy
+from lbproxy.control.checker import ws_accept
+from lbproxy.core.health import State
+from lbproxy.core.snapshot import ServerState
 from tests.support import (
     RawServer,
     config_doc,

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
-from lbproxy.tunnel import Tunnel
+from lbproxy.proxy.tunnel import Tunnel
 from tests.support import (
     RawServer,
     RssSampler,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from lbproxy.balancer import (
+from lbproxy.core.balancer import (
     SCHEDULERS,
     Candidate,
     ConsistentHash,

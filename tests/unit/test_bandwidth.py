@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lbproxy.bandwidth import MIN_BURST, ByteBucket
+from lbproxy.core.bandwidth import MIN_BURST, ByteBucket
 
 MiB = 1 << 20
 

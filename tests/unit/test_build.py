@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-import lbproxy.http_proxy
+import lbproxy.proxy.client
 from lbproxy import buildinfo
 from tests.support import expected_build
 
@@ -43,13 +43,13 @@ def test_compiled_build_compiles_every_module_but_the_cold_ones():
     compiled = set(buildinfo.compiled_modules())
     if expected_build() == buildinfo.PURE:
         assert compiled == set()
-        assert lbproxy.http_proxy.__file__.endswith(".py")
+        assert lbproxy.proxy.client.__file__.endswith(".py")
         return
     assert compiled == every - setup.INTERPRETED
     assert compiled >= HOT
     assert {"cli", "config", "supervisor", "worker", "admin", "status_page"} <= setup.INTERPRETED
     # what the tests imported is the compiled code, not the source next to it
-    assert not lbproxy.http_proxy.__file__.endswith(".py")
+    assert not lbproxy.proxy.client.__file__.endswith(".py")
 
 
 def test_the_pure_build_is_made_when_asked_or_when_nothing_can_compile(monkeypatch, tmp_path):
@@ -91,7 +91,7 @@ def test_an_edit_of_any_source_makes_the_compiled_build_due(tmp_path, build_scri
     record(build_script, tmp_path, "compiled")
     assert build_script.due("compiled", tmp_path) is None
     # an interpreted module counts too: mypyc compiles against its types and constants
-    for edited in ("lbproxy/http1.py", "lbproxy/config.py", "setup.py", "pyproject.toml"):
+    for edited in ("lbproxy/wire/http1.py", "lbproxy/config.py", "setup.py", "pyproject.toml"):
         path = tmp_path / edited
         before = path.read_text()
         path.write_text(before + "# edited\n")

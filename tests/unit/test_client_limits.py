@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from lbproxy.client_limits import MAX_KEY, Cidrs, ConnectionCounts, RateTable, client_key
+from lbproxy.core.client_limits import MAX_KEY, Cidrs, ConnectionCounts, RateTable, client_key
 
 TRUSTED = Cidrs(
     (

@@ -25,12 +25,12 @@ from lbproxy.config import (
     Server,
     ServerGroup,
     Timeouts,
-    load_config,
     parse_address,
     parse_config,
     parse_duration,
 )
 from lbproxy.config import load as config_load
+from lbproxy.control.loading import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

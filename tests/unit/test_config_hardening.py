@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import yaml
 
-from lbproxy import metrics
 from lbproxy.config import (
     Acl,
     Address,
@@ -25,12 +24,13 @@ from lbproxy.config import (
     ConfigError,
     Listener,
     Timeouts,
-    load_config,
     parse_config,
     parse_size,
 )
-from lbproxy.headers import https_location, origin_form
-from lbproxy.snapshot import RuntimeState
+from lbproxy.control.loading import load_config
+from lbproxy.core import metrics
+from lbproxy.core.snapshot import RuntimeState
+from lbproxy.wire.headers import https_location, origin_form
 from tests.hardening import make_cert
 
 

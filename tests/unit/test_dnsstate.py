@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lbproxy.config import DISCOVERY_EMPTY_INTERVALS, Address, Discovery, Server, parse_config
-from lbproxy.dnsstate import (
+from lbproxy.core.dns import (
     Answer,
     SrvRecord,
     Tracker,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lbproxy import exchange_state as st
+from lbproxy.proxy import exchange_state as st
 
 ALL_STATES = range(len(st.STATE_NAMES))
 ALL_EVENTS = range(len(st.EVENT_NAMES))

@@ -5,8 +5,8 @@ and SLB-ID. A client's own values of the balancer-owned names never pass, on or 
 
 from __future__ import annotations
 
-from lbproxy import headers
-from lbproxy.http1 import Limits, RequestHead, parse_request_head
+from lbproxy.wire import headers
+from lbproxy.wire.http1 import Limits, RequestHead, parse_request_head
 
 SPOOF = (
     b"GET / HTTP/1.1\r\n"

@@ -9,10 +9,10 @@ import zlib
 
 import pytest
 
-from lbproxy import gzip_filter as gz
 from lbproxy.config import GZIP_TYPES, Gzip
-from lbproxy.headers import client_response_head
-from lbproxy.http1 import (
+from lbproxy.proxy import gzip_filter as gz
+from lbproxy.wire.headers import client_response_head
+from lbproxy.wire.http1 import (
     BODY_CHUNKED,
     BODY_CLOSE,
     BODY_LENGTH,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lbproxy.h2_front import request_head, response_fields
-from lbproxy.http1 import Limits, ParseError, parse_response_head
+from lbproxy.proxy.http2 import request_head, response_fields
+from lbproxy.wire.http1 import Limits, ParseError, parse_response_head
 
 BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.example:8443"),
         (b":path", b"/p?q=1")]  # fmt: skip

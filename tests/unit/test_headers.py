@@ -1,6 +1,6 @@
 """Header rules on parsed heads: the request a backend sees and the response a client sees.
 
-Inputs are built with the real parser (``lbproxy.http1``), and outputs are asserted byte for
+Inputs are built with the real parser (``lbproxy.wire.http1``), and outputs are asserted byte for
 byte and re-parsed, so a rule that produces a malformed head fails here too.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from lbproxy import headers
-from lbproxy.http1 import (
+from lbproxy.wire import headers
+from lbproxy.wire.http1 import (
     Limits,
     RequestHead,
     ResponseHead,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lbproxy.health import (
+from lbproxy.core.health import (
     TRANSITIONS,
     Event,
     Gate,

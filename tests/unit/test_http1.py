@@ -1,4 +1,4 @@
-"""Tests for lbproxy.http1: strict HTTP/1.x head parsing, body framing, chunked tracking."""
+"""Tests for lbproxy.wire.http1: strict HTTP/1.x head parsing, body framing, chunked tracking."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lbproxy.http1 import (
+from lbproxy.wire.http1 import (
     BODY_CHUNKED,
     BODY_CLOSE,
     BODY_LENGTH,

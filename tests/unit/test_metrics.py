@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbproxy.metric_families import FAMILIES as TABLE
-from lbproxy.metric_families import Collector
-from lbproxy.metrics import (
+from lbproxy.control.metric_families import FAMILIES as TABLE
+from lbproxy.control.metric_families import Collector
+from lbproxy.core.metrics import (
     TIME_BUCKETS,
     WS_BUCKETS,
     Histogram,

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lbproxy.config import Listener, Rule, parse_config
-from lbproxy.rules import Router, normalize_host, target_path
+from lbproxy.core.rules import Router, normalize_host, target_path
 
 
 def router(*rules: tuple[str | None, str, str], default: str = "default") -> Router:

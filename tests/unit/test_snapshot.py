@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from lbproxy import metrics
 from lbproxy.config import Config, parse_config
-from lbproxy.health import Event, State
-from lbproxy.snapshot import RuntimeState, Snapshot
+from lbproxy.core import metrics
+from lbproxy.core.health import Event, State
+from lbproxy.core.snapshot import RuntimeState, Snapshot
 
 CHECK = {"interval": "200ms", "timeout": "1s", "path": "/health"}
 
@@ -346,7 +346,7 @@ def test_pins_to_a_draining_server_hold_unless_the_group_drains_with_a_timeout()
 
 
 def test_sticky_secret_keys_the_tokens_and_a_new_secret_rekeys_on_commit():
-    from lbproxy.sticky import server_token
+    from lbproxy.core.sticky import server_token
 
     state = RuntimeState(metrics.Registry())
 

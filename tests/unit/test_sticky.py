@@ -12,7 +12,7 @@ from engineio import packet as eio_packet
 from engineio import payload as eio_payload
 
 from lbproxy.config import StickySession
-from lbproxy.sticky import (
+from lbproxy.core.sticky import (
     DEFAULT_MAX_ENTRIES,
     HANDSHAKE_PROBE_LIMIT,
     MAX_KEY_LENGTH,
@@ -51,7 +51,7 @@ def test_server_token_is_stable_and_distinct() -> None:
 def test_server_token_is_the_same_in_another_process() -> None:
     ids = ["rs1/127.0.0.1:5001", "rs1/[::1]:5002", "grp/host.example:80"]
     code = (
-        "import json, sys; from lbproxy.sticky import server_token; "
+        "import json, sys; from lbproxy.core.sticky import server_token; "
         "print(json.dumps([server_token(i) for i in json.loads(sys.argv[1])]))"
     )
     out = subprocess.run(

@@ -19,9 +19,12 @@ from typing import Any
 import pytest
 import yaml
 
-from lbproxy import headers, metrics, tls
-from lbproxy.config import Certificate, ConfigError, Tls, load_config, parse_config
-from lbproxy.http1 import Limits, parse_request_head
+from lbproxy.config import Certificate, ConfigError, Tls, parse_config
+from lbproxy.control.loading import load_config
+from lbproxy.core import metrics
+from lbproxy.proxy import tls
+from lbproxy.wire import headers
+from lbproxy.wire.http1 import Limits, parse_request_head
 from tests.pki import CA
 
 

@@ -12,13 +12,13 @@ import os
 import random
 from typing import Any
 
-from lbproxy import wsframes
-from lbproxy.access_log import AccessLog
 from lbproxy.config import AccessLog as AccessLogConfig
 from lbproxy.config import Address, Server, WebSocketPolicy
-from lbproxy.metrics import ListenerStats, Registry
-from lbproxy.snapshot import ServerState
-from lbproxy.tunnel import Tunnel
+from lbproxy.core.metrics import ListenerStats, Registry
+from lbproxy.core.snapshot import ServerState
+from lbproxy.proxy.access_log import AccessLog
+from lbproxy.proxy.tunnel import Tunnel
+from lbproxy.wire import wsframes
 
 
 def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = False) -> bytes:

@@ -1,0 +1,364 @@
+"""The admin listener: /metrics, /status, the status page, /healthz, POST /-/reload and the
+runtime server API (GET /-/servers, PUT /-/servers/{group}/{host:port}).
+
+Owns the aiohttp application on ``admin.bind`` (never on a proxied listener). It only reads
+the proxy's state and asks ``Proxy.reload`` / ``ServerControl.set_server_state``; the numbers come
+from ``metrics``, rendered for /metrics by ``metric_families``. With ``admin.token`` set,
+everything that changes state or lists servers needs ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .. import __version__, buildinfo
+from ..config import parse_weight
+from ..config.model import Address
+from ..core.metrics import Registry, merge_registries
+from ..core.snapshot import ADMIN_STATES, ServerState
+from .metric_families import Collector
+from .status_page import render_status_page
+
+if TYPE_CHECKING:
+    from .app import Proxy
+
+
+def server_view(
+    s: ServerState, checked: bool, reg: Registry, active: dict[str, int] | None
+) -> dict[str, Any]:
+    """One server's runtime state, as /-/servers and /status show it."""
+    st = reg.servers.get(s.id, s.stats)
+    override = None
+    o = s.override
+    if o is not None:
+        override = {
+            k: v for k, v in (("admin_state", o.admin_state), ("weight", o.weight)) if v is not None
+        }
+    return {
+        "id": s.id,
+        "group": s.group,
+        "address": s.label,
+        "discovered": s.discovered,
+        "state": s.health.state.value if checked else "up",
+        "admin_state": s.admin_state,
+        "draining": s.draining,
+        "removed": s.removed,
+        "weight": s.weight,
+        "config_weight": s.config_weight,
+        "override": override or None,
+        "active_connections": active.get(s.id, 0) if active is not None else s.active,
+        "websockets_active": sum(st.ws_active.values()),
+    }
+
+
+def status(
+    proxy: Proxy,
+    reg: Registry | None = None,
+    active: dict[str, int] | None = None,
+    workers: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Everything the status page shows, as JSON-ready data.
+
+    With workers, ``reg`` is the sum of their stats and ``active`` their open connections per
+    server id; alone, both come from this process.
+    """
+    snap = proxy.holder.current
+    cfg = snap.config
+    if reg is None:
+        reg = proxy.registry
+    listeners = []
+    for lst in cfg.listeners:
+        ls = reg.listener(lst.name)
+        tunnels = sum(ss.ws_active.get(lst.name, 0) for ss in reg.servers.values())
+        bound = proxy.listeners.bound.get(lst.name)
+        listeners.append(
+            {
+                "name": lst.name,
+                "bind": str(proxy.listeners.address(lst.name)) if bound else str(lst.bind),
+                "protocol": lst.protocol,
+                "server_group": lst.server_group,
+                "connections_active": ls.connections_active,
+                "connections_total": ls.connections_total,
+                "websockets_active": tunnels,
+                "requests_total": sum(ls.requests.values()),
+                "idle_timeout": lst.timeouts.idle,
+                "request_timeout": lst.timeouts.request,
+                "connect_timeout": lst.timeouts.connect,
+            }
+        )
+    groups = []
+    for g in snap.groups.values():
+        servers = []
+        members = list(g.servers) + [
+            s for s in proxy.servers.removed_servers() if s.group == g.name
+        ]
+        for s in members:
+            st = reg.servers.get(s.id, s.stats)
+            h = s.health
+            requests = sum(
+                n
+                for ls in reg.listeners.values()
+                for (gn, sl, _), n in ls.requests.items()
+                if gn == g.name and sl == s.label
+            )
+            servers.append(
+                {
+                    **server_view(s, g.checks, reg, active),
+                    "checked": g.checks,
+                    "last_check": h.last_reason or None,
+                    "last_check_latency": h.last_latency,
+                    "last_check_age": (
+                        None if h.last_check_at is None else time.monotonic() - h.last_check_at
+                    ),
+                    "last_change_reason": getattr(h, "last_change_reason", "") or None,
+                    "websockets_total": sum(st.ws_total.values()),
+                    "websockets_drained": st.ws_drained,
+                    "requests_total": requests,
+                    "upstream_errors": dict(st.errors),
+                    "health_checks": dict(st.health_checks),
+                }
+            )
+        groups.append(
+            {
+                "name": g.name,
+                "scheduler": g.config.scheduler,
+                "health_check": g.checks,
+                "servers_up": sum(1 for x in servers if x["state"] == "up" and not x["removed"]),
+                "servers": servers,
+            }
+        )
+    when, ok, message = proxy.last_reload
+    return {
+        "version": __version__,
+        "build": buildinfo.kind(),
+        "pid": _pid(),
+        "config": {"path": proxy.config_path, "sha256": cfg.digest or None},
+        "last_reload": {"time": when, "success": ok, "message": message},
+        "listeners": listeners,
+        "server_groups": groups,
+        "workers": workers or [],
+        "time": time.time(),
+    }
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+class Workers(Protocol):
+    """The supervisor's view of its workers, for /metrics and /status."""
+
+    async def gather(self) -> tuple[list[Registry], dict[str, int]]:
+        """Every live worker's stats, and open connections per server id summed over them."""
+        ...
+
+    def describe(self) -> list[dict[str, Any]]: ...
+
+
+class AdminServer:
+    def __init__(self, proxy: Proxy, workers: Workers | None = None) -> None:
+        self.proxy = proxy
+        self.workers = workers
+        self.prom = CollectorRegistry(auto_describe=False)
+        self.prom.register(Collector(proxy.registry))
+        self.app = web.Application()
+        self.app.router.add_get("/", self.page)
+        self.app.router.add_get("/status", self.status)
+        self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_post("/-/reload", self.reload)
+        self.app.router.add_get("/-/servers", self.servers)
+        self.app.router.add_put("/-/servers/{group}/{server}", self.put_server)
+        self.runner: web.AppRunner | None = None
+        self.site: web.TCPSite | None = None
+        self.address: Address | None = None
+
+    async def start(self) -> None:
+        bind = self.proxy.holder.current.config.admin.bind
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        self.site = web.TCPSite(self.runner, bind.host, bind.port, reuse_address=True)
+        await self.site.start()
+        server: Any = self.site._server  # an asyncio or uvloop Server: both have .sockets
+        host, port = server.sockets[0].getsockname()[:2]
+        self.address = Address(host, port)
+
+    async def prepare(self, bind: Address) -> PendingBind:
+        """Listen on ``bind`` as well (raises OSError); the reload then commits or cancels."""
+        assert self.runner is not None
+        site = web.TCPSite(self.runner, bind.host, bind.port, reuse_address=True)
+        await site.start()
+        return PendingBind(self, site)
+
+    async def close_listener(self) -> None:
+        """Stop accepting admin connections (first step of shutdown)."""
+        if self.site is not None:
+            await self.site.stop()
+            self.site = None
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.workers is None:
+            body = generate_latest(self.prom)
+        else:
+            # This process's registry carries health checks, backend_up and reloads; the
+            # workers' carry the traffic. The collector sums them.
+            regs, _ = await self.workers.gather()
+            prom = CollectorRegistry(auto_describe=False)
+            prom.register(Collector([self.proxy.registry, *regs]))
+            body = generate_latest(prom)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _status(self) -> dict[str, Any]:
+        if self.workers is None:
+            return status(self.proxy)
+        regs, active = await self.workers.gather()
+        merged = merge_registries([self.proxy.registry, *regs])
+        return status(self.proxy, merged, active, self.workers.describe())
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._status())
+
+    async def page(self, request: web.Request) -> web.Response:
+        text = render_status_page(await self._status())
+        return web.Response(text=text, content_type="text/html")
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        """The 401 when a token is configured and the request does not carry it, else None."""
+        token = self.proxy.holder.current.config.admin.token
+        if not token or _bearer_ok(request.headers.get("Authorization", ""), token):
+            return None
+        return web.json_response(
+            {
+                "result": "error",
+                "errors": ["a valid 'Authorization: Bearer <token>' is needed"],
+            },
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="lbproxy admin"'},
+        )
+
+    async def _active(self) -> tuple[Registry, dict[str, int] | None]:
+        if self.workers is None:
+            return self.proxy.registry, None
+        regs, active = await self.workers.gather()
+        return merge_registries([self.proxy.registry, *regs]), active
+
+    async def servers(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        reg, active = await self._active()
+        out: list[dict[str, Any]] = []
+        for g in self.proxy.holder.current.groups.values():
+            out.extend(server_view(s, g.checks, reg, active) for s in g.servers)
+        return web.json_response(out)
+
+    async def put_server(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        group, address = request.match_info["group"], request.match_info["server"]
+        g = self.proxy.holder.current.groups.get(group)
+        if g is None:
+            return _error(404, f"no server group {group!r}")
+        sid = f"{group}/{address}"
+        if sid not in g.by_id:
+            return _error(404, f"no server {address!r} in group {group!r}")
+        try:
+            body = json.loads(await request.read() or b"null")
+        except ValueError as exc:
+            return _error(400, f"the body is not JSON: {exc}")
+        problems, admin_state, weight = _server_change(body)
+        if problems:
+            return _error(400, *problems)
+        server = self.proxy.servers.set_server_state(sid, admin_state, weight)
+        reg, active = await self._active()
+        return web.json_response(server_view(server, g.checks, reg, active))
+
+    async def reload(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        result = await self.proxy.reload("admin")
+        if result.ok:
+            return web.json_response(
+                {"result": "ok", "changed": result.changed, "summary": result.message}
+            )
+        return web.json_response({"result": "error", "errors": list(result.problems)}, status=400)
+
+
+def _error(status: int, *errors: str) -> web.Response:
+    return web.json_response({"result": "error", "errors": list(errors)}, status=status)
+
+
+def _server_change(body: object) -> tuple[list[str], str | None, int | None]:
+    """Validate a PUT /-/servers body: (problems, admin_state, weight)."""
+    if not isinstance(body, dict) or not body:
+        return (
+            ['expected a JSON object with "admin_state" ("ready" or "drain") and/or "weight"'],
+            None,
+            None,
+        )
+    problems = [
+        f"unknown key {k!r} (expected admin_state, weight)"
+        for k in body
+        if k not in ("admin_state", "weight")
+    ]
+    admin_state = body.get("admin_state")
+    if admin_state is not None and admin_state not in ADMIN_STATES:
+        problems.append(f'admin_state: expected "ready" or "drain", got {json.dumps(admin_state)}')
+    raw = weight = body.get("weight")
+    if raw is not None:
+        try:
+            weight = parse_weight(raw)  # the config file's own check of a weight
+        except ValueError as exc:
+            problems.append(f"weight: {exc}")
+            weight = None
+    if ("admin_state" in body and admin_state is None) or ("weight" in body and raw is None):
+        problems.append("null is not a value: leave the key out to keep what is set")
+    return problems, admin_state, weight
+
+
+def _bearer_ok(header: str, token: str) -> bool:
+    """``Authorization: Bearer <token>`` (scheme in any case), compared in constant time."""
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(credentials.strip().encode(), token.encode())
+
+
+class PendingBind:
+    """A new admin socket opened by a reload: ``commit`` moves to it (the old one stops
+    accepting; connections already open finish), ``cancel`` closes it again."""
+
+    def __init__(self, admin: AdminServer, site: web.TCPSite) -> None:
+        self.admin = admin
+        self.site = site
+
+    async def commit(self) -> None:
+        admin = self.admin
+        old, admin.site = admin.site, self.site
+        server: Any = self.site._server
+        host, port = server.sockets[0].getsockname()[:2]
+        admin.address = Address(host, port)
+        if old is not None:
+            await old.stop()
+
+    async def cancel(self) -> None:
+        await self.site.stop()

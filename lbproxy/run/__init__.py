@@ -1,0 +1,1 @@
+"""The process: the command line, the supervisor of workers and the worker entry point."""
