@@ -55,10 +55,11 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
         || apt_install python3-dev || true
 }
 
-# ensure_venv EXTRA  — .venv with lbproxy installed (editable) plus the named extra, and the
-# in-place build current (scripts/build.py: compiled, or pure with LBPROXY_PURE=1).
+# ensure_venv  — .venv with exactly the packages of requirements.lock (hash-checked; the same
+# for scripts/test and scripts/demo, so either one's install and build serve the other),
+# lbproxy installed editable, and the in-place build current (scripts/build.py: compiled, or
+# pure with LBPROXY_PURE=1). Installs again only when the lock's content changed.
 ensure_venv() {
-    local extra="$1"
     local py="${PYTHON:-python3}"
     if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
         say "lbproxy needs Python 3.11 or newer ($py is $("$py" --version 2>&1))"
@@ -70,11 +71,7 @@ ensure_venv() {
             "$py" -m venv "$VENV"
         fi
     fi
-    if [ ! -f "$VENV/.installed-$extra" ] || [ "$ROOT/pyproject.toml" -nt "$VENV/.installed-$extra" ]; then
-        say "installing Python packages into .venv ($extra)"
-        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    fi
-    "$VENV/bin/python" "$ROOT/scripts/build.py" --extra "$extra"
+    "$VENV/bin/python" "$ROOT/scripts/build.py" --install
 }
 
 # ensure_venv27  — .venv27: a Python 2.7 virtualenv with Autobahn|Testsuite's wstest, which
