@@ -95,12 +95,16 @@ ensure_venv27() {
         PYTHONPATH="$tool" "$py" -m virtualenv -q --no-download "$VENV27" >/dev/null
         rm -rf "$tool"
     fi
-    local stamp="$VENV27/.installed-autobahn"
-    if [ ! -f "$stamp" ] || [ "$reqs" -nt "$stamp" ]; then
+    # Installed again when the requirements' content changes (not their mtime: a checkout or a
+    # fresh clone touches them); hash-checked, like requirements.lock for .venv.
+    local stamp="$VENV27/.installed-autobahn" digest
+    digest="$("$py" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$reqs")"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
         say "installing Autobahn|Testsuite into .venv27 (compiles a few C extensions: ~2 min)"
-        _pip27 "$VENV27/bin/python" -r "$reqs"
-        "$VENV27/bin/wstest" --autobahnversion >/dev/null
-        touch "$stamp"
+        rm -f "$stamp"
+        _pip27 "$VENV27/bin/python" --require-hashes -r "$reqs" || return 1
+        "$VENV27/bin/wstest" --autobahnversion >/dev/null || return 1
+        echo "$digest" >"$stamp"
     fi
 }
 
