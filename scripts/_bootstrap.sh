@@ -55,10 +55,11 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
         || apt_install python3-dev || true
 }
 
-# ensure_venv EXTRA  — .venv with lbproxy installed (editable) plus the named extra, and the
-# in-place build current (scripts/build.py: compiled, or pure with LBPROXY_PURE=1).
+# ensure_venv  — .venv with exactly the packages of requirements.lock (hash-checked; the same
+# for scripts/test and scripts/demo, so either one's install and build serve the other),
+# lbproxy installed editable, and the in-place build current (scripts/build.py: compiled, or
+# pure with LBPROXY_PURE=1). Installs again only when the lock's content changed.
 ensure_venv() {
-    local extra="$1"
     local py="${PYTHON:-python3}"
     if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
         say "lbproxy needs Python 3.11 or newer ($py is $("$py" --version 2>&1))"
@@ -70,11 +71,7 @@ ensure_venv() {
             "$py" -m venv "$VENV"
         fi
     fi
-    if [ ! -f "$VENV/.installed-$extra" ] || [ "$ROOT/pyproject.toml" -nt "$VENV/.installed-$extra" ]; then
-        say "installing Python packages into .venv ($extra)"
-        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    fi
-    "$VENV/bin/python" "$ROOT/scripts/build.py" --extra "$extra"
+    "$VENV/bin/python" "$ROOT/scripts/build.py" --install
 }
 
 # ensure_venv27  — .venv27: a Python 2.7 virtualenv with Autobahn|Testsuite's wstest, which
@@ -98,12 +95,16 @@ ensure_venv27() {
         PYTHONPATH="$tool" "$py" -m virtualenv -q --no-download "$VENV27" >/dev/null
         rm -rf "$tool"
     fi
-    local stamp="$VENV27/.installed-autobahn"
-    if [ ! -f "$stamp" ] || [ "$reqs" -nt "$stamp" ]; then
+    # Installed again when the requirements' content changes (not their mtime: a checkout or a
+    # fresh clone touches them); hash-checked, like requirements.lock for .venv.
+    local stamp="$VENV27/.installed-autobahn" digest
+    digest="$("$py" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$reqs")"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
         say "installing Autobahn|Testsuite into .venv27 (compiles a few C extensions: ~2 min)"
-        _pip27 "$VENV27/bin/python" -r "$reqs"
-        "$VENV27/bin/wstest" --autobahnversion >/dev/null
-        touch "$stamp"
+        rm -f "$stamp"
+        _pip27 "$VENV27/bin/python" --require-hashes -r "$reqs" || return 1
+        "$VENV27/bin/wstest" --autobahnversion >/dev/null || return 1
+        echo "$digest" >"$stamp"
     fi
 }
 

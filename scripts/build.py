@@ -1,4 +1,4 @@
-"""Keeps this checkout's build of lbproxy current: ``python scripts/build.py [--extra NAME]``.
+"""Keeps this checkout's build of lbproxy current: ``python scripts/build.py [--install]``.
 
 In a checkout lbproxy is installed editable, and ``setup.py`` compiles the hot modules in
 place: ``lbproxy/wire/http1.cpython-*.so`` next to ``lbproxy/wire/http1.py``, where it shadows
@@ -9,6 +9,12 @@ tested. This script prevents that: it fingerprints everything the build reads (e
 ``setup.py``, ``pyproject.toml``, the interpreter) and reinstalls, which rebuilds, whenever the
 fingerprint differs from the one recorded in ``lbproxy/.build-stamp`` by the last build.
 ``scripts/test``, ``scripts/demo`` and ``conftest.py`` (before any test imports lbproxy) run it.
+
+``--install`` (scripts/test and scripts/demo) first makes ``.venv`` hold exactly the packages of
+``requirements.lock`` (``scripts/lock`` writes it: every dependency, extra and build requirement,
+hash-checked), whenever the lock's content differs from the one recorded in
+``.venv/.installed-lock`` by the last install. Both scripts install the same lock, so one
+script's install and build serve the other: ``scripts/test`` then ``scripts/demo`` builds once.
 
 ``LBPROXY_PURE=1`` asks for the pure-Python build (``setup.py`` then removes the compiled
 modules); without it the compiled build is wanted. ``--check`` only reports (exit 1 when a
@@ -27,12 +33,13 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAMP = ROOT / "lbproxy" / ".build-stamp"
 VENV = ROOT / ".venv"
+LOCK_FILE = "requirements.lock"
+INSTALLED = ".installed-lock"  # in the venv: the sha256 of the lock it was installed from
 
 
 def wanted() -> str:
@@ -81,43 +88,70 @@ class BuildFailed(Exception):
 
 
 def pip(args: list[str], kind: str, quiet: bool) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "-q", *args]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
     env = dict(os.environ, LBPROXY_PURE="1" if kind == "pure" else "0")
     # setuptools' warning that an editable install is one: this is what is wanted here
     env["PYTHONWARNINGS"] = "ignore:Editable installation:UserWarning"
-    done = subprocess.run(cmd, env=env, capture_output=quiet, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # pip's notes on configured find-links folders that hold no such package: noise here
+    output = "".join(
+        line
+        for line in (done.stdout + done.stderr).splitlines(keepends=True)
+        if "is ignored: it is neither a file nor a directory" not in line
+    )
+    if not quiet:
+        print(output, end="", file=sys.stderr, flush=True)
     if done.returncode != 0:
-        output = (done.stdout or "") + (done.stderr or "")
-        raise BuildFailed(f"building lbproxy ({kind}) failed: {' '.join(cmd)}\n{output[-6000:]}")
+        what = f"pip failed (exit {done.returncode}; lbproxy {kind})"
+        raise BuildFailed(f"{what}: {' '.join(cmd)}\n{output[-6000:]}")
 
 
-def build_requirements() -> list[str]:
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        return list(tomllib.load(f)["build-system"]["requires"])
+def lock_digest(root: Path = ROOT) -> str:
+    return hashlib.sha256((root / LOCK_FILE).read_bytes()).hexdigest()
 
 
-def install(extra: str, quiet: bool) -> None:
-    """The venv gets the build's requirements and ``extra``'s packages, lbproxy editable (pure,
-    quickly: the compiled build comes next, once everything it type-checks against is here)."""
-    pip(build_requirements(), "pure", quiet)
-    pip(["--no-build-isolation", "-e", f"{ROOT}[{extra}]"], "pure", quiet)
+def install_due(root: Path = ROOT, venv: Path = VENV) -> str | None:
+    """Why the venv must be installed from the lock again, or None. On the lock's content, not
+    its mtime: a checkout, a rebase or a fresh clone touches files without changing them."""
+    try:
+        installed = (venv / INSTALLED).read_text().strip()
+    except OSError:
+        return f"no install from {LOCK_FILE} recorded"
+    if installed != lock_digest(root):
+        return f"{LOCK_FILE} changed since the last install"
+    return None
 
 
-def build(kind: str, reason: str, quiet: bool) -> str:
+def install(reason: str, quiet: bool, root: Path = ROOT, venv: Path = VENV) -> None:
+    """The venv gets every package of the lock, hash-checked, then lbproxy editable without
+    its dependencies (pure, quickly: the compiled build comes next, once everything it
+    type-checks against is here). The build stamp goes: the build is remade against them."""
+    digest = lock_digest(root)  # an edit of the lock during the install: installed again next
+    if not quiet:
+        print(f"==> installing Python packages from {LOCK_FILE}: {reason}", file=sys.stderr)
+    (venv / INSTALLED).unlink(missing_ok=True)  # a failed install must not look current
+    (root / STAMP.relative_to(ROOT)).unlink(missing_ok=True)
+    pip(["--require-hashes", "-r", str(root / LOCK_FILE)], "pure", quiet)
+    pip(["--no-build-isolation", "--no-deps", "-e", str(root)], "pure", quiet)
+    (venv / INSTALLED).write_text(digest + "\n")
+
+
+def build(kind: str, reason: str, quiet: bool, root: Path = ROOT) -> str:
     """Reinstall lbproxy editable, which builds it in place; record and say what was built.
 
     Without build isolation: mypyc type-checks lbproxy against the packages of this venv, as
     mypy does, and pip needs no minute to set up an environment of its own. ``quiet`` (under
     pytest, which would swallow it anyway): pip's output is shown only if the build fails.
     """
-    before = fingerprint()  # an edit made during the build leaves the stamp stale: rebuilt next
+    before = fingerprint(root)  # an edit during the build leaves the stamp stale: rebuilt next
     if not quiet:
         print(f"==> building lbproxy ({kind}): {reason}", file=sys.stderr, flush=True)
     started = time.monotonic()
-    STAMP.unlink(missing_ok=True)  # a failed build must not look current
-    pip(["--no-build-isolation", "--no-deps", "-e", str(ROOT)], kind, quiet)
-    built = "compiled" if compiled_files() else "pure"
-    STAMP.write_text(json.dumps({"wanted": kind, "built": built, "fingerprint": before}) + "\n")
+    stamp = root / STAMP.relative_to(ROOT)
+    stamp.unlink(missing_ok=True)  # a failed build must not look current
+    pip(["--no-build-isolation", "--no-deps", "-e", str(root)], kind, quiet)
+    built = "compiled" if compiled_files(root) else "pure"
+    stamp.write_text(json.dumps({"wanted": kind, "built": built, "fingerprint": before}) + "\n")
     summary = f"built lbproxy ({built}) in {time.monotonic() - started:.0f} s: {reason}"
     if built != kind:
         summary += " (the compiled build could not be made: see setup.py's message)"
@@ -126,22 +160,18 @@ def build(kind: str, reason: str, quiet: bool) -> str:
     return summary
 
 
-def ensure(kind: str, extra: str | None = None, quiet: bool = False) -> str | None:
-    """Make the in-place build a current ``kind`` build, and the venv hold ``extra``'s packages.
-
-    Returns what was built, or None when all was current.
+def ensure(
+    kind: str, packages: bool = False, quiet: bool = False, root: Path = ROOT, venv: Path = VENV
+) -> str | None:
+    """Make the in-place build a current ``kind`` build and, with ``packages``, the venv hold
+    the lock's packages. Returns what was built, or None when all was current.
     """
-    with open(ROOT / "lbproxy" / ".build-lock", "w") as lock:
+    with open(root / "lbproxy" / ".build-lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs starting at once build only once
-        if extra is not None:
-            deps = VENV / f".installed-{extra}"
-            pyproject = (ROOT / "pyproject.toml").stat().st_mtime
-            if not deps.exists() or pyproject > deps.stat().st_mtime:
-                install(extra, quiet)
-                deps.touch()
-                STAMP.unlink(missing_ok=True)  # that install was the pure build
-        reason = due(kind)
-        return None if reason is None else build(kind, reason, quiet)
+        if packages and (why := install_due(root, venv)) is not None:
+            install(why, quiet, root, venv)
+        reason = due(kind, root)
+        return None if reason is None else build(kind, reason, quiet, root)
 
 
 def pure_tree(dest: Path) -> None:
@@ -170,7 +200,9 @@ def pure_tree(dest: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--extra", help="also install this extra's packages (test, backends)")
+    p.add_argument(
+        "--install", action="store_true", help=f"also install .venv's packages from {LOCK_FILE}"
+    )
     p.add_argument("--check", action="store_true", help="exit 1 when a build is due")
     p.add_argument("--pure-tree", type=Path, metavar="DIR", help="copy the pure sources to DIR")
     args = p.parse_args()
@@ -182,7 +214,7 @@ def main() -> int:
         print(reason or "current")
         return 1 if reason else 0
     try:
-        ensure(wanted(), args.extra)
+        ensure(wanted(), packages=args.install)
     except BuildFailed as exc:
         print(f"==> {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -131,3 +132,48 @@ def test_the_pure_tree_has_no_compiled_module(tmp_path, build_script):
     assert not list((dest / "lbproxy").glob("*.so"))
     assert not (dest / "lbproxy" / ".build-stamp").exists()
     assert not (dest / ".venv").exists()
+
+
+def test_scripts_test_and_demo_share_one_install_and_one_build(tmp_path, build_script, monkeypatch):
+    """scripts/test then scripts/demo (or the reverse) installs and builds once: both install
+    the same lock into the same venv, and the install is redone only when its content changes."""
+    scripts = [(REPO / "scripts" / name).read_text() for name in ("test", "demo")]
+    calls = [[ln for ln in s.splitlines() if ln.split()[:1] == ["ensure_venv"]] for s in scripts]
+    assert calls == [["ensure_venv"], ["ensure_venv"]]  # no per-script extra or argument
+
+    fake_checkout(tmp_path)
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("aiohttp==3.14.5 \\\n    --hash=sha256:" + "0" * 64 + "\n")
+    venv = tmp_path / ".venv"
+    venv.mkdir()
+    so = tmp_path / "lbproxy" / "http1.cpython-311-x86_64-linux-gnu.so"
+    pips: list[tuple[str, str]] = []
+
+    def pip(args: list[str], kind: str, quiet: bool) -> None:  # what setup.py would leave
+        pips.append((kind, " ".join(a for a in args if a.startswith("-"))))
+        if "-e" in args:
+            so.write_bytes(b"") if kind == "compiled" else so.unlink(missing_ok=True)
+
+    monkeypatch.setattr(build_script, "pip", pip)
+
+    def run_script() -> list[tuple[str, str]]:  # what ensure_venv does: build.py --install
+        pips.clear()
+        build_script.ensure("compiled", packages=True, quiet=True, root=tmp_path, venv=venv)
+        return list(pips)
+
+    everything = [
+        ("pure", "--require-hashes -r"),
+        ("pure", "--no-build-isolation --no-deps -e"),
+        ("compiled", "--no-build-isolation --no-deps -e"),
+    ]
+    assert run_script() == everything  # the first script on a fresh checkout
+    assert run_script() == []  # the other script: nothing to install, nothing to build
+    assert build_script.ensure("compiled", quiet=True, root=tmp_path, venv=venv) is None  # pytest
+    later = lock.stat().st_mtime + 100
+    os.utime(lock, (later, later))  # touched (a checkout, a fresh clone), not changed
+    assert run_script() == []
+    lock.write_text(lock.read_text().replace("3.14.5", "3.14.6"))
+    changed = "requirements.lock changed since the last install"
+    assert build_script.install_due(tmp_path, venv) == changed
+    assert run_script() == everything  # and the build is remade against the new packages
+    assert run_script() == []
