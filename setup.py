@@ -88,7 +88,7 @@ def building_in_place() -> bool:
 
 
 def remove_inplace_builds() -> None:
-    for p in PACKAGE.iterdir():
+    for p in PACKAGE.rglob("*"):
         if p.suffix in (".so", ".pyd"):
             p.unlink()
 

@@ -23,12 +23,13 @@ def compiled_modules() -> tuple[str, ...]:
 
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     names = []
-    for info in pkgutil.iter_modules(package_path):
-        if info.name.endswith("__mypyc"):  # mypyc's shared library, not a module of ours
+    # Every module of every layer subpackage (walking imports the packages: their faces only).
+    for info in pkgutil.walk_packages(package_path, prefix=f"{__package__}."):
+        if info.name.endswith("__mypyc") or info.ispkg:  # mypyc's shared library; a package
             continue
-        spec = importlib.util.find_spec(f"{__package__}.{info.name}")
+        spec = importlib.util.find_spec(info.name)
         if spec is not None and spec.origin is not None and spec.origin.endswith(suffixes):
-            names.append(info.name)
+            names.append(info.name.removeprefix(f"{__package__}."))
     return tuple(sorted(names))
 
 

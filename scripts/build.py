@@ -56,7 +56,7 @@ def fingerprint(root: Path = ROOT) -> str:
 
 
 def compiled_files(root: Path = ROOT) -> list[Path]:
-    return sorted(p for p in (root / "lbproxy").iterdir() if p.suffix in (".so", ".pyd"))
+    return sorted(p for p in (root / "lbproxy").rglob("*") if p.suffix in (".so", ".pyd"))
 
 
 def recorded(root: Path = ROOT) -> dict[str, str]:

@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__, buildinfo
-from ..config import parse_weight
 from ..config.model import Address
+from ..config.units import parse_weight
 from ..core.metrics import Registry, merge_registries
 from ..core.snapshot import ADMIN_STATES, ServerState
 from .metric_families import Collector

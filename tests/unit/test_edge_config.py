@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import yaml
 
-from lbproxy import config as cfg
 from lbproxy.config import (
     GZIP_TYPES,
     ClientLimits,
@@ -25,6 +24,7 @@ from lbproxy.config import (
     parse_bandwidth,
     parse_config,
 )
+from lbproxy.control.loading import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -320,7 +320,7 @@ def test_every_new_key_in_full_yaml() -> None:
 
 
 def test_the_demo_turns_gzip_on() -> None:
-    demo = cfg.load_config(str(REPO / "config" / "lb.yaml"))
+    demo = load_config(str(REPO / "config" / "lb.yaml"))
     assert demo.listeners[0].gzip == Gzip(GZIP_TYPES, 1024)
 
 
