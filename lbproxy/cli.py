@@ -97,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from .config import ConfigError, load_config
+    from .config import ConfigError, loads_config, read_config_file
 
     try:
-        config = load_config(args.config)
+        # The bytes and the config from one read: with workers the bytes are what they get.
+        raw = read_config_file(args.config)
+        config = loads_config(raw, args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"lbproxy: {problem}", file=sys.stderr)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.abspath(args.config)
     try:
         if args.workers > 1:
-            return uvloop.run(_supervise(config, path, args.workers, signals))
+            return uvloop.run(_supervise(config, raw, path, args.workers, signals))
         return uvloop.run(_serve(config, path, signals))
     finally:
         signals.detach()
@@ -145,17 +147,11 @@ async def _serve(config: Config, path: str, signals: Signals) -> int:
     return await _run(proxy, None, signals, proxy.close)
 
 
-async def _supervise(config: Config, path: str, workers: int, signals: Signals) -> int:
+async def _supervise(config: Config, raw: bytes, path: str, workers: int, signals: Signals) -> int:
     signals.attach()
-    from .config import ConfigError, read_config_file
     from .listener import BindError
     from .supervisor import Supervisor
 
-    try:
-        raw = read_config_file(path)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return EXIT_CONFIG
     for i, lst in enumerate(config.listeners):
         if lst.bind.port == 0:
             # Each worker would get a port of its own: nothing would be shared.

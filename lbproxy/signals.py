@@ -147,8 +147,7 @@ class Signals:
 
     def _on_hup(self) -> None:
         if not self._ready:
-            if not self._held:
-                log.info("SIGHUP while starting: the reload waits until lbproxy is ready")
+            log.info("SIGHUP while starting: held, the reload waits until lbproxy is ready")
             self._held = True  # more SIGHUPs before ready: still one reload
             return
         if self._reload is not None:
