@@ -46,7 +46,9 @@ def exit_now() -> None:
 
 class Signals:
     def __init__(self, hup: bool) -> None:
-        self.hup = hup  # False: SIGHUP is ignored (a worker)
+        # False: a worker's. SIGHUP is ignored, and the stop signals are not logged (the
+        # supervisor, which sends them, logs the stop for all).
+        self.hup = hup
         self.stopping = "shutting down gracefully"  # what the first stop signal logs, once ready
         self.now: Callable[[], None] = exit_now  # the second stop signal
         self._arrived: deque[int] = deque()  # recorded, not yet acted on
@@ -135,14 +137,17 @@ class Signals:
 
     def _on_stop(self, name: str) -> None:
         self._stops += 1
-        if self._stops == 1:
-            if not self._ready:
+        first = self._stops == 1
+        if self.hup:  # not a worker (the supervisor logs the stop for all)
+            if not first:
+                log.warning("%s again: stopping now", name)
+            elif not self._ready:
                 log.info("%s while starting: stopping (send it again to stop at once)", name)
             else:
                 log.info("%s: %s (send it again to stop at once)", name, self.stopping)
+        if first:
             self.stop.set()
         else:
-            log.warning("%s again: stopping now", name)
             self.now()
 
     def _on_hup(self) -> None:
