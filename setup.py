@@ -37,6 +37,7 @@ INTERPRETED = frozenset(
         "dnsstate",
         "drain",
         "reload",
+        "signals",  # taken before anything heavy is imported; acted on a few times a life
         "status_page",
         "supervisor",
         "tls",
