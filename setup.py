@@ -30,7 +30,7 @@ INTERPRETED = frozenset(
         "__main__",
         "buildinfo",
         "config",  # the package: model, validation, loading (once per start or reload)
-        "run",  # the command line, the supervisor, the worker's start
+        "run",  # the command line, the supervisor, the worker's start, the signals
         # control: what runs at start, on a reload, on a timer or for the operator
         "control.admin",
         "control.checker",

@@ -334,6 +334,10 @@ class Listeners:
                 raise BindError(
                     f"listeners[{i}].bind: cannot listen on {lst.bind}: {exc.strerror or exc}"
                 ) from None
+            except BaseException:  # cancelled (a stop signal while starting): none left open
+                for b in opened.values():
+                    b.server.close()
+                raise
         return Opening(snap, contexts, opened, moved)
 
     @staticmethod

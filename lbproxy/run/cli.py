@@ -1,30 +1,31 @@
 """Command line: ``lbproxy --config lb.yaml [--check]``. The only place that exits the process.
 
 Owns argument parsing, logging setup, the file-descriptor limit, the event loop (uvloop),
-the signals (SIGHUP reloads, SIGTERM/SIGINT start the graceful shutdown and a second one
-exits at once) and the systemd readiness notifications (``Type=notify``: READY=1 once
-serving, STOPPING=1 when the shutdown starts; nothing without ``$NOTIFY_SOCKET``).
+what the signals do (``signals.py`` takes them: SIGHUP reloads, SIGTERM/SIGINT start the
+graceful shutdown and a second one exits at once; before the proxy is ready a SIGHUP waits
+for it and a SIGTERM/SIGINT abandons the start, exit 0) and the systemd readiness
+notifications (``Type=notify``: READY=1 once serving, STOPPING=1 when the shutdown starts;
+nothing without ``$NOTIFY_SOCKET``).
+
+``main`` takes the signals first; before that this module imports only what parsing the
+arguments needs (the rest, a good part of a second with the compiled modules, comes after).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import uvloop
-
 from .. import __version__, buildinfo
-from ..config.model import Config, ConfigError
-from ..control.loading import load_config
+from .signals import Signals, take
 
 if TYPE_CHECKING:
+    from ..config.model import Config
     from ..control.admin import Workers
     from ..control.app import Proxy
 
@@ -89,14 +90,20 @@ def sd_notify(state: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals = take()  # before anything else: from here no signal has its default action
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from ..config.model import ConfigError
+    from ..control.loading import loads_config, read_config_file
+
     try:
-        config = load_config(args.config)
+        # The bytes and the config from one read: with workers the bytes are what they get.
+        raw = read_config_file(args.config)
+        config = loads_config(raw, args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"lbproxy: {problem}", file=sys.stderr)
@@ -104,63 +111,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"lbproxy: {args.config}: configuration is valid", file=sys.stderr)
         return EXIT_OK
+    import uvloop
+
     from ..proxy.listener import raise_fd_limit
 
+    log.info("lbproxy %s starting (pid %d)", __version__, os.getpid())
     raise_fd_limit()
     path = os.path.abspath(args.config)
     try:
         if args.workers > 1:
-            return uvloop.run(_supervise(config, path, args.workers))
-        return uvloop.run(_serve(config, path))
-    except KeyboardInterrupt:
-        return EXIT_OK
+            return uvloop.run(_supervise(config, raw, path, args.workers, signals))
+        return uvloop.run(_serve(config, path, signals))
+    finally:
+        signals.detach()
 
 
-def _exit_now() -> None:
-    os._exit(EXIT_OK)
-
-
-class Signals:
-    """SIGHUP reloads; the first SIGTERM/SIGINT sets ``stop``; a second one calls ``now``."""
-
-    def __init__(self, proxy: Proxy, stopping: str, now: Callable[[], None]) -> None:
-        self.proxy = proxy
-        self.stopping = stopping
-        self.now = now
-        self.stop = asyncio.Event()
-        self._seen = 0
-        self._reloads: set[asyncio.Task[object]] = set()  # a reference keeps each task alive
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._on_stop, "SIGTERM")
-        loop.add_signal_handler(signal.SIGINT, self._on_stop, "SIGINT")
-        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-
-    def _on_stop(self, signame: str) -> None:
-        self._seen += 1
-        if self._seen == 1:
-            log.info("%s: %s (send it again to stop at once)", signame, self.stopping)
-            self.stop.set()
-        else:
-            log.warning("%s again: stopping now", signame)
-            self.now()
-
-    def _on_hup(self) -> None:
-        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
-            self.proxy.reload("SIGHUP")
-        )
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
-
-
-async def _serve(config: Config, path: str) -> int:
+async def _serve(config: Config, path: str, signals: Signals) -> int:
+    signals.attach()
     from ..control.app import Proxy
     from ..proxy.listener import BindError
 
     proxy = Proxy(config, path)
     try:
-        await proxy.start()
+        started = await signals.until_stopped(proxy.start())
     except BindError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
@@ -168,43 +141,48 @@ async def _serve(config: Config, path: str) -> int:
         path = config.access_log.path
         log.error("access_log.path: cannot open %s: %s", path, exc.strerror or exc)
         return EXIT_FAILURE
+    if not started:
+        return await _stopped(proxy.close)
     for name in proxy.listeners.bound:
         log.info("listening: %s on %s", name, proxy.listeners.address(name))
-    return await _run(proxy, None, "shutting down gracefully", _exit_now, proxy.close)
+    return await _run(proxy, None, signals, proxy.close)
 
 
-async def _supervise(config: Config, path: str, workers: int) -> int:
-    from ..config.model import ConfigError
-    from ..control.loading import read_config_file
+async def _supervise(config: Config, raw: bytes, path: str, workers: int, signals: Signals) -> int:
+    signals.attach()
     from ..proxy.listener import BindError
     from .supervisor import Supervisor
 
-    try:
-        raw = read_config_file(path)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return EXIT_CONFIG
     for i, lst in enumerate(config.listeners):
         if lst.bind.port == 0:
             # Each worker would get a port of its own: nothing would be shared.
             log.error("listeners[%d].bind: port 0 cannot be shared by workers; name a port", i)
             return EXIT_CONFIG
     sup = Supervisor(config, path, raw, workers)
+    signals.stopping = f"stopping {workers} workers gracefully"
+    signals.now = sup.stop_now
     try:
-        await sup.start()
+        started = await signals.until_stopped(sup.start())
     except (BindError, RuntimeError) as exc:
         log.error("%s", exc)
         await sup.close(immediate=True)
         return EXIT_FAILURE
-    stopping = f"stopping {workers} workers gracefully"
-    return await _run(sup.proxy, sup, stopping, sup.stop_now, sup.close)
+    if not started:
+        return await _stopped(sup.close)
+    return await _run(sup.proxy, sup, signals, sup.close)
+
+
+async def _stopped(close: Callable[[], Awaitable[None]]) -> int:
+    """A stop signal came before the proxy was ready: close what its start had opened."""
+    await close()
+    log.info("stopped")
+    return EXIT_OK
 
 
 async def _run(
     proxy: Proxy,
     workers: Workers | None,
-    stopping: str,
-    now: Callable[[], None],
+    signals: Signals,
     close: Callable[[], Awaitable[None]],
 ) -> int:
     """Admin, file watch and signals around a started proxy (or supervisor), until a stop
@@ -223,10 +201,11 @@ async def _run(
     proxy.admin = admin  # a reload may move it
     watcher = FileWatcher(proxy)
     watcher.start()
-    signals = Signals(proxy, stopping, now)
-    signals.start()
     log.info("admin on http://%s/", admin.address)
     sd_notify("READY=1")
+    # Ready: a SIGHUP received while starting is performed now (the watcher took the file as
+    # it is now, so a change made while starting is the held SIGHUP's to apply).
+    signals.ready(lambda: proxy.reload("SIGHUP"))
     await signals.stop.wait()
     sd_notify("STOPPING=1")
     await watcher.close()

@@ -19,19 +19,25 @@ Reports:  {"op": "ready", "pid": n}
 The first order is always a config (already validated by the supervisor). Health comes only
 from the supervisor, which runs the checks once for all workers; a failure seen while
 proxying marks the server down here at once and is reported, so every worker learns it.
-SIGTERM/SIGINT stop gracefully and a second one exits at once, as in a single process; the
-end of stdin (the supervisor is gone) stops gracefully too. SIGHUP is ignored: reloads come
-through the supervisor.
+SIGTERM/SIGINT stop gracefully and a second one exits at once, as in a single process (one
+that comes while the worker starts abandons the start and exits 0); the end of stdin (the
+supervisor is gone) stops gracefully too. SIGHUP is ignored: reloads come through the
+supervisor. The signals are taken (``signals.py``) by the worker's first statement, before
+its imports, which take a good part of a second.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":
+    from lbproxy.run.signals import take
+
+    take(hup=False)
 
 import asyncio
 import base64
 import json
 import logging
 import os
-import signal
 import sys
 from typing import Any
 
@@ -44,6 +50,7 @@ from ..core.dns import decode
 from ..core.metrics import dump_registry
 from ..core.snapshot import ServerState
 from ..proxy.listener import BindError, raise_fd_limit
+from .signals import Signals, take
 
 log = logging.getLogger("lbproxy.run.worker")
 
@@ -82,7 +89,8 @@ def decode_raw(msg: dict[str, Any]) -> bytes:
     return base64.b64decode(msg["raw"])
 
 
-async def serve() -> int:
+async def serve(signals: Signals) -> int:
+    signals.attach()
     ch = await _stdio_channel()
     first = await ch.receive()
     if first is None or first.get("op") != "config":
@@ -105,27 +113,16 @@ async def serve() -> int:
         if sid in proxy.state.servers:
             proxy.servers.set_server_state(sid, o.get("admin_state"), o.get("weight"))
     try:
-        await proxy.start()
+        started = await signals.until_stopped(proxy.start())
     except BindError as exc:
         log.error("%s", exc)
         return 1
+    if not started:
+        await proxy.close()
+        return 0
     ch.send({"op": "ready", "pid": os.getpid()})
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = 0
-
-    def on_stop() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            stop.set()
-        else:
-            os._exit(0)
-
-    loop.add_signal_handler(signal.SIGTERM, on_stop)
-    loop.add_signal_handler(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signals.ready(None)  # SIGHUP stays ignored: reloads come through the supervisor
+    stop = signals.stop
 
     async def orders() -> None:
         while True:
@@ -156,7 +153,7 @@ async def serve() -> int:
                     proxy.config_raw = raw
                 ch.send({"op": "applied", "ok": result.ok, "message": result.message})
 
-    task = loop.create_task(orders())
+    task = asyncio.get_running_loop().create_task(orders())
     await stop.wait()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -171,8 +168,12 @@ def main() -> int:
         format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s",
         stream=sys.stderr,
     )
+    signals = take(hup=False)  # taken already when run as ``python -m lbproxy.run.worker``
     raise_fd_limit()
-    return uvloop.run(serve())
+    try:
+        return uvloop.run(serve(signals))
+    finally:
+        signals.detach()
 
 
 if __name__ == "__main__":
