@@ -41,11 +41,11 @@ INTERPRETED = frozenset(
         "control.status_page",
         "core.dns",
         "proxy.tls",
-        # the packages' faces (a docstring each)
-        "control",
-        "core",
-        "proxy",
-        "wire",
+        # the layer packages' faces (a docstring each; the package name alone would mean all of it)
+        "control.__init__",
+        "core.__init__",
+        "proxy.__init__",
+        "wire.__init__",
     }
 )
 GROUP = "lbproxy._mypyc"  # the shared library of every compiled module: lbproxy/_mypyc__mypyc*.so
@@ -110,7 +110,10 @@ def ext_modules() -> list[object]:
     # (say `self.x is not None` after a loop on `self.x is None` whose body set it through a
     # method) is compiled as unreachable: the build refuses it rather than miscompile it.
     mypy_args = ["--warn-unreachable"]
-    return list(mypycify([*mypy_args, *compiled_sources()], opt_level="3", group_name=GROUP))
+    sources = compiled_sources()
+    if not sources:  # mypyc would fall back to mypy's own file list and compile all of that
+        raise SystemExit("lbproxy: INTERPRETED leaves no module to compile (setup.py)")
+    return list(mypycify([*mypy_args, *sources], opt_level="3", group_name=GROUP))
 
 
 if __name__ == "__main__":  # setuptools runs it so; tests import it for INTERPRETED
