@@ -1,7 +1,10 @@
-"""lbproxy's configuration: the model (``model``), the leaf values (``units``), validation
-(``validate``, ``groups``) and reading the file (``load``).
+"""lbproxy's configuration: every key declared once (``top``, ``listeners``, ``sections``,
+``groups``: type, default, bounds, unit and description, validated by pydantic through
+``declare``), the leaf values (``units``, ``leaves``), constants (``model``), validation of a
+document (``validate``), reading the file (``load``), the JSON schema and README reference
+(``doc``).
 
-Importing this package is cheap: the model and validation only. ``load_config``,
+Importing this package loads the declarations and pydantic, not YAML. ``load_config``,
 ``loads_config`` and ``read_config_file`` live in ``load`` (which imports yaml and ``tls``) and
 are imported from there on first use, so a hot module that wants ``Address`` never pulls in the
 YAML loader.
@@ -44,28 +47,17 @@ from .model import (
     WORKER_STATS_TIMEOUT,
     WS_CLOSE_FRAME_WAIT,
     WS_CLOSE_HANDSHAKE_TIMEOUT,
-    AccessLog,
-    Acl,
     Address,
-    Admin,
-    Certificate,
-    ClientLimits,
-    Config,
     ConfigError,
-    Discovery,
     Forwarding,
     Gzip,
-    HealthCheck,
-    Listener,
-    Rule,
-    Server,
-    ServerGroup,
-    StickySession,
     Timeouts,
-    Tls,
-    WebSocketPolicy,
 )
 from .units import parse_address, parse_bandwidth, parse_duration, parse_size
+from .groups import Discovery, HealthCheck, Server, ServerGroup, StickySession
+from .listeners import Listener
+from .sections import Acl, Certificate, ClientLimits, Rule, Tls, WebSocketPolicy
+from .top import AccessLog, Admin, Config
 from .validate import parse_config
 
 if TYPE_CHECKING:
