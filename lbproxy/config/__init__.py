@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..cidrs import IPNetwork
+from .groups import Discovery, HealthCheck, Server, ServerGroup, StickySession
+from .listeners import Listener
 from .model import (
     ACCEPT_RETRY_DELAY,
     ACCESS_LOG_DRAIN_TIMEOUT,
@@ -53,11 +55,9 @@ from .model import (
     Gzip,
     Timeouts,
 )
-from .units import parse_address, parse_bandwidth, parse_duration, parse_size
-from .groups import Discovery, HealthCheck, Server, ServerGroup, StickySession
-from .listeners import Listener
 from .sections import Acl, Certificate, ClientLimits, Rule, Tls, WebSocketPolicy
 from .top import AccessLog, Admin, Config
+from .units import parse_address, parse_bandwidth, parse_duration, parse_size
 from .validate import parse_config
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ import dataclasses
 import difflib
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler, ValidationError
 from pydantic.fields import FieldInfo
@@ -68,9 +68,12 @@ class Items:
         def check(value: Any, inner: core_schema.ValidatorFunctionWrapHandler) -> Any:
             if isinstance(value, tuple):
                 return inner(value)
+            if value is None and not self.non_empty:
+                return inner([])  # "servers:" with nothing after it: an empty list
             if not isinstance(value, list) or (self.non_empty and not value):
                 some = "a non-empty list" if self.non_empty else "a list"
-                raise ValueError(f"expected {some} of {self.noun}, got {_show(value)}")
+                what = self.noun if self.noun.startswith("like ") else f"of {self.noun}"
+                raise ValueError(f"expected {some} {what}, got {_show(value)}")
             return inner(value)
 
         return core_schema.no_info_wrap_validator_function(check, handler(source))
@@ -138,7 +141,9 @@ def declared(cls: type[T]) -> type[T]:
                 raise_problems(cls.__name__, problems)
             return value
 
-        ref = inner.pop("ref", None)  # type: ignore[misc]
+        # The class's definition name goes to the wrapper, so every use of the class (not only
+        # the first) runs these checks.
+        ref = cast(dict[str, Any], inner).pop("ref", None)
         return core_schema.no_info_wrap_validator_function(validate, inner, ref=ref)
 
     cls.__get_pydantic_core_schema__ = classmethod(hook)  # type: ignore[attr-defined]
@@ -173,7 +178,7 @@ def problems_of(exc: ValidationError, hints: Mapping[str, str] | None = None) ->
         else:  # a type no leaf of the config produces; kept readable all the same
             message = f"{e['msg'][:1].lower()}{e['msg'][1:]}, got {_show(e['input'])}"
         if loc and loc[-1] == "[key]":  # a mapping's key (a group's name) was refused
-            loc, message = loc[:-2] + (loc[-2],), f"bad group name: {message}"
+            loc, message = (*loc[:-2], loc[-2]), f"bad group name: {message}"
         out.append((loc, message))
     return out
 

@@ -64,9 +64,7 @@ class Server:
     weight: Annotated[
         Weight,
         Field(
-            description=(
-                "0..100; 0 makes the server **draining** (see [Draining](#draining))"
-            ),
+            description=("0..100; 0 makes the server **draining** (see [Draining](#draining))"),
         ),
     ] = DEFAULT_WEIGHT
     discovered: SkipJsonSchema[bool] = False  # from DNS (``discovery``), not written in the file
@@ -98,10 +96,8 @@ class Discovery:
     port: Annotated[
         Port,
         Field(
-            description=(
-                "the port of every address found; not allowed with SRV"
-            ),
-                json_schema_extra={"x-default": "required with A/AAAA"},
+            description=("the port of every address found; not allowed with SRV"),
+            json_schema_extra={"x-default": "required with A/AAAA"},
         ),
     ] = 0
     interval: Annotated[
@@ -116,9 +112,7 @@ class Discovery:
     weight: Annotated[
         Weight,
         Field(
-            description=(
-                "weight of every A/AAAA server (0..100); not allowed with SRV"
-            ),
+            description=("weight of every A/AAAA server (0..100); not allowed with SRV"),
         ),
     ] = DEFAULT_WEIGHT
     timeout: Annotated[
@@ -130,6 +124,7 @@ class Discovery:
             ),
         ),
     ] = DEFAULT_DNS_TIMEOUT
+
     @property
     def srv(self) -> bool:
         return self.dns.startswith("_")
@@ -185,34 +180,27 @@ class HealthCheck:
     path: Annotated[
         UrlPath,
         Field(
-            description=(
-                "request path (http, websocket)"
-            ),
+            description=("request path (http, websocket)"),
         ),
     ] = "/"
     method: Annotated[
         Annotated[str, choice("HEAD", "GET")],
         Field(
-            description=(
-                "`HEAD` or `GET` (http)"
-            ),
+            description=("`HEAD` or `GET` (http)"),
         ),
     ] = "HEAD"
     host: Annotated[
         CheckHost,
         Field(
             description=(
-                "`Host` header to send (http, websocket); empty means the server's own "
-                "`host:port`"
+                "`Host` header to send (http, websocket); empty means the server's own `host:port`"
             ),
         ),
     ] = ""
     port: Annotated[
         Annotated[int, integer(0, 65535)],
         Field(
-            description=(
-                "port to check; 0 means the server's own port"
-            ),
+            description=("port to check; 0 means the server's own port"),
         ),
     ] = 0
     interval: Annotated[
@@ -226,9 +214,7 @@ class HealthCheck:
     timeout: Annotated[
         Duration,
         Field(
-            description=(
-                "a check that takes longer fails"
-            ),
+            description=("a check that takes longer fails"),
         ),
     ] = 5.0
     healthy_threshold: Annotated[
@@ -243,9 +229,7 @@ class HealthCheck:
     unhealthy_threshold: Annotated[
         Annotated[int, integer(1, 100)],
         Field(
-            description=(
-                "consecutive failures that take an up server down"
-            ),
+            description=("consecutive failures that take an up server down"),
         ),
     ] = 3
     expected_codes: Annotated[
@@ -256,6 +240,7 @@ class HealthCheck:
             ),
         ),
     ] = ("http_2xx", "http_3xx")
+
     @staticmethod
     def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
         if raw.get("protocol") != "websocket":
@@ -275,7 +260,7 @@ class StickySession:
     means no cookie persistence (only Socket.IO sid routing, ``socketio``)."""
 
     type: Annotated[
-        Annotated[str, choice("insert", "server")] | None,
+        Annotated[str | None, choice("insert", "server")],
         Field(
             description=(
                 "`insert`: lbproxy sets cookie `cookie` to an opaque token of the chosen "
@@ -288,9 +273,7 @@ class StickySession:
     cookie: Annotated[
         CookieName,
         Field(
-            description=(
-                "the cookie's name (required with `type: server`)"
-            ),
+            description=("the cookie's name (required with `type: server`)"),
         ),
     ] = DEFAULT_STICKY_COOKIE
     cookie_timeout: Annotated[
@@ -317,9 +300,7 @@ class StickySession:
     socketio_path: Annotated[
         Prefix,
         Field(
-            description=(
-                "where Socket.IO requests live (only with `socketio: true`)"
-            ),
+            description=("where Socket.IO requests live (only with `socketio: true`)"),
         ),
     ] = DEFAULT_SOCKETIO_PATH
     secret: Annotated[
@@ -335,6 +316,7 @@ class StickySession:
             ),
         ),
     ] = field(default="", repr=False)
+
     @staticmethod
     def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
         """A key that would have no effect (``cookie`` without ``type``, ``socketio_path``
@@ -343,7 +325,9 @@ class StickySession:
         out: list[Problem] = []
         kind = raw.get("type")
         if kind == "server" and "cookie" not in raw:
-            out.append((("cookie",), "required with type: server (the name of the backend's cookie)"))
+            out.append(
+                (("cookie",), "required with type: server (the name of the backend's cookie)")
+            )
         if "secret" in raw and kind != "insert":
             out.append((("secret",), "only used with type: insert"))
         socketio = raw.get("socketio", False)
@@ -383,26 +367,20 @@ class ServerGroup:
     servers: Annotated[
         Annotated[tuple[Server, ...], Items("servers")],
         Field(
-            description=(
-                "list of servers (may be empty: every request then gets 503)"
-            ),
-                json_schema_extra={"x-default": "required (unless `discovery`)"},
+            description=("list of servers (may be empty: every request then gets 503)"),
+            json_schema_extra={"x-default": "required (unless `discovery`)"},
         ),
     ] = ()
     health_check: Annotated[
         HealthCheck,
         Field(
-            description=(
-                "active health checks of every server in the group"
-            ),
+            description=("active health checks of every server in the group"),
         ),
     ] = field(default_factory=HealthCheck)
     keepalive_connections: Annotated[
         Annotated[int, integer(0, 10000)],
         Field(
-            description=(
-                "idle keep-alive connections kept open per server"
-            ),
+            description=("idle keep-alive connections kept open per server"),
         ),
     ] = 32
     keepalive_timeout: Annotated[
@@ -427,10 +405,8 @@ class ServerGroup:
     sticky: Annotated[
         StickySession | None,
         Field(
-            description=(
-                "session persistence, see below"
-            ),
-                alias="sticky_session",
+            description=("session persistence, see below"),
+            alias="sticky_session",
         ),
     ] = None
     drain_timeout: Annotated[
@@ -455,9 +431,7 @@ class ServerGroup:
     discovery: Annotated[
         Discovery | None,
         Field(
-            description=(
-                "servers from DNS, instead of or beside `servers`: see below"
-            ),
+            description=("servers from DNS, instead of or beside `servers`: see below"),
         ),
     ] = None
     _internal = ("name",)

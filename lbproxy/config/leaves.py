@@ -65,7 +65,11 @@ def size(low: int, high: int) -> Leaf:
 
 
 def integer(low: int, high: int) -> Leaf:
-    return Leaf(_int_in(low, high), f"integer {low}..{high}", {"type": "integer", "minimum": low, "maximum": high})
+    return Leaf(
+        _int_in(low, high),
+        f"integer {low}..{high}",
+        {"type": "integer", "minimum": low, "maximum": high},
+    )
 
 
 def choice(*choices: str) -> Leaf:
@@ -93,9 +97,7 @@ DurationOrZero = Annotated[
     ),
 ]
 Bool = Annotated[bool, Leaf(_bool, "true or false", {"type": "boolean"})]
-Name = Annotated[
-    str, Leaf(_name, "name", {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"})
-]
+Name = Annotated[str, Leaf(_name, "name", {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"})]
 String = Annotated[str, Leaf(_string, "string", _STR)]
 FilePath = Annotated[str, Leaf(_file_path, "file path", {"type": "string", "minLength": 1})]
 UrlPath = Annotated[str, Leaf(_path, "path", {"type": "string", "pattern": "^/"})]
@@ -104,7 +106,9 @@ Token = Annotated[str, Leaf(_token, "token", {"type": "string", "minLength": 1})
 CheckHost = Annotated[str, Leaf(_check_host, "host", _STR)]
 RuleHost = Annotated[str, Leaf(_rule_host, "host or *.domain", _STR)]
 CookieName = Annotated[str, Leaf(_cookie_name, "cookie name", _STR)]
-Secret = Annotated[str, Leaf(_secret, "secret, 16+ characters", {"type": "string", "minLength": 16})]
+Secret = Annotated[
+    str, Leaf(_secret, "secret, 16+ characters", {"type": "string", "minLength": 16})
+]
 SlbId = Annotated[str, Leaf(_slb_id, "visible ASCII", {"type": "string", "maxLength": 256})]
 DnsName = Annotated[str, Leaf(_dns_name, "DNS name", _STR)]
 Address_ = Annotated[Address, Leaf(parse_address, "host:port", _ADDRESS)]
@@ -158,6 +162,10 @@ Codes = Annotated[
     ),
 ]
 DrainCode = Annotated[int, Leaf(_drain_code, "1001 or 1012", {"enum": [1001, 1012]})]
-Cidr = Annotated[
-    IPNetwork, Leaf(_cidr, "CIDR", {"type": "string"})
-]
+Cidr = Annotated[IPNetwork, Leaf(_cidr, "CIDR", {"type": "string"})]
+
+
+# The same leaves for keys whose default is None: a null written in the file is still refused.
+RuleHost_: Leaf = RuleHost.__metadata__[0]  # type: ignore[attr-defined]
+FilePath_: Leaf = FilePath.__metadata__[0]  # type: ignore[attr-defined]
+Bool_: Leaf = Bool.__metadata__[0]  # type: ignore[attr-defined]

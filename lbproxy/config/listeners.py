@@ -9,7 +9,6 @@ when it is built (``init=False``). ``_rules`` hold the rules between keys.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -17,21 +16,18 @@ from typing import Annotated, Any
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
-from ..cidrs import Cidrs, IPNetwork
+from ..cidrs import Cidrs
 from .declare import Items, Problem, declared, given
 from .leaves import (
     Bandwidth,
     BindAddress,
     Bool,
+    Bool_,
     Cidr,
-    FilePath,
+    Duration,
     MediaTypes,
     Name,
     Port,
-    PositiveNumber,
-    Prefix,
-    Rate,
-    RuleHost,
     SlbId,
     choice,
     integer,
@@ -39,7 +35,6 @@ from .leaves import (
 )
 from .model import (
     DEFAULT_CLIENT_HEADER_TIMEOUT,
-    DEFAULT_CLIENT_TABLE_SIZE,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_GZIP_MIN_LENGTH,
     DEFAULT_IDLE_TIMEOUT,
@@ -48,19 +43,12 @@ from .model import (
     DEFAULT_MAX_REQUEST_LINE,
     DEFAULT_REQUEST_TIMEOUT,
     GZIP_TYPES,
-    TLS_CLIENT_AUTH,
-    TLS_POLICIES,
-    Address,
     Forwarding,
     Gzip,
     Timeouts,
 )
-from .leaves import Duration
-from .units import _prefix, _rule_host, _size
-
-
-
 from .sections import Acl, ClientLimits, Rule, Tls, WebSocketPolicy
+from .units import _prefix, _rule_host, _size
 
 
 @declared
@@ -69,17 +57,13 @@ class Listener:
     name: Annotated[
         Name,
         Field(
-            description=(
-                "unique name; used in metrics and logs"
-            ),
+            description=("unique name; used in metrics and logs"),
         ),
     ]
     bind: Annotated[
         BindAddress,
         Field(
-            description=(
-                "`host:port` to listen on"
-            ),
+            description=("`host:port` to listen on"),
         ),
     ]
     protocol: Annotated[
@@ -95,9 +79,7 @@ class Listener:
     server_group: Annotated[
         Name,
         Field(
-            description=(
-                "the group this listener forwards to"
-            ),
+            description=("the group this listener forwards to"),
         ),
     ]
     idle_timeout: Annotated[
@@ -123,9 +105,7 @@ class Listener:
     connect_timeout: Annotated[
         Duration,
         Field(
-            description=(
-                "TCP connect to a backend; past it the next server is tried (or 504)"
-            ),
+            description=("TCP connect to a backend; past it the next server is tried (or 504)"),
         ),
     ] = DEFAULT_CONNECT_TIMEOUT
     x_forwarded_for: Annotated[
@@ -179,9 +159,7 @@ class Listener:
     max_header_count: Annotated[
         Annotated[int, integer(1, 10000)],
         Field(
-            description=(
-                "most header fields in a request; more: 431 and close. 1..10000"
-            ),
+            description=("most header fields in a request; more: 431 and close. 1..10000"),
         ),
     ] = DEFAULT_MAX_HEADER_COUNT
     max_connections: Annotated[
@@ -191,7 +169,7 @@ class Listener:
                 "open client connections of this listener (WebSocket tunnels included; per "
                 "worker process with `--workers`); past it a new connection is closed at "
                 "once, before anything is read, and counted in "
-                "`lbproxy_connections_refused_total{reason=\"max_connections\"}`. `0`: "
+                '`lbproxy_connections_refused_total{reason="max_connections"}`. `0`: '
                 "unlimited"
             ),
         ),
@@ -213,7 +191,7 @@ class Listener:
                 "`https://<the host the client asked for>:<port><same path and query>` "
                 "(`:443` left out) and never forwarded"
             ),
-                json_schema_extra={"x-default": "none"},
+            json_schema_extra={"x-default": "none"},
         ),
     ] = 0
     acl: Annotated[
@@ -221,11 +199,11 @@ class Listener:
         Field(
             description=(
                 "`{mode: allow or deny, cidrs: [...]}`: IPv4 and IPv6 CIDRs or single "
-                "addresses (`10.0.0.0/8`, `\"2001:db8::/32\"`, `192.0.2.7`). `allow` takes only "
+                'addresses (`10.0.0.0/8`, `"2001:db8::/32"`, `192.0.2.7`). `allow` takes only '
                 "clients in the list, `deny` everyone else. A refused client is closed right "
                 "after the accept, before any byte of it is read (and before a TLS "
                 "handshake), and counted in "
-                "`lbproxy_connections_refused_total{reason=\"acl\"}`. IPv4-mapped IPv6 clients "
+                '`lbproxy_connections_refused_total{reason="acl"}`. IPv4-mapped IPv6 clients '
                 "count as IPv4. An ACL change applies to new connections"
             ),
         ),
@@ -235,7 +213,7 @@ class Listener:
         Field(
             description=(
                 "`https` only: ALPN offers `h2` then `http/1.1`, so browsers and `curl "
-                "--http2` speak HTTP/2 (see \"HTTP/2\" below), whichever certificate SNI picks; "
+                '--http2` speak HTTP/2 (see "HTTP/2" below), whichever certificate SNI picks; '
                 "`false` offers `http/1.1` only. No cleartext HTTP/2 (h2c): on an `http` "
                 "listener the key is an error. A change applies to new connections"
             ),
@@ -259,43 +237,37 @@ class Listener:
                 "message cannot slip under it (see [Compression under a message size "
                 "limit](#compression-under-a-message-size-limit)); a client frame using one "
                 "anyway gets 1002 (Protocol Error). Counted in "
-                "`lbproxy_websocket_policy_closes_total{reason}` and as `reason=\"policy\"`. A "
+                '`lbproxy_websocket_policy_closes_total{reason}` and as `reason="policy"`. A '
                 "reload changes the policy of new tunnels; open ones keep theirs"
             ),
         ),
     ] = None
     x_forwarded_proto: Annotated[
-        Bool | None,
+        Annotated[bool | None, Bool_],
         Field(
             description=(
                 "set `X-Forwarded-Proto: http` or `https`, replacing the client's; `false` "
                 "passes the client's on (behind a TLS terminator that sets it)"
             ),
-                json_schema_extra={"x-default": "as `x_forwarded_for`"},
+            json_schema_extra={"x-default": "as `x_forwarded_for`"},
         ),
     ] = None
     x_forwarded_port: Annotated[
         Bool,
         Field(
-            description=(
-                "set `X-Forwarded-Port` to the listener's port"
-            ),
+            description=("set `X-Forwarded-Port` to the listener's port"),
         ),
     ] = False
     x_forwarded_client_srcport: Annotated[
         Bool,
         Field(
-            description=(
-                "set `X-Forwarded-Client-Srcport` to the client's TCP source port"
-            ),
+            description=("set `X-Forwarded-Client-Srcport` to the client's TCP source port"),
         ),
     ] = False
     slb_ip: Annotated[
         Bool,
         Field(
-            description=(
-                "set `SLB-IP` to the listener address the client connected to"
-            ),
+            description=("set `SLB-IP` to the listener address the client connected to"),
         ),
     ] = False
     slb_id: Annotated[
@@ -312,22 +284,20 @@ class Listener:
         Annotated[tuple[Cidr, ...], Items("CIDRs like [10.0.0.0/8]")] | None,
         Field(
             description=(
-                "with `limits`: a list of CIDRs (`[10.0.0.0/8, \"2001:db8::/32\"]`) of proxies "
+                'with `limits`: a list of CIDRs (`[10.0.0.0/8, "2001:db8::/32"]`) of proxies '
                 "in front of lbproxy. For a request from one of them, the client is the "
                 "nearest `X-Forwarded-For` address (read from the right) that is not itself a "
                 "trusted proxy: the address your proxy appended, so a client cannot pick its "
                 "key by sending an `X-Forwarded-For` of its own. Their own connections are "
                 "not counted against `connections_per_client` (they carry many clients)"
             ),
-                alias="trusted_proxies",
+            alias="trusted_proxies",
         ),
     ] = None
     limits: Annotated[
         ClientLimits | None,
         Field(
-            description=(
-                "per-client limits, see below"
-            ),
+            description=("per-client limits, see below"),
         ),
     ] = None
     bandwidth: Annotated[
@@ -343,7 +313,7 @@ class Listener:
                 "may run up to 256 KiB ahead of it, per connection). WebSocket tunnels share "
                 "it: each side's reads count against its direction"
             ),
-                json_schema_extra={"x-default": "none"},
+            json_schema_extra={"x-default": "none"},
         ),
     ] = 0
     compress: Annotated[
@@ -353,7 +323,7 @@ class Listener:
                 "compress text responses on the fly (the demo config turns it on, as CLB does "
                 "by default), see below"
             ),
-                alias="gzip",
+            alias="gzip",
         ),
     ] = False
     gzip_types: Annotated[
@@ -386,7 +356,10 @@ class Listener:
 
     def __post_init__(self) -> None:
         timeouts = Timeouts(
-            self.idle_timeout, self.request_timeout, self.connect_timeout, self.client_header_timeout
+            self.idle_timeout,
+            self.request_timeout,
+            self.connect_timeout,
+            self.client_header_timeout,
         )
         object.__setattr__(self, "timeouts", timeouts)
         forwarding = Forwarding(
@@ -428,9 +401,15 @@ class Listener:
             # No h2c (cleartext HTTP/2): browsers speak HTTP/2 over TLS only.
             out.append((("http2",), "only used with protocol: https (HTTP/2 is offered by ALPN)"))
         if "trusted_proxies" in raw and "limits" not in raw:
-            out.append((("trusted_proxies",), "only used with limits (it picks the client address)"))
+            out.append(
+                (("trusted_proxies",), "only used with limits (it picks the client address)")
+            )
         if raw.get("gzip") is not True:
-            out += [((k,), "only used with gzip: true") for k in ("gzip_types", "gzip_min_length") if k in raw]
+            out += [
+                ((k,), "only used with gzip: true")
+                for k in ("gzip_types", "gzip_min_length")
+                if k in raw
+            ]
         out += _duplicate_rules(raw.get("rules"))
         return out
 
@@ -449,7 +428,9 @@ def _duplicate_rules(rules: Any) -> list[Problem]:
             continue
         if (host, path) in seen:
             shown = f"host {host!r} and path {path!r}" if host else f"path {path!r}"
-            out.append((("rules", j), f"duplicate rule: {shown} already in rules[{seen[host, path]}]"))
+            out.append(
+                (("rules", j), f"duplicate rule: {shown} already in rules[{seen[host, path]}]")
+            )
         else:
             seen[host, path] = j
     return out

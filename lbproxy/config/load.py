@@ -20,7 +20,9 @@ from typing import Any
 import yaml
 
 from .. import tls
-from .model import Certificate, Config, ConfigError
+from .model import ConfigError
+from .sections import Certificate
+from .top import Config
 from .validate import parse_config
 
 

@@ -17,11 +17,12 @@ from .declare import Items, Problem, declared
 from .leaves import (
     Cidr,
     FilePath,
+    FilePath_,
     Name,
     PositiveNumber,
     Prefix,
     Rate,
-    RuleHost,
+    RuleHost_,
     choice,
     integer,
     size,
@@ -78,24 +79,21 @@ class Tls:
         ),
     ] = ()
     policy: Annotated[
-        Annotated[str, choice(*TLS_POLICIES)] | None,
+        Annotated[str | None, choice(*TLS_POLICIES)],
         Field(
-            description=(
-                "TLS 1.2 and below ciphers"
-            ),
+            description=("TLS 1.2 and below ciphers"),
         ),
     ] = None
     client_ca: Annotated[
-        FilePath | None,
+        Annotated[str | None, FilePath_],
         Field(
             description=(
-                "mutual TLS: a PEM file of the CA certificate(s) client certificates must "
-                "chain to"
+                "mutual TLS: a PEM file of the CA certificate(s) client certificates must chain to"
             ),
         ),
     ] = None
     client_auth: Annotated[
-        Annotated[str, choice(*TLS_CLIENT_AUTH)] | None,
+        Annotated[str | None, choice(*TLS_CLIENT_AUTH)],
         Field(
             description=(
                 "`required`: a client without a certificate that verifies against `client_ca` "
@@ -104,7 +102,7 @@ class Tls:
                 "verify still fails (as nginx's `ssl_verify_client optional`). Needs "
                 "`client_ca`"
             ),
-                json_schema_extra={"x-default": "`required` when `client_ca` is set"},
+            json_schema_extra={"x-default": "`required` when `client_ca` is set"},
         ),
     ] = None
     digest: SkipJsonSchema[str] = ""  # sha256 of every file's bytes, filled in by the loader
@@ -218,7 +216,7 @@ class ClientLimits:
                 "open connections of one client address (WebSocket tunnels included); past it "
                 "a new connection is closed at once, before any request byte is read (on "
                 "https: after the TLS handshake), and counted in "
-                "`lbproxy_connections_refused_total{reason=\"connections_per_client\"}`. `0`: "
+                '`lbproxy_connections_refused_total{reason="connections_per_client"}`. `0`: '
                 "unlimited"
             ),
         ),
@@ -241,7 +239,7 @@ class ClientLimits:
             description=(
                 "the bucket's size: requests a client may make at once after a quiet spell"
             ),
-                json_schema_extra={"x-default": "`requests_per_second` rounded up (at least 1)"},
+            json_schema_extra={"x-default": "`requests_per_second` rounded up (at least 1)"},
         ),
     ] = 0
     table_size: Annotated[
@@ -254,6 +252,7 @@ class ClientLimits:
             ),
         ),
     ] = DEFAULT_CLIENT_TABLE_SIZE
+
     def __post_init__(self) -> None:
         if self.burst == 0:  # not given: one second's worth
             object.__setattr__(self, "burst", max(1, math.ceil(self.requests_per_second)))
@@ -265,7 +264,9 @@ class ClientLimits:
             out.append((("burst",), "only used with requests_per_second"))
         conns = raw.get("connections_per_client", 0)
         if "requests_per_second" not in raw and conns == 0 and conns is not False:
-            out.append(((), "limits nothing: set connections_per_client and/or requests_per_second"))
+            out.append(
+                ((), "limits nothing: set connections_per_client and/or requests_per_second")
+            )
         return out
 
 
@@ -276,31 +277,28 @@ class Rule:
     whose path starts with ``path`` go to ``server_group``. Precedence: ``rules.Router``."""
 
     host: Annotated[
-        RuleHost | None,
+        Annotated[str | None, RuleHost_],
         Field(
             description=(
                 "exact host (`chat.example.com`, case-insensitive, any port) or wildcard "
                 "(`*.example.com`: any subdomain, not the bare domain)"
             ),
-                json_schema_extra={"x-default": "any host"},
+            json_schema_extra={"x-default": "any host"},
         ),
     ] = None
     path: Annotated[
         Prefix,
         Field(
-            description=(
-                "path prefix (the query is ignored)"
-            ),
+            description=("path prefix (the query is ignored)"),
         ),
     ] = "/"
     server_group: Annotated[
         Name,
         Field(
-            description=(
-                "where matching requests (and WebSocket upgrades) go"
-            ),
+            description=("where matching requests (and WebSocket upgrades) go"),
         ),
     ]
+
     @staticmethod
     def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
         if "host" not in raw and "path" not in raw:

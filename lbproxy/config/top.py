@@ -14,7 +14,7 @@ from pydantic import Field, GetCoreSchemaHandler, TypeAdapter
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import core_schema
 
-from .declare import Items, Problem, declared, given
+from .declare import Items, Loc, Problem, declared, given
 from .groups import ServerGroup
 from .leaves import BindAddress, Bool, Duration, Name, Resolver, String, Token, choice
 from .listeners import Listener
@@ -59,7 +59,7 @@ class Admin:
                 "changing nothing)"
             ),
         ),
-    ] = Address("127.0.0.1", 8404)
+    ] = Address("127.0.0.1", 8404)  # noqa: RUF009 (frozen: one shared default is safe)
     token: Annotated[
         Token,
         Field(
@@ -68,9 +68,10 @@ class Admin:
                 "`Authorization: Bearer <token>` (compared in constant time; 401 otherwise). "
                 "The read-only pages need none. Visible ASCII, no spaces"
             ),
-                json_schema_extra={"x-default": "none"},
+            json_schema_extra={"x-default": "none"},
         ),
     ] = ""
+
 
 @declared
 @dataclass(frozen=True, slots=True)
@@ -95,9 +96,7 @@ class AccessLog:
     format: Annotated[
         Annotated[str, choice("text", "json")],
         Field(
-            description=(
-                "`text` (`key=value` pairs) or `json` (one object per line)"
-            ),
+            description=("`text` (`key=value` pairs) or `json` (one object per line)"),
         ),
     ] = "text"
     path: Annotated[
@@ -109,6 +108,7 @@ class AccessLog:
             ),
         ),
     ] = ""
+
 
 @declared
 @dataclass(frozen=True, slots=True)
@@ -126,9 +126,9 @@ class Config:
     admin: Annotated[Admin, Field(description="the admin listener, see `admin`")] = field(
         default_factory=Admin
     )
-    access_log: Annotated[
-        AccessLog, Field(description="the access log, see `access_log`")
-    ] = field(default_factory=AccessLog)
+    access_log: Annotated[AccessLog, Field(description="the access log, see `access_log`")] = field(
+        default_factory=AccessLog
+    )
     shutdown_timeout: Annotated[
         Duration,
         Field(
@@ -140,7 +140,7 @@ class Config:
         ),
     ] = DEFAULT_SHUTDOWN_TIMEOUT
     resolvers: Annotated[
-        Annotated[tuple[Resolver, ...], Items("name servers like [127.0.0.1:53]")],
+        Annotated[tuple[Resolver, ...], Items("like [127.0.0.1:53]")],
         Field(
             description=(
                 "the name servers `discovery` asks, as a list of `ip` or `ip:port` "
@@ -185,19 +185,29 @@ class Config:
             bind = given(lst, "bind", lambda v: parse_address(v, allow_port_zero=True))
             if bind is not None and bind.port != 0:  # port 0: a free port each, never a clash
                 if bind in binds:
-                    out.append((("listeners", i, "bind"), f"{bind} is already used by {binds[bind]}"))
+                    out.append(
+                        (("listeners", i, "bind"), f"{bind} is already used by {binds[bind]}")
+                    )
                 else:
                     binds[bind] = f"listener {name}" if name is not None else f"listeners[{i}]"
-            places = [(("listeners", i, "server_group"), lst.get("server_group"))]
+            places: list[tuple[Loc, Any]] = [
+                (("listeners", i, "server_group"), lst.get("server_group"))
+            ]
             rules = lst.get("rules")
             for j, rule in enumerate(rules if isinstance(rules, list) else ()):
                 if isinstance(rule, Mapping):
-                    places.append((("listeners", i, "rules", j, "server_group"), rule.get("server_group")))
+                    places.append(
+                        (("listeners", i, "rules", j, "server_group"), rule.get("server_group"))
+                    )
             for loc, group in places:
                 if given({"g": group}, "g", _name) is not None and group not in declared_groups:
                     out.append((loc, f"no server group {group!r} (known: {known})"))
         admin = raw.get("admin")
-        bind = given(admin, "bind", lambda v: parse_address(v, allow_port_zero=True)) if isinstance(admin, Mapping) else None
+        bind = (
+            given(admin, "bind", lambda v: parse_address(v, allow_port_zero=True))
+            if isinstance(admin, Mapping)
+            else None
+        )
         if bind is None and not (isinstance(admin, Mapping) and "bind" in admin):
             bind = Admin().bind
         if bind is not None and bind.port != 0 and bind in binds:

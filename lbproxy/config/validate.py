@@ -36,7 +36,8 @@ def _problem(loc: Loc, message: str) -> str:
 
 def _position(doc: Any, loc: Loc) -> tuple[int, ...]:
     """Where ``loc`` is written in ``doc``: the index of each step in its mapping or list; a
-    step the document does not have (a required key left out) sorts after what it has."""
+    step the document does not have (a required key left out) sorts after what it has, and a
+    problem of a whole section after those inside it."""
     out: list[int] = []
     node = doc
     for step in loc:
@@ -48,5 +49,6 @@ def _position(doc: Any, loc: Loc) -> tuple[int, ...]:
             node = node[step]
         else:
             out.append(len(node) if isinstance(node, Mapping | list) else 0)
-            break
-    return tuple(out)
+            return tuple(out)
+    # A problem of a whole section comes after the problems inside it.
+    return (*out, 1 << 30) if isinstance(node, Mapping | list) else tuple(out)
