@@ -27,6 +27,7 @@ from .leaves import (
     Secret,
     UrlPath,
     Weight,
+    Weight_,
     choice,
     integer,
 )
@@ -451,3 +452,31 @@ class ServerGroup:
             if address is not None:
                 seen.add(address)
         return out
+
+
+@declared
+@dataclass(frozen=True, slots=True)
+class ServerChange:
+    """The body of the runtime API's ``PUT /-/servers/{group}/{host:port}`` (``admin``): a
+    server's state, checked like the file's keys (the same ``Weight``)."""
+
+    admin_state: Annotated[
+        str | None,
+        choice("ready", "drain"),
+        Field(description="`ready` takes traffic; `drain` takes no new traffic"),
+    ] = None
+    weight: Annotated[
+        int | None, Weight_, Field(description="the server's weight; 0 takes no new traffic")
+    ] = None
+
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        if not raw:
+            return [
+                (
+                    (),
+                    'expected a JSON object with "admin_state" ("ready" or "drain")'
+                    ' and/or "weight"',
+                )
+            ]
+        return []

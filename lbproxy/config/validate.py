@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from .declare import Loc, problems_of
+from .groups import ServerChange
 from .model import ConfigError
 from .top import CONFIG, Config
+
+SERVER_CHANGE: TypeAdapter[ServerChange] = TypeAdapter(ServerChange)
 
 
 def parse_config(doc: Any) -> Config:
@@ -52,3 +55,11 @@ def _position(doc: Any, loc: Loc) -> tuple[int, ...]:
             return tuple(out)
     # A problem of a whole section comes after the problems inside it.
     return (*out, 1 << 30) if isinstance(node, Mapping | list) else tuple(out)
+
+
+def parse_server_change(body: Any) -> tuple[list[str], ServerChange | None]:
+    """A runtime API body (``admin``): (problems, the change); every problem at once."""
+    try:
+        return [], SERVER_CHANGE.validate_python(body)
+    except ValidationError as exc:
+        return [_problem(loc, message) for loc, message in problems_of(exc)], None
