@@ -99,12 +99,12 @@ def test_check_prints_every_problem_one_per_line(command, tmp_path):
     assert r.stdout == ""
     path = tmp_path / "lb.yaml"
     assert r.stderr.splitlines() == [
+        f"lbproxy: {path}:5: listeners[0].idle_timout: unknown key (did you mean"
+        " 'idle_timeout'? allowed: " + LISTENER_KEYS + ")",
         f"lbproxy: {path}:10: server_groups.rs1.servers[1].address: expected host:port,"
         " got '127.0.0.1'",
         f"lbproxy: {path}:12: server_groups.rs1.servers[2].weight: expected an integer 0..100,"
         " got 500",
-        f"lbproxy: {path}:5: listeners[0].idle_timout: unknown key (did you mean"
-        " 'idle_timeout'? allowed: " + LISTENER_KEYS + ")",
         f"lbproxy: {path}:13: shutdown_timeout: expected a duration like 60s, 500ms or 2m,"
         " got '5 parsecs'",
     ]
@@ -358,3 +358,17 @@ async def test_unopenable_access_log_exits_one_with_a_clear_line(tmp_path):
     assert len(errors) == 1
     assert errors[0].endswith(f"access_log.path: cannot open {missing}: No such file or directory")
     assert not lb.logged("Traceback")
+
+
+def test_schema_flag_prints_the_json_schema() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from lbproxy.config import doc
+
+    r = subprocess.run(
+        [sys.executable, "-m", "lbproxy", "--schema"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == doc.schema()

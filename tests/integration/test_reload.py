@@ -807,13 +807,13 @@ async def test_admin_reload_answers_with_summary_or_errors(make_backend, lbproxy
             body = await r.json()
         assert body["result"] == "error"
         # each error: "file:line: place: message"
-        assert [e.split(": ")[:1] for e in body["errors"]] == [
-            [f"{p.path}:{line_of(p.path, 'weights:')}"],
+        assert [e.split(": ")[:1] for e in body["errors"]] == [  # in the file's order
             [f"{p.path}:{line_of(p.path, 'idle_timeout:')}"],
+            [f"{p.path}:{line_of(p.path, 'weights:')}"],
         ]
         assert [e.split(": ")[1] for e in body["errors"]] == [
-            "server_groups.rs1.weights",
             "listeners[0].idle_timeout",
+            "server_groups.rs1.weights",
         ]
         assert await whoami(s, port) == (200, "B")
         async with s.get(f"{p.admin}/metrics") as r:
