@@ -29,10 +29,15 @@ from hypothesis import strategies as st
 from lbproxy.app import Proxy
 from lbproxy.http1 import ParseError, parse_response_head
 from tests.hardening import RecordingBackend, raw_config
-from tests.support import start_proxy
+from tests.support import start_proxy, wait_for
 
 EXAMPLES = 1000
-ANSWER_BOUND = 5.0  # seconds: no answer-and-close may take longer (timeouts are 1-2 s)
+# Seconds: no answer-and-close may take longer. The proxy's timeouts are 1-2 s; the rest is room
+# for a loaded machine (a hang guard, not a latency figure).
+ANSWER_BOUND = 2.0 + 8
+# The bystander's hang guard, and every how many examples it must have been answered again.
+BYSTANDER_BOUND = 10.0
+BYSTANDER_EVERY = 10
 PROXY_STATUSES = {400, 408, 413, 414, 431, 501, 502, 503, 504, 505}
 
 TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -151,6 +156,7 @@ class Fuzz:
         self.proxy: Proxy | None = None
         self.crashes: list[dict[str, Any]] = []
         self.bystander_ok = 0
+        self.bystander_seen = 0  # bystander_ok at the last look
         self.bystander_failures: list[str] = []
         self.bystander_task: asyncio.Task[None] | None = None
         self.examples = 0
@@ -182,7 +188,7 @@ class Fuzz:
             started = time.monotonic()
             try:
                 writer.write(b"GET /bystander HTTP/1.1\r\nHost: well.behaved\r\n\r\n")
-                async with asyncio.timeout(1):
+                async with asyncio.timeout(BYSTANDER_BOUND):
                     head = await reader.readuntil(b"\r\n\r\n")
                     body = await reader.readexactly(2)
                 if head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"ok":
@@ -229,6 +235,15 @@ class Fuzz:
         assert self.backend.answered - answered_before == statuses.count(200), (statuses, data)
         assert self.backend.errors == [], self.backend.errors
         assert elapsed < ANSWER_BOUND
+        if self.examples % BYSTANDER_EVERY == 0:
+            # The well-behaved client is served all along: answered again since the last
+            # look (an event, not a rate; the bound is a hang guard).
+            await wait_for(
+                lambda: self.bystander_ok > self.bystander_seen,
+                BYSTANDER_BOUND,
+                "the bystander to be answered during the fuzz",
+            )
+            self.bystander_seen = self.bystander_ok
 
     async def stop(self) -> None:
         if self.bystander_task is not None:
@@ -257,14 +272,13 @@ def test_random_and_mutated_requests_never_crash_hang_or_smuggle() -> None:
             cuts = data.draw(split_points(payload), label="write boundaries")
             loop.run_until_complete(fuzz.example(payload, cuts))
 
-        started = time.monotonic()
         check()
-        took = time.monotonic() - started
-        loop.run_until_complete(asyncio.sleep(0.05))
         assert fuzz.crashes == []
         assert fuzz.bystander_failures == []
-        # The well-behaved client was served all along (about one answer per 10 ms or so).
-        assert fuzz.bystander_ok >= took * 10, (fuzz.bystander_ok, took)
+        # The well-behaved client was served all along: between every BYSTANDER_EVERY examples
+        # (checked in example()).
+        assert fuzz.examples >= BYSTANDER_EVERY
+        assert fuzz.bystander_ok >= fuzz.examples // BYSTANDER_EVERY, fuzz.bystander_ok
     finally:
         loop.run_until_complete(fuzz.stop())
         loop.close()
