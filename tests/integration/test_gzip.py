@@ -334,7 +334,7 @@ async def test_chat_page_in_a_browser_through_gzip(tmp_path, make_backend, make_
     async with Chromium.launch(tmp_path / "profile") as browser:
         page = await browser.page()
         await page.navigate(proxy_url(proxy, path="/"))
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):  # a hang guard: a loaded machine starts Chromium slowly
             while await page.evaluate("document.getElementById('status').dataset.state") != (
                 "connected"
             ):
