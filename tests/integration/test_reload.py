@@ -168,9 +168,9 @@ async def test_200_tunnels_survive_50_reloads(make_backend, make_proxy, tmp_path
         async def traffic(tunnels: list[EchoClient], more: int, at_least: int = 0) -> None:
             """Until every tunnel has had ``more`` more echoes (and ``at_least`` in all): the
             traffic is counted, not timed, so a loaded machine only makes it slower."""
-            want = [max(cl.received + more, at_least) for cl in tunnels]
+            want = [(cl, max(cl.received + more, at_least)) for cl in tunnels]
             await wait_for(
-                lambda: all(cl.received >= n or cl.error for cl, n in zip(tunnels, want)),
+                lambda: all(cl.received >= n or cl.error for cl, n in want),
                 timeout=30,
                 what=f"{more} more echoes on each of {len(tunnels)} tunnels",
             )
