@@ -313,9 +313,11 @@ async def test_idle_http_keepalive_connection_closed(make_backend, make_proxy):
     a = await make_backend("A")
     proxy = await make_proxy(config_doc([a.address], listener=IDLE))
     reader, writer = await open_proxy(proxy)
+    # Before the request: the proxy's clock starts when it has sent the response, which may
+    # be well before this task reads it on a loaded machine.
+    t0 = time.monotonic()
     writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await read_response(reader)).body == b"A"
-    t0 = time.monotonic()
     assert await at_eof(reader, timeout=MAX_WAIT)
     elapsed = time.monotonic() - t0
     writer.close()
@@ -351,8 +353,10 @@ async def test_silent_websocket_closed_after_idle_timeout(make_backend, make_pro
     proxy = await make_proxy(config_doc([a.address], listener=IDLE))
     stats = proxy.registry.listener("web")
     async with aiohttp.ClientSession() as s:
+        # Before the handshake: the tunnel's clock starts when the proxy relays the 101, which
+        # may be well before this task sees it on a loaded machine.
+        t0 = time.monotonic()
         ws = await s.ws_connect(proxy_url(proxy, path="/ws"), autoping=False)
-        t0 = time.monotonic()  # the tunnel's clock started a little before: its 101 came first
         msg = await ws.receive(timeout=MAX_WAIT)
         elapsed = time.monotonic() - t0
         assert msg.type in (WSMsgType.CLOSED, WSMsgType.CLOSE), msg
@@ -372,9 +376,11 @@ async def test_websocket_with_traffic_stays_open(make_backend, make_proxy):
         t0 = time.monotonic()
         i = 0
         while True:
+            # Before the send: the echo, the last byte through the tunnel, passes the proxy
+            # after this (and maybe well before this task reads it).
+            last = time.monotonic()
             await ws.send_str(f"tick {i}")
             msg = await ws.receive(timeout=10)
-            last = time.monotonic()  # the echo came back: the last byte through the tunnel
             assert (msg.type, msg.data) == (WSMsgType.TEXT, f"tick {i}")
             if last - t0 > BUSY_FOR:
                 break
