@@ -12,8 +12,8 @@ For every example:
   Content-Length, the error (if any) last, and nothing after the last one; then a clean close;
 - no smuggling: the backend, a raw server reading with the strict parser, can frame every
   byte it was sent, and answered exactly as many requests as the client got 200s;
-and throughout, a well-behaved client on another connection keeps getting 200s (again between every few examples), and
-no callback of the event loop raised.
+and throughout, a well-behaved client on another connection keeps getting 200s (again between
+every few examples), and no callback of the event loop raised.
 """
 
 from __future__ import annotations
