@@ -295,8 +295,8 @@ async def test_real_run_serves_then_sigterm_exits_zero(make_backend, tmp_path):
         # the client's keep-alive connection to the listener stays open over the SIGTERM
         start = time.monotonic()
         lb.proc.send_signal(signal.SIGTERM)
-        assert await lb.exit_code(timeout=5) == 0
-        assert time.monotonic() - start < 5
+        assert await lb.exit_code(timeout=20) == 0
+        assert time.monotonic() - start < 20  # the idle keep-alive does not wait out 30 s
     assert f"listening: web on 127.0.0.1:{listen}" in "\n".join(lb.lines)
     assert lb.logged("SIGTERM: shutting down gracefully")
     assert lb.lines[-1].endswith(" INFO lbproxy: stopped")
@@ -326,8 +326,8 @@ async def test_second_signal_exits_at_once_with_a_slow_request_in_flight(make_ba
         assert lb.proc.returncode is None  # the graceful shutdown waits for /sleep/30
         start = time.monotonic()
         lb.proc.send_signal(signal.SIGINT)
-        assert await lb.exit_code(timeout=2) == 0
-        assert time.monotonic() - start < 2
+        assert await lb.exit_code(timeout=15) == 0
+        assert time.monotonic() - start < 15  # at once, not after /sleep/30 or the 30 s drain
         assert lb.logged("SIGINT again: stopping now")
         result = await asyncio.wait_for(slow, 5)
         assert result is None  # the in-flight request was cut, not answered
