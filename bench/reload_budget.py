@@ -20,9 +20,9 @@ import argparse
 import asyncio
 import time
 
-from lbproxy import metrics
+from lbproxy.core import metrics
 from lbproxy.config import Config, parse_config
-from lbproxy.snapshot import RuntimeState
+from lbproxy.core.snapshot import RuntimeState
 from tests.integration.test_reload import big_doc
 from tests.support import start_proxy
 from tests.unit.test_snapshot import big_config
