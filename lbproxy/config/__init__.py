@@ -1,14 +1,20 @@
-"""lbproxy's configuration: the model (``model``), the leaf values (``units``), validation
-(``validate``, ``groups``) and reading the file (``load``).
+"""lbproxy's configuration: every key declared once (``top``, ``listeners``, ``sections``,
+``groups``: type, default, bounds, unit and description, validated by pydantic through
+``declare``), the leaf values (``units``, ``leaves``), constants (``model``), validation of a
+document (``validate``), reading the file (``load``), the JSON schema and README reference
+(``doc``).
 
-Importing this package is cheap: the model and validation only. Reading a file (``load``,
-which imports yaml) is imported by what reads one (``control.loading``), so a hot module that
-wants ``Address`` never pulls in the YAML loader.
+Importing this package loads the declarations and pydantic, not YAML: reading a file
+(``load``, which imports yaml) is imported by what reads one (``control.loading``, which also
+checks the certificate files a config names). The hot modules import ``model`` and the
+declaration modules directly.
 """
 
 from __future__ import annotations
 
 from ..wire.cidrs import IPNetwork
+from .groups import Discovery, HealthCheck, Server, ServerGroup, StickySession
+from .listeners import Listener
 from .model import (
     ACCEPT_RETRY_DELAY,
     ACCESS_LOG_DRAIN_TIMEOUT,
@@ -42,27 +48,14 @@ from .model import (
     WORKER_STATS_TIMEOUT,
     WS_CLOSE_FRAME_WAIT,
     WS_CLOSE_HANDSHAKE_TIMEOUT,
-    AccessLog,
-    Acl,
     Address,
-    Admin,
-    Certificate,
-    ClientLimits,
-    Config,
     ConfigError,
-    Discovery,
     Forwarding,
     Gzip,
-    HealthCheck,
-    Listener,
-    Rule,
-    Server,
-    ServerGroup,
-    StickySession,
     Timeouts,
-    Tls,
-    WebSocketPolicy,
 )
+from .sections import Acl, Certificate, ClientLimits, Rule, Tls, WebSocketPolicy
+from .top import AccessLog, Admin, Config
 from .units import parse_address, parse_bandwidth, parse_duration, parse_size
 from .validate import parse_config
 

@@ -1,264 +1,482 @@
-"""Validation of ``server_groups``: each group's servers, scheduler, health check, sticky
-sessions and DNS discovery, into the model's ``ServerGroup`` (see ``validate`` for the rest of
-the document and the reader that collects every problem at once)."""
+"""The declaration of ``server_groups.<name>``: every key of a group and of its sections
+(``servers[]``, ``health_check``, ``sticky_session``, ``discovery``), once each, with its
+type, default and description, and the rules between keys (``_rules``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
+from pydantic import Field
+from pydantic.json_schema import SkipJsonSchema
+
+from .declare import Items, Problem, declared, given
+from .leaves import (
+    Address_,
+    Bool,
+    CheckHost,
+    Codes,
+    CookieName,
+    DnsName,
+    DrainCode,
+    Duration,
+    DurationOrZero,
+    Port,
+    Prefix,
+    Secret,
+    UrlPath,
+    Weight,
+    Weight_,
+    choice,
+    integer,
+)
 from .model import (
+    DEFAULT_DISCOVERY_INTERVAL,
+    DEFAULT_DNS_TIMEOUT,
+    DEFAULT_SOCKETIO_PATH,
+    DEFAULT_STICKY_COOKIE,
+    DEFAULT_STICKY_COOKIE_TIMEOUT,
     DEFAULT_WEIGHT,
     MIN_DISCOVERY_INTERVAL,
     SCHEDULERS,
-    Address,
-    Discovery,
-    HealthCheck,
-    Server,
-    ServerGroup,
-    StickySession,
 )
-from .reader import MISSING, Reader
-from .units import (
-    _bool,
-    _check_host,
-    _choice,
-    _codes,
-    _cookie_name,
-    _dns_name,
-    _drain_code,
-    _duration_or_zero,
-    _int_in,
-    _name,
-    _path,
-    _prefix,
-    _secret,
-    _show,
-    parse_address,
-    parse_duration,
-    parse_weight,
-)
-
-_GROUP_KEYS = (
-    "scheduler",
-    "servers",
-    "health_check",
-    "keepalive_connections",
-    "keepalive_timeout",
-    "hash_key",
-    "sticky_session",
-    "drain_timeout",
-    "drain_close_code",
-    "discovery",
-)
-_DISCOVERY_KEYS = ("dns", "port", "interval", "weight", "timeout")
-_STICKY_KEYS = ("type", "cookie", "cookie_timeout", "socketio", "socketio_path", "secret")
-_SERVER_KEYS = ("address", "weight")
-_CHECK_KEYS = (
-    "enabled",
-    "protocol",
-    "path",
-    "method",
-    "host",
-    "port",
-    "interval",
-    "timeout",
-    "healthy_threshold",
-    "unhealthy_threshold",
-    "expected_codes",
-)
+from .units import _dns_name, parse_address, parse_duration
 
 
-def server_groups(r: Reader, doc: Any) -> list[ServerGroup]:
-    if doc is MISSING:
-        r.error("server_groups", "required (a mapping of group name to group)")
-        return []
-    m = r.mapping(doc, "server_groups", None)
-    if m is None:
-        return []
-    if not m:
-        r.error("server_groups", "expected at least one server group")
-    out: list[ServerGroup] = []
-    for gname, gdoc in m.items():
-        path = f"server_groups.{gname}"
-        try:
-            _name(gname)
-        except ValueError as exc:
-            r.error(path, f"bad group name: {exc}")
-            continue
-        g = r.mapping(gdoc, path, _GROUP_KEYS)
-        if g is None:
-            continue
-        scheduler = r.get(g, "scheduler", path, _choice(*SCHEDULERS), "rr")
-        discovery = _discovery(r, g.get("discovery"), f"{path}.discovery")
-        servers_doc = g.get("servers", () if "discovery" in g else MISSING)
-        servers = _servers(r, servers_doc, f"{path}.servers")
-        check = _health_check(r, g.get("health_check"), f"{path}.health_check")
-        d = ServerGroup(gname, ())
-        keepalive = r.get(
-            g, "keepalive_connections", path, _int_in(0, 10000), d.keepalive_connections
-        )
-        ka_timeout = r.get(g, "keepalive_timeout", path, parse_duration, d.keepalive_timeout)
-        hash_key = r.get(g, "hash_key", path, _choice("client_ip", "x_forwarded_for"), d.hash_key)
-        drain = r.get(g, "drain_timeout", path, _duration_or_zero, d.drain_timeout)
-        drain_code = r.get(g, "drain_close_code", path, _drain_code, d.drain_close_code)
-        before = len(r.problems)
-        sticky = _sticky(r, g.get("sticky_session"), f"{path}.sticky_session")
-        if None in (scheduler, servers, check, keepalive, ka_timeout, hash_key, drain, drain_code):
-            continue
-        if len(r.problems) > before:
-            continue
-        assert scheduler and servers is not None and check and keepalive is not None
-        assert ka_timeout and hash_key and drain is not None and drain_code is not None
-        out.append(
-            ServerGroup(
-                gname,
-                servers,
-                scheduler,
-                check,
-                keepalive,
-                ka_timeout,
-                hash_key,
-                sticky,
-                drain,
-                drain_code,
-                discovery,
-            )
-        )
-    return out
+@declared
+@dataclass(frozen=True, slots=True)
+class Server:
+    """A backend; ``- 127.0.0.1:5001`` is short for ``- address: 127.0.0.1:5001``."""
+
+    address: Annotated[
+        Address_,
+        Field(
+            description=(
+                "`host:port` of the backend; `- 127.0.0.1:5001` is short for `- address: "
+                "127.0.0.1:5001`. A host name is resolved when the config is loaded (at start "
+                "and on every reload) through the system's resolver (`/etc/hosts` too), and "
+                "connects go to its addresses, tried in order: no lookup per connect. A name "
+                "that does not resolve then is looked up at each connect, and logged. For "
+                "names whose addresses change, use `discovery`"
+            ),
+        ),
+    ]
+    weight: Annotated[
+        Weight,
+        Field(
+            description=("0..100; 0 makes the server **draining** (see [Draining](#draining))"),
+        ),
+    ] = DEFAULT_WEIGHT
+    discovered: SkipJsonSchema[bool] = False  # from DNS (``discovery``), not written in the file
+
+    _internal = ("discovered",)
+    _shorthand = "address"
 
 
-def _sticky(r: Reader, doc: Any, path: str) -> StickySession | None:
-    """``server_groups.<name>.sticky_session``; None when absent (no persistence).
+@declared
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """A group's servers from DNS: every address of ``dns`` becomes a server ``ip:port``.
 
-    Errors are reported on ``r``; the caller compares problem counts. A key that would have no
-    effect (``cookie`` without ``type``, ``socketio_path`` without ``socketio: true``) is an
-    error, like an unknown key: the file must not look sticky when it is not.
+    A name whose first label starts with ``_`` (``_chat._tcp.example.com``) is looked up as
+    SRV (each record names its port and weight); any other name as A and AAAA, with ``port``
+    and ``weight`` for every address.
     """
-    if doc is None:
-        return None
-    m = r.mapping(doc, path, _STICKY_KEYS)
-    if m is None:
-        return None
-    d = StickySession()
-    kind = r.get(m, "type", path, _choice("insert", "server"), None)
-    if kind == "server" and "cookie" not in m:
-        r.error(f"{path}.cookie", "required with type: server (the name of the backend's cookie)")
-    cookie = r.get(m, "cookie", path, _cookie_name, d.cookie)
-    timeout = r.get(m, "cookie_timeout", path, parse_duration, d.cookie_timeout)
-    socketio = r.get(m, "socketio", path, _bool, d.socketio)
-    sio_path = r.get(m, "socketio_path", path, _prefix, d.socketio_path)
-    secret = r.get(m, "secret", path, _secret, d.secret)
-    if "secret" in m and kind != "insert":
-        r.error(f"{path}.secret", "only used with type: insert")
-    if "type" not in m:
-        for key in ("cookie", "cookie_timeout"):
-            if key in m:
-                r.error(f"{path}.{key}", "only used with type: insert or server")
-        if socketio is False:
-            r.error(
-                path,
-                "enables nothing: set type (insert or server) and/or socketio: true"
-                " (leave sticky_session out for no persistence)",
-            )
-    if socketio is False and "socketio_path" in m:
-        r.error(f"{path}.socketio_path", "only used with socketio: true")
-    if cookie is None or timeout is None or socketio is None or sio_path is None:
-        return None
-    if secret is None:
-        return None
-    return StickySession(kind, cookie, timeout, socketio, sio_path, secret)
+
+    dns: Annotated[
+        DnsName,
+        Field(
+            description=(
+                "the name to look up. One whose first label starts with `_` "
+                "(`_chat._tcp.example.com`) is an SRV name; any other is looked up as A and "
+                "AAAA at once"
+            ),
+        ),
+    ]
+    port: Annotated[
+        Port,
+        Field(
+            description=("the port of every address found; not allowed with SRV"),
+            json_schema_extra={"x-default": "required with A/AAAA"},
+        ),
+    ] = 0
+    interval: Annotated[
+        Duration,
+        Field(
+            description=(
+                "look again at least this often: sooner when the records' TTL is shorter, "
+                "never more than once a second (at least `1s`)"
+            ),
+        ),
+    ] = DEFAULT_DISCOVERY_INTERVAL
+    weight: Annotated[
+        Weight,
+        Field(
+            description=("weight of every A/AAAA server (0..100); not allowed with SRV"),
+        ),
+    ] = DEFAULT_WEIGHT
+    timeout: Annotated[
+        Duration,
+        Field(
+            description=(
+                "one lookup, retries included (at most `30s`); past it the lookup counts as "
+                "`timeout`"
+            ),
+        ),
+    ] = DEFAULT_DNS_TIMEOUT
+
+    @property
+    def srv(self) -> bool:
+        return self.dns.startswith("_")
+
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        out: list[Problem] = []
+        name = given(raw, "dns", _dns_name)
+        srv = name is not None and name.startswith("_")
+        if srv and "port" in raw:
+            out.append((("port",), "not used with an SRV name (the records carry the ports)"))
+        elif name is not None and not srv and "port" not in raw:
+            out.append((("port",), "required with an A/AAAA name (the servers' port)"))
+        if srv and "weight" in raw:
+            out.append((("weight",), "not used with an SRV name (the records carry the weights)"))
+        interval = given(raw, "interval", parse_duration)
+        if interval is not None and interval < MIN_DISCOVERY_INTERVAL:
+            out.append((("interval",), f"must be at least {MIN_DISCOVERY_INTERVAL:g}s"))
+        timeout = given(raw, "timeout", parse_duration)
+        if timeout is not None and timeout > 30:
+            out.append((("timeout",), "must be at most 30s"))
+        return out
 
 
-def _discovery(r: Reader, doc: Any, path: str) -> Discovery | None:
-    """``server_groups.<name>.discovery``; None when absent or wrong (problems on ``r``)."""
-    if doc is None:
-        return None
-    m = r.mapping(doc, path, _DISCOVERY_KEYS)
-    if m is None:
-        return None
-    d = Discovery("")
-    name = r.get(m, "dns", path, _dns_name)
-    srv = name is not None and name.startswith("_")
-    if srv and "port" in m:
-        r.error(f"{path}.port", "not used with an SRV name (the records carry the ports)")
-    elif name is not None and not srv and "port" not in m:
-        r.error(f"{path}.port", "required with an A/AAAA name (the servers' port)")
-    port = r.get(m, "port", path, _int_in(1, 65535), 0) if not srv else 0
-    if srv and "weight" in m:
-        r.error(f"{path}.weight", "not used with an SRV name (the records carry the weights)")
-    interval = r.get(m, "interval", path, parse_duration, d.interval)
-    if interval is not None and interval < MIN_DISCOVERY_INTERVAL:
-        r.error(f"{path}.interval", f"must be at least {MIN_DISCOVERY_INTERVAL:g}s")
-        interval = None
-    weight = r.get(m, "weight", path, parse_weight, d.weight)
-    timeout = r.get(m, "timeout", path, parse_duration, d.timeout)
-    if timeout is not None and timeout > 30:
-        r.error(f"{path}.timeout", "must be at most 30s")
-        timeout = None
-    if None in (name, port, interval, weight, timeout) or (srv and ("port" in m or "weight" in m)):
-        return None
-    assert name and port is not None and interval and weight is not None and timeout
-    return Discovery(name, port, interval, weight, timeout)
+@declared
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health checks of every server of a group."""
 
+    enabled: Annotated[
+        Bool,
+        Field(
+            description=(
+                "`false`: every server with weight > 0 takes traffic; failures only cause a "
+                "retry on the next server"
+            ),
+        ),
+    ] = True
+    protocol: Annotated[
+        Annotated[str, choice("http", "tcp", "websocket")],
+        Field(
+            description=(
+                "`http`; `tcp` (a connect is enough); or `websocket`, for backends that serve "
+                "only WebSockets (and answer a plain request with 400): a real upgrade (`GET "
+                "path` with `Upgrade: websocket`) that must get `101` with the right "
+                "`Sec-WebSocket-Accept`, then a clean close (a masked close frame, code 1000; "
+                "the server's close frame or the end of the connection must follow within "
+                "`timeout`). `method` and `expected_codes` are not used with it (setting them "
+                "is an error)"
+            ),
+        ),
+    ] = "http"
+    path: Annotated[
+        UrlPath,
+        Field(
+            description=("request path (http, websocket)"),
+        ),
+    ] = "/"
+    method: Annotated[
+        Annotated[str, choice("HEAD", "GET")],
+        Field(
+            description=("`HEAD` or `GET` (http)"),
+        ),
+    ] = "HEAD"
+    host: Annotated[
+        CheckHost,
+        Field(
+            description=(
+                "`Host` header to send (http, websocket); empty means the server's own `host:port`"
+            ),
+        ),
+    ] = ""
+    port: Annotated[
+        Annotated[int, integer(0, 65535)],
+        Field(
+            description=("port to check; 0 means the server's own port"),
+        ),
+    ] = 0
+    interval: Annotated[
+        Duration,
+        Field(
+            description=(
+                "time between checks of one server (checks of a group are spread over it)"
+            ),
+        ),
+    ] = 2.0
+    timeout: Annotated[
+        Duration,
+        Field(
+            description=("a check that takes longer fails"),
+        ),
+    ] = 5.0
+    healthy_threshold: Annotated[
+        Annotated[int, integer(1, 100)],
+        Field(
+            description=(
+                "consecutive successes that bring a down server up (a server never up yet "
+                "needs one)"
+            ),
+        ),
+    ] = 3
+    unhealthy_threshold: Annotated[
+        Annotated[int, integer(1, 100)],
+        Field(
+            description=("consecutive failures that take an up server down"),
+        ),
+    ] = 3
+    expected_codes: Annotated[
+        Codes,
+        Field(
+            description=(
+                "status classes `http_2xx`..`http_5xx` and/or exact codes like `200` (http)"
+            ),
+        ),
+    ] = ("http_2xx", "http_3xx")
 
-def _servers(r: Reader, doc: Any, path: str) -> tuple[Server, ...] | None:
-    if doc is MISSING:
-        r.error(path, "required (a list of servers, may be empty), or discovery")
-        return None
-    if doc is None or doc == ():
-        return ()
-    if not isinstance(doc, list):
-        r.error(path, f"expected a list of servers, got {_show(doc)}")
-        return None
-    out: list[Server] = []
-    seen: set[Address] = set()
-    ok = True
-    for i, item in enumerate(doc):
-        spath = f"{path}[{i}]"
-        if isinstance(item, str):  # shorthand: "- 127.0.0.1:5001"
-            item = {"address": item}
-        m = r.mapping(item, spath, _SERVER_KEYS)
-        if m is None:
-            ok = False
-            continue
-        address = r.get(m, "address", spath, parse_address)
-        weight = r.get(m, "weight", spath, parse_weight, DEFAULT_WEIGHT)
-        if address is None or weight is None:
-            ok = False
-            continue
-        if address in seen:
-            r.error(f"{spath}.address", f"duplicate server {address}")
-            ok = False
-        seen.add(address)
-        out.append(Server(address, weight))
-    return tuple(out) if ok else None
-
-
-def _health_check(r: Reader, doc: Any, path: str) -> HealthCheck | None:
-    m = r.mapping(doc, path, _CHECK_KEYS)
-    if m is None:
-        return None
-    d = HealthCheck()
-    values = (
-        r.get(m, "enabled", path, _bool, d.enabled),
-        r.get(m, "protocol", path, _choice("http", "tcp", "websocket"), d.protocol),
-        r.get(m, "path", path, _path, d.path),
-        r.get(m, "method", path, _choice("HEAD", "GET"), d.method),
-        r.get(m, "host", path, _check_host, d.host),
-        r.get(m, "port", path, _int_in(0, 65535), d.port),
-        r.get(m, "interval", path, parse_duration, d.interval),
-        r.get(m, "timeout", path, parse_duration, d.timeout),
-        r.get(m, "healthy_threshold", path, _int_in(1, 100), d.healthy_threshold),
-        r.get(m, "unhealthy_threshold", path, _int_in(1, 100), d.unhealthy_threshold),
-        r.get(m, "expected_codes", path, _codes, d.expected_codes),
-    )
-    if any(v is None for v in values):
-        return None
-    if values[1] == "websocket":
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        if raw.get("protocol") != "websocket":
+            return []
         # The check is an upgrade: always a GET, and only 101 passes.
-        unused = [key for key in ("method", "expected_codes") if key in m]
-        for key in unused:
-            r.error(f"{path}.{key}", "not used with protocol: websocket (a GET expecting 101)")
-        if unused:
-            return None
-    return HealthCheck(*values)  # type: ignore[arg-type]
+        return [
+            ((key,), "not used with protocol: websocket (a GET expecting 101)")
+            for key in ("method", "expected_codes")
+            if key in raw
+        ]
+
+
+@declared
+@dataclass(frozen=True, slots=True)
+class StickySession:
+    """Session persistence of a group (``sticky_session``); see ``sticky.py``. ``type`` None
+    means no cookie persistence (only Socket.IO sid routing, ``socketio``)."""
+
+    type: Annotated[
+        Annotated[str | None, choice("insert", "server")],
+        Field(
+            description=(
+                "`insert`: lbproxy sets cookie `cookie` to an opaque token of the chosen "
+                "server (not its address) and routes requests carrying it there, WebSocket "
+                "upgrades included. `server`: the backend's own cookie `cookie` (say a "
+                "session id) pins the client to the server that set it"
+            ),
+        ),
+    ] = None
+    cookie: Annotated[
+        CookieName,
+        Field(
+            description=("the cookie's name (required with `type: server`)"),
+        ),
+    ] = DEFAULT_STICKY_COOKIE
+    cookie_timeout: Annotated[
+        Duration,
+        Field(
+            description=(
+                "`insert`: the cookie's Max-Age; `server`: how long an unused cookie value is "
+                "remembered"
+            ),
+        ),
+    ] = DEFAULT_STICKY_COOKIE_TIMEOUT
+    socketio: Annotated[
+        Bool,
+        Field(
+            description=(
+                "learn the Engine.IO `sid` from each Socket.IO handshake response and route "
+                "every later request and upgrade carrying `sid=` to the server that issued "
+                "it: no cookie needed, so clients that drop cookies work too. A sid is "
+                "forgotten when its session ends (its WebSocket closes, or the server answers "
+                "400) or after the listener's `idle_timeout` unused"
+            ),
+        ),
+    ] = False
+    socketio_path: Annotated[
+        Prefix,
+        Field(
+            description=("where Socket.IO requests live (only with `socketio: true`)"),
+        ),
+    ] = DEFAULT_SOCKETIO_PATH
+    secret: Annotated[
+        Secret,
+        Field(
+            description=(
+                "`insert` only: the key of the cookie's token (at least 16 printable "
+                "characters; never printed). Without it a key built into lbproxy is used, so "
+                "anyone who knows a server's id and this source can compute its token. Every "
+                "instance of a fleet that shares the secret (and the server list) understands "
+                "the cookies the others set. Changing it makes the cookies already handed out "
+                "unknown: those clients are placed anew"
+            ),
+        ),
+    ] = field(default="", repr=False)
+
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        """A key that would have no effect (``cookie`` without ``type``, ``socketio_path``
+        without ``socketio: true``) is an error, like an unknown key: the file must not look
+        sticky when it is not."""
+        out: list[Problem] = []
+        kind = raw.get("type")
+        if kind == "server" and "cookie" not in raw:
+            out.append(
+                (("cookie",), "required with type: server (the name of the backend's cookie)")
+            )
+        if "secret" in raw and kind != "insert":
+            out.append((("secret",), "only used with type: insert"))
+        socketio = raw.get("socketio", False)
+        if "type" not in raw:
+            out += [
+                ((key,), "only used with type: insert or server")
+                for key in ("cookie", "cookie_timeout")
+                if key in raw
+            ]
+            if socketio is False:
+                out.append(
+                    (
+                        (),
+                        "enables nothing: set type (insert or server) and/or socketio: true"
+                        " (leave sticky_session out for no persistence)",
+                    )
+                )
+        if socketio is False and "socketio_path" in raw:
+            out.append((("socketio_path",), "only used with socketio: true"))
+        return out
+
+
+@declared
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerGroup:
+    name: SkipJsonSchema[str] = ""  # the group's key in ``server_groups``
+    scheduler: Annotated[
+        Annotated[str, choice(*SCHEDULERS)],
+        Field(
+            description=(
+                "`rr` round-robin; `wrr` smooth weighted round-robin (as nginx); `wlc` "
+                "weighted least connections (open requests and WebSocket tunnels; the right "
+                "choice for WebSockets); `sh` consistent hash of the client address"
+            ),
+        ),
+    ] = "rr"
+    servers: Annotated[
+        Annotated[tuple[Server, ...], Items("servers")],
+        Field(
+            description=("list of servers (may be empty: every request then gets 503)"),
+            json_schema_extra={"x-default": "required (unless `discovery`)"},
+        ),
+    ] = ()
+    health_check: Annotated[
+        HealthCheck,
+        Field(
+            description=("active health checks of every server in the group"),
+        ),
+    ] = field(default_factory=HealthCheck)
+    keepalive_connections: Annotated[
+        Annotated[int, integer(0, 10000)],
+        Field(
+            description=("idle keep-alive connections kept open per server"),
+        ),
+    ] = 32
+    keepalive_timeout: Annotated[
+        Duration,
+        Field(
+            description=(
+                "an idle pooled backend connection older than this is closed, not reused. "
+                "Keep it below the backends' own keep-alive timeout (Node.js defaults to 5 s) "
+                "so the proxy never reuses a connection the backend is closing"
+            ),
+        ),
+    ] = 4.0
+    hash_key: Annotated[
+        Annotated[str, choice("client_ip", "x_forwarded_for")],
+        Field(
+            description=(
+                "what `sh` hashes: `client_ip`, or `x_forwarded_for` (the first address of "
+                "X-Forwarded-For, behind another proxy)"
+            ),
+        ),
+    ] = "client_ip"
+    sticky: Annotated[
+        StickySession | None,
+        Field(
+            description=("session persistence, see below"),
+            alias="sticky_session",
+        ),
+    ] = None
+    drain_timeout: Annotated[
+        DurationOrZero,
+        Field(
+            description=(
+                "what happens to a draining server's open WebSockets: `0` leaves them until "
+                "they end (CLB's and HAProxy's default); above 0 lbproxy closes them itself, "
+                "spread evenly over this window (see [Draining](#draining))"
+            ),
+        ),
+    ] = 0.0
+    drain_close_code: Annotated[
+        DrainCode,
+        Field(
+            description=(
+                "the close code those tunnels get: `1001` (Going Away) or `1012` (Service "
+                "Restart: clients should reconnect after a random delay)"
+            ),
+        ),
+    ] = 1001
+    discovery: Annotated[
+        Discovery | None,
+        Field(
+            description=("servers from DNS, instead of or beside `servers`: see below"),
+        ),
+    ] = None
+    _internal = ("name",)
+
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        out: list[Problem] = []
+        if "servers" not in raw and "discovery" not in raw:
+            out.append((("servers",), "required (a list of servers, may be empty), or discovery"))
+        servers = raw.get("servers")
+        seen = set()
+        for i, item in enumerate(servers if isinstance(servers, list) else ()):
+            text = item.get("address") if isinstance(item, Mapping) else item
+            address = given({"a": text}, "a", parse_address)
+            if address in seen:
+                out.append((("servers", i, "address"), f"duplicate server {address}"))
+            if address is not None:
+                seen.add(address)
+        return out
+
+
+@declared
+@dataclass(frozen=True, slots=True)
+class ServerChange:
+    """The body of the runtime API's ``PUT /-/servers/{group}/{host:port}`` (``admin``): a
+    server's state, checked like the file's keys (the same ``Weight``)."""
+
+    admin_state: Annotated[
+        str | None,
+        choice("ready", "drain"),
+        Field(description="`ready` takes traffic; `drain` takes no new traffic"),
+    ] = None
+    weight: Annotated[
+        int | None, Weight_, Field(description="the server's weight; 0 takes no new traffic")
+    ] = None
+
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        if not raw:
+            return [
+                (
+                    (),
+                    'expected a JSON object with "admin_state" ("ready" or "drain")'
+                    ' and/or "weight"',
+                )
+            ]
+        return []

@@ -1,6 +1,6 @@
 """Reading a config file: the only place that opens it and parses YAML.
 
-``loads_config`` parses the YAML (refusing a key given twice), validates it with
+``loads_document`` parses the YAML (refusing a key given twice), validates it with
 ``parse_config`` and, when that fails, gives every problem the file and line it comes from
 (``lb.yaml:14: server_groups.rs1.servers[1].address: ...``): the document is composed a second
 time with its node marks and each problem's place is walked down that tree. It digests the
@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from .model import Config, ConfigError
+from .model import ConfigError
+from .top import Config
 from .validate import parse_config
 
 

@@ -1,17 +1,16 @@
-"""The configuration model: the frozen dataclasses the running proxy reads (one immutable
-snapshot per reload), the constants of every timeout the proxy uses (no timeout literal lives
-anywhere else) and ``ConfigError``.
+"""The configuration's constants (every timeout the proxy uses: no timeout literal lives
+anywhere else; the defaults the declarations name), ``ConfigError``, ``Address`` and the
+groupings a listener works out from its keys for the data path (``Timeouts``, ``Forwarding``,
+``Gzip``).
 
-Cheap to import on purpose: no YAML, no validation library, nothing but the standard library
-and ``cidrs``. Hot modules that want ``Address`` or ``Listener`` import only this. Workers pickle
-these objects.
+The keys themselves are declared in ``listeners``, ``sections``, ``groups`` and ``top``. This
+module imports nothing but the standard library and ``wire.cidrs``: ``tls`` and ``balancer`` import
+its names without pulling in validation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from ..wire.cidrs import Cidrs, IPNetwork
 
 # Names the schema accepts for values that other modules implement: they check these match
 # (balancer.make_scheduler, tls.POLICIES) so the config never imports them.
@@ -92,91 +91,12 @@ class Address:
 class Timeouts:
     """Every timeout of a connection, taken once when it starts and kept for its life."""
 
-    idle: float = DEFAULT_IDLE_TIMEOUT  # no byte either way for this long -> close
-    request: float = DEFAULT_REQUEST_TIMEOUT  # upstream response head not received -> 504
-    connect: float = DEFAULT_CONNECT_TIMEOUT  # upstream TCP connect
+    idle: float  # no byte either way for this long -> close
+    request: float  # upstream response head not received -> 504
+    connect: float  # upstream TCP connect
     # A request head (and a new connection's TLS handshake and first head) must be complete
     # this long after its first byte (for a new connection: after the accept), else 408.
-    client_header: float = DEFAULT_CLIENT_HEADER_TIMEOUT
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A forwarding rule: requests for ``host`` (exact, ``*.suffix`` or None for any host)
-    whose path starts with ``path`` go to ``server_group``. Precedence: ``rules.Router``."""
-
-    host: str | None  # lower case, no trailing dot; "*.example.com" for a wildcard
-    path: str  # a prefix starting with "/"
-    server_group: str
-
-
-@dataclass(frozen=True, slots=True)
-class Certificate:
-    """A certificate chain (leaf first) and its private key, PEM files."""
-
-    cert: str
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class Tls:
-    """An https listener's TLS: its certificates (the first is the default; the others are
-    served to clients whose SNI names them), security policy and client-certificate check."""
-
-    certificates: tuple[Certificate, ...]
-    policy: str | None = None  # a TLS_POLICIES name; None: TLS 1.2 and up, Python's ciphers
-    client_ca: str | None = None  # PEM file of the CAs client certificates must chain to
-    client_auth: str | None = None  # "required" or "optional"; None: no client certificate
-    # sha256 of every file's bytes, filled in by ``loads_config``: a renewed certificate makes
-    # the config differ, so a reload re-reads it even when the YAML is unchanged.
-    digest: str = ""
-
-    @property
-    def cert(self) -> str:
-        """The default certificate's chain file."""
-        return self.certificates[0].cert
-
-    @property
-    def key(self) -> str:
-        return self.certificates[0].key
-
-    @property
-    def files(self) -> tuple[str, ...]:
-        """Every file this TLS is built from (certificates, keys, client CA), in order."""
-        out = [f for c in self.certificates for f in (c.cert, c.key)]
-        if self.client_ca is not None:
-            out.append(self.client_ca)
-        return tuple(out)
-
-
-@dataclass(frozen=True, slots=True)
-class Acl:
-    """Which client addresses a listener takes: ``allow`` only those in ``cidrs``, ``deny``
-    everyone but them. IPv4-mapped IPv6 clients (``::ffff:a.b.c.d``) count as IPv4."""
-
-    mode: str  # "allow" or "deny"
-    cidrs: tuple[IPNetwork, ...]
-    _set: Cidrs = field(init=False, compare=False, repr=False)  # the lookup, built once
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_set", Cidrs(self.cidrs))
-
-    def matches(self, ip: str) -> bool:
-        """Whether ``ip`` (a peer address as the socket reports it) is in ``cidrs``."""
-        return self._set.matches(ip)
-
-    def allows(self, ip: str) -> bool:
-        return self.matches(ip) == (self.mode == "allow")
-
-
-@dataclass(frozen=True, slots=True)
-class WebSocketPolicy:
-    """``listeners[].websocket``: what a client may send through a WebSocket tunnel. Only
-    client-to-server traffic is limited; server-to-client never is."""
-
-    max_message_size: int = 0  # bytes of one message (all its fragments); 0: no limit
-    messages_per_second: float = 0.0  # data messages per second per tunnel; 0: no limit
-    burst: int = 1  # messages allowed at once above the rate (the token bucket's size)
+    client_header: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,11 +105,11 @@ class Forwarding:
     replaces whatever the client sent under that name. ``proto`` None follows
     ``x_forwarded_for``, as before these keys existed."""
 
-    proto: bool | None = None  # X-Forwarded-Proto: http or https
-    port: bool = False  # X-Forwarded-Port: the listener's port
-    client_srcport: bool = False  # X-Forwarded-Client-Srcport: the client's source port
-    slb_ip: bool = False  # SLB-IP: the listener address the client connected to
-    slb_id: str = ""  # SLB-ID: this instance's name; empty: not sent
+    proto: bool | None  # X-Forwarded-Proto: http or https
+    port: bool  # X-Forwarded-Port: the listener's port
+    client_srcport: bool  # X-Forwarded-Client-Srcport: the client's source port
+    slb_ip: bool  # SLB-IP: the listener address the client connected to
+    slb_id: str  # SLB-ID: this instance's name; empty: not sent
     # Any of the balancer-owned headers on: read once per request, so worked out once here.
     extra: bool = field(init=False, compare=False, repr=False)
 
@@ -199,21 +119,11 @@ class Forwarding:
 
 
 @dataclass(frozen=True, slots=True)
-class ClientLimits:
-    """Per-client limits of a listener (``limits``); 0 means no limit of that kind."""
-
-    connections_per_client: int = 0
-    requests_per_second: float = 0.0
-    burst: int = 1  # the token bucket's size: requests allowed at once after a quiet spell
-    table_size: int = DEFAULT_CLIENT_TABLE_SIZE  # clients remembered (least recently seen go)
-
-
-@dataclass(frozen=True, slots=True)
 class Gzip:
     """On-the-fly compression of a listener's text responses (``gzip: true``)."""
 
     types: frozenset[str]  # media types compressed: CLB's list plus ``gzip_types``
-    min_length: int = DEFAULT_GZIP_MIN_LENGTH  # a smaller Content-Length is sent as it is
+    min_length: int  # a smaller Content-Length is sent as it is
 
 
 # CLB's compressed types (Gzip on by default there); ``gzip_types`` adds to them.
@@ -233,142 +143,3 @@ GZIP_TYPES = frozenset(
         "image/svg+xml",
     }
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Listener:
-    name: str
-    bind: Address
-    server_group: str
-    protocol: str = "http"  # "http" or "https"
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    x_forwarded_for: bool = True
-    rules: tuple[Rule, ...] = ()  # in file order; the listener's server_group is the default
-    max_request_line: int = DEFAULT_MAX_REQUEST_LINE  # bytes; over it -> 414
-    max_header_size: int = DEFAULT_MAX_HEADER_SIZE  # bytes of the whole head; over it -> 431
-    max_header_count: int = DEFAULT_MAX_HEADER_COUNT  # header fields; over it -> 431
-    max_connections: int = 0  # open client connections; 0: unlimited
-    tls: Tls | None = None  # set exactly when protocol is https
-    redirect_https: int = 0  # an http listener answering 301 to https on this port; 0: off
-    acl: Acl | None = None  # None: every client
-    websocket: WebSocketPolicy | None = None  # None: no message limits
-    forwarding: Forwarding = field(default_factory=Forwarding)
-    trusted_proxies: Cidrs | None = None  # peers whose X-Forwarded-For ``limits`` believes
-    limits: ClientLimits | None = None  # None: no per-client limits
-    bandwidth: int = 0  # bytes per second in each direction; 0: unlimited
-    gzip: Gzip | None = None  # None: responses pass uncompressed
-    http2: bool = True  # https: ALPN offers h2 (then http/1.1); False: http/1.1 only
-
-
-@dataclass(frozen=True, slots=True)
-class Server:
-    address: Address
-    weight: int = DEFAULT_WEIGHT
-    discovered: bool = False  # from DNS (``discovery``), not written in the file
-
-
-@dataclass(frozen=True, slots=True)
-class Discovery:
-    """A group's servers from DNS: every address of ``dns`` becomes a server ``ip:port``.
-
-    A name whose first label starts with ``_`` (``_chat._tcp.example.com``) is looked up as
-    SRV (each record names its port and weight); any other name as A and AAAA, with ``port``
-    and ``weight`` for every address.
-    """
-
-    dns: str  # lower case, no trailing dot
-    port: int = 0  # A/AAAA: the servers' port; 0 with SRV
-    interval: float = DEFAULT_DISCOVERY_INTERVAL  # re-resolve at least this often
-    weight: int = DEFAULT_WEIGHT  # A/AAAA servers' weight
-    timeout: float = DEFAULT_DNS_TIMEOUT  # one lookup (every retry included)
-
-    @property
-    def srv(self) -> bool:
-        return self.dns.startswith("_")
-
-
-@dataclass(frozen=True, slots=True)
-class HealthCheck:
-    enabled: bool = True
-    protocol: str = "http"  # "http", "tcp" or "websocket"
-    path: str = "/"
-    method: str = "HEAD"
-    host: str = ""
-    port: int = 0
-    interval: float = 2.0
-    timeout: float = 5.0
-    healthy_threshold: int = 3
-    unhealthy_threshold: int = 3
-    expected_codes: tuple[str | int, ...] = ("http_2xx", "http_3xx")
-
-
-@dataclass(frozen=True, slots=True)
-class ServerGroup:
-    name: str
-    servers: tuple[Server, ...]
-    scheduler: str = "rr"
-    health_check: HealthCheck = field(default_factory=HealthCheck)
-    keepalive_connections: int = 32  # idle upstream connections kept per server
-    # An idle pooled upstream connection is closed after this; below common backend keep-alive
-    # timeouts (Node.js: 5 s) so a connection the backend is about to close is never reused.
-    keepalive_timeout: float = 4.0
-    hash_key: str = "client_ip"  # what sh hashes: "client_ip" or "x_forwarded_for"
-    sticky: StickySession | None = None  # None: no session persistence
-    # A draining server's open WebSockets: 0 leaves them until they end; above 0 the proxy
-    # closes them itself (close frames both ways), spread evenly over this window.
-    drain_timeout: float = 0.0
-    drain_close_code: int = 1001  # 1001 Going Away, or 1012 Service Restart
-    discovery: Discovery | None = None  # None: only the servers written in the file
-
-
-@dataclass(frozen=True, slots=True)
-class StickySession:
-    """Session persistence of a group (``sticky_session``); see ``sticky.py``.
-
-    ``type`` None means no cookie persistence (only Socket.IO sid routing, ``socketio``).
-    ``insert``: the proxy sets cookie ``cookie`` to an opaque token of the server, with
-    Max-Age ``cookie_timeout``. ``server``: the backend's own cookie ``cookie`` pins the client
-    to the server that set it; ``cookie_timeout`` is then how long an unused value is remembered.
-    """
-
-    type: str | None = None  # None, "insert" or "server"
-    cookie: str = DEFAULT_STICKY_COOKIE
-    cookie_timeout: float = DEFAULT_STICKY_COOKIE_TIMEOUT
-    socketio: bool = False
-    socketio_path: str = DEFAULT_SOCKETIO_PATH
-    # The key of the insert cookie's token; "" keeps the built-in key. Never printed.
-    secret: str = field(default="", repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Admin:
-    bind: Address = Address("127.0.0.1", 8404)
-    token: str = ""  # non-empty: POST /-/reload needs "Authorization: Bearer <token>"
-
-
-@dataclass(frozen=True, slots=True)
-class AccessLog:
-    enabled: bool = True
-    format: str = "text"
-    path: str = ""  # empty -> stderr
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    listeners: tuple[Listener, ...]
-    server_groups: tuple[ServerGroup, ...]
-    admin: Admin = field(default_factory=Admin)
-    access_log: AccessLog = field(default_factory=AccessLog)
-    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
-    resolvers: tuple[Address, ...] = ()  # name servers for discovery; (): the system's
-    # sha256 of the file's bytes; not part of equality, so a comment-only edit is a no-op reload.
-    digest: str = field(default="", compare=False)
-
-    def group(self, name: str) -> ServerGroup:
-        for g in self.server_groups:
-            if g.name == name:
-                return g
-        raise KeyError(name)
-
-
-# ---------------------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__, buildinfo
 from ..config.model import Address
-from ..config.units import parse_weight
+from ..config.validate import parse_server_change
 from ..core.metrics import Registry, merge_registries
-from ..core.snapshot import ADMIN_STATES, ServerState
+from ..core.snapshot import ServerState
 from .metric_families import Collector
 from .status_page import render_status_page
 
@@ -308,31 +308,11 @@ def _error(status: int, *errors: str) -> web.Response:
 
 
 def _server_change(body: object) -> tuple[list[str], str | None, int | None]:
-    """Validate a PUT /-/servers body: (problems, admin_state, weight)."""
-    if not isinstance(body, dict) or not body:
-        return (
-            ['expected a JSON object with "admin_state" ("ready" or "drain") and/or "weight"'],
-            None,
-            None,
-        )
-    problems = [
-        f"unknown key {k!r} (expected admin_state, weight)"
-        for k in body
-        if k not in ("admin_state", "weight")
-    ]
-    admin_state = body.get("admin_state")
-    if admin_state is not None and admin_state not in ADMIN_STATES:
-        problems.append(f'admin_state: expected "ready" or "drain", got {json.dumps(admin_state)}')
-    raw = weight = body.get("weight")
-    if raw is not None:
-        try:
-            weight = parse_weight(raw)  # the config file's own check of a weight
-        except ValueError as exc:
-            problems.append(f"weight: {exc}")
-            weight = None
-    if ("admin_state" in body and admin_state is None) or ("weight" in body and raw is None):
-        problems.append("null is not a value: leave the key out to keep what is set")
-    return problems, admin_state, weight
+    """Validate a PUT /-/servers body against its declaration: (problems, admin_state, weight)."""
+    problems, change = parse_server_change(body)
+    if change is None:
+        return problems, None, None
+    return problems, change.admin_state, change.weight
 
 
 def _bearer_ok(header: str, token: str) -> bool:

@@ -25,8 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..config.model import WS_CLOSE_HANDSHAKE_TIMEOUT, Address, Config, ConfigError, Server
-from ..config.model import Discovery as DiscoverySpec
+from ..config.groups import Discovery as DiscoverySpec
+from ..config.groups import Server
+from ..config.model import WS_CLOSE_HANDSHAKE_TIMEOUT, Address, ConfigError
+from ..config.top import Config
 from ..core import metrics
 from ..core.dns import with_discovered
 from ..core.health import Event, Transition

@@ -31,7 +31,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from ..config.model import Address, HealthCheck
+from ..config.groups import HealthCheck
+from ..config.model import Address
 from ..core import metrics
 from ..core.health import Event, Transition, codes_match
 from ..core.snapshot import ServerState, Snapshot

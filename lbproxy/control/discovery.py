@@ -36,8 +36,10 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from ..config.model import DEFAULT_DNS_TIMEOUT, Address, Config, Server
-from ..config.model import Discovery as Spec
+from ..config.groups import Discovery as Spec
+from ..config.groups import Server
+from ..config.model import DEFAULT_DNS_TIMEOUT, Address
+from ..config.top import Config
 from ..core import metrics
 from ..core.dns import Answer, Discovered, SrvRecord, Tracker, address_servers, srv_servers
 

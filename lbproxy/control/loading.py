@@ -11,7 +11,9 @@ import os
 from dataclasses import replace
 
 from ..config.load import loads_document, read_config_file, with_lines
-from ..config.model import Certificate, Config, ConfigError
+from ..config.model import ConfigError
+from ..config.sections import Certificate
+from ..config.top import Config
 from ..proxy import tls
 
 __all__ = ["load_config", "loads_config", "read_config_file"]

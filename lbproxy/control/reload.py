@@ -20,7 +20,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from ..config.model import Config
+from ..config.top import Config
 
 if TYPE_CHECKING:
     from .app import Proxy

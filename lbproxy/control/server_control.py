@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from ..config.model import HealthCheck
+from ..config.groups import HealthCheck
 from ..core import metrics
 from ..core.health import ServerHealth, State, Transition
 from ..core.snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot

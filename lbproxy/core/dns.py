@@ -18,15 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from ..config.model import (
-    DISCOVERY_EMPTY_INTERVALS,
-    MIN_DISCOVERY_INTERVAL,
-    Address,
-    Config,
-    Discovery,
-    Server,
-)
+from ..config.groups import Discovery, Server
+from ..config.model import DISCOVERY_EMPTY_INTERVALS, MIN_DISCOVERY_INTERVAL, Address
+
+if TYPE_CHECKING:
+    from ..config.top import Config
 
 RESULTS = ("ok", "nxdomain", "timeout", "error")
 

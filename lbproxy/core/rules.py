@@ -34,9 +34,13 @@ for the exact host, at most one per label of the host for wildcards, then scans 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from ..config.model import Listener, Rule
 from ..wire.http1 import target_path
+
+if TYPE_CHECKING:
+    from ..config.listeners import Listener
+    from ..config.sections import Rule
 
 __all__ = ["Router", "normalize_host", "target_path"]
 

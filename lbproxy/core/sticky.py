@@ -37,11 +37,13 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import unquote
 
-from ..config.model import StickySession
 from ..wire.http1 import target_path
+
+if TYPE_CHECKING:
+    from ..config.groups import StickySession
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",

@@ -14,10 +14,12 @@ import queue
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config.model import ACCESS_LOG_DRAIN_TIMEOUT
-from ..config.model import AccessLog as AccessLogConfig
+
+if TYPE_CHECKING:
+    from ..config.top import AccessLog as AccessLogConfig
 
 _log = logging.getLogger("lbproxy")
 

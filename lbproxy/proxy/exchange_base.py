@@ -33,7 +33,8 @@ from .exchange_state import (
 )
 
 if TYPE_CHECKING:
-    from ..config.model import Forwarding, Listener
+    from ..config.listeners import Listener
+    from ..config.model import Forwarding
     from ..core.metrics import Registry
     from ..core.snapshot import GroupRuntime, ListenerRuntime, ServerState
     from .access_log import AccessLog

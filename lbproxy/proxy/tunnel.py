@@ -35,7 +35,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..config.model import WS_CLOSE_FRAME_WAIT, WS_CLOSE_HANDSHAKE_TIMEOUT, WebSocketPolicy
+from ..config.model import WS_CLOSE_FRAME_WAIT, WS_CLOSE_HANDSHAKE_TIMEOUT
 from ..wire.wsframes import (
     GOING_AWAY,
     MAX_HEADER,
@@ -52,6 +52,7 @@ from ..wire.wsframes import (
 )
 
 if TYPE_CHECKING:
+    from ..config.sections import WebSocketPolicy
     from ..core.metrics import ListenerStats
     from ..core.snapshot import ServerState
     from .access_log import AccessLog

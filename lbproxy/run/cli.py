@@ -25,7 +25,7 @@ from .. import __version__, buildinfo
 from .signals import Signals, take
 
 if TYPE_CHECKING:
-    from ..config.model import Config
+    from ..config.top import Config
     from ..control.admin import Workers
     from ..control.app import Proxy
 
@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lbproxy",
         description="A layer-7 load balancer for real-time web apps (HTTP and WebSocket).",
     )
-    p.add_argument("--config", "-c", required=True, help="path of the YAML config file")
+    p.add_argument("--config", "-c", help="path of the YAML config file (required)")
+    p.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the config file's JSON Schema (for editors) and exit",
+    )
     p.add_argument(
         "--check",
         action="store_true",
@@ -91,7 +96,15 @@ def sd_notify(state: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     signals = take()  # before anything else: from here no signal has its default action
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.schema:
+        from ..config.doc import schema_text
+
+        sys.stdout.write(schema_text())
+        return EXIT_OK
+    if args.config is None:
+        parser.error("the following arguments are required: --config/-c")
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -26,7 +26,8 @@ import sys
 import time
 from typing import Any
 
-from ..config.model import CONTROL_LINE_LIMIT, WORKER_START_TIMEOUT, WORKER_STATS_TIMEOUT, Config
+from ..config.model import CONTROL_LINE_LIMIT, WORKER_START_TIMEOUT, WORKER_STATS_TIMEOUT
+from ..config.top import Config
 from ..control.app import Proxy, Role
 from ..core.dns import encode
 from ..core.metrics import Registry, load_registry, merge_registries

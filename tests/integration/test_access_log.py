@@ -265,15 +265,17 @@ class StuckFifo:
         os.close(self.fd)
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 async def test_a_log_that_stops_draining_never_delays_requests_or_reloads(
     tmp_path, make_backend, make_proxy
 ):
     a = await make_backend("A")
     fifo = StuckFifo(tmp_path / "fifo")
     # If the loop ever blocks on the log, the drain releases it after a while, and the
-    # timings below fail the test instead of hanging it.
-    watchdog = threading.Timer(5.0, fifo.drain)
+    # timings below fail the test instead of hanging it: a blocked request would wait for the
+    # watchdog, far longer than the bounds below (hang guards: a loaded machine makes a
+    # request slow, but not 20 s slow).
+    watchdog = threading.Timer(20.0, fifo.drain)
     watchdog.start()
     config_path = tmp_path / "lbproxy.yaml"
     config_path.write_text(yaml.safe_dump(log_doc([a.address], fifo.path)))
@@ -294,7 +296,7 @@ async def test_a_log_that_stops_draining_never_delays_requests_or_reloads(
             assert proxy.access._queue.qsize() > 0
             # ...and requests are as fast as ever.
             latencies = [await timed_get() for _ in range(20)]
-            assert max(latencies) < 1.0, latencies
+            assert max(latencies) < 5.0, latencies
 
             # Moving the log away from the stuck FIFO does not wait for it either.
             moved = tmp_path / "moved.log"
@@ -303,10 +305,10 @@ async def test_a_log_that_stops_draining_never_delays_requests_or_reloads(
             result = await proxy.reload("test")
             reload_time = time.monotonic() - t
             assert result.ok and result.changed
-            assert reload_time < 1.0
-            assert await timed_get() < 1.0
+            assert reload_time < 5.0
+            assert await timed_get() < 5.0
             await wait_for(lambda: len(read_lines(moved)) >= 1, what="a line in the new log")
-        assert not watchdog.finished.is_set() or reload_time < 1.0
+        assert not watchdog.finished.is_set() or reload_time < 5.0
     finally:
         watchdog.cancel()
         fifo.drain()  # let the stuck writer finish so the proxy can close
@@ -388,7 +390,7 @@ async def test_a_stuck_log_does_not_hold_up_shutdown(tmp_path, make_backend, mon
         await wait_for(lambda: fifo.queued() > 4096 - 512, what="the pipe to fill")
         t = time.monotonic()
         await proxy.close(timeout=0.1)
-        assert time.monotonic() - t < 0.5 + 1.0  # the drain timeout, not forever
+        assert time.monotonic() - t < 0.5 + 10  # the drain timeout, not forever (a hang guard)
     finally:
         fifo.drain()
         # The abandoned writer finishes once the FIFO is read again; then it can close.

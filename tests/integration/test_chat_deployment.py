@@ -363,7 +363,9 @@ async def test_redis_restart_keeps_local_delivery_and_fan_out_resumes(
                 text = f"local-{rounds}"
                 await say(sender, "a", text)
                 for ws in (receiver, sender):
-                    assert await chat_until(ws, text, timeout=1.0) == [("a", text, a_on)]
+                    # A hang guard: Redis being down must not delay local delivery, but a
+                    # loaded machine may.
+                    assert await chat_until(ws, text, timeout=10) == [("a", text, a_on)]
                 rounds += 1
                 await asyncio.sleep(0.02)
 
@@ -375,7 +377,7 @@ async def test_redis_restart_keeps_local_delivery_and_fan_out_resumes(
             here.wait_log("redis unavailable"), there.wait_log("redis unavailable")
         )
         down.set()
-        await asyncio.wait_for(talking, 10)
+        await asyncio.wait_for(talking, 60)
         assert rounds >= stopped_after + 10
 
         # ECS02's user alone is served locally during the outage too. Before it, b1 got
@@ -434,23 +436,27 @@ async def test_pings_keep_a_tunnel_open_and_a_silent_one_is_closed(
     proxy = await make_proxy(lb_doc(addresses, idle_timeout="1500ms"))
     async with aiohttp.ClientSession() as session:
         pinger, _ = await join(session, proxy)
-        silent, _ = await join(session, proxy)
+        # Before the silent one joins: its last byte passes the proxy after this (and maybe
+        # well before this task sees it on a loaded machine).
         opened = time.monotonic()
+        silent, _ = await join(session, proxy)
 
         async def keep_alive() -> int:
+            # A ping every 500 ms (the pace is the point: a third of the idle timeout), for
+            # over twice the idle timeout and at least six pings, however slow the machine.
             pongs = 0
-            while time.monotonic() - opened < 4.0:
+            while time.monotonic() - opened < 4.0 or pongs < 6:
                 await asyncio.sleep(0.5)
                 await pinger.send_str(json.dumps({"type": "ping"}))
-                assert await recv_json(pinger, timeout=1.0) == {"type": "pong"}
+                assert await recv_json(pinger, timeout=10) == {"type": "pong"}
                 pongs += 1
             return pongs
 
         pinging = asyncio.create_task(keep_alive())
-        frame = await silent.receive(timeout=5.0)
+        frame = await silent.receive(timeout=15)
         idle_for = time.monotonic() - opened
         assert frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), frame
-        assert 1.4 <= idle_for <= 2.5, idle_for
+        assert 1.4 <= idle_for <= 1.5 + 8, idle_for  # not before 1.5 s; a hang guard
 
         pongs = await pinging
         assert pongs >= 6

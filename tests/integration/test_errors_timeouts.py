@@ -172,10 +172,10 @@ async def test_no_response_head_within_request_timeout_gives_504(make_backend, m
     a = await make_backend("A")
     proxy = await make_proxy(config_doc([a.address], listener={"request_timeout": "300ms"}))
     t0 = time.monotonic()
-    resp = await request(proxy, path="/sleep/2")
+    resp = await request(proxy, path="/sleep/10")
     elapsed = time.monotonic() - t0
-    assert_proxy_error(resp, 504)
-    assert MIN_IDLE <= elapsed < 1.5, elapsed
+    assert_proxy_error(resp, 504)  # cut by the timeout, not answered by the backend at 10 s
+    assert MIN_IDLE <= elapsed < MAX_WAIT, elapsed
     await assert_serves(proxy)
     # A response head that comes in time is not cut by the same timeout.
     assert (await request(proxy, path="/sleep/0.1")).body == b"A slept"
@@ -208,14 +208,14 @@ async def test_request_timeout_counts_from_the_end_of_the_body(make_proxy):
                 writer.write(b"x")
                 await writer.drain()
             t_sent = time.monotonic()
-            resp = await asyncio.wait_for(read_response(reader), 5)
+            resp = await asyncio.wait_for(read_response(reader), 15)
             elapsed = time.monotonic() - t_sent
             writer.close()
             if answers:
                 assert (resp.status, resp.body) == (200, b"ok")
             else:
                 assert_proxy_error(resp, 504)
-                assert 0.3 - 0.02 <= elapsed < 1.5, elapsed
+                assert MIN_IDLE <= elapsed < MAX_WAIT, elapsed
 
 
 async def test_stalled_request_body_gets_408(make_backend, make_proxy):
@@ -224,12 +224,12 @@ async def test_stalled_request_body_gets_408(make_backend, make_proxy):
     reader, writer = await open_proxy(proxy)
     writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly this")
     t0 = time.monotonic()
-    resp = await asyncio.wait_for(read_response(reader), 5)
+    resp = await asyncio.wait_for(read_response(reader), 15)
     elapsed = time.monotonic() - t0
     writer.close()
     assert resp.status == 408
     assert resp.body.startswith(b"408 Request Timeout")
-    assert 0.3 - 0.02 <= elapsed < 1.5, elapsed
+    assert MIN_IDLE <= elapsed < MAX_WAIT, elapsed
     await assert_serves(proxy)
 
 
@@ -273,9 +273,9 @@ async def test_client_closing_mid_head_gets_400_at_once(make_backend, make_proxy
     reader, writer = await open_proxy(proxy)
     writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n")  # no final CRLF
     writer.write_eof()
-    resp = await asyncio.wait_for(read_response(reader), 3)
+    resp = await asyncio.wait_for(read_response(reader), 15)  # at once, not at the 60 s
     assert_proxy_error(resp, 400)
-    assert await at_eof(reader, timeout=3)
+    assert await at_eof(reader, timeout=15)
     writer.close()
     await assert_serves(proxy)
 
@@ -300,19 +300,28 @@ IDLE = {"idle_timeout": "300ms"}
 # The event loop reads its clock once per iteration, so a timer may fire a few ms "early"
 # by a clock read elsewhere; the lower bounds allow for that and nothing more.
 MIN_IDLE = 0.3 - 0.02
+# The upper bound of a 300 ms timeout is only a hang guard: on a loaded machine the close is
+# seen late (what cut the connection is proved by the status, the reason or the counter).
+MAX_WAIT = 0.3 + 5
+# The "stays open" tests: traffic every 100 ms against a 600 ms timeout, so that a loaded
+# machine's delays (tens of ms) cannot make a gap look idle; three timeouts long.
+BUSY_IDLE = {"idle_timeout": "600ms"}
+BUSY_FOR = 3 * 0.6
 
 
 async def test_idle_http_keepalive_connection_closed(make_backend, make_proxy):
     a = await make_backend("A")
     proxy = await make_proxy(config_doc([a.address], listener=IDLE))
     reader, writer = await open_proxy(proxy)
+    # Before the request: the proxy's clock starts when it has sent the response, which may
+    # be well before this task reads it on a loaded machine.
+    t0 = time.monotonic()
     writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await read_response(reader)).body == b"A"
-    t0 = time.monotonic()
-    assert await at_eof(reader, timeout=3)
+    assert await at_eof(reader, timeout=MAX_WAIT)
     elapsed = time.monotonic() - t0
     writer.close()
-    assert MIN_IDLE <= elapsed < 1.5, elapsed
+    assert MIN_IDLE <= elapsed < MAX_WAIT, elapsed
     assert proxy.registry.listener("web").connections_active == 0
 
 
@@ -321,21 +330,21 @@ async def test_silent_new_connection_closed_after_idle_timeout(make_backend, mak
     proxy = await make_proxy(config_doc([a.address], listener=IDLE))
     t0 = time.monotonic()
     reader, writer = await open_proxy(proxy)
-    assert await at_eof(reader, timeout=3)
+    assert await at_eof(reader, timeout=MAX_WAIT)
     elapsed = time.monotonic() - t0
     writer.close()
-    assert MIN_IDLE <= elapsed < 1.5, elapsed
+    assert MIN_IDLE <= elapsed < MAX_WAIT, elapsed
 
 
 async def test_http_connection_with_requests_stays_open(make_backend, make_proxy):
     a = await make_backend("A")
-    proxy = await make_proxy(config_doc([a.address], listener=IDLE))
+    proxy = await make_proxy(config_doc([a.address], listener=BUSY_IDLE))
     reader, writer = await open_proxy(proxy)
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 1.2:
+    while time.monotonic() - t0 < BUSY_FOR:
         writer.write(b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await read_response(reader)).body == b"A"
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.1)  # the traffic's pace (what the test is about), not a wait
     writer.close()
 
 
@@ -344,19 +353,21 @@ async def test_silent_websocket_closed_after_idle_timeout(make_backend, make_pro
     proxy = await make_proxy(config_doc([a.address], listener=IDLE))
     stats = proxy.registry.listener("web")
     async with aiohttp.ClientSession() as s:
+        # Before the handshake: the tunnel's clock starts when the proxy relays the 101, which
+        # may be well before this task sees it on a loaded machine.
+        t0 = time.monotonic()
         ws = await s.ws_connect(proxy_url(proxy, path="/ws"), autoping=False)
-        t0 = time.monotonic()  # the tunnel's clock started a little before: its 101 came first
-        msg = await ws.receive(timeout=3)
+        msg = await ws.receive(timeout=MAX_WAIT)
         elapsed = time.monotonic() - t0
         assert msg.type in (WSMsgType.CLOSED, WSMsgType.CLOSE), msg
         await ws.close()
-    assert MIN_IDLE <= elapsed < 1.5, elapsed
+    assert MIN_IDLE <= elapsed < MAX_WAIT, elapsed
     assert stats.ws_closes["idle_timeout"] == 1
 
 
 async def test_websocket_with_traffic_stays_open(make_backend, make_proxy):
     a = await make_backend("A")
-    proxy = await make_proxy(config_doc([a.address], listener=IDLE))
+    proxy = await make_proxy(config_doc([a.address], listener=BUSY_IDLE))
     stats = proxy.registry.listener("web")
     async with (
         aiohttp.ClientSession() as s,
@@ -365,18 +376,20 @@ async def test_websocket_with_traffic_stays_open(make_backend, make_proxy):
         t0 = time.monotonic()
         i = 0
         while True:
+            # Before the send: the echo, the last byte through the tunnel, passes the proxy
+            # after this (and maybe well before this task reads it).
+            last = time.monotonic()
             await ws.send_str(f"tick {i}")
-            msg = await ws.receive(timeout=1)
-            last = time.monotonic()  # the echo came back: the last byte through the tunnel
+            msg = await ws.receive(timeout=10)
             assert (msg.type, msg.data) == (WSMsgType.TEXT, f"tick {i}")
-            if last - t0 > 1.2:
+            if last - t0 > BUSY_FOR:
                 break
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.1)  # the traffic's pace (what the test is about), not a wait
             i += 1
         assert not ws.closed
         assert stats.ws_closes["idle_timeout"] == 0
         # Once the traffic stops, the same timeout applies, counted from the last byte.
-        msg = await ws.receive(timeout=3)
+        msg = await ws.receive(timeout=10)
         assert msg.type in (WSMsgType.CLOSED, WSMsgType.CLOSE), msg
-        assert MIN_IDLE <= time.monotonic() - last < 1.5
+        assert 0.6 - 0.02 <= time.monotonic() - last < 0.6 + 5
     assert stats.ws_closes["idle_timeout"] == 1

@@ -272,7 +272,7 @@ async def test_streamed_as_it_comes(make_backend, make_proxy):
     assert b"Content-Encoding: gzip" in head
     d = zlib.decompressobj(31)
     got = b""
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(15):  # a hang guard: the rest is gated
         while len(got) < len(b"first part " * 300):  # before the backend sends the rest
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
             got += d.decompress((await reader.readexactly(size + 2))[:-2])
@@ -334,7 +334,7 @@ async def test_chat_page_in_a_browser_through_gzip(tmp_path, make_backend, make_
     async with Chromium.launch(tmp_path / "profile") as browser:
         page = await browser.page()
         await page.navigate(proxy_url(proxy, path="/"))
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):  # a hang guard: a loaded machine starts Chromium slowly
             while await page.evaluate("document.getElementById('status').dataset.state") != (
                 "connected"
             ):

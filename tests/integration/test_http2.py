@@ -284,7 +284,14 @@ async def test_large_download_to_a_client_that_stops_reading_is_flow_controlled(
     assert len(got) == 65535
     stop = asyncio.Event()
     sampler = asyncio.get_running_loop().create_task(sample(proxy, stop))
-    await asyncio.sleep(0.5)  # time for a backend writing 16 MiB to fill whatever it can
+    # The backend writing 16 MiB fills whatever it can until the proxy pauses it (the event);
+    # then a little longer, sampling, for anything that still piles up.
+    await wait_for(
+        lambda: any(s.write_paused for s in h2_connections(proxy)[0].streams.values()),
+        15,
+        "the backend to be paused",
+    )
+    await asyncio.sleep(0.2)
     stop.set()
     peak = await sampler
     assert peak < 2 * 1024 * 1024, peak
@@ -532,7 +539,15 @@ async def test_a_ping_flood_from_a_client_that_does_not_read_is_not_buffered(
     frame = ping.serialize()
     c.writer.write(frame * 200_000)  # 3.4 MB of PINGs, 3.4 MB of answers; never read
     peak = 0
-    for _ in range(100):
+
+    def paused() -> bool:
+        nonlocal peak
+        peak = max(peak, conn.transport.get_write_buffer_size())
+        return bool(conn.paused)
+
+    # Sampled until the proxy stops reading (the event; a hang guard), then a little longer.
+    await wait_for(paused, 15, "the proxy to stop reading the client")
+    for _ in range(20):
         await asyncio.sleep(0.02)
         peak = max(peak, conn.transport.get_write_buffer_size())
     # Once its answers pass the transport's high-water mark (512 KiB), the client is not read

@@ -59,7 +59,8 @@ async def keepalive_connection(port: int) -> tuple[asyncio.StreamReader, asyncio
 async def test_ordered_shutdown(make_backend, make_proxy):
     """Refuse at once, close idle keep-alive, finish the request, cut tunnels at the timeout."""
     a = await make_backend("A")
-    proxy = await make_proxy(config_doc([a.address], shutdown_timeout="1s"))
+    # 3 s: long enough that the steps before the timeout fit in it on a loaded machine.
+    proxy = await make_proxy(config_doc([a.address], shutdown_timeout="3s"))
     port = proxy.listeners.address("web").port
     stats = proxy.registry.listeners["web"]
     async with aiohttp.ClientSession() as s:
@@ -73,8 +74,10 @@ async def test_ordered_shutdown(make_backend, make_proxy):
         closing = asyncio.create_task(proxy.close())
         await asyncio.sleep(0)  # close() stops accepting before its first await
         assert refused(port)
-        # The idle keep-alive connection is closed right away.
-        assert await asyncio.wait_for(reader.read(), 1) == b""
+        # The idle keep-alive connection is closed right away: while the shutdown still waits
+        # for the request and the tunnel (the bound is a hang guard).
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert not closing.done()
         writer.close()
         # The request in flight completes.
         async with await asyncio.wait_for(slow, 5) as r:
@@ -87,9 +90,9 @@ async def test_ordered_shutdown(make_backend, make_proxy):
         # ...until shutdown_timeout, then it is closed.
         msg = await asyncio.wait_for(ws.receive(), 5)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-        await asyncio.wait_for(closing, 5)
+        await asyncio.wait_for(closing, 10)
         elapsed = time.monotonic() - t0
-    assert 0.9 < elapsed < 1.8, elapsed
+    assert 3.0 - 0.1 < elapsed < 3.0 + 5, elapsed  # not before shutdown_timeout
     assert stats.ws_closes["shutdown"] == 1
     assert sum(stats.ws_closes.values()) == 1
     assert proxy.connections() == []
@@ -99,7 +102,7 @@ async def test_ordered_shutdown(make_backend, make_proxy):
 
 async def test_tunnel_closing_by_itself_ends_shutdown_early(make_backend, make_proxy):
     a = await make_backend("A")
-    proxy = await make_proxy(config_doc([a.address], shutdown_timeout="5s"))
+    proxy = await make_proxy(config_doc([a.address], shutdown_timeout="30s"))
     stats = proxy.registry.listeners["web"]
     async with aiohttp.ClientSession() as s:
         ws = await s.ws_connect(f"ws://{proxy.listeners.address('web')}/ws")
@@ -109,15 +112,15 @@ async def test_tunnel_closing_by_itself_ends_shutdown_early(make_backend, make_p
         assert not closing.done()
         t0 = time.monotonic()
         await ws.close()
-        await asyncio.wait_for(closing, 2)
-        assert time.monotonic() - t0 < 0.5
+        await asyncio.wait_for(closing, 15)
+        assert time.monotonic() - t0 < 15  # when the tunnel closed, not at shutdown_timeout
     assert stats.ws_closes["client"] == 1
     assert stats.ws_closes["shutdown"] == 0
 
 
 async def test_server_closing_the_tunnel_ends_shutdown_early(make_backend, make_proxy):
     a = await make_backend("A")
-    proxy = await make_proxy(config_doc([a.address], shutdown_timeout="5s"))
+    proxy = await make_proxy(config_doc([a.address], shutdown_timeout="30s"))
     stats = proxy.registry.listeners["web"]
     async with aiohttp.ClientSession() as s:
         ws = await s.ws_connect(f"ws://{proxy.listeners.address('web')}/ws")
@@ -128,8 +131,8 @@ async def test_server_closing_the_tunnel_ends_shutdown_early(make_backend, make_
         msg = await asyncio.wait_for(ws.receive(), 5)
         assert msg.type == aiohttp.WSMsgType.CLOSE
         assert msg.data == 4001  # the backend's close frame passes through untouched
-        await asyncio.wait_for(closing, 2)
-        assert time.monotonic() - t0 < 0.5
+        await asyncio.wait_for(closing, 15)
+        assert time.monotonic() - t0 < 15  # when the tunnel closed, not at shutdown_timeout
     assert stats.ws_closes["server"] == 1
     assert stats.ws_closes["shutdown"] == 0
 
@@ -139,8 +142,8 @@ async def test_close_without_connections_returns_at_once(make_backend, make_prox
     proxy = await make_proxy(config_doc([a.address], shutdown_timeout="30s"))
     port = proxy.listeners.address("web").port
     t0 = time.monotonic()
-    await proxy.close()
-    assert time.monotonic() - t0 < 0.5
+    await asyncio.wait_for(proxy.close(), 15)
+    assert time.monotonic() - t0 < 15  # nothing to wait for: not the 30 s shutdown_timeout
     assert refused(port)
     await proxy.close()  # idempotent
 
@@ -217,20 +220,20 @@ async def open_tunnel(s: aiohttp.ClientSession, port: int) -> aiohttp.ClientWebS
 
 async def test_sigterm_waits_for_tunnels_up_to_shutdown_timeout(make_backend, tmp_path):
     a = await make_backend("A")
-    p, port = await start_process(tmp_path, a.address, "1s")
+    p, port = await start_process(tmp_path, a.address, "3s")
     try:
         async with aiohttp.ClientSession() as s:
             ws = await open_tunnel(s, port)
             assert p.proc is not None
             t0 = time.monotonic()
             p.proc.send_signal(signal.SIGTERM)
-            await wait_for(lambda: refused(port), 1, "the listener to close")
+            await wait_for(lambda: refused(port), 10, "the listener to close")
             assert await echo(ws, "during shutdown") == "during shutdown"
-            assert await p.wait(5) == 0
+            assert await p.wait(15) == 0
             elapsed = time.monotonic() - t0
             msg = await asyncio.wait_for(ws.receive(), 5)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-        assert 0.9 < elapsed < 2.0, elapsed
+        assert 3.0 - 0.1 < elapsed < 3.0 + 8, elapsed  # at shutdown_timeout, not before
         await p.kill()  # collects the rest of the log
         assert any("closing 1 connections still open" in x for x in p.log), p.log
         assert any(x.endswith("stopped") for x in p.log)
@@ -246,12 +249,12 @@ async def test_second_sigterm_exits_at_once(make_backend, tmp_path):
             ws = await open_tunnel(s, port)
             assert p.proc is not None
             p.proc.send_signal(signal.SIGTERM)
-            await wait_for(lambda: refused(port), 1, "the listener to close")
+            await wait_for(lambda: refused(port), 10, "the listener to close")
             assert await echo(ws, "draining") == "draining"
             t0 = time.monotonic()
             p.proc.send_signal(signal.SIGTERM)
-            assert await p.wait(5) == 0
-            assert time.monotonic() - t0 < 1.0
+            assert await p.wait(15) == 0
+            assert time.monotonic() - t0 < 15  # at once, not at shutdown_timeout (30 s)
             msg = await asyncio.wait_for(ws.receive(), 5)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
     finally:
@@ -261,7 +264,8 @@ async def test_second_sigterm_exits_at_once(make_backend, tmp_path):
 async def test_reload_during_shutdown_does_not_reopen_listeners(make_backend, make_proxy):
     a = await make_backend("A")
     b = await make_backend("B")
-    proxy = await make_proxy(config_doc([a.address], shutdown_timeout="1s"))
+    # 30 s: the tunnel is still draining whatever the load; the test closes it itself.
+    proxy = await make_proxy(config_doc([a.address], shutdown_timeout="30s"))
     port = proxy.listeners.address("web").port
     async with aiohttp.ClientSession() as s:
         ws = await s.ws_connect(f"ws://127.0.0.1:{port}/ws")
@@ -276,5 +280,6 @@ async def test_reload_during_shutdown_does_not_reopen_listeners(make_backend, ma
         assert proxy.listeners.bound == {}
         assert refused(port)
         assert await echo(ws, "still draining") == "still draining"
-        await asyncio.wait_for(closing, 5)
+        await ws.close()
+        await asyncio.wait_for(closing, 15)
     assert proxy.checker._tasks == {}

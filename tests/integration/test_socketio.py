@@ -539,7 +539,7 @@ async def test_sid_pins_hold_across_worker_processes(sio_servers, tmp_path):
 
             await wait_for(serving, timeout=15, what="lbproxy --workers 2 to serve")
         for c in clients:
-            await c.connect(url, wait_timeout=2)
+            await c.connect(url, wait_timeout=10)  # a hang guard
         upgraded = [c.sio.transport() == "websocket" and c.sio.connected for c in clients]
     finally:
         await asyncio.gather(*(c.close() for c in clients))

@@ -71,12 +71,12 @@ def problems(doc: Any) -> list[str]:
 def test_minimal_document_gets_every_default():
     c = parse_config(minimal())
     assert c == Config(
-        listeners=(Listener("web", Address("0.0.0.0", 5000), "rs1"),),
-        server_groups=(ServerGroup("rs1", (Server(Address("127.0.0.1", 5001)),)),),
+        listeners=(Listener(name="web", bind=Address("0.0.0.0", 5000), server_group="rs1"),),
+        server_groups=(ServerGroup(name="rs1", servers=(Server(Address("127.0.0.1", 5001)),)),),
     )
     (lst,) = c.listeners
     assert lst.protocol == "http"
-    assert lst.timeouts == Timeouts(idle=60.0, request=60.0, connect=5.0)
+    assert lst.timeouts == Timeouts(idle=60.0, request=60.0, connect=5.0, client_header=10.0)
     assert lst.x_forwarded_for is True
     (group,) = c.server_groups
     assert group.scheduler == "rr"
@@ -159,14 +159,25 @@ def test_every_key_set_explicitly():
     }
     assert parse_config(doc) == Config(
         listeners=(
-            Listener("web", Address("::", 5000), "rs1", "http", Timeouts(0.3, 120.0, 1.5), False),
+            Listener(
+                name="web",
+                bind=Address("::", 5000),
+                server_group="rs1",
+                idle_timeout=0.3,
+                request_timeout=120.0,
+                connect_timeout=1.5,
+                x_forwarded_for=False,
+            ),
         ),
         server_groups=(
             ServerGroup(
-                "rs1",
-                (Server(Address("10.0.0.1", 80), 0), Server(Address("backend_1.local", 8080))),
-                "wlc",
-                HealthCheck(
+                name="rs1",
+                servers=(
+                    Server(Address("10.0.0.1", 80), 0),
+                    Server(Address("backend_1.local", 8080)),
+                ),
+                scheduler="wlc",
+                health_check=HealthCheck(
                     False,
                     "tcp",
                     "/healthz?full=1",
@@ -179,8 +190,8 @@ def test_every_key_set_explicitly():
                     100,
                     ("http_2xx", 404, 418),
                 ),
-                0,
-                10.0,
+                keepalive_connections=0,
+                keepalive_timeout=10.0,
             ),
         ),
         admin=Admin(Address("127.0.0.1", 0)),
@@ -238,10 +249,10 @@ def test_bad_duration_in_a_file_names_its_place():
     doc = with_("listeners[0].idle_timeout", "5 parsecs")
     doc = with_("server_groups.rs1.health_check.interval", True, doc)
     doc = with_("shutdown_timeout", -1, doc)
-    assert problems(doc) == [
+    assert problems(doc) == [  # in the order the document is written
+        "listeners[0].idle_timeout: expected a duration like 60s, 500ms or 2m, got '5 parsecs'",
         "server_groups.rs1.health_check.interval: "
         "expected a duration like 60s, 500ms or 2m, got true",
-        "listeners[0].idle_timeout: expected a duration like 60s, 500ms or 2m, got '5 parsecs'",
         "shutdown_timeout: expected a positive duration, got -1",
     ]
 
@@ -336,16 +347,16 @@ def test_every_problem_reported_at_once_with_its_place():
         "access_log": {"format": "xml"},
         "shutdown_timeout": "soon",
     }
-    assert problems(doc) == [
+    assert problems(doc) == [  # in the order the document is written
+        "listeners[0].bind: expected host:port, got '0.0.0.0'",
+        "listeners[0].idle_timeout: expected a duration like 60s, 500ms or 2m, got 'abc'",
+        "listeners[1].server_group: no server group 'nope' (known: rs1)",
+        "listeners[1].name: required",
         "server_groups.rs1.scheduler: expected one of rr, wrr, wlc, sh, got 'roundrobin'",
         "server_groups.rs1.servers[0].weight: expected an integer 0..100, got 101",
         "server_groups.rs1.servers[1].address: expected [ipv6]:port, got '[::1]'",
         "server_groups.rs1.health_check.method: expected one of HEAD, GET, got 'POST'",
         "server_groups.rs1.health_check.healthy_threshold: expected an integer 1..100, got 0",
-        "listeners[0].bind: expected host:port, got '0.0.0.0'",
-        "listeners[0].idle_timeout: expected a duration like 60s, 500ms or 2m, got 'abc'",
-        "listeners[1].name: required",
-        "listeners[1].server_group: no server group 'nope' (known: rs1)",
         "admin.bind: expected host:port, got 'localhost'",
         "access_log.format: expected one of text, json, got 'xml'",
         "shutdown_timeout: expected a duration like 60s, 500ms or 2m, got 'soon'",
@@ -474,9 +485,9 @@ def test_typo_in_a_key_is_reported_and_the_rest_still_checked():
     doc = with_("server_groups.rs1.healthcheck", {"path": "/health"}, doc)
     doc = with_("server_groups.rs1.servers", ["127.0.0.1:5001", "127.0.0.1:5001"], doc)
     assert [p.split(":")[0] for p in problems(doc)] == [
-        "server_groups.rs1.healthcheck",
-        "server_groups.rs1.servers[1].address",
         "listeners[0].idle_timout",
+        "server_groups.rs1.servers[1].address",
+        "server_groups.rs1.healthcheck",
     ]
 
 
@@ -567,16 +578,16 @@ def test_server_groups_required_and_non_empty():
     doc = minimal()
     del doc["server_groups"]
     assert problems(doc) == [
-        "server_groups: required (a mapping of group name to group)",
         "listeners[0].server_group: no server group 'rs1' (known: none defined)",
+        "server_groups: required (a mapping of group name to group)",
     ]
     assert problems(with_("server_groups", {})) == [
-        "server_groups: expected at least one server group",
         "listeners[0].server_group: no server group 'rs1' (known: none defined)",
+        "server_groups: expected at least one server group",
     ]
     assert problems(with_("server_groups", ["rs1"])) == [
-        "server_groups: expected a mapping, got a list",
         "listeners[0].server_group: no server group 'rs1' (known: none defined)",
+        "server_groups: expected a mapping, got a list",
     ]
 
 
@@ -782,9 +793,9 @@ def test_every_health_check_problem_at_once():
     assert [p.split(": ")[0] for p in problems(doc)] == [
         f"{HC}.protocol",
         f"{HC}.path",
-        f"{HC}.port",
         f"{HC}.interval",
         f"{HC}.expected_codes",
+        f"{HC}.port",
     ]
 
 
@@ -822,8 +833,8 @@ def test_section_must_be_a_mapping(section):
 def test_empty_document():
     assert problems(None) == ["the config file is empty"]
     assert problems({}) == [
-        "server_groups: required (a mapping of group name to group)",
         "listeners: required (a list with at least one listener)",
+        "server_groups: required (a mapping of group name to group)",
     ]
 
 
@@ -1093,9 +1104,9 @@ def test_every_problem_names_its_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.problems == [
-        f"{path}:10: server_groups.chat.v2.servers[1].address: expected host:port, got '127.0.0.1'",
         f"{path}:5: listeners[0].idle_timout: unknown key (did you mean 'idle_timeout'?"
         " allowed: " + ", ".join(LISTENER_KEYS) + ")",
+        f"{path}:10: server_groups.chat.v2.servers[1].address: expected host:port, got '127.0.0.1'",
     ]
 
 

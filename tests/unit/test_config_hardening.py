@@ -167,9 +167,9 @@ def test_https_needs_tls_and_tls_needs_https() -> None:
         "listeners[0].tls.key: required"
     ]
     assert problems(doc(protocol="https", tls={"cert": "c.pem", "key": "", "ca": "x"})) == [
+        "listeners[0].tls.key: expected a file path, got ''",  # in document order
         "listeners[0].tls.ca: unknown key "
         "(allowed: cert, key, certificates, policy, client_ca, client_auth)",
-        "listeners[0].tls.key: expected a file path, got ''",
     ]
     assert problems(doc(protocol="https", tls="c.pem")) == [
         "listeners[0].tls: expected a mapping, got 'c.pem'"

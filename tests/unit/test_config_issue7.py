@@ -68,9 +68,9 @@ def test_rules_parsed_in_file_order_with_defaults() -> None:
         )
     )
     assert lst.rules == (
-        Rule("chat.example.com", "/api/", "rs2"),
-        Rule("*.example.com", "/", "rs2"),
-        Rule(None, "/static/", "rs1"),
+        Rule(host="chat.example.com", path="/api/", server_group="rs2"),
+        Rule(host="*.example.com", path="/", server_group="rs2"),
+        Rule(host=None, path="/static/", server_group="rs1"),
     )
     assert lst.server_group == "rs1"
 
@@ -197,7 +197,11 @@ def test_same_rule_in_two_listeners_is_fine() -> None:
     second = dict(d["listeners"][0], name="other", bind="127.0.0.1:0")
     d["listeners"].append(second)
     config = parse_config(d)
-    assert config.listeners[0].rules == config.listeners[1].rules == (Rule("a.com", "/", "rs2"),)
+    assert (
+        config.listeners[0].rules
+        == config.listeners[1].rules
+        == (Rule(host="a.com", path="/", server_group="rs2"),)
+    )
 
 
 def test_every_rule_problem_reported_at_once() -> None:
@@ -368,9 +372,9 @@ def test_sticky_cookie_tokens_accepted(cookie: str) -> None:
 
 def test_group_with_bad_sticky_is_not_built_but_listener_is_not_blamed() -> None:
     assert problems(doc(group={"sticky_session": {"type": "server"}, "hash_key": "ip"})) == [
-        "server_groups.rs1.hash_key: expected one of client_ip, x_forwarded_for, got 'ip'",
         "server_groups.rs1.sticky_session.cookie: required with type: server"
         " (the name of the backend's cookie)",
+        "server_groups.rs1.hash_key: expected one of client_ip, x_forwarded_for, got 'ip'",
     ]
 
 
@@ -386,5 +390,5 @@ def test_sticky_config_equality() -> None:
 
 def test_defaults_of_dataclasses() -> None:
     assert StickySession() == StickySession(None, "SERVERID", 1000.0, False, "/socket.io/")
-    group = ServerGroup("g", ())
+    group = ServerGroup(name="g")
     assert (group.hash_key, group.sticky) == ("client_ip", None)

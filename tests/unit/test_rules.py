@@ -11,7 +11,9 @@ from lbproxy.core.rules import Router, normalize_host, target_path
 
 
 def router(*rules: tuple[str | None, str, str], default: str = "default") -> Router:
-    return Router(default, [Rule(host, path, group) for host, path, group in rules])
+    return Router(
+        default, [Rule(host=host, path=path, server_group=group) for host, path, group in rules]
+    )
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -259,7 +261,12 @@ def test_the_issue_example() -> None:
 def test_for_listener_uses_default_and_rules() -> None:
     from lbproxy.config import Address
 
-    lst = Listener("web", Address("127.0.0.1", 0), "main", rules=(Rule(None, "/a/", "other"),))
+    lst = Listener(
+        name="web",
+        bind=Address("127.0.0.1", 0),
+        server_group="main",
+        rules=(Rule(host=None, path="/a/", server_group="other"),),
+    )
     r = Router.for_listener(lst)
     assert (r.route(None, b"/a/1"), r.route(None, b"/b")) == ("other", "main")
     assert r.rules == lst.rules
@@ -306,7 +313,7 @@ def _reference(rules: list[Rule], default: str, host: str | None, path: str) -> 
 def test_router_agrees_with_brute_force(
     pairs: list[tuple[str | None, str]], host: str | None, path: str
 ) -> None:
-    rules = [Rule(h, p, f"g{i}") for i, (h, p) in enumerate(pairs)]
+    rules = [Rule(host=h, path=p, server_group=f"g{i}") for i, (h, p) in enumerate(pairs)]
     r = Router("default", rules)
     assert r.route(host, path) == _reference(rules, "default", host, path)
     port = None if host is None else f"{host.upper()}:8080"

@@ -60,7 +60,7 @@ def parsed(tls_doc: Any) -> Tls:
 
 def test_single_and_list_forms_and_defaults() -> None:
     one = parsed({"cert": "c.pem", "key": "k.pem"})
-    assert one == Tls((Certificate("c.pem", "k.pem"),))
+    assert one == Tls(certificates=(Certificate("c.pem", "k.pem"),))
     assert (one.policy, one.client_ca, one.client_auth) == (None, None, None)
     assert (one.cert, one.key, one.files) == ("c.pem", "k.pem", ("c.pem", "k.pem"))
     many = parsed(
@@ -238,7 +238,9 @@ def test_check_command_reports_a_bad_client_ca(tmp_path: Path, pki: dict[str, An
 
 def test_a_certificate_without_san_serves_its_common_name(pki: dict[str, Any]) -> None:
     nosan, a = pki["nosan"], pki["a"]
-    loaded = tls.load(Tls((Certificate(a.cert, a.key), Certificate(nosan.cert, nosan.key))))
+    loaded = tls.load(
+        Tls(certificates=(Certificate(a.cert, a.key), Certificate(nosan.cert, nosan.key)))
+    )
     assert loaded.names == (("a.test",), ("legacy.test",))
 
 

@@ -1,0 +1,220 @@
+"""The declaration of the document's top level: ``listeners``, ``server_groups``, ``admin``,
+``access_log``, ``shutdown_timeout`` and ``resolvers`` (each key once, with its type, default
+and description), the rules that link sections (a listener's group must exist, names and
+addresses must not clash) and ``CONFIG``, the one ``TypeAdapter`` that validates a document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any
+
+from pydantic import Field, GetCoreSchemaHandler, TypeAdapter
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import core_schema
+
+from .declare import Items, Loc, Problem, declared, given
+from .groups import ServerGroup
+from .leaves import BindAddress, Bool, Duration, Name, Resolver, String, Token, choice
+from .listeners import Listener
+from .model import DEFAULT_SHUTDOWN_TIMEOUT, Address
+from .units import _name, _show, parse_address
+
+
+class GroupMap:
+    """``Annotated`` metadata of ``server_groups``: the file maps each name to its group; the
+    model keeps a tuple of groups in file order, each knowing its name."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        def check(value: Any, inner: core_schema.ValidatorFunctionWrapHandler) -> Any:
+            if isinstance(value, tuple):
+                return value
+            if not isinstance(value, Mapping):
+                raise ValueError(f"expected a mapping, got {_show(value)}")
+            if not value:
+                raise ValueError("expected at least one server group")
+            groups = inner(value)
+            return tuple(replace(g, name=name) for name, g in groups.items())
+
+        names = handler.generate_schema(Name)
+        mapping = core_schema.dict_schema(names, handler.generate_schema(ServerGroup))
+        return core_schema.no_info_wrap_validator_function(check, mapping)
+
+
+@declared
+@dataclass(frozen=True, slots=True)
+class Admin:
+    bind: Annotated[
+        BindAddress,
+        Field(
+            description=(
+                "the admin listener (never one of the proxied listeners): `GET /` status "
+                "page, `GET /status` JSON, `GET /metrics` Prometheus, `GET /healthz`, `POST "
+                "/-/reload`, `GET /-/servers` and `PUT /-/servers/{group}/{host:port}` (see "
+                "[Runtime server state](#runtime-server-state)). Loopback unless you bind it "
+                "elsewhere. A reload that changes it opens the new address first (or fails, "
+                "changing nothing)"
+            ),
+        ),
+    ] = Address("127.0.0.1", 8404)  # noqa: RUF009 (frozen: one shared default is safe)
+    token: Annotated[
+        Token,
+        Field(
+            description=(
+                "when set, `POST /-/reload`, `GET /-/servers` and `PUT /-/servers/...` need "
+                "`Authorization: Bearer <token>` (compared in constant time; 401 otherwise). "
+                "The read-only pages need none. Visible ASCII, no spaces"
+            ),
+            json_schema_extra={"x-default": "none"},
+        ),
+    ] = ""
+
+
+@declared
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    enabled: Annotated[
+        Bool,
+        Field(
+            description=(
+                "one line per HTTP request (`time type=http client listener method path "
+                "protocol status server upstream_time total_time bytes_in bytes_out`; "
+                "`protocol` is the client's: `HTTP/1.0`, `HTTP/1.1`, `HTTP/2`), one per "
+                "WebSocket tunnel when it closes (`type=websocket`, `protocol=HTTP/1.1`, "
+                "`status=101`, `duration`, `close_reason` as in "
+                "`lbproxy_websocket_closes_total`, `messages_in`/`messages_out` data messages "
+                "each way, `close_code` of the first close frame: `-` none passed, `none` one "
+                "without a code). A response cut after it started (a backend closing or "
+                "stalling mid-body until a timeout) gets its line too, with the status that "
+                "started, and counts in `lbproxy_requests_total` likewise"
+            ),
+        ),
+    ] = True
+    format: Annotated[
+        Annotated[str, choice("text", "json")],
+        Field(
+            description=("`text` (`key=value` pairs) or `json` (one object per line)"),
+        ),
+    ] = "text"
+    path: Annotated[
+        String,
+        Field(
+            description=(
+                "file to append to; empty means stderr. Lines are written by a background "
+                "thread, so a slow disk never stalls the proxy"
+            ),
+        ),
+    ] = ""
+
+
+@declared
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: Annotated[
+        tuple[Listener, ...],
+        Items("listeners", non_empty=True),
+        Field(description="the listeners, see `listeners[]`"),
+    ]
+    server_groups: Annotated[
+        tuple[ServerGroup, ...],
+        GroupMap(),
+        Field(description="the server groups by name, see `server_groups.<name>`"),
+    ]
+    admin: Annotated[Admin, Field(description="the admin listener, see `admin`")] = field(
+        default_factory=Admin
+    )
+    access_log: Annotated[AccessLog, Field(description="the access log, see `access_log`")] = field(
+        default_factory=AccessLog
+    )
+    shutdown_timeout: Annotated[
+        Duration,
+        Field(
+            description=(
+                "on SIGTERM/SIGINT, how long open WebSocket tunnels may go on before the "
+                "proxy closes them (close frame 1001 both ways, then up to 2 s for the "
+                "handshake)"
+            ),
+        ),
+    ] = DEFAULT_SHUTDOWN_TIMEOUT
+    resolvers: Annotated[
+        Annotated[tuple[Resolver, ...], Items("like [127.0.0.1:53]")],
+        Field(
+            description=(
+                "the name servers `discovery` asks, as a list of `ip` or `ip:port` "
+                "(`[v6]:port`; port 53 by default); none: those of `/etc/resolv.conf`"
+            ),
+        ),
+    ] = ()
+    # sha256 of the file's bytes; not part of equality, so a comment-only edit is a no-op reload.
+    digest: SkipJsonSchema[str] = field(default="", compare=False)
+
+    _internal = ("digest",)
+    _required = {
+        "listeners": "a list with at least one listener",
+        "server_groups": "a mapping of group name to group",
+    }
+
+    def group(self, name: str) -> ServerGroup:
+        for g in self.server_groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        """Links between sections. Every group *declared* counts, valid or not: a group with
+        its own problems (reported already) must not also fail each listener that uses it."""
+        out: list[Problem] = []
+        groups = raw.get("server_groups")
+        declared_groups = {str(k) for k in groups} if isinstance(groups, Mapping) else set()
+        known = ", ".join(sorted(declared_groups)) or "none defined"
+        listeners = raw.get("listeners")
+        names: set[str] = set()
+        binds: dict[Address, str] = {}
+        for i, lst in enumerate(listeners if isinstance(listeners, list) else ()):
+            if not isinstance(lst, Mapping):
+                continue
+            name = given(lst, "name", _name)
+            if name is not None:
+                if name in names:
+                    out.append((("listeners", i, "name"), f"duplicate listener name {name!r}"))
+                names.add(name)
+            bind = given(lst, "bind", lambda v: parse_address(v, allow_port_zero=True))
+            if bind is not None and bind.port != 0:  # port 0: a free port each, never a clash
+                if bind in binds:
+                    out.append(
+                        (("listeners", i, "bind"), f"{bind} is already used by {binds[bind]}")
+                    )
+                else:
+                    binds[bind] = f"listener {name}" if name is not None else f"listeners[{i}]"
+            places: list[tuple[Loc, Any]] = [
+                (("listeners", i, "server_group"), lst.get("server_group"))
+            ]
+            rules = lst.get("rules")
+            for j, rule in enumerate(rules if isinstance(rules, list) else ()):
+                if isinstance(rule, Mapping):
+                    places.append(
+                        (("listeners", i, "rules", j, "server_group"), rule.get("server_group"))
+                    )
+            for loc, group in places:
+                if given({"g": group}, "g", _name) is not None and group not in declared_groups:
+                    out.append((loc, f"no server group {group!r} (known: {known})"))
+        admin = raw.get("admin")
+        bind = (
+            given(admin, "bind", lambda v: parse_address(v, allow_port_zero=True))
+            if isinstance(admin, Mapping)
+            else None
+        )
+        if bind is None and not (isinstance(admin, Mapping) and "bind" in admin):
+            bind = Admin().bind
+        if bind is not None and bind.port != 0 and bind in binds:
+            out.append((("admin", "bind"), f"{bind} is already used by {binds[bind]}"))
+        return out
+
+
+# The whole document: ``CONFIG.validate_python(doc)`` validates it, ``CONFIG.json_schema()``
+# describes it.
+CONFIG: TypeAdapter[Config] = TypeAdapter(Config)
