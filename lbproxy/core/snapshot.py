@@ -17,20 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from ..config.groups import Server, ServerGroup, StickySession
+from ..config.listeners import Listener
 from ..config.model import Address
+from ..config.top import Config
 from ..wire.http1 import Limits
 from . import balancer, metrics
 from .health import ServerHealth, State
 from .pool import Pool
 from .rules import Router
 from .sticky import CookieMap, SidTable, server_token
-
-if TYPE_CHECKING:
-    from ..config.groups import Server, ServerGroup, StickySession
-    from ..config.listeners import Listener
-    from ..config.top import Config
 
 ADMIN_STATES = ("ready", "drain")
 

@@ -38,18 +38,16 @@ import socket
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config.model import ACCEPT_RETRY_DELAY, Address
+from ..config.sections import Tls
 from ..core.metrics import ListenerStats
 from ..core.snapshot import Snapshot
 from . import tls
 from .client import ClientConnection, Context
 from .client_socket import ClientSocket, ListenerHandle
 from .http2 import Http2Connection
-
-if TYPE_CHECKING:
-    from ..config.sections import Tls
 
 log = logging.getLogger("lbproxy.proxy.listener")
 
