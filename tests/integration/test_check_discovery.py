@@ -43,16 +43,20 @@ def test_check_reports_every_discovery_and_resolver_problem(tmp_path: Path) -> N
         .replace('"::1"', "dns.example:53")
         .replace("a-long-enough-shared-secret", "tiny")
     )
-    r = check(MODULE, write(tmp_path, text))
+    path = write(tmp_path, text)
+    r = check(MODULE, path)
     assert r.returncode == 2
+    # Each problem with the line it comes from, in the file's order (a key left out is placed
+    # at its section's line, after the problems inside that section).
     assert r.stderr.splitlines() == [
-        "lbproxy: server_groups.rs1.discovery.port: required with an A/AAAA name"
+        f"lbproxy: {path}:9: server_groups.rs1.discovery.interval: must be at least 1s",
+        f"lbproxy: {path}:7: server_groups.rs1.discovery.port: required with an A/AAAA name"
         " (the servers' port)",
-        "lbproxy: server_groups.rs1.discovery.interval: must be at least 1s",
-        "lbproxy: server_groups.rs1.sticky_session.secret: expected at least 16 characters",
-        "lbproxy: server_groups.rs2.discovery.port: not used with an SRV name"
+        f"lbproxy: {path}:12: server_groups.rs1.sticky_session.secret: expected at least 16"
+        " characters",
+        f"lbproxy: {path}:17: server_groups.rs2.discovery.port: not used with an SRV name"
         " (the records carry the ports)",
-        "lbproxy: resolvers[1]: a name server is an IP address (ip or ip:port),"
+        f"lbproxy: {path}:18: resolvers[1]: a name server is an IP address (ip or ip:port),"
         " got 'dns.example:53'",
     ]
     assert "tiny" not in r.stderr  # a secret is never echoed

@@ -152,7 +152,8 @@ async def test_reload_rereads_the_certificate_and_keeps_open_tunnels(
         result = await proxy.reload("test")
         assert not result.ok
         assert result.problems == (
-            f"listeners[0].tls: certificate {live_cert} is not a PEM certificate",
+            f"{tmp_path / 'lb.yaml'}:10: listeners[0].tls: certificate {live_cert} is not a PEM"
+            " certificate",
         )
         assert await peer_cert(proxy) == der(two[0])
         await ws.send_str("still")
