@@ -342,8 +342,20 @@ class StickySession:
 
 @dataclass(frozen=True, slots=True)
 class Admin:
+    """The admin listener (``admin``). Safe by default: a bind off loopback needs a token (or
+    ``insecure: true``); the checks themselves (Host, Origin, content type) are admin.py's."""
+
     bind: Address = Address("127.0.0.1", 8404)
-    token: str = ""  # non-empty: POST /-/reload needs "Authorization: Bearer <token>"
+    # The token in effect: ``token`` as written, or what ``token_file`` / ``token_env`` held
+    # when the file was loaded (filled in by control.loading). Non-empty: every write (and
+    # GET /-/servers; every page with ``token_for_reads``) needs "Authorization: Bearer".
+    token: str = field(default="", repr=False)
+    token_file: str | None = None  # a file holding the token (mode 0600 or stricter)
+    token_env: str | None = None  # an environment variable holding the token
+    token_for_reads: bool = False  # the token guards the read-only pages too (not /healthz)
+    insecure: bool = False  # a bind off loopback without a token, on purpose (warned)
+    allowed_hosts: tuple[str, ...] = ()  # Host names the admin answers to besides its own
+    tls: Tls | None = None  # https on the admin listener; None: plain http
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,9 @@ close: a typo must never be silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,6 +109,18 @@ _CERT_KEYS = ("cert", "key")
 _ACL_KEYS = ("mode", "cidrs")
 _WS_POLICY_KEYS = ("max_message_size", "messages_per_second", "burst")
 _RULE_KEYS = ("host", "path", "server_group")
+_ADMIN_KEYS = (
+    "bind",
+    "token",
+    "token_file",
+    "token_env",
+    "token_for_reads",
+    "insecure",
+    "allowed_hosts",
+    "tls",
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ADMIN_HOST = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 
 
 def parse_config(doc: Any) -> Config:
@@ -125,19 +139,7 @@ def parse_config(doc: Any) -> Config:
     declared = {str(k) for k in groups_doc} if isinstance(groups_doc, Mapping) else set()
     listeners = _listeners(r, top.get("listeners", MISSING), declared)
 
-    admin = Admin()
-    admin_doc = r.mapping(top.get("admin"), "admin", ("bind", "token"))
-    if admin_doc is not None:
-        token = r.get(admin_doc, "token", "admin", _token, "")
-        bind = r.get(
-            admin_doc,
-            "bind",
-            "admin",
-            lambda v: parse_address(v, allow_port_zero=True),
-            Admin().bind,
-        )
-        if bind is not None and token is not None:
-            admin = Admin(bind=bind, token=token)
+    admin = _admin(r, top.get("admin"))
 
     access_log = AccessLog()
     log_doc = r.mapping(top.get("access_log"), "access_log", ("enabled", "format", "path"))
@@ -476,3 +478,103 @@ def _resolvers(r: Reader, doc: Any) -> tuple[Address, ...] | None:
         except ValueError as exc:
             r.error(f"resolvers[{i}]", str(exc))
     return tuple(out) if len(out) == len(doc) else None
+
+
+# ------------------------------------------------------------------------------ admin
+
+
+def _admin(r: Reader, doc: Any) -> Admin:
+    """The ``admin`` section. The token sources are only named here: control.loading reads
+    ``token_file`` / ``token_env`` into ``token`` (the config layer does no such I/O)."""
+    m = r.mapping(doc, "admin", _ADMIN_KEYS)
+    if m is None:
+        return Admin()
+    before = len(r.problems)
+    d = Admin()
+    bind = r.get(m, "bind", "admin", lambda v: parse_address(v, allow_port_zero=True), d.bind)
+    token = r.get(m, "token", "admin", _token, "")
+    token_file = r.get(m, "token_file", "admin", _file_path, None)
+    token_env = r.get(m, "token_env", "admin", _env_name, None)
+    for_reads = r.get(m, "token_for_reads", "admin", _bool, False)
+    insecure = r.get(m, "insecure", "admin", _bool, False)
+    hosts = _admin_hosts(r, m.get("allowed_hosts"))
+    tls_config = _tls(r, m["tls"], "admin.tls") if "tls" in m else None
+    sources = [k for k in ("token", "token_file", "token_env") if k in m]
+    if len(sources) > 1:
+        r.error("admin", f"{' and '.join(sources)}: give only one source of the token")
+    if len(r.problems) > before:
+        return d
+    assert bind is not None and token is not None and hosts is not None
+    admin = Admin(
+        bind=bind,
+        token=token,
+        token_file=token_file,
+        token_env=token_env,
+        token_for_reads=bool(for_reads),
+        insecure=bool(insecure),
+        allowed_hosts=hosts,
+        tls=tls_config,
+    )
+    for problem in admin_problems(admin):
+        r.error("admin", problem)
+    return admin
+
+
+def admin_problems(admin: Admin) -> list[str]:
+    """The rules between the admin keys: an admin reachable off this machine needs a token
+    unless ``insecure`` says it is meant; ``token_for_reads`` needs a token."""
+    problems = []
+    has_token = bool(admin.token or admin.token_file or admin.token_env)
+    if not has_token and not admin.insecure and not bind_is_loopback(admin.bind):
+        problems.append(
+            f"bind {admin.bind} is reachable from other machines and no token is set: anyone "
+            "reaching it could reload or drain every server. Set admin.token, admin.token_file "
+            "or admin.token_env (clients then send 'Authorization: Bearer <token>'), bind to "
+            "127.0.0.1, or set admin.insecure: true if the network is trusted"
+        )
+    if admin.token_for_reads and not has_token:
+        problems.append("token_for_reads: needs a token (token, token_file or token_env)")
+    return problems
+
+
+def bind_is_loopback(bind: Address) -> bool:
+    """Whether only this machine can reach ``bind``: a loopback address or ``localhost``."""
+    if bind.host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(bind.host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise ValueError(f"expected an environment variable name like LB_ADMIN_TOKEN, got {_show(value)}")
+    return value
+
+
+def _admin_hosts(r: Reader, doc: Any) -> tuple[str, ...] | None:
+    """``admin.allowed_hosts``: host names or IP addresses, no port (any port matches)."""
+    if doc is None:
+        return ()
+    if not isinstance(doc, list):
+        r.error("admin.allowed_hosts", f"expected a list of host names, got {_show(doc)}")
+        return None
+    out: list[str] = []
+    for i, item in enumerate(doc):
+        where = f"admin.allowed_hosts[{i}]"
+        text = item.strip().lower().rstrip(".") if isinstance(item, str) else ""
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        try:
+            out.append(str(ipaddress.ip_address(text)))
+            continue
+        except ValueError:
+            pass
+        if _ADMIN_HOST.fullmatch(text):
+            out.append(text)
+        elif ":" in text or "/" in text:
+            r.error(where, f"a host name or IP address without a port or scheme, got {_show(item)}")
+        else:
+            r.error(where, f"expected a host name like admin.example.com, got {_show(item)}")
+    return tuple(out)
