@@ -549,7 +549,9 @@ def bind_is_loopback(bind: Address) -> bool:
 
 def _env_name(value: Any) -> str:
     if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
-        raise ValueError(f"expected an environment variable name like LB_ADMIN_TOKEN, got {_show(value)}")
+        raise ValueError(
+            f"expected an environment variable name like LB_ADMIN_TOKEN, got {_show(value)}"
+        )
     return value
 
 

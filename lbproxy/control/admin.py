@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbproxy")
 
 
-
-
 def server_view(
     s: ServerState, checked: bool, reg: Registry, active: dict[str, int] | None
 ) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..config.model import Admin
 
@@ -137,9 +138,7 @@ def check(request: web.Request, admin: Admin) -> web.Response | None:
     writes = request.method not in SAFE_METHODS
     if writes:
         origin = request.headers.get("Origin")
-        if origin is not None and not origin_allowed(
-            origin, request.scheme, host_header, admin
-        ):
+        if origin is not None and not origin_allowed(origin, request.scheme, host_header, admin):
             return _refuse(403, f"cross-origin request refused (Origin: {origin[:100]})")
         if request.content_type != "application/json":
             return _refuse(
@@ -164,7 +163,7 @@ def check(request: web.Request, admin: Admin) -> web.Response | None:
     return None
 
 
-def middleware(current: Callable[[], Admin]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def middleware(current: Callable[[], Admin]) -> Middleware:
     """The aiohttp middleware applying ``check`` with the admin settings in force now
     (``current``: the running snapshot's, so a reload changes them at once)."""
 

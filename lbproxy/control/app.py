@@ -27,7 +27,6 @@ from typing import Protocol
 
 from ..config.model import (
     WS_CLOSE_HANDSHAKE_TIMEOUT,
-    Address,
     Admin,
     Config,
     ConfigError,

@@ -71,7 +71,8 @@ def _tls_files(t: Tls, base: str, where: str, problems: list[str]) -> Tls | None
 def _with_admin(config: Config, raw: bytes, path: str) -> Config:
     """The admin's certificate files checked, and its token read from ``token_file`` or
     ``token_env``: at every load, so a reload picks up a rotated token."""
-    admin, problems = config.admin, []
+    admin = config.admin
+    problems: list[str] = []
     base = _base(path)
     if admin.tls is not None:
         checked = _tls_files(admin.tls, base, "admin.tls", problems)
@@ -128,7 +129,6 @@ def _checked_token(value: str, source: str) -> str:
         # The value is a secret: never echo it.
         raise ValueError(f"{source}: expected a token of visible ASCII characters, no spaces")
     return value
-
 
 
 def insecure_warning(admin: Admin) -> str | None:

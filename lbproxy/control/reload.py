@@ -6,8 +6,8 @@ in-place write. A change of size, mtime or inode that also changes the bytes tri
 ``Proxy.reload``; the reload itself decides whether anything really changed.
 
 The TLS files the running config names (every https listener's certificate and key, and the
-admin's) are watched the same way, so a certificate renewed on disk (certificate managers rewrite the
-files in place) is picked up without anyone asking for a reload. A manager writes the
+admin's) are watched the same way, so a certificate renewed on disk (certificate managers
+rewrite the files in place) is picked up without anyone asking for a reload. A manager writes the
 certificate and the key one after the other: the reload waits until a poll sees no further
 change, so it never loads a new certificate with the old key.
 """

@@ -128,7 +128,14 @@ async def test_curl_needs_the_json_content_type(make_backend, make_proxy, make_a
 
     async def curl(*args: str) -> str:
         p = await asyncio.create_subprocess_exec(
-            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *args, url,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            *args,
+            url,
             stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await p.communicate()
