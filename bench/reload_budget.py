@@ -20,8 +20,8 @@ import argparse
 import asyncio
 import time
 
-from lbproxy.core import metrics
 from lbproxy.config import Config, parse_config
+from lbproxy.core import metrics
 from lbproxy.core.snapshot import RuntimeState
 from tests.integration.test_reload import big_doc
 from tests.support import start_proxy
