@@ -33,6 +33,7 @@ INTERPRETED = frozenset(
         "run",  # the command line, the supervisor, the worker's start, the signals
         # control: what runs at start, on a reload, on a timer or for the operator
         "control.admin",
+        "control.admin_guard",
         "control.checker",
         "control.discovery",  # DNS lookups on a timer (its decisions: core.dns, drain too)
         "control.drain",

@@ -339,7 +339,7 @@ async def reload_loop(
         t0 = time.perf_counter()
         report.reloads += 1
         try:
-            async with session.post(f"http://127.0.0.1:{admin}/-/reload") as r:
+            async with session.post(f"http://127.0.0.1:{admin}/-/reload", json={}) as r:
                 answer = await r.json()
         except aiohttp.ClientError as exc:
             answer = {"result": "error", "errors": [repr(exc)]}

@@ -11,6 +11,7 @@ from ..wire.cidrs import IPNetwork
 from .declare import Leaf
 from .model import MAX_WEIGHT, Address
 from .units import (
+    _admin_host,
     _bool,
     _check_host,
     _choice,
@@ -20,6 +21,7 @@ from .units import (
     _dns_name,
     _drain_code,
     _duration_or_zero,
+    _env_name,
     _file_path,
     _int_in,
     _media_types,
@@ -100,6 +102,10 @@ Bool = Annotated[bool, Leaf(_bool, "true or false", {"type": "boolean"})]
 Name = Annotated[str, Leaf(_name, "name", {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"})]
 String = Annotated[str, Leaf(_string, "string", _STR)]
 FilePath = Annotated[str, Leaf(_file_path, "file path", {"type": "string", "minLength": 1})]
+EnvName = Annotated[
+    str, Leaf(_env_name, "variable name", {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"})
+]
+AdminHost = Annotated[str, Leaf(_admin_host, "host name or IP", _STR)]
 UrlPath = Annotated[str, Leaf(_path, "path", {"type": "string", "pattern": "^/"})]
 Prefix = Annotated[str, Leaf(_prefix, "path prefix", {"type": "string", "pattern": "^/"})]
 Token = Annotated[str, Leaf(_token, "token", {"type": "string", "minLength": 1})]

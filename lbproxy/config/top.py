@@ -16,10 +16,23 @@ from pydantic_core import core_schema
 
 from .declare import Items, Loc, Problem, declared, given
 from .groups import ServerGroup
-from .leaves import BindAddress, Bool, Duration, Name, Resolver, String, Token, choice
+from .leaves import (
+    AdminHost,
+    BindAddress,
+    Bool,
+    Duration,
+    EnvName,
+    FilePath,
+    Name,
+    Resolver,
+    String,
+    Token,
+    choice,
+)
 from .listeners import Listener
 from .model import DEFAULT_SHUTDOWN_TIMEOUT, Address
-from .units import _name, _show, parse_address
+from .sections import Tls
+from .units import _name, _show, bind_is_loopback, parse_address
 
 
 class GroupMap:
@@ -47,6 +60,11 @@ class GroupMap:
 @declared
 @dataclass(frozen=True, slots=True)
 class Admin:
+    """The admin listener (``admin``). Safe by default: a bind off loopback needs a token (or
+    ``insecure: true``); the checks on every request (Host, Origin, content type, token) are
+    ``control.admin_guard``'s. ``token`` is the token in effect: as written, or what
+    ``token_file`` / ``token_env`` held when the file was loaded (``control.loading``)."""
+
     bind: Annotated[
         BindAddress,
         Field(
@@ -55,8 +73,9 @@ class Admin:
                 "page, `GET /status` JSON, `GET /metrics` Prometheus, `GET /healthz`, `POST "
                 "/-/reload`, `GET /-/servers` and `PUT /-/servers/{group}/{host:port}` (see "
                 "[Runtime server state](#runtime-server-state)). Loopback unless you bind it "
-                "elsewhere. A reload that changes it opens the new address first (or fails, "
-                "changing nothing)"
+                "elsewhere; off loopback it needs a token or `insecure: true` (see [Securing "
+                "the admin listener](#securing-the-admin-listener)). A reload that changes it "
+                "opens the new address first (or fails, changing nothing)"
             ),
         ),
     ] = Address("127.0.0.1", 8404)  # noqa: RUF009 (frozen: one shared default is safe)
@@ -66,11 +85,98 @@ class Admin:
             description=(
                 "when set, `POST /-/reload`, `GET /-/servers` and `PUT /-/servers/...` need "
                 "`Authorization: Bearer <token>` (compared in constant time; 401 otherwise). "
-                "The read-only pages need none. Visible ASCII, no spaces"
+                "The read-only pages need none (see `token_for_reads`). Visible ASCII, no "
+                "spaces. Only one of `token`, `token_file`, `token_env`"
             ),
             json_schema_extra={"x-default": "none"},
         ),
-    ] = ""
+    ] = field(default="", repr=False)
+    token_file: Annotated[
+        FilePath | None,
+        Field(
+            description=(
+                "the token read from this file (relative to the config file) at start and at "
+                "every reload, so rotating it is: write the new token, reload. Refused (a "
+                "config error) when the file is readable or writable by group or others "
+                "(`mode & 0o077`; `chmod 600` it), empty, or not visible ASCII; one trailing "
+                "newline is dropped"
+            ),
+        ),
+    ] = None
+    token_env: Annotated[
+        EnvName | None,
+        Field(
+            description=(
+                "the token read from this environment variable (a name like "
+                "`LBPROXY_ADMIN_TOKEN`); unset or empty is a config error"
+            ),
+        ),
+    ] = None
+    token_for_reads: Annotated[
+        Bool,
+        Field(
+            description=(
+                "`true`: the token guards every page (`/`, `/status`, `/metrics`), not only "
+                "the writes and `/-/servers`; `/healthz` stays open. Needs a token"
+            ),
+        ),
+    ] = False
+    insecure: Annotated[
+        Bool,
+        Field(
+            description=(
+                "`true`: a `bind` off loopback without a token is meant (a trusted network); "
+                "a warning is logged at every start and reload. Without it such a bind is a "
+                "config error (`--check` exits 2)"
+            ),
+        ),
+    ] = False
+    allowed_hosts: Annotated[
+        Annotated[tuple[AdminHost, ...], Items("host names")],
+        Field(
+            description=(
+                "a list of host names (or IP addresses, no port) the admin answers to besides "
+                "its own (see [Securing the admin listener](#securing-the-admin-listener)); "
+                "any other `Host` gets 421"
+            ),
+        ),
+    ] = ()
+    tls: Annotated[
+        Tls | None,
+        Field(
+            description=(
+                "https on the admin listener: the same keys as "
+                "[`listeners[].tls`](#listenerstls) (`cert`/`key` or `certificates`, "
+                "`policy`, `client_ca`, `client_auth`). The files are checked at load (a bad "
+                "one fails `--check` and the reload) and watched like a listener's: a renewed "
+                "certificate is served after the automatic reload (the admin socket is opened "
+                "again on the same address; a moment without the admin)"
+            ),
+        ),
+    ] = None
+
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        out: list[Problem] = []
+        sources = [k for k in ("token", "token_file", "token_env") if k in raw]
+        if len(sources) > 1:
+            out.append(((), f"{' and '.join(sources)}: give only one source of the token"))
+        if not isinstance(value, Admin):
+            return out
+        if not sources and not value.insecure and not bind_is_loopback(value.bind):
+            out.append(
+                (
+                    (),
+                    f"bind {value.bind} is reachable from other machines and no token is set: "
+                    "anyone reaching it could reload or drain every server. Set admin.token, "
+                    "admin.token_file or admin.token_env (clients then send 'Authorization: "
+                    "Bearer <token>'), bind to 127.0.0.1, or set admin.insecure: true if the "
+                    "network is trusted",
+                )
+            )
+        if value.token_for_reads and not sources:
+            out.append(((), "token_for_reads: needs a token (token, token_file or token_env)"))
+        return out
 
 
 @declared

@@ -386,3 +386,42 @@ def _resolver(value: Any) -> Address:
 
 # A server's weight, wherever one is given: the file, discovery, the runtime API.
 parse_weight = _int_in(0, MAX_WEIGHT)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ADMIN_HOST = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+
+
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise ValueError(
+            f"expected an environment variable name like LB_ADMIN_TOKEN, got {_show(value)}"
+        )
+    return value
+
+
+def _admin_host(value: Any) -> str:
+    """One of ``admin.allowed_hosts``: a host name or an IP address, without a port (any port
+    matches); lowercased, a trailing dot and IPv6 brackets removed."""
+    text = value.strip().lower().rstrip(".") if isinstance(value, str) else ""
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if _ADMIN_HOST.fullmatch(text):
+        return text
+    if ":" in text or "/" in text:
+        raise ValueError(f"a host name or IP address without a port or scheme, got {_show(value)}")
+    raise ValueError(f"expected a host name like admin.example.com, got {_show(value)}")
+
+
+def bind_is_loopback(bind: Address) -> bool:
+    """Whether only this machine can reach ``bind``: a loopback address or ``localhost``."""
+    if bind.host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(bind.host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything

@@ -1,16 +1,18 @@
 """The admin listener: /metrics, /status, the status page, /healthz, POST /-/reload and the
 runtime server API (GET /-/servers, PUT /-/servers/{group}/{host:port}).
 
-Owns the aiohttp application on ``admin.bind`` (never on a proxied listener). It only reads
-the proxy's state and asks ``Proxy.reload`` / ``ServerControl.set_server_state``; the numbers come
-from ``metrics``, rendered for /metrics by ``metric_families``. With ``admin.token`` set,
-everything that changes state or lists servers needs ``Authorization: Bearer <token>``.
+Owns the aiohttp application on ``admin.bind`` (never on a proxied listener), plain or with
+``admin.tls``. It only reads the proxy's state and asks ``Proxy.reload`` /
+``ServerControl.set_server_state``; the numbers come from ``metrics``, rendered for /metrics by
+``metric_families``. Every request first passes ``admin_guard`` (Host, Origin, content type,
+the bearer token).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
+import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,14 +22,19 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__, buildinfo
 from ..config.model import Address
+from ..config.top import Admin
 from ..config.validate import parse_server_change
 from ..core.metrics import Registry, merge_registries
 from ..core.snapshot import ServerState
+from ..proxy import tls
+from . import admin_guard
 from .metric_families import Collector
 from .status_page import render_status_page
 
 if TYPE_CHECKING:
     from .app import Proxy
+
+log = logging.getLogger("lbproxy")
 
 
 def server_view(
@@ -170,7 +177,9 @@ class AdminServer:
         self.workers = workers
         self.prom = CollectorRegistry(auto_describe=False)
         self.prom.register(Collector(proxy.registry))
-        self.app = web.Application()
+        self.app = web.Application(
+            middlewares=[admin_guard.middleware(lambda: proxy.holder.current.config.admin)]
+        )
         self.app.router.add_get("/", self.page)
         self.app.router.add_get("/status", self.status)
         self.app.router.add_get("/metrics", self.metrics)
@@ -181,23 +190,40 @@ class AdminServer:
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
         self.address: Address | None = None
+        self.bind: Address | None = None  # admin.bind as configured (port 0 as written)
 
     async def start(self) -> None:
-        bind = self.proxy.holder.current.config.admin.bind
+        admin = self.proxy.holder.current.config.admin
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self.runner.setup()
-        self.site = web.TCPSite(self.runner, bind.host, bind.port, reuse_address=True)
+        self.site = self._site(admin.bind, _context(admin))
         await self.site.start()
-        server: Any = self.site._server  # an asyncio or uvloop Server: both have .sockets
-        host, port = server.sockets[0].getsockname()[:2]
-        self.address = Address(host, port)
+        self.bind = admin.bind
+        self.address = _bound(self.site)
 
-    async def prepare(self, bind: Address) -> PendingBind:
-        """Listen on ``bind`` as well (raises OSError); the reload then commits or cancels."""
+    @property
+    def url(self) -> str:
+        """The admin's base URL (http or https, the address it listens on)."""
+        scheme = "https" if self.proxy.holder.current.config.admin.tls is not None else "http"
+        return f"{scheme}://{self.address}"
+
+    def _site(self, bind: Address, context: ssl.SSLContext | None) -> web.TCPSite:
         assert self.runner is not None
-        site = web.TCPSite(self.runner, bind.host, bind.port, reuse_address=True)
+        return web.TCPSite(
+            self.runner, bind.host, bind.port, reuse_address=True, ssl_context=context
+        )
+
+    async def prepare(self, admin: Admin) -> PendingBind | Relisten:
+        """Listen as ``admin`` says (a new bind, or new TLS); the reload then commits or
+        cancels. Raises OSError when the new bind cannot be listened on, ValueError when the
+        TLS files cannot be used. The same bind cannot listen twice: it is listened on again
+        at the commit (a moment without the admin)."""
+        context = _context(admin)
+        if admin.bind == self.bind and admin.bind.port != 0:
+            return Relisten(self, admin.bind, context)
+        site = self._site(admin.bind, context)
         await site.start()
-        return PendingBind(self, site)
+        return PendingBind(self, site, admin.bind)
 
     async def close_listener(self) -> None:
         """Stop accepting admin connections (first step of shutdown)."""
@@ -239,20 +265,6 @@ class AdminServer:
         text = render_status_page(await self._status())
         return web.Response(text=text, content_type="text/html")
 
-    def _unauthorized(self, request: web.Request) -> web.Response | None:
-        """The 401 when a token is configured and the request does not carry it, else None."""
-        token = self.proxy.holder.current.config.admin.token
-        if not token or _bearer_ok(request.headers.get("Authorization", ""), token):
-            return None
-        return web.json_response(
-            {
-                "result": "error",
-                "errors": ["a valid 'Authorization: Bearer <token>' is needed"],
-            },
-            status=401,
-            headers={"WWW-Authenticate": 'Bearer realm="lbproxy admin"'},
-        )
-
     async def _active(self) -> tuple[Registry, dict[str, int] | None]:
         if self.workers is None:
             return self.proxy.registry, None
@@ -260,9 +272,6 @@ class AdminServer:
         return merge_registries([self.proxy.registry, *regs]), active
 
     async def servers(self, request: web.Request) -> web.Response:
-        denied = self._unauthorized(request)
-        if denied is not None:
-            return denied
         reg, active = await self._active()
         out: list[dict[str, Any]] = []
         for g in self.proxy.holder.current.groups.values():
@@ -270,9 +279,6 @@ class AdminServer:
         return web.json_response(out)
 
     async def put_server(self, request: web.Request) -> web.Response:
-        denied = self._unauthorized(request)
-        if denied is not None:
-            return denied
         group, address = request.match_info["group"], request.match_info["server"]
         g = self.proxy.holder.current.groups.get(group)
         if g is None:
@@ -292,9 +298,9 @@ class AdminServer:
         return web.json_response(server_view(server, g.checks, reg, active))
 
     async def reload(self, request: web.Request) -> web.Response:
-        denied = self._unauthorized(request)
-        if denied is not None:
-            return denied
+        body = await request.read()
+        if body.strip() and _json(body) != {}:
+            return _error(400, "POST /-/reload takes no parameters: send no body, or {}")
         result = await self.proxy.reload("admin")
         if result.ok:
             return web.json_response(
@@ -315,30 +321,67 @@ def _server_change(body: object) -> tuple[list[str], str | None, int | None]:
     return problems, change.admin_state, change.weight
 
 
-def _bearer_ok(header: str, token: str) -> bool:
-    """``Authorization: Bearer <token>`` (scheme in any case), compared in constant time."""
-    scheme, _, credentials = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(credentials.strip().encode(), token.encode())
+def _json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _context(admin: Admin) -> ssl.SSLContext | None:
+    """The admin's TLS context (its files were checked when the config was loaded)."""
+    return None if admin.tls is None else tls.load(admin.tls).context
+
+
+def _bound(site: web.TCPSite) -> Address:
+    server: Any = site._server  # an asyncio or uvloop Server: both have .sockets
+    host, port = server.sockets[0].getsockname()[:2]
+    return Address(host, port)
 
 
 class PendingBind:
     """A new admin socket opened by a reload: ``commit`` moves to it (the old one stops
     accepting; connections already open finish), ``cancel`` closes it again."""
 
-    def __init__(self, admin: AdminServer, site: web.TCPSite) -> None:
+    def __init__(self, admin: AdminServer, site: web.TCPSite, bind: Address) -> None:
         self.admin = admin
         self.site = site
+        self.bind = bind
 
     async def commit(self) -> None:
         admin = self.admin
         old, admin.site = admin.site, self.site
-        server: Any = self.site._server
-        host, port = server.sockets[0].getsockname()[:2]
-        admin.address = Address(host, port)
+        admin.address = _bound(self.site)
+        admin.bind = self.bind
         if old is not None:
             await old.stop()
 
     async def cancel(self) -> None:
         await self.site.stop()
+
+
+class Relisten:
+    """New TLS on the same admin bind: at the commit the socket is closed and opened again
+    with the new context (connections already open finish on the old one)."""
+
+    def __init__(self, admin: AdminServer, bind: Address, context: ssl.SSLContext | None) -> None:
+        self.admin = admin
+        self.bind = bind
+        self.context = context
+
+    async def commit(self) -> None:
+        admin = self.admin
+        if admin.site is not None:
+            await admin.site.stop()
+        site = admin._site(self.bind, self.context)
+        try:
+            await site.start()
+        except OSError as exc:
+            admin.site = None
+            log.error("admin: cannot listen on %s again: %s", self.bind, exc.strerror or exc)
+            return
+        admin.site = site
+        admin.address = _bound(site)
+
+    async def cancel(self) -> None:
+        pass

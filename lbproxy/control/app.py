@@ -27,8 +27,8 @@ from typing import Protocol
 
 from ..config.groups import Discovery as DiscoverySpec
 from ..config.groups import Server
-from ..config.model import WS_CLOSE_HANDSHAKE_TIMEOUT, Address, ConfigError
-from ..config.top import Config
+from ..config.model import WS_CLOSE_HANDSHAKE_TIMEOUT, ConfigError
+from ..config.top import Admin, Config
 from ..core import metrics
 from ..core.dns import with_discovered
 from ..core.health import Event, Transition
@@ -41,7 +41,7 @@ from ..proxy.tunnel import IdleSweeper, Tunnel
 from ..wire.wsframes import GOING_AWAY
 from .checker import Checker
 from .discovery import Discovery, resolve_names
-from .loading import loads_config, read_config_file
+from .loading import insecure_warning, loads_config, read_config_file
 from .server_control import ServerControl
 
 log = logging.getLogger("lbproxy")
@@ -58,7 +58,7 @@ class AdminListener(Protocol):
     """The admin server (admin.AdminServer, which sits above this module), as a reload that
     moves ``admin.bind`` sees it."""
 
-    async def prepare(self, bind: Address) -> PendingBind: ...
+    async def prepare(self, admin: Admin) -> PendingBind: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +192,9 @@ class Proxy:
                 config = loads_config(raw, path)
             except ConfigError as exc:
                 return self._reload_failed(trigger, exc.problems)
+            warning = insecure_warning(config.admin)
+            if warning is not None and self.admin is not None:
+                log.warning("%s", warning)  # at every reload, as at the start
             result = await self.apply_config(config, trigger)
             if result.ok and result.changed:
                 self.config_raw = raw
@@ -227,13 +230,18 @@ class Proxy:
             undo.callback(self._discard, changes)
             await resolve_names(s for g in snap.groups.values() for s in g.servers)
             admin_move: PendingBind | None = None
-            if self.admin is not None and config.admin.bind != old.config.admin.bind:
+            new_admin, old_admin = config.admin, old.config.admin
+            if self.admin is not None and (
+                new_admin.bind != old_admin.bind or new_admin.tls != old_admin.tls
+            ):
                 try:
-                    admin_move = await self.admin.prepare(config.admin.bind)
+                    admin_move = await self.admin.prepare(new_admin)
                 except OSError as exc:
                     reason = exc.strerror or str(exc)
-                    problem = f"admin.bind: cannot listen on {config.admin.bind}: {reason}"
+                    problem = f"admin.bind: cannot listen on {new_admin.bind}: {reason}"
                     return self._reload_failed(trigger, [problem])
+                except ValueError as exc:  # a TLS file changed since it was checked
+                    return self._reload_failed(trigger, [f"admin.tls: {exc}"])
                 undo.push_async_callback(admin_move.cancel)
             opening: Opening | None = None
             try:
@@ -254,7 +262,8 @@ class Proxy:
             self.servers.take_health(snap, health)
         if admin_move is not None:
             await admin_move.commit()
-            log.info("admin now on http://%s/", config.admin.bind)
+            scheme = "https" if config.admin.tls is not None else "http"
+            log.info("admin now on %s://%s/", scheme, config.admin.bind)
         if opening is not None:
             self.listeners.commit(opening)
         draining = self.state.commit(snap)

@@ -1,5 +1,6 @@
 """Loading a config file for the running proxy: the file read and validated (``config.load``),
-then every https listener's certificate files checked and digested (``proxy.tls``).
+then every https listener's (and the admin's) certificate files checked and digested
+(``proxy.tls``), and the admin token read from ``admin.token_file`` or ``admin.token_env``.
 
 The one place that joins the two, so the config layer never imports TLS: ``--check``, the
 start, every reload and every worker load through here.
@@ -12,11 +13,11 @@ from dataclasses import replace
 
 from ..config.load import loads_document, read_config_file, with_lines
 from ..config.model import ConfigError
-from ..config.sections import Certificate
-from ..config.top import Config
+from ..config.sections import Certificate, Tls
+from ..config.top import Admin, Config
 from ..proxy import tls
 
-__all__ = ["load_config", "loads_config", "read_config_file"]
+__all__ = ["insecure_warning", "load_config", "loads_config", "read_config_file"]
 
 
 def load_config(path: str) -> Config:
@@ -27,7 +28,7 @@ def load_config(path: str) -> Config:
 def loads_config(raw: bytes, path: str = "<config>") -> Config:
     """Validate config file bytes (``path`` names them in messages, with each problem's line)
     and check the certificate files they name."""
-    return _with_tls_files(loads_document(raw, path), raw, path)
+    return _with_admin(_with_tls_files(loads_document(raw, path), raw, path), raw, path)
 
 
 def _with_tls_files(config: Config, raw: bytes, path: str) -> Config:
@@ -36,24 +37,108 @@ def _with_tls_files(config: Config, raw: bytes, path: str) -> Config:
     each its files' digest. Relative paths are relative to the config file's directory."""
     problems: list[str] = []
     listeners = list(config.listeners)
-    base = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
-
-    def full(p: str) -> str:
-        return os.path.join(base, os.path.expanduser(p))
-
     for i, lst in enumerate(listeners):
         if lst.tls is None:
             continue
-        pairs = tuple(Certificate(full(c.cert), full(c.key)) for c in lst.tls.certificates)
-        ca = full(lst.tls.client_ca) if lst.tls.client_ca is not None else None
-        try:
-            loaded = tls.load(replace(lst.tls, certificates=pairs, client_ca=ca))
-        except tls.TlsError as exc:
-            problems.append(f"listeners[{i}].tls: {exc}")
-            continue
-        listeners[i] = replace(
-            lst, tls=replace(lst.tls, certificates=pairs, client_ca=ca, digest=loaded.digest)
-        )
+        checked = _tls_files(lst.tls, _base(path), f"listeners[{i}].tls", problems)
+        if checked is not None:
+            listeners[i] = replace(lst, tls=checked)
     if problems:
         raise ConfigError(with_lines(problems, raw, path))
     return replace(config, listeners=tuple(listeners))
+
+
+def _base(path: str) -> str:
+    """The directory relative paths in the file are relative to."""
+    return os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
+
+
+def _full(base: str, p: str) -> str:
+    return os.path.join(base, os.path.expanduser(p))
+
+
+def _tls_files(t: Tls, base: str, where: str, problems: list[str]) -> Tls | None:
+    """``t`` with absolute paths and its files' digest, or None (and a problem) when a file
+    cannot be used."""
+    pairs = tuple(Certificate(_full(base, c.cert), _full(base, c.key)) for c in t.certificates)
+    ca = _full(base, t.client_ca) if t.client_ca is not None else None
+    try:
+        loaded = tls.load(replace(t, certificates=pairs, client_ca=ca))
+    except tls.TlsError as exc:
+        problems.append(f"{where}: {exc}")
+        return None
+    return replace(t, certificates=pairs, client_ca=ca, digest=loaded.digest)
+
+
+def _with_admin(config: Config, raw: bytes, path: str) -> Config:
+    """The admin's certificate files checked, and its token read from ``token_file`` or
+    ``token_env``: at every load, so a reload picks up a rotated token."""
+    admin = config.admin
+    problems: list[str] = []
+    base = _base(path)
+    if admin.tls is not None:
+        checked = _tls_files(admin.tls, base, "admin.tls", problems)
+        if checked is not None:
+            admin = replace(admin, tls=checked)
+    if admin.token_file is not None:
+        file = _full(base, admin.token_file)
+        try:
+            admin = replace(admin, token_file=file, token=read_token_file(file))
+        except ValueError as exc:
+            problems.append(f"admin.token_file: {exc}")
+    elif admin.token_env is not None:
+        try:
+            admin = replace(admin, token=read_token_env(admin.token_env))
+        except ValueError as exc:
+            problems.append(f"admin.token_env: {exc}")
+    if problems:
+        raise ConfigError(with_lines(problems, raw, path))
+    return replace(config, admin=admin)
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path``: refused when others could read it (as ssh refuses a private key
+    readable by group or others); one trailing newline is not part of it."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise ValueError(
+            f"{path} is readable or writable by group or others (mode {mode & 0o777:04o}): "
+            f"make it private, e.g. chmod 600 {path}"
+        )
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the token must be visible ASCII characters") from None
+    return _checked_token(text.removesuffix("\n").removesuffix("\r"), path)
+
+
+def read_token_env(name: str) -> str:
+    value = os.environ.get(name, "")
+    if not value:
+        raise ValueError(f"the environment variable {name} is not set or empty")
+    return _checked_token(value, f"${name}")
+
+
+def _checked_token(value: str, source: str) -> str:
+    if not value:
+        raise ValueError(f"{source} is empty: it must hold the token")
+    if not value.isascii() or not value.isprintable() or " " in value:
+        # The value is a secret: never echo it.
+        raise ValueError(f"{source}: expected a token of visible ASCII characters, no spaces")
+    return value
+
+
+def insecure_warning(admin: Admin) -> str | None:
+    """The warning an open admin (``insecure: true``, no token) logs at every start and
+    reload, or None."""
+    if admin.insecure and not admin.token:
+        return (
+            f"admin.insecure: the admin on {admin.bind} takes reloads and server changes "
+            "from anyone who can reach it (no token); set admin.token_file to close it"
+        )
+    return None

@@ -201,6 +201,7 @@ async def _run(
     """Admin, file watch and signals around a started proxy (or supervisor), until a stop
     signal; then the shutdown order: watcher, admin listener, ``close``, admin."""
     from ..control.admin import AdminServer
+    from ..control.loading import insecure_warning
     from ..control.reload import FileWatcher
 
     admin = AdminServer(proxy, workers)
@@ -214,7 +215,10 @@ async def _run(
     proxy.admin = admin  # a reload may move it
     watcher = FileWatcher(proxy)
     watcher.start()
-    log.info("admin on http://%s/", admin.address)
+    log.info("admin on %s/", admin.url)
+    warning = insecure_warning(proxy.holder.current.config.admin)
+    if warning is not None:
+        log.warning("%s", warning)  # at every start, and at every reload (Proxy.reload)
     sd_notify("READY=1")
     # Ready: a SIGHUP received while starting is performed now (the watcher took the file as
     # it is now, so a change made while starting is the held SIGHUP's to apply).

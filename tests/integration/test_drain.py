@@ -19,6 +19,7 @@ from lbproxy.wire import wsframes
 from tests.support import RawServer, config_doc, proxy_url, start_proxy, wait_for
 
 NO_CHECKS = {"health_check": {"enabled": False}}
+JSON = {"Content-Type": "application/json"}  # the admin refuses a write without it (415)
 CLOSES = web.AppKey("closes", list)
 CONNS = web.AppKey("conns", list)
 RECEIVED = web.AppKey("received", list)
@@ -327,7 +328,7 @@ async def test_runtime_api_drain_weight_and_reloads(make_backend, make_proxy, ma
         # the weight is checked as the config file's weight is, with the same words
         err = await put(f"rs1/{a.address}", {"weight": 101}, 400)
         assert err["errors"] == ["weight: expected an integer 0..100, got 101"]
-        async with s.put(f"{base}/rs1/{a.address}", data=b"{not json") as r:
+        async with s.put(f"{base}/rs1/{a.address}", data=b"{not json", headers=JSON) as r:
             assert r.status == 400 and "JSON" in (await r.json())["errors"][0]
         await ws.close()
 

@@ -609,14 +609,14 @@ async def test_admin_token_guards_reload(make_backend, make_proxy, make_admin, t
             {"Authorization": "Basic s3cret-t0ken"},
             {"Authorization": "s3cret-t0ken"},
         ):
-            async with s.post(url, headers=headers) as r:
+            async with s.post(url, json={}, headers=headers) as r:
                 assert r.status == 401, headers
                 assert r.headers["WWW-Authenticate"].startswith("Bearer")
         assert proxy.registry.reloads.success == 0  # nothing was attempted
-        async with s.post(url, headers={"Authorization": "Bearer s3cret-t0ken"}) as r:
+        async with s.post(url, json={}, headers={"Authorization": "Bearer s3cret-t0ken"}) as r:
             assert r.status == 200
             assert (await r.json())["result"] == "ok"
-        async with s.post(url, headers={"authorization": "bearer  s3cret-t0ken "}) as r:
+        async with s.post(url, json={}, headers={"authorization": "bearer  s3cret-t0ken "}) as r:
             assert r.status == 200
         async with s.get(f"http://{admin.address}/metrics") as r:
             assert r.status == 200  # reading needs no token

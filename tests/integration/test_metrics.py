@@ -416,7 +416,7 @@ async def test_reload_counts_result_and_timestamp(tmp_path, make_backend, make_p
     path.write_text(yaml.safe_dump(config_doc([a.address, b.address], group=NO_CHECKS)))
     t0 = time.time()
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"http://{admin.address}/-/reload") as r:
+        async with s.post(f"http://{admin.address}/-/reload", json={}) as r:
             assert r.status == 200
         t1 = time.time()
         m = await scrape(admin)
@@ -426,7 +426,7 @@ async def test_reload_counts_result_and_timestamp(tmp_path, make_backend, make_p
         assert ts is not None and t0 <= ts <= t1
 
         path.write_text("listeners: [oops\n")
-        async with s.post(f"http://{admin.address}/-/reload") as r:
+        async with s.post(f"http://{admin.address}/-/reload", json={}) as r:
             assert r.status == 400
         t2 = time.time()
     m = await scrape(admin)

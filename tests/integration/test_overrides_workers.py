@@ -125,7 +125,7 @@ async def test_overrides_survive_a_reload_and_a_killed_worker(make_backend, tmp_
 
         await wait_for(lambda: reloads(1), 10, "the SIGHUP reload")
         write_config(lb.path, doc_with_token(servers_now, port, admin), keep_signature=True)
-        async with lb.session.post(f"{lb.admin}/-/reload", headers=AUTH) as r:
+        async with lb.session.post(f"{lb.admin}/-/reload", json={}, headers=AUTH) as r:
             assert r.status == 200, await r.text()
             assert (await r.json())["changed"] is True
         await wait_for(lambda: reloads(2), 10, "the admin reload")

@@ -795,7 +795,7 @@ async def test_admin_reload_answers_with_summary_or_errors(make_backend, lbproxy
     async with aiohttp.ClientSession() as s:
         await wait_for(lambda: served_by(s, port, "A"), 5, "A to serve")
         write_keeping_signature(p.path, process_doc([b.address], port, admin), PAD)
-        async with s.post(f"{p.admin}/-/reload") as r:
+        async with s.post(f"{p.admin}/-/reload", json={}) as r:
             assert r.status == 200
             body = await r.json()
         assert body == {
@@ -808,7 +808,7 @@ async def test_admin_reload_answers_with_summary_or_errors(make_backend, lbproxy
         }
         await wait_for(lambda: served_by(s, port, "B"), 5, "B to serve")
 
-        async with s.post(f"{p.admin}/-/reload") as r:
+        async with s.post(f"{p.admin}/-/reload", json={}) as r:
             assert r.status == 200
             assert await r.json() == {
                 "result": "ok",
@@ -819,7 +819,7 @@ async def test_admin_reload_answers_with_summary_or_errors(make_backend, lbproxy
         bad = process_doc([b.address], port, admin, group={"weights": 1})
         bad["listeners"][0]["idle_timeout"] = "forever"
         write_keeping_signature(p.path, bad, PAD)
-        async with s.post(f"{p.admin}/-/reload") as r:
+        async with s.post(f"{p.admin}/-/reload", json={}) as r:
             assert r.status == 400
             body = await r.json()
         assert body["result"] == "error"

@@ -124,7 +124,7 @@ async def test_status_json_describes_listeners_groups_servers_and_config(
         digest = st["config"]["sha256"]
         path.write_text("listeners: {\n")
         t0 = time.time()
-        async with s.post(f"http://{admin.address}/-/reload") as r:
+        async with s.post(f"http://{admin.address}/-/reload", json={}) as r:
             assert r.status == 400
         st = await fetch_status(admin)
         assert st["last_reload"]["success"] is False
@@ -134,7 +134,7 @@ async def test_status_json_describes_listeners_groups_servers_and_config(
 
         # A good reload: new hash, success.
         path.write_text(yaml.safe_dump(config_doc([a.address], group=CHECKS)))
-        async with s.post(f"http://{admin.address}/-/reload") as r:
+        async with s.post(f"http://{admin.address}/-/reload", json={}) as r:
             assert r.status == 200
         st = await fetch_status(admin)
         assert st["last_reload"]["success"] is True

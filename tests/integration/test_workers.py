@@ -154,7 +154,7 @@ class Cluster:
             return Metrics(await r.text())
 
     async def reload(self) -> tuple[int, dict[str, Any]]:
-        async with self.session.post(f"{self.admin}/-/reload") as r:
+        async with self.session.post(f"{self.admin}/-/reload", json={}) as r:
             return r.status, await r.json()
 
     async def request(self, path: str = "/whoami", timeout: float = 5.0) -> Reply:

@@ -446,7 +446,19 @@ def allowed_at(place: str, doc: dict[str, Any]) -> tuple[str, ...]:
         ("server_groups.rs1.bogus", GROUP_KEYS),
         ("server_groups.rs1.servers[0].bogus", ("address", "weight")),
         ("server_groups.rs1.health_check.bogus", CHECK_KEYS),
-        ("admin.bogus", ("bind", "token")),
+        (
+            "admin.bogus",
+            (
+                "bind",
+                "token",
+                "token_file",
+                "token_env",
+                "token_for_reads",
+                "insecure",
+                "allowed_hosts",
+                "tls",
+            ),
+        ),
         ("access_log.bogus", ("enabled", "format", "path")),
     ],
 )
@@ -551,9 +563,8 @@ def test_port_zero_binds_never_clash():
 
 
 def test_admin_on_a_listener_address():
-    assert problems(with_("admin.bind", "0.0.0.0:5000")) == [
-        "admin.bind: 0.0.0.0:5000 is already used by listener web"
-    ]
+    doc = with_("admin", {"bind": "0.0.0.0:5000", "token": "t0ken"})
+    assert problems(doc) == ["admin.bind: 0.0.0.0:5000 is already used by listener web"]
 
 
 @pytest.mark.parametrize(
@@ -1028,7 +1039,15 @@ def test_full_config_shows_every_key():
     discoveries = [g["discovery"] for g in groups if "discovery" in g]
     dns_keys = set(allowed_at("server_groups.rs1.discovery", dns))
     assert set().union(*(_keys(d) for d in discoveries)) == dns_keys
-    assert _keys(doc["admin"]) == {"bind", "token"}
+    # token_file and token_env (each the other's alternative) are shown commented out
+    assert _keys(doc["admin"]) == {
+        "bind",
+        "token",
+        "token_for_reads",
+        "insecure",
+        "allowed_hosts",
+        "tls",
+    }
     assert _keys(doc["access_log"]) == {"enabled", "format", "path"}
 
 
