@@ -285,7 +285,10 @@ def open_fds(pid: int) -> int:
 async def test_out_of_descriptors_pauses_accepting_and_recovers(make_backend, tmp_path):
     a = await make_backend("A")
     port = free_port()
-    doc = raw_config([a.address], listener={"bind": f"127.0.0.1:{port}", "idle_timeout": "60s"})
+    # The flood's connections send nothing: client_header_timeout must not close them before
+    # the test has looked at the proxy's descriptors (a loaded machine may take seconds).
+    listener = {"bind": f"127.0.0.1:{port}", "idle_timeout": "60s", "client_header_timeout": "60s"}
+    doc = raw_config([a.address], listener=listener)
     group = doc["server_groups"]["rs1"]
     group["keepalive_timeout"] = "60s"  # the keep-alive client's backend connection stays
     group["health_check"] = {"interval": "200ms", "timeout": "1s", "path": "/health"}
