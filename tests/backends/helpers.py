@@ -13,7 +13,9 @@ import aiohttp
 JsonObject = dict[str, Any]
 WS = aiohttp.ClientWebSocketResponse
 
-TIMEOUT = 5.0  # upper bound of any single wait; successful waits return far sooner
+# A hang guard on any single wait (a loaded machine is slow, not hung); successful waits return
+# far sooner.
+TIMEOUT = 20.0
 
 
 async def recv_json(ws: WS, timeout: float = TIMEOUT) -> JsonObject:
