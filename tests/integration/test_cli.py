@@ -280,6 +280,11 @@ async def serving(session: aiohttp.ClientSession, url: str, body: str) -> bool:
     return await get(session, url) == (200, body)
 
 
+async def answered(session: aiohttp.ClientSession, url: str, status: int) -> bool:
+    got = await get(session, url)
+    return got is not None and got[0] == status
+
+
 async def test_real_run_serves_then_sigterm_exits_zero(make_backend, tmp_path):
     backend = await make_backend("A")
     listen, admin = free_port(), free_port()
@@ -290,8 +295,12 @@ async def test_real_run_serves_then_sigterm_exits_zero(make_backend, tmp_path):
             timeout=15,
             what="lbproxy to serve a request through its listener",
         )
-        async with session.get(f"http://127.0.0.1:{admin}/healthz") as r:
-            assert r.status == 200
+        # The admin comes up after the listeners (they serve as soon as they are warm).
+        await wait_for(
+            lambda: answered(session, f"http://127.0.0.1:{admin}/healthz", 200),
+            timeout=15,
+            what="the admin to answer",
+        )
         # the client's keep-alive connection to the listener stays open over the SIGTERM
         start = time.monotonic()
         lb.proc.send_signal(signal.SIGTERM)
