@@ -334,7 +334,8 @@ async def test_out_of_descriptors_pauses_accepting_and_recovers(make_backend, tm
                 lambda: any("Too many open files" in x for x in log), 10, "the proxy to hit EMFILE"
             )
             assert proc.returncode is None
-            assert open_fds(proc.pid) >= FD_LIMIT - 4  # (a health check may hold one a moment)
+            fds = open_fds(proc.pid)  # (a health check may hold one a moment)
+            assert fds >= FD_LIMIT - 4, f"{fds} descriptors open; the proxy said:\n" + "".join(log)
             before = cpu_seconds(proc.pid)
             await asyncio.sleep(1.0)
             spent = cpu_seconds(proc.pid) - before
