@@ -179,7 +179,9 @@ async def test_sighups_while_starting_are_held_and_coalesce_into_one_reload(
     assert "reload (SIGHUP): applied" in c.lines[reloads[0]]
     assert ready < reloads[0]  # performed once ready, not before
     st = await c.status()
-    assert [s["address"] for s in st["server_groups"][0]["servers"]] == [b.address]
+    # A stays listed (removed) while a connection to it is still open: under load it can be.
+    servers = st["server_groups"][0]["servers"]
+    assert [s["address"] for s in servers if not s["removed"]] == [b.address]
     c.proc.send_signal(signal.SIGTERM)
     await exits_cleanly(c)
 
