@@ -5,7 +5,8 @@ check: ``wstest -m fuzzingclient`` (Autobahn|Testsuite, Python 2.7, installed in
 ``.venv27/`` by ``scripts/test``) runs the same cases twice at once, once straight at an
 aiohttp echo server (permessage-deflate on) and once through an in-process lbproxy whose only
 backend is that server. Every case's verdicts (``behavior``, ``behaviorClose``) and the close
-code the client got must be identical: a proxy that drops, alters, reorders, splits wrongly or
+code the client got must be identical (a close code lost direct to a reset may be present
+through lbproxy: see ``same``): a proxy that drops, alters, reorders, splits wrongly or
 injects a byte shows up as a case whose verdict changes. A sanity check on the direct run
 keeps the comparison from passing vacuously (a broken echo server would fail both alike).
 
@@ -116,6 +117,19 @@ def verdicts(results: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str, in
     }
 
 
+def same(direct: tuple[str, str, int | None], proxied: tuple[str, str, int | None]) -> bool:
+    """Equal verdicts and close code; except that a close code the direct run did not get
+    may be present through lbproxy. Why: the echo server answers a protocol error with a
+    close frame and closes the socket while the fuzzing client is still sending (3.4 sends
+    its bad frame in chunks, then a ping); the client's next chunk meets a closed socket, the
+    server's kernel answers with a reset, and a reset discards the close frame still unread in
+    the client's buffer. Whether it is read first is timing (seen once under CPU load).
+    Through lbproxy the proxy has read the frame and forwards it, so the client gets it."""
+    if direct[:2] != proxied[:2]:
+        return False
+    return direct[2] is None or direct[2] == proxied[2]
+
+
 def case_result(workdir: Path, results: dict[str, dict[str, Any]], case: str) -> str:
     """The one-line explanation wstest wrote for ``case``."""
     report = json.loads((workdir / "reports" / results[case]["reportfile"]).read_text())
@@ -159,7 +173,7 @@ async def test_fuzzing_verdicts_through_proxy_match_direct(
             "why": case_result(tmp_path / "lbproxy", proxied, case),
         }
         for case in want
-        if got[case] != want[case]
+        if not same(want[case], got[case])
     }
     assert not diff, "verdicts through lbproxy differ from direct:\n" + json.dumps(
         diff, indent=1, sort_keys=True
