@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbproxy")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+CAUGHT = (signal.SIGHUP, *STOP_SIGNALS)
 
 
 def exit_now() -> None:
@@ -64,6 +65,9 @@ class Signals:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_signal if self.hup else signal.SIG_IGN)
+        # A worker starts with these blocked (child.spawn), so that none can end it while its
+        # interpreter starts: one that came meanwhile is pending, and is handled now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
         return self
 
     # ------------------------------------------------------------------ in the loop

@@ -31,6 +31,7 @@ from ..config.top import Config
 from ..control.app import Proxy, Role
 from ..core.dns import encode
 from ..core.metrics import Registry, load_registry, merge_registries
+from .child import Child, spawn
 
 log = logging.getLogger("lbproxy.run.supervisor")
 
@@ -44,7 +45,7 @@ class WorkerHandle:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: Child | None = None
         self.ready = asyncio.Event()
         self.pid: int | None = None
         self.restarts = 0
@@ -59,7 +60,7 @@ class WorkerHandle:
 
     def send(self, msg: dict[str, Any]) -> None:
         proc = self.proc
-        if proc is None or proc.stdin is None or proc.stdin.is_closing():
+        if proc is None or proc.stdin.is_closing():
             return
         proc.stdin.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
 
@@ -106,15 +107,11 @@ class Supervisor:
 
     async def _spawn(self, w: WorkerHandle) -> None:
         w.ready.clear()
-        w.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "lbproxy.run.worker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,
+        # Started with the signals blocked until the worker has taken them (child.py: why).
+        w.proc = await spawn(
+            [sys.executable, "-m", "lbproxy.run.worker"],
+            {**os.environ, "LBPROXY_LOG_LEVEL": logging.getLevelName(log.getEffectiveLevel())},
             limit=CONTROL_LINE_LIMIT,
-            env={**os.environ, "LBPROXY_LOG_LEVEL": logging.getLevelName(log.getEffectiveLevel())},
         )
         w.pid = w.proc.pid
         w.started_at = time.monotonic()
@@ -136,7 +133,7 @@ class Supervisor:
 
     async def _read(self, w: WorkerHandle) -> None:
         proc = w.proc
-        assert proc is not None and proc.stdout is not None
+        assert proc is not None
         while True:
             line = await proc.stdout.readline()
             if not line:

@@ -13,7 +13,8 @@ A real ``python -m lbproxy`` (alone and with ``--workers 2``) gets each signal:
 - just after it starts (the line it logs once the signals are its own and its config is
   read), before any bind;
 - a worker gets SIGHUP as soon as /proc shows it ignores SIGHUP (its first statement),
-  before it has its config or a socket: it lives on and serves.
+  before it has its config or a socket: it lives on and serves; and earlier, as soon as it
+  exists (its interpreter starting): it was spawned with the signals blocked, and lives.
 """
 
 from __future__ import annotations
@@ -258,6 +259,42 @@ async def test_a_worker_ignores_sighup_from_its_first_statement(make_backend, la
     # Its SIGHUP came before it listened (it ignores SIGHUP from before its heavy imports,
     # a good part of a second before its bind).
     assert not bound_before
+    await c.wait_logged("admin on", 1, HANG)
+    await wait_for(lambda: answers(c, "A"), HANG, "A to answer")
+    assert sorted(await c.worker_pids()) == sorted(hit)  # the same two: none died
+    assert not c.logged("exited with"), "\n".join(c.lines)
+    c.proc.send_signal(signal.SIGTERM)
+    await exits_cleanly(c)
+
+
+def blocks_or_ignores_sighup(pid: int) -> bool:
+    """Whether /proc says ``pid`` has SIGHUP blocked (SigBlk) or ignored (SigIgn)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = [line.split()[1] for line in f if line.startswith(("SigBlk:", "SigIgn:"))]
+    except (OSError, IndexError):
+        return False
+    return any(int(mask, 16) & (1 << (signal.SIGHUP - 1)) for mask in masks)
+
+
+async def test_a_worker_signalled_the_instant_it_exists_lives(make_backend, launch):
+    """Earlier still: SIGHUP to each worker as soon as the supervisor's children list shows
+    it, while its interpreter starts (~20 ms before any lbproxy line runs). It is spawned
+    with the signals blocked (run/child.py), so the signal waits and is then ignored; spawned
+    as asyncio does under uvloop (mask emptied), it died of its default action."""
+    a = await make_backend("A")
+    c = await launch([a.address], "workers")
+    hit: dict[int, bool] = {}  # pid: whether it blocked or ignored SIGHUP when it got one
+    deadline = time.monotonic() + HANG
+    while len(hit) < 2:
+        for pid in children(c.proc.pid):
+            if pid not in hit:
+                hit[pid] = blocks_or_ignores_sighup(pid)
+                os.kill(pid, signal.SIGHUP)
+        assert c.proc.returncode is None, "\n".join(c.lines)
+        assert time.monotonic() < deadline, "no worker appeared"
+        await asyncio.sleep(0)
+    assert all(hit.values()), hit
     await c.wait_logged("admin on", 1, HANG)
     await wait_for(lambda: answers(c, "A"), HANG, "A to answer")
     assert sorted(await c.worker_pids()) == sorted(hit)  # the same two: none died
