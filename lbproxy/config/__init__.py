@@ -1,6 +1,6 @@
 """lbproxy's configuration: every key declared once (``top``, ``listeners``, ``sections``,
 ``groups``: type, default, bounds, unit and description, validated by pydantic through
-``declare``), the leaf values (``units``, ``leaves``), constants (``model``), validation of a
+``declare``), the leaf values (``leaves``), constants (``model``), validation of a
 document (``validate``), reading the file (``load``), the JSON schema and README reference
 (``doc``).
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..wire.cidrs import IPNetwork
 from .groups import Discovery, HealthCheck, Server, ServerGroup, StickySession
+from .leaves import parse_address, parse_bandwidth, parse_duration, parse_size
 from .listeners import Listener
 from .model import (
     ACCEPT_RETRY_DELAY,
@@ -56,7 +57,6 @@ from .model import (
 )
 from .sections import Acl, Certificate, ClientLimits, Rule, Tls, WebSocketPolicy
 from .top import AccessLog, Admin, Config
-from .units import parse_address, parse_bandwidth, parse_duration, parse_size
 from .validate import parse_config
 
 __all__ = [

@@ -27,12 +27,14 @@ from .leaves import (
     Resolver,
     String,
     Token,
+    _name,
+    bind_is_loopback,
     choice,
+    parse_address,
 )
 from .listeners import Listener
-from .model import DEFAULT_SHUTDOWN_TIMEOUT, Address
+from .model import DEFAULT_SHUTDOWN_TIMEOUT, Address, _show
 from .sections import Tls
-from .units import _name, _show, bind_is_loopback, parse_address
 
 
 class GroupMap:
