@@ -1,8 +1,8 @@
 """lbproxy's configuration: every key declared once (``top``, ``listeners``, ``sections``,
 ``groups``: type, default, bounds, unit and description, validated by pydantic through
 ``declare``), the leaf values (``leaves``), constants (``model``), validation of a
-document (``validate``), reading the file (``load``), the JSON schema and README reference
-(``doc``).
+document (``top.parse_config``), reading the file (``load``), the JSON schema and README
+reference (``doc``).
 
 Importing this package loads the declarations and pydantic, not YAML: reading a file
 (``load``, which imports yaml) is imported by what reads one (``control.loading``, which also
@@ -56,8 +56,7 @@ from .model import (
     Timeouts,
 )
 from .sections import Acl, Certificate, ClientLimits, Rule, Tls, WebSocketPolicy
-from .top import AccessLog, Admin, Config
-from .validate import parse_config
+from .top import AccessLog, Admin, Config, parse_config
 
 __all__ = [
     "ACCEPT_RETRY_DELAY",

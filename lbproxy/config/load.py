@@ -20,8 +20,7 @@ from typing import Any
 import yaml
 
 from .model import ConfigError
-from .top import Config
-from .validate import parse_config
+from .top import Config, parse_config
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
