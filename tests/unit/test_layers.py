@@ -31,9 +31,8 @@ IO_LIBRARIES = ("asyncio", "ssl", "uvloop", "aiohttp", "selectors")
 # is now control.loading, top, listeners, sections, leaves, model (6: the declarations nest as
 # the file does, over leaves and declare, which import only model and wire; config.load, the
 # YAML, imports no declaration); the core's is snapshot (3: the declarations are annotations
-# there). The longest is the
-# data path's: __main__, cli, app, then the proxy chain (listener, http2, exchange, ...,
-# core). A ratchet: it may only go down.
+# there). The longest is the data path's: __main__, cli, app, then the proxy chain (listener,
+# http2, exchange, ..., core). A ratchet: it may only go down.
 MAX_DEPTH = 11
 
 
