@@ -1,8 +1,8 @@
 """lbproxy's configuration: every key declared once (``top``, ``listeners``, ``sections``,
 ``groups``: type, default, bounds, unit and description, validated by pydantic through
-``declare``), the leaf values (``units``, ``leaves``), constants (``model``), validation of a
-document (``validate``), reading the file (``load``), the JSON schema and README reference
-(``doc``).
+``declare``), the leaf values (``leaves``), constants (``model``), validation of a
+document (``top.parse_config``), reading the file (``load``), the JSON schema and README
+reference (``doc``).
 
 Importing this package loads the declarations and pydantic, not YAML: reading a file
 (``load``, which imports yaml) is imported by what reads one (``control.loading``, which also
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..wire.cidrs import IPNetwork
 from .groups import Discovery, HealthCheck, Server, ServerGroup, StickySession
+from .leaves import parse_address, parse_bandwidth, parse_duration, parse_size
 from .listeners import Listener
 from .model import (
     ACCEPT_RETRY_DELAY,
@@ -55,9 +56,7 @@ from .model import (
     Timeouts,
 )
 from .sections import Acl, Certificate, ClientLimits, Rule, Tls, WebSocketPolicy
-from .top import AccessLog, Admin, Config
-from .units import parse_address, parse_bandwidth, parse_duration, parse_size
-from .validate import parse_config
+from .top import AccessLog, Admin, Config, parse_config
 
 __all__ = [
     "ACCEPT_RETRY_DELAY",

@@ -1,9 +1,10 @@
 """How a config key is declared, and how pydantic turns a declaration into validation.
 
-A key is one field of a frozen slotted dataclass (``keys``, ``groups``, ``top``): its type,
-default and one-line description (``Field(description=...)``) are written there, and its
-parsing, bounds and unit come from a ``Leaf`` (a ``units`` function that raises ValueError with
-the message for the person editing the file, plus the JSON schema of what it accepts). pydantic
+A key is one field of a frozen slotted dataclass (``sections``, ``listeners``, ``groups``,
+``top``): its type, default and one-line description (``Field(description=...)``) are written
+there, and its parsing, bounds and unit come from a ``leaves.Leaf`` (a parser that raises
+ValueError with the message for the person editing the file, plus the JSON schema of what it
+accepts). pydantic
 validates the whole document against those declarations (one ``TypeAdapter``) and reports every
 problem at once with its place; a class's rules between keys (``_rules``) run in the same pass.
 
@@ -26,32 +27,11 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 
-from .units import _show
+from .model import _show
 
 Loc = tuple[str | int, ...]
 Problem = tuple[Loc, str]
 T = TypeVar("T")
-
-
-class Leaf:
-    """``Annotated`` metadata of a leaf value: ``parse`` validates and converts it (its
-    ValueError is the problem's message), ``schema`` is the JSON schema of what it accepts and
-    ``kind`` names it in the README (``duration``, ``size 64 B..1 MiB``...)."""
-
-    def __init__(self, parse: Callable[[Any], Any], kind: str, schema: dict[str, Any]) -> None:
-        self.parse = parse
-        self.kind = kind
-        self.schema = schema
-
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(self.parse)
-
-    def __get_pydantic_json_schema__(
-        self, cs: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        return {**self.schema, "x-kind": self.kind}
 
 
 class Items:

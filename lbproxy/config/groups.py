@@ -28,8 +28,11 @@ from .leaves import (
     UrlPath,
     Weight,
     Weight_,
+    _dns_name,
     choice,
     integer,
+    parse_address,
+    parse_duration,
 )
 from .model import (
     DEFAULT_DISCOVERY_INTERVAL,
@@ -41,7 +44,6 @@ from .model import (
     MIN_DISCOVERY_INTERVAL,
     SCHEDULERS,
 )
-from .units import _dns_name, parse_address, parse_duration
 
 
 @declared

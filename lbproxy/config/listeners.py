@@ -29,6 +29,9 @@ from .leaves import (
     Name,
     Port,
     SlbId,
+    _prefix,
+    _rule_host,
+    _size,
     choice,
     integer,
     size,
@@ -48,7 +51,6 @@ from .model import (
     Timeouts,
 )
 from .sections import Acl, ClientLimits, Rule, Tls, WebSocketPolicy
-from .units import _prefix, _rule_host, _size
 
 
 @declared

@@ -1,27 +1,24 @@
 """Reading a config file: the only place that opens it and parses YAML.
 
-``loads_document`` parses the YAML (refusing a key given twice), validates it with
-``parse_config`` and, when that fails, gives every problem the file and line it comes from
-(``lb.yaml:14: server_groups.rs1.servers[1].address: ...``): the document is composed a second
-time with its node marks and each problem's place is walked down that tree. It digests the
-file's bytes; the certificate files a config names are checked above this layer
-(``control.loading``, with ``proxy.tls``).
+``load_yaml`` parses the YAML (refusing a key given twice); ``with_lines`` gives each problem
+found in the document the file and line it comes from (``lb.yaml:14:
+server_groups.rs1.servers[1].address: ...``): the document is composed a second time with its
+node marks and each problem's place is walked down that tree. Validating the document
+(``top.parse_config``), digesting the bytes and checking the certificate files a config names
+happen above this layer (``control.loading``, with ``proxy.tls``), so this module imports no
+declaration and sits low.
 
 Kept apart from the model so a module that only wants ``Address`` never imports yaml.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
-from dataclasses import replace
 from typing import Any
 
 import yaml
 
 from .model import ConfigError
-from .top import Config
-from .validate import parse_config
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -57,9 +54,9 @@ def read_config_file(path: str) -> bytes:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
 
 
-def loads_document(raw: bytes, path: str = "<config>") -> Config:
-    """Validate config file bytes (``path`` names them in messages, with each problem's line);
-    the files it names are checked by ``control.loading``."""
+def load_yaml(raw: bytes, path: str = "<config>") -> Any:
+    """The YAML document in config file bytes (``path`` names them in messages); a syntax
+    error or a key given twice is a ConfigError at its line and column."""
     try:
         doc = yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.MarkedYAMLError as exc:
@@ -68,11 +65,7 @@ def loads_document(raw: bytes, path: str = "<config>") -> Config:
         raise ConfigError([f"{where}: YAML syntax error: {exc.problem}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: YAML error: {exc}"]) from None
-    try:
-        config = parse_config(doc)
-    except ConfigError as exc:
-        raise ConfigError(with_lines(exc.problems, raw, path)) from None
-    return replace(config, digest=hashlib.sha256(raw).hexdigest())
+    return doc
 
 
 # A problem's place: dotted keys and [i] indexes, then ": " and the message.

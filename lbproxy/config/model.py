@@ -1,7 +1,7 @@
 """The configuration's constants (every timeout the proxy uses: no timeout literal lives
 anywhere else; the defaults the declarations name), ``ConfigError``, ``Address`` and the
 groupings a listener works out from its keys for the data path (``Timeouts``, ``Forwarding``,
-``Gzip``).
+``Gzip``), and how a wrong value is quoted in a message (``_show``).
 
 The keys themselves are declared in ``listeners``, ``sections``, ``groups`` and ``top``. This
 module imports nothing but the standard library and ``wire.cidrs``: ``tls`` and ``balancer`` import
@@ -10,7 +10,9 @@ its names without pulling in validation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # Names the schema accepts for values that other modules implement: they check these match
 # (balancer.make_scheduler, tls.POLICIES) so the config never imports them.
@@ -68,6 +70,20 @@ DEFAULT_CLIENT_TABLE_SIZE = 65536
 MAX_WEIGHT = 100
 DEFAULT_WEIGHT = 100
 DEFAULT_GZIP_MIN_LENGTH = 1024
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    return repr(value)
 
 
 class ConfigError(Exception):

@@ -2,6 +2,12 @@
 ``access_log``, ``shutdown_timeout`` and ``resolvers`` (each key once, with its type, default
 and description), the rules that link sections (a listener's group must exist, names and
 addresses must not clash) and ``CONFIG``, the one ``TypeAdapter`` that validates a document.
+
+``parse_config(document)``: a parsed YAML document into the model, every problem at once.
+pydantic validates the document against the declarations (``CONFIG``); each problem comes back
+with its place, written as the file is (``server_groups.rs1.servers[1].address``), and the list
+is put in the order the document is written (a left-out key sorts after its parent's keys), so
+the file reads top to bottom. ``parse_server_change`` does the same for a runtime API body.
 """
 
 from __future__ import annotations
@@ -10,12 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
-from pydantic import Field, GetCoreSchemaHandler, TypeAdapter
+from pydantic import Field, GetCoreSchemaHandler, TypeAdapter, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import core_schema
 
-from .declare import Items, Loc, Problem, declared, given
-from .groups import ServerGroup
+from .declare import Items, Loc, Problem, declared, given, problems_of
+from .groups import ServerChange, ServerGroup
 from .leaves import (
     AdminHost,
     BindAddress,
@@ -27,12 +33,14 @@ from .leaves import (
     Resolver,
     String,
     Token,
+    _name,
+    bind_is_loopback,
     choice,
+    parse_address,
 )
 from .listeners import Listener
-from .model import DEFAULT_SHUTDOWN_TIMEOUT, Address
+from .model import DEFAULT_SHUTDOWN_TIMEOUT, Address, ConfigError, _show
 from .sections import Tls
-from .units import _name, _show, bind_is_loopback, parse_address
 
 
 class GroupMap:
@@ -324,3 +332,50 @@ class Config:
 # The whole document: ``CONFIG.validate_python(doc)`` validates it, ``CONFIG.json_schema()``
 # describes it.
 CONFIG: TypeAdapter[Config] = TypeAdapter(Config)
+
+
+SERVER_CHANGE: TypeAdapter[ServerChange] = TypeAdapter(ServerChange)
+
+
+def parse_config(doc: Any) -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem found."""
+    if doc is None:
+        raise ConfigError(["the config file is empty"])
+    try:
+        return CONFIG.validate_python(doc)
+    except ValidationError as exc:
+        problems = sorted(problems_of(exc), key=lambda p: _position(doc, p[0]))
+        raise ConfigError([_problem(loc, message) for loc, message in problems]) from None
+
+
+def _problem(loc: Loc, message: str) -> str:
+    place = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).removeprefix(".")
+    return f"{place}: {message}" if place else message
+
+
+def _position(doc: Any, loc: Loc) -> tuple[int, ...]:
+    """Where ``loc`` is written in ``doc``: the index of each step in its mapping or list; a
+    step the document does not have (a required key left out) sorts after what it has, and a
+    problem of a whole section after those inside it."""
+    out: list[int] = []
+    node = doc
+    for step in loc:
+        if isinstance(node, Mapping) and step in node:
+            out.append(list(node).index(step))
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+            out.append(step)
+            node = node[step]
+        else:
+            out.append(len(node) if isinstance(node, Mapping | list) else 0)
+            return tuple(out)
+    # A problem of a whole section comes after the problems inside it.
+    return (*out, 1 << 30) if isinstance(node, Mapping | list) else tuple(out)
+
+
+def parse_server_change(body: Any) -> tuple[list[str], ServerChange | None]:
+    """A runtime API body (``admin``): (problems, the change); every problem at once."""
+    try:
+        return [], SERVER_CHANGE.validate_python(body)
+    except ValidationError as exc:
+        return [_problem(loc, message) for loc, message in problems_of(exc)], None

@@ -22,8 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__, buildinfo
 from ..config.model import Address
-from ..config.top import Admin
-from ..config.validate import parse_server_change
+from ..config.top import Admin, parse_server_change
 from ..core.metrics import Registry, merge_registries
 from ..core.snapshot import ServerState
 from ..proxy import tls

@@ -23,12 +23,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ..config.groups import Discovery as DiscoverySpec
-from ..config.groups import Server
 from ..config.model import WS_CLOSE_HANDSHAKE_TIMEOUT, ConfigError
-from ..config.top import Admin, Config
 from ..core import metrics
 from ..core.dns import with_discovered
 from ..core.health import Event, Transition
@@ -43,6 +40,13 @@ from .checker import Checker
 from .discovery import Discovery, resolve_names
 from .loading import insecure_warning, loads_config, read_config_file
 from .server_control import ServerControl
+
+if TYPE_CHECKING:
+    # Annotations only (no dataclass here holds them, whose compiled form would look the
+    # names up at import).
+    from ..config.groups import Discovery as DiscoverySpec
+    from ..config.groups import Server
+    from ..config.top import Admin, Config
 
 log = logging.getLogger("lbproxy")
 

@@ -39,11 +39,11 @@ import dns.resolver
 from ..config.groups import Discovery as Spec
 from ..config.groups import Server
 from ..config.model import DEFAULT_DNS_TIMEOUT, Address
-from ..config.top import Config
 from ..core import metrics
 from ..core.dns import Answer, Discovered, SrvRecord, Tracker, address_servers, srv_servers
 
 if TYPE_CHECKING:
+    from ..config.top import Config
     from ..core.snapshot import ServerState
 
 log = logging.getLogger("lbproxy.control.discovery")

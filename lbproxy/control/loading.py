@@ -1,6 +1,8 @@
-"""Loading a config file for the running proxy: the file read and validated (``config.load``),
-then every https listener's (and the admin's) certificate files checked and digested
-(``proxy.tls``), and the admin token read from ``admin.token_file`` or ``admin.token_env``.
+"""Loading a config file for the running proxy: the file read and its YAML parsed
+(``config.load``), the document validated (``config.top.parse_config``; every problem given its
+file and line) and its bytes digested, then every https listener's (and the admin's)
+certificate files checked and digested (``proxy.tls``), and the admin token read from
+``admin.token_file`` or ``admin.token_env``.
 
 The one place that joins the two, so the config layer never imports TLS: ``--check``, the
 start, every reload and every worker load through here.
@@ -8,13 +10,14 @@ start, every reload and every worker load through here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import replace
 
-from ..config.load import loads_document, read_config_file, with_lines
+from ..config.load import load_yaml, read_config_file, with_lines
 from ..config.model import ConfigError
 from ..config.sections import Certificate, Tls
-from ..config.top import Admin, Config
+from ..config.top import Admin, Config, parse_config
 from ..proxy import tls
 
 __all__ = ["insecure_warning", "load_config", "loads_config", "read_config_file"]
@@ -29,6 +32,17 @@ def loads_config(raw: bytes, path: str = "<config>") -> Config:
     """Validate config file bytes (``path`` names them in messages, with each problem's line)
     and check the certificate files they name."""
     return _with_admin(_with_tls_files(loads_document(raw, path), raw, path), raw, path)
+
+
+def loads_document(raw: bytes, path: str = "<config>") -> Config:
+    """Validate config file bytes, each problem with its line (the files the config names are
+    not looked at here)."""
+    doc = load_yaml(raw, path)  # a YAML error names its line and column already
+    try:
+        config = parse_config(doc)
+    except ConfigError as exc:
+        raise ConfigError(with_lines(exc.problems, raw, path)) from None
+    return replace(config, digest=hashlib.sha256(raw).hexdigest())
 
 
 def _with_tls_files(config: Config, raw: bytes, path: str) -> Config:

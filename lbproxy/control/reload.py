@@ -20,9 +20,8 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from ..config.top import Config
-
 if TYPE_CHECKING:
+    from ..config.top import Config
     from .app import Proxy
 
 log = logging.getLogger("lbproxy.control.reload")

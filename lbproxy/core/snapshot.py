@@ -17,17 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..config.groups import Server, ServerGroup, StickySession
-from ..config.listeners import Listener
 from ..config.model import Address
-from ..config.top import Config
 from ..wire.http1 import Limits
 from . import balancer, metrics
 from .health import ServerHealth, State
 from .pool import Pool
 from .rules import Router
 from .sticky import CookieMap, SidTable, server_token
+
+if TYPE_CHECKING:
+    # Annotations only (no class here is a dataclass holding them, whose compiled form would
+    # look the names up at import): the declarations are not loaded for the data path's sake.
+    from ..config.groups import Server, ServerGroup, StickySession
+    from ..config.listeners import Listener
+    from ..config.top import Config
 
 ADMIN_STATES = ("ready", "drain")
 
@@ -220,11 +225,22 @@ class ListenerRuntime:
         return self.groups[router.route(host, target)]
 
 
-@dataclass(frozen=True, slots=True)
 class Snapshot:
-    config: Config
-    listeners: dict[str, ListenerRuntime]
-    groups: dict[str, GroupRuntime]
+    """One config's runtime: its listeners and groups by name. Never changed once built (a
+    reload builds another); a plain class, not a dataclass, so that ``Config`` is an annotation
+    only (see the imports)."""
+
+    __slots__ = ("config", "groups", "listeners")
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: dict[str, ListenerRuntime],
+        groups: dict[str, GroupRuntime],
+    ) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.groups = groups
 
 
 @dataclass(frozen=True, slots=True)

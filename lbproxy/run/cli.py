@@ -163,6 +163,7 @@ async def _serve(config: Config, path: str, signals: Signals) -> int:
 
 async def _supervise(config: Config, raw: bytes, path: str, workers: int, signals: Signals) -> int:
     signals.attach()
+    from ..control.app import Proxy, Role
     from ..proxy.listener import BindError
     from .supervisor import Supervisor
 
@@ -171,7 +172,7 @@ async def _supervise(config: Config, raw: bytes, path: str, workers: int, signal
             # Each worker would get a port of its own: nothing would be shared.
             log.error("listeners[%d].bind: port 0 cannot be shared by workers; name a port", i)
             return EXIT_CONFIG
-    sup = Supervisor(config, path, raw, workers)
+    sup = Supervisor(Proxy(config, path, Role(serve=False, check=True)), raw, workers)
     signals.stopping = f"stopping {workers} workers gracefully"
     signals.now = sup.stop_now
     try:

@@ -24,14 +24,15 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config.model import CONTROL_LINE_LIMIT, WORKER_START_TIMEOUT, WORKER_STATS_TIMEOUT
-from ..config.top import Config
-from ..control.app import Proxy, Role
 from ..core.dns import encode
 from ..core.metrics import Registry, load_registry, merge_registries
 from .child import Child, spawn
+
+if TYPE_CHECKING:
+    from ..control.app import Proxy
 
 log = logging.getLogger("lbproxy.run.supervisor")
 
@@ -66,9 +67,12 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, config: Config, path: str, raw: bytes, workers: int) -> None:
+    def __init__(self, proxy: Proxy, raw: bytes, workers: int) -> None:
+        """``proxy``: the application in the checker's role (``Role(serve=False, check=True)``):
+        it holds the config, runs the health checks and DNS discovery for every worker; the
+        command line makes it, so this module does not import the application."""
         self.count = workers
-        self.proxy = Proxy(config, path, Role(serve=False, check=True))
+        self.proxy = proxy
         self.proxy.config_raw = raw
         self.proxy.on_applied = self._config_applied
         self.proxy.servers.on_health_change = self._broadcast_health
