@@ -38,16 +38,19 @@ import socket
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config.model import ACCEPT_RETRY_DELAY, Address
 from ..config.sections import Tls
 from ..core.metrics import ListenerStats
 from ..core.snapshot import Snapshot
 from . import tls
-from .client import ClientConnection, Context
+from .client import ClientConnection
 from .client_socket import ClientSocket, ListenerHandle
 from .http2 import Http2Connection
+
+if TYPE_CHECKING:
+    from .context import Context
 
 log = logging.getLogger("lbproxy.proxy.listener")
 

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from ..core.metrics import ListenerStats
     from ..core.snapshot import ServerState
     from .access_log import AccessLog
+    from .edge import Slot
     from .shaping import Bandwidth, Shaper
 
 log = logging.getLogger("lbproxy.proxy.tunnel")
@@ -336,6 +337,7 @@ class Tunnel:
         "reason",
         "server",
         "shapers",
+        "slot",
         "stamp",
         "started",
         "timer",
@@ -356,6 +358,7 @@ class Tunnel:
         client_addr: str,
         method_path: tuple[str, str] | None,
         access: AccessLog,
+        slot: Slot | None = None,
         on_close: Any = None,
         policy: WebSocketPolicy | None = None,
         shapers: Bandwidth | None = None,
@@ -370,6 +373,7 @@ class Tunnel:
         self.client_addr = client_addr
         self.method_path = method_path
         self.access = access
+        self.slot = slot  # the client's place in connections_per_client, given back at close
         self.on_close = on_close
         self.started = self.last = loop.time()
         self.bytes_in = 0
@@ -606,6 +610,9 @@ class Tunnel:
                 messages_out=m_out,
                 close_code=code,
             )
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
         if self.on_close is not None:
             self.on_close(self)
 
