@@ -5,8 +5,9 @@ socket, whatever the protocol on it: ``ClientSocket``, their shared base, and
 ``ClientSocket`` is counted in the listener's stats while open, pauses reading for a set of
 reasons (bits: its own is ``P_BANDWIDTH``, the listener's bandwidth cap), has one timer, writes
 (a response head held back goes out with the next bytes in one writev), closes, and lingers
-after an answer; it is admitted under the listener's per-client limits and carries the
-X-Client-Cert-* lines of a verified client certificate.
+after an answer; it is admitted under the listener's per-client limits, carries the
+X-Client-Cert-* lines of a verified client certificate, and reads CLB's optional forwarding
+lines from its addresses (``forwarding_lines``).
 """
 
 from __future__ import annotations
