@@ -32,7 +32,7 @@ from ..core.health import Event, Transition
 from ..core.snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from ..proxy.access_log import AccessLog
 from ..proxy.client_socket import ClientSocket
-from ..proxy.exchange_base import Context
+from ..proxy.context import Context
 from ..proxy.listener import BindError, Listeners, Opening, probe_binds
 from ..proxy.tunnel import IdleSweeper, Tunnel
 from ..wire.wsframes import GOING_AWAY

@@ -41,12 +41,12 @@ from ..wire.http1 import (
     parse_request_head,
 )
 from .client_socket import ACTIVE, CLOSED, HEAD, P_BANDWIDTH, ClientSocket, ListenerHandle
-from .exchange import BUFFER_LIMIT, Context, Exchange, Health, record
+from .exchange import BUFFER_LIMIT, Exchange, record
 
 if TYPE_CHECKING:
-    pass
+    from .context import Context
 
-__all__ = ["ClientConnection", "Context", "Health", "ListenerHandle"]
+__all__ = ["ClientConnection", "ListenerHandle"]
 
 log = logging.getLogger("lbproxy.http")
 _clock = time.perf_counter

@@ -5,8 +5,9 @@ socket, whatever the protocol on it: ``ClientSocket``, their shared base, and
 ``ClientSocket`` is counted in the listener's stats while open, pauses reading for a set of
 reasons (bits: its own is ``P_BANDWIDTH``, the listener's bandwidth cap), has one timer, writes
 (a response head held back goes out with the next bytes in one writev), closes, and lingers
-after an answer; it is admitted under the listener's per-client limits and carries the
-X-Client-Cert-* lines of a verified client certificate.
+after an answer; it is admitted under the listener's per-client limits, carries the
+X-Client-Cert-* lines of a verified client certificate, and reads CLB's optional forwarding
+lines from its addresses (``forwarding_lines``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import time
 from typing import TYPE_CHECKING
 
 from ..config.model import LINGER_TIMEOUT
-from . import edge, shaping, tls
+from ..wire import headers
+from . import tls
 
 if TYPE_CHECKING:
     from ..config.model import Forwarding
     from ..core.snapshot import ListenerRuntime
-    from .exchange_base import Context
+    from .context import Context
+    from .edge import Slot
+    from .shaping import Bandwidth
 
 log = logging.getLogger("lbproxy.http")
 _clock = time.perf_counter
@@ -67,8 +71,8 @@ class ClientSocket(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_when = 0.0
         self.cert_headers: tuple[bytes, ...] = ()  # a verified client certificate (mutual TLS)
-        self.slot: edge.Slot | None = None  # counted against connections_per_client
-        self.shapers: shaping.Bandwidth | None = None  # the listener's bandwidth cap, if any
+        self.slot: Slot | None = None  # counted against connections_per_client
+        self.shapers: Bandwidth | None = None  # the listener's bandwidth cap, if any
         self.write_paused = False  # the client's write buffer is full
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -124,7 +128,18 @@ class ClientSocket(asyncio.Protocol):
         return (f"[{name}]" if ":" in name else name).encode()
 
     def forwarding_lines(self, fwd: Forwarding) -> tuple[bytes, ...]:
-        return edge.forwarding_lines(fwd, self.transport)
+        """CLB's optional forwarding lines (``fwd.extra``), read from this connection's
+        addresses (the header rules are ``headers``')."""
+        transport = self.transport
+        local = transport.get_extra_info("sockname")
+        peer = transport.get_extra_info("peername")
+        local_ok = isinstance(local, tuple)
+        return headers.forwarding_lines(
+            port=int(local[1]) if fwd.port and local_ok else None,
+            client_port=int(peer[1]) if fwd.client_srcport and isinstance(peer, tuple) else None,
+            slb_ip=str(local[0]) if fwd.slb_ip and local_ok else None,
+            slb_id=fwd.slb_id,
+        )
 
     def _spend_in(self, n: int) -> None:
         """``n`` bytes read from the client, against the listener's bandwidth cap."""

@@ -15,7 +15,7 @@ import asyncio
 from typing import TYPE_CHECKING, cast
 
 from ..wire import headers
-from . import edge, upstream
+from . import upstream
 from .exchange_base import (
     BUFFER_LIMIT,
     OUT_OF_RESOURCES,
@@ -28,7 +28,6 @@ from .exchange_base import (
     no_extensions,
 )
 from .exchange_state import body_sent, can_retry
-from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from ..core.snapshot import ServerState
@@ -293,7 +292,8 @@ class Dispatch:
 
     # ------------------------------------------------------------------ letting go
     def hand_over(self, ex: ExchangeBase, head: bytes, rest: bytes) -> None:
-        """101: the client and the backend now talk directly through a Tunnel."""
+        """101: the client and the backend now talk directly through a tunnel (the
+        exchange's ``start_tunnel``), which the server's connection is handed to."""
         server, up = self.server, self.up
         assert server is not None and up is not None
         server.stats.upstream_response.observe(ex.head_time())
@@ -301,10 +301,9 @@ class Dispatch:
         client, client_pending = ex.down.upgrade(head)
         up.handler = None
         self.up = None  # the server stays taken (``active``) until the tunnel closes
-        tunnel = _tunnel(ex, server, client, up.transport)
         if self.pending:
             client_pending += self._take_pending()
-        tunnel.start(client_pending, rest)
+        ex.start_tunnel(server, client, up.transport, client_pending, rest)
 
     def release(self, ex: ExchangeBase, reuse: bool) -> None:
         """Done with the server: one open request less, and the connection back to its pool
@@ -328,31 +327,3 @@ class Dispatch:
             last.pool.put(up, ex.loop.time(), ex.group.config.keepalive_connections)
         else:
             up.close()
-
-
-def _tunnel(
-    ex: ExchangeBase, server: ServerState, client: asyncio.Transport, backend: asyncio.Transport
-) -> Tunnel:
-    """The tunnel of an upgraded exchange, taking over the client's connection slot."""
-    down, aff, req, access = ex.down, ex.affinity, ex.req, ex.ctx.access
-    slot, down.slot = down.slot, None  # the tunnel gives it back when it closes
-    return Tunnel(
-        ex.loop,
-        client,
-        backend,
-        listener=ex.lr.stats,
-        group=ex.group.name,
-        server=server,
-        idle_timeout=ex.lr.config.timeouts.idle,
-        access=access,
-        # Kept only for the access log's line: an idle tunnel is mostly these strings.
-        client_addr=down.client_addr if access.enabled else "-",
-        method_path=(
-            (req.method.decode("latin-1"), req.target.decode("latin-1")) if access.enabled else None
-        ),
-        on_close=edge.on_tunnel_close(
-            slot, aff.tunnel_closed if aff is not None and aff.sid is not None else None
-        ),
-        policy=ex.lr.config.websocket,
-        shapers=down.shapers,
-    )

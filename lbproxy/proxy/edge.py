@@ -2,46 +2,28 @@
 
 Owns the state of a listener's edge policies that outlives config snapshots (``Edges``, one
 per process, keyed by listener name) and the calls a client connection makes into it:
-- CLB's optional forwarding headers, read from the connection's transport
-  (``forwarding_lines``; the header rules themselves are ``headers.py``'s);
 - per-client connection and request-rate limits (``admit``, ``retry_after``, ``Slot``; the
   decisions are ``client_limits.py``'s);
 - the listener bandwidth cap (``bandwidth``: the listener's ``shaping.Bandwidth``, its two
   shapers).
 gzip needs no state across responses: the exchange's response calls ``gzip_filter`` directly.
 
-The client connection (``http_proxy.ClientSocket``: admit, bandwidth, forwarding lines) and
-the exchange (``exchange.Exchange``: retry_after, the tunnel's slot) call in here from one
-place per concern, so their own code stays about HTTP.
+The client connection (``client_socket.ClientSocket``: admit, bandwidth) and the exchange
+(``exchange.Exchange``: retry_after) call in here from one place per concern, so their own
+code stays about HTTP; a tunnel takes its client's ``Slot`` over and gives it back when it
+closes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..config.model import Forwarding
 from ..core.client_limits import ConnectionCounts, RateTable, client_key
-from ..wire import headers
 from .shaping import Bandwidth
 
 if TYPE_CHECKING:
     from ..core.snapshot import ListenerRuntime
-
-
-def forwarding_lines(fwd: Forwarding, transport: asyncio.BaseTransport) -> tuple[bytes, ...]:
-    """The balancer-owned header lines a listener with ``fwd`` (``fwd.extra``) adds."""
-    local = transport.get_extra_info("sockname")
-    peer = transport.get_extra_info("peername")
-    local_ok = isinstance(local, tuple)
-    return headers.forwarding_lines(
-        port=int(local[1]) if fwd.port and local_ok else None,
-        client_port=int(peer[1]) if fwd.client_srcport and isinstance(peer, tuple) else None,
-        slb_ip=str(local[0]) if fwd.slb_ip and local_ok else None,
-        slb_id=fwd.slb_id,
-    )
 
 
 class Slot:
@@ -146,17 +128,3 @@ class Edges:
         if not wait:
             return None
         return str(max(1, math.ceil(wait)))
-
-
-def on_tunnel_close(slot: Slot | None, then: Callable[[Any], None] | None) -> Any:
-    """A tunnel's on_close that gives the client's connection slot back (then runs ``then``):
-    a WebSocket counts against connections_per_client until it closes."""
-    if slot is None:
-        return then
-
-    def close(tunnel: Any) -> None:
-        slot.release()
-        if then is not None:
-            then(tunnel)
-
-    return close

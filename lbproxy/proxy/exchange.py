@@ -20,9 +20,10 @@ are ``exchange_base.ExchangeBase``'s), ``dispatch.Dispatch`` (the server, the co
 it, the body on its way there, retries), ``response.Response`` (the backend's answer). Each
 writes only its own fields. One place each: the state and its moves ``exchange_state``
 (drawn there), choosing a server ``Dispatch.choose``, the upstream request head
-``Dispatch.upstream_head``, the tunnel ``Dispatch.hand_over``, releasing the server and its
-connection ``Dispatch.release``, whether to retry ``exchange_state.can_retry``, the response
-head ``Response._start``, giving up ``Exchange.fail``/``cut``, accounting
+``Dispatch.upstream_head``, letting the server's connection go to a tunnel
+``Dispatch.hand_over`` and the tunnel itself ``Exchange.start_tunnel``, releasing the server
+and its connection ``Dispatch.release``, whether to retry ``exchange_state.can_retry``, the
+response head ``Response._start``, giving up ``Exchange.fail``/``cut``, accounting
 ``Exchange.account``.
 
 Errors map to statuses in one place (``_fail``): connect/reset -> 502, timeout -> 504,
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..core.sticky import Affinity
 from ..wire import headers
 from ..wire.http1 import (
     BODY_CHUNKED,
@@ -48,22 +50,24 @@ from .exchange_base import (
     IDEMPOTENT,
     P_UPSTREAM_FULL,
     P_WAITING,
-    Context,
     Downstream,
     ExchangeBase,
-    Health,
     log,
     record,
 )
 from .exchange_state import BODY_SENT, END, REQUEST_END, responding
 from .response import Response
+from .tunnel import Tunnel
 
 if TYPE_CHECKING:
-    from ..core.snapshot import ListenerRuntime
+    import asyncio
+
+    from ..core.snapshot import ListenerRuntime, ServerState
     from ..wire.http1 import RequestHead
+    from .context import Context
 
 # What the front ends import from here (the exchange's interface is one module for them).
-__all__ = ["BUFFER_LIMIT", "Context", "Downstream", "Exchange", "Health", "record"]
+__all__ = ["BUFFER_LIMIT", "Downstream", "Exchange", "record"]
 
 
 class Exchange(ExchangeBase):
@@ -92,8 +96,11 @@ class Exchange(ExchangeBase):
             self.tracker = ChunkedTracker()
         replayable = req.method in IDEMPOTENT
         cfg = self.group.sticky
-        if cfg is not None and cfg.socketio and b"sid=" in req.target:
-            replayable = True  # an Engine.IO POST may have to go to another server (hunt)
+        if cfg is not None:
+            pins = self.group.pins
+            self.affinity = Affinity(cfg, pins.sids, pins.cookies, req.target, req.headers)
+            if cfg.socketio and b"sid=" in req.target:
+                replayable = True  # an Engine.IO POST may have to go to another server (hunt)
         self.dispatch = dispatch = Dispatch(replayable)
         self.response = Response(dispatch)
 
@@ -290,3 +297,39 @@ class Exchange(ExchangeBase):
             access_line,
             self.down.protocol,
         )
+
+    def start_tunnel(
+        self,
+        server: ServerState,
+        client: asyncio.Transport,
+        backend: asyncio.Transport,
+        client_pending: bytes,
+        backend_pending: bytes,
+    ) -> None:
+        """101: the tunnel between the client's and ``server``'s connections, taking over the
+        client's connection slot (it gives it back when it closes)."""
+        down, aff, req, access = self.down, self.affinity, self.req, self.ctx.access
+        slot, down.slot = down.slot, None
+        config = self.lr.config
+        tunnel = Tunnel(
+            self.loop,
+            client,
+            backend,
+            listener=self.lr.stats,
+            group=self.group.name,
+            server=server,
+            idle_timeout=config.timeouts.idle,
+            access=access,
+            # Kept only for the access log's line: an idle tunnel is mostly these strings.
+            client_addr=down.client_addr if access.enabled else "-",
+            method_path=(
+                (req.method.decode("latin-1"), req.target.decode("latin-1"))
+                if access.enabled
+                else None
+            ),
+            slot=slot,
+            on_close=aff.tunnel_closed if aff is not None and aff.sid is not None else None,
+            policy=config.websocket,
+            shapers=down.shapers,
+        )
+        tunnel.start(client_pending, backend_pending)

@@ -1,5 +1,5 @@
-"""The parts of an exchange every other part of it sees: what the process shares
-(``Context``), the front end's interface (``Downstream``), the accounting (``record``), and
+"""The parts of an exchange every other part of it sees: the front end's interface
+(``Downstream``), the accounting (``record``), and
 ``ExchangeBase``, one request's own fields and its state (``exchange_state``), with the methods
 its ``Dispatch`` and ``Response`` call on it. ``exchange.Exchange`` is the one subclass; the
 base exists so that ``dispatch`` and ``response`` can name the exchange they work for without
@@ -18,9 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Final, Protocol
 
-from ..core import sticky
 from ..wire.http1 import BODY_LENGTH, BODY_NONE, RequestHead, ResponseHead
-from . import edge, shaping
 from .exchange_state import (
     END,
     RECEIVING,
@@ -35,9 +33,11 @@ from .exchange_state import (
 if TYPE_CHECKING:
     from ..config.listeners import Listener
     from ..config.model import Forwarding
-    from ..core.metrics import Registry
     from ..core.snapshot import GroupRuntime, ListenerRuntime, ServerState
-    from .access_log import AccessLog
+    from ..core.sticky import Affinity
+    from .context import Context
+    from .edge import Slot
+    from .shaping import Bandwidth
 
 log = logging.getLogger("lbproxy.http")
 _clock = time.perf_counter
@@ -54,24 +54,6 @@ P_UPSTREAM_FULL: Final = 1  # the backend is not reading the body as fast as the
 P_WAITING: Final = 2  # connecting, or body bytes piling up before a connection is there
 
 
-class Health(Protocol):
-    """Passive health: where a failure seen while proxying goes (app.PassiveHealth)."""
-
-    def passive_failure(self, server: ServerState, reason: str) -> None: ...
-
-
-class Context:
-    """What every connection of the process shares: the health reporter, stats, access log,
-    the edge policies' state (per-client limits, bandwidth shapers: kept across reloads)."""
-
-    def __init__(self, registry: Registry, access: AccessLog, report_health: Health) -> None:
-        self.registry = registry
-        self.access = access
-        self.report_health = report_health
-        self.draining = False
-        self.edges = edge.Edges()
-
-
 class Downstream(Protocol):
     """The client side of an exchange, as the exchange sees it (one per front end).
 
@@ -84,8 +66,8 @@ class Downstream(Protocol):
     last: float  # loop time of the last activity (upstream bytes keep the client side alive)
     chunked_ok: bool  # whether a chunked response body may go out with its framing
     cert_headers: tuple[bytes, ...]  # X-Client-Cert-* of a verified client certificate
-    slot: edge.Slot | None  # its place in connections_per_client (a tunnel takes it over)
-    shapers: shaping.Bandwidth | None  # the listener's bandwidth cap (backend reads spend too)
+    slot: Slot | None  # its place in connections_per_client (a tunnel takes it over)
+    shapers: Bandwidth | None  # the listener's bandwidth cap (backend reads spend too)
     write_paused: bool  # the client's write buffer is full (backend reading paused for it)
 
     def send_head(
@@ -228,11 +210,7 @@ class ExchangeBase:
         self.group: GroupRuntime = lr.route(req.host, req.target)
         self.upgrade = req.upgrade == b"websocket"
         self.paused = 0  # the P_* reasons the client's body is not read
-        self.affinity: sticky.Affinity | None = None
-        cfg = self.group.sticky
-        if cfg is not None:
-            pins = self.group.pins
-            self.affinity = sticky.Affinity(cfg, pins.sids, pins.cookies, req.target, req.headers)
+        self.affinity: Affinity | None = None  # the session's pin, if sticky (Exchange's)
 
     # ------------------------------------------------------------------ state
     @property
@@ -327,6 +305,18 @@ class ExchangeBase:
         raise NotImplementedError
 
     def account(self, status: int, access_line: bool = True) -> None:
+        raise NotImplementedError
+
+    def start_tunnel(
+        self,
+        server: ServerState,
+        client: asyncio.Transport,
+        backend: asyncio.Transport,
+        client_pending: bytes,
+        backend_pending: bytes,
+    ) -> None:
+        """101: the tunnel between the client's and ``server``'s connections, started with
+        the bytes each side sent beyond the handshake."""
         raise NotImplementedError
 
     # upstream.Handler: the backend connection in use reports here.

@@ -37,17 +37,19 @@ import resource
 import socket
 import ssl
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config.model import ACCEPT_RETRY_DELAY, Address
-from ..config.sections import Tls
-from ..core.metrics import ListenerStats
-from ..core.snapshot import Snapshot
 from . import tls
-from .client import ClientConnection, Context
+from .client import ClientConnection
 from .client_socket import ClientSocket, ListenerHandle
 from .http2 import Http2Connection
+
+if TYPE_CHECKING:
+    from ..config.sections import Tls
+    from ..core.metrics import ListenerStats
+    from ..core.snapshot import Snapshot
+    from .context import Context
 
 log = logging.getLogger("lbproxy.proxy.listener")
 
@@ -267,14 +269,24 @@ class Acceptor:
             self.loop.call_soon(self._drive, coro, tls_stats)
 
 
-@dataclass(frozen=True, slots=True)
 class Opening:
-    """Sockets opened for a snapshot, held until ``Listeners.commit`` or ``cancel``."""
+    """Sockets opened for a snapshot, held as they are until ``Listeners.commit`` or
+    ``cancel``. (A plain class: a compiled dataclass would import its fields' types, the
+    snapshot and the config, when this module loads.)"""
 
-    snap: Snapshot
-    contexts: dict[str, tuple[tuple[Tls, bool], ssl.SSLContext]]
-    opened: dict[str, _Bound]
-    moved: dict[str, str]  # listener -> the listener whose socket it takes over
+    __slots__ = ("contexts", "moved", "opened", "snap")
+
+    def __init__(
+        self,
+        snap: Snapshot,
+        contexts: dict[str, tuple[tuple[Tls, bool], ssl.SSLContext]],
+        opened: dict[str, _Bound],
+        moved: dict[str, str],
+    ) -> None:
+        self.snap = snap
+        self.contexts = contexts
+        self.opened = opened
+        self.moved = moved  # listener -> the listener whose socket it takes over
 
 
 class Listeners:

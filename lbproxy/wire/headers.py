@@ -30,7 +30,7 @@ HOP_BY_HOP = frozenset(
 _FORWARDED_SET = frozenset({b"x-forwarded-host", b"x-real-ip"})
 # The WebSocket extension offer (permessage-deflate, RFC 7692), dropped from an upgrade on a
 # listener with a max_message_size: nothing offered, nothing compressed, so a message's size is
-# its frames' payload lengths (tunnel.Tunnel.police).
+# its frames' payload lengths (tunnel_end.TunnelBase.police).
 WS_EXTENSIONS = b"sec-websocket-extensions"
 # Set only by the proxy, from a verified client certificate (mutual TLS): a client's own are
 # removed on every listener, so a backend can trust them whatever the listener.

@@ -18,7 +18,8 @@ from hyperframe.frame import HeadersFrame
 
 from lbproxy.control.app import Proxy
 from lbproxy.proxy.exchange import Exchange
-from lbproxy.proxy.http2 import Http2Connection, Stream
+from lbproxy.proxy.http2 import Http2Connection
+from lbproxy.proxy.http2_stream import Stream
 from tests.h2client import GoAwayFrame, RawH2, RstStreamFrame
 from tests.hardening import make_cert, openssl_available
 from tests.support import RawServer, read_request_head, wait_for

@@ -21,7 +21,8 @@ from tests.support import expected_build
 REPO = Path(__file__).resolve().parents[2]
 # The modules issue 13 measured as the hot path: compiled whenever the build is.
 HOT = {
-    "wire.http1", "wire.headers", "proxy.client", "proxy.tunnel", "proxy.upstream",
+    "wire.http1", "wire.headers", "proxy.client", "proxy.tunnel", "proxy.tunnel_end",
+    "proxy.upstream",
     "core.balancer", "core.metrics", "core.snapshot", "core.sticky", "core.rules", "core.health",
     "proxy.access_log", "control.app",
 }  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lbproxy.proxy.http2 import request_head, response_fields
+from lbproxy.proxy.http2_stream import request_head, response_fields
 from lbproxy.wire.http1 import Limits, ParseError, parse_response_head
 
 BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.example:8443"),
