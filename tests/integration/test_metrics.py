@@ -395,9 +395,11 @@ async def test_backend_up_and_health_check_counts(make_backend, make_proxy, make
     a_seen = sum(1 for _, path, _ in a.requests if path == "/health")
     b_seen = sum(1 for _, path, _ in b.requests if path == "/health")
     assert a_seen >= 2 and b_seen >= 1
-    assert checks[(a.address, "success")] == a_seen
+    # A check the backend had answered when the checker closed may not be counted (cancelled
+    # before its result was recorded): at most one per server, never more than were seen.
+    assert a_seen - 1 <= checks[(a.address, "success")] <= a_seen
     assert checks[(a.address, "failure")] == 0
-    assert checks[(b.address, "success")] == b_seen
+    assert b_seen - 1 <= checks[(b.address, "success")] <= b_seen
     assert checks[(b.address, "failure")] >= 1
     assert len(checks) == 4
 
