@@ -78,7 +78,8 @@ CHART_SCRIPT = """
   }
   function clock(t) {
     var d = new Date(t * 1000);
-    return ("0" + d.getHours()).slice(-2) + ":" + ("0" + d.getMinutes()).slice(-2);
+    var two = function (n) { return ("0" + n).slice(-2); };
+    return two(d.getHours()) + ":" + two(d.getMinutes()) + ":" + two(d.getSeconds());
   }
   // One line per series: a path broken wherever a value is null.
   function draw(root, W, H, pad, lines, scale, events) {
@@ -156,12 +157,16 @@ CHART_SCRIPT = """
     html("h3", "", "Listener " + name, charts);
     var row = html("div", "charts", "", charts);
     row.dataset.listener = name;
-    chart(row, "requests and 5xx /s", pick(l, ["requests", "errors_5xx"]), 1, mine);
+    chart(row, "requests and 5xx /s", pick(l, ["requests", "errors_5xx"], ["requests", "5xx"]),
+      1, mine);
     chart(row, "WebSocket messages /s", pick(l, ["ws_messages_in", "ws_messages_out"],
       ["client to server", "server to client"]), 1, mine);
     chart(row, "WebSocket closes /s by code", pick(l, ["closes_1000", "closes_1001",
       "closes_1006", "closes_other"], ["1000", "1001", "1006", "other"]), 1, mine);
   });
+  var span = res.interval * res.points, unit = span >= 120 ? 60 : 1;
+  document.getElementById("history-title").textContent = "Last " + Math.round(span / unit) +
+    (unit === 60 ? " minutes" : " seconds") + " (a point every " + res.interval + " s)";
   document.getElementById("history").hidden = false;
   var cells = document.querySelectorAll("td.spark");
   for (var i = 0; i < cells.length; i++) {

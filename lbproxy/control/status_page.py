@@ -115,7 +115,8 @@ def render_status_page(st: dict[str, Any], history: dict[str, Any] | None = None
     if not rl["success"]:
         add(f"<pre class=bad>{_e(rl['message'])}</pre>")
     # Filled by CHART_SCRIPT: a row of charts per server group and one for the listeners.
-    add("<section id=history hidden><h2>Last 15 minutes</h2><div id=charts></div></section>")
+    add("<section id=history hidden><h2 id=history-title>History</h2>")
+    add("<div id=charts></div></section>")
 
     add("<h2>Listeners</h2><table><tr><th>name</th><th>bind</th><th>group</th>")
     add("<th>connections</th><th>websockets</th><th>accepted</th><th>conn/s</th>")
@@ -144,7 +145,7 @@ def render_status_page(st: dict[str, Any], history: dict[str, Any] | None = None
         add("<table><tr><th>server</th><th>state</th><th>weight</th><th>last check</th>")
         add("<th>latency</th><th>open</th><th>websockets</th><th>ws total</th>")
         add("<th>requests</th><th>req/s</th><th>errors</th><th>checks ok/failed</th>")
-        add("<th class=spark>last 15 min</th></tr>")
+        add("<th class=spark>req/s history</th></tr>")
         for s in g["servers"]:
             errors = sum(s["upstream_errors"].values())
             hc = s["health_checks"]

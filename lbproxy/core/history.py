@@ -168,6 +168,7 @@ class Resolution:
             out[t.kind][key.split(":", 1)[1]] = {**t.meta, "series": series}
         return {
             "interval": self.interval,
+            "points": self.capacity,
             "times": [_json(self.times[slot]) for slot in order],
             "servers": out["server"],
             "groups": out["group"],
