@@ -103,6 +103,17 @@ class PassiveHealth:
             self._on_transition(server, t)
 
 
+def certificates(config: Config) -> dict[tuple[str, str], float]:
+    """Every certificate of ``config`` and its expiry: (listener, file) -> notAfter."""
+    out: dict[tuple[str, str], float] = {}
+    named = [(lst.name, lst.tls) for lst in config.listeners]
+    for name, t in [*named, ("admin.tls", config.admin.tls)]:
+        if t is not None:
+            for c, when in zip(t.certificates, t.not_after, strict=False):
+                out[(name, c.cert)] = when
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Role:
     """What this process does: alone it does everything; with workers the supervisor
@@ -141,6 +152,7 @@ class Proxy:
         snap, _ = self.state.build(config)
         self.state.commit(snap)
         self.holder = Holder(snap)
+        self.registry.certificates = certificates(config)
         self.servers = ServerControl(
             self.state, self.registry, self.holder, role.check, self.events
         )
@@ -280,6 +292,7 @@ class Proxy:
         self.holder.current = snap  # the swap: new connections and requests see it from here
         self.file_config = file_config
         self.access.configure(config.access_log)
+        self.registry.certificates = certificates(config)
         self.servers.retire(changes)
         self.servers.begin_drains(draining, old)
         self.servers.sync(snap)
