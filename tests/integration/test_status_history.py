@@ -131,9 +131,14 @@ async def test_history_json_has_series_events_and_a_gap_for_a_killed_server(
             url = f"http://{admin.address}/-/servers/rs1/{a.address}"
             async with s.put(url, json={"weight": 3}) as r:
                 assert r.status == 200
+            async with s.put(url, json={"admin_state": "drain"}) as r:
+                assert r.status == 200
             path.write_text("listeners: {\n")
             async with s.post(f"http://{admin.address}/-/reload", json={}) as r:
                 assert r.status == 400
+            path.write_text(yaml.safe_dump(config_doc([a.address], group=CHECKS)))
+            async with s.post(f"http://{admin.address}/-/reload", json={}) as r:
+                assert r.status == 200
 
     h = await history(admin)
     fine, coarse = h["resolutions"]
@@ -154,9 +159,11 @@ async def test_history_json_has_series_events_and_a_gap_for_a_killed_server(
     kinds = [(e["kind"], e["server"]) for e in h["events"]]
     assert ("health", sid_b) in kinds  # down, then up again
     assert kinds.count(("health", sid_b)) >= 2
-    assert ("api", f"rs1/{a.address}") in kinds
-    (failed,) = [e for e in h["events"] if e["kind"] == "reload"]
-    assert "FAILED" in failed["text"]
+    assert kinds.count(("api", f"rs1/{a.address}")) == 2
+    assert ("drain", f"rs1/{a.address}") in kinds
+    failed, applied = [e["text"] for e in h["events"] if e["kind"] == "reload"]
+    assert failed.startswith("reload (admin) FAILED: ") and "YAML syntax error" in failed
+    assert applied.startswith("reload (admin) applied: ") and f"removed: rs1/{b.address}" in applied
     down = next(e for e in h["events"] if e["kind"] == "health" and "DOWN" in e["text"])
     assert down["group"] == "rs1" and fine["times"][0] <= down["time"] <= h["time"]
 
