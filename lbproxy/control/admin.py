@@ -276,7 +276,7 @@ class AdminServer:
         return web.json_response(self.history.view())
 
     async def page(self, request: web.Request) -> web.Response:
-        text = render_status_page(await self._status(), self.history.view())
+        text = render_status_page(await self._status(), self.history.view(finest_only=True))
         return web.Response(text=text, content_type="text/html")
 
     async def _active(self) -> tuple[Registry, dict[str, int] | None]:

@@ -164,8 +164,8 @@ class Sampler:
                 due = now
             await asyncio.sleep(due - now)
 
-    def view(self) -> dict[str, object]:
-        return {"time": self.clock(), **self.history.view(self.events)}
+    def view(self, finest_only: bool = False) -> dict[str, object]:
+        return {"time": self.clock(), **self.history.view(self.events, finest_only)}
 
     async def close(self) -> None:
         task, self._task = self._task, None

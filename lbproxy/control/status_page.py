@@ -78,14 +78,16 @@ def _rate(key: str, total: Any) -> str:
 
 
 def _history_data(history: dict[str, Any] | None) -> str:
-    """The fine resolution and the events, as JSON that cannot end its script element."""
+    """The fine resolution and the events, as JSON that cannot end its script element. Of
+    each server only what its sparkline draws (the page is sent every refresh)."""
     if history is None or not history.get("resolutions"):
         return "null"
-    data = {
-        "time": history["time"],
-        "resolution": history["resolutions"][0],
-        "events": history["events"],
+    fine = dict(history["resolutions"][0])
+    fine["servers"] = {
+        sid: {"id": s["id"], "series": {"requests": s["series"]["requests"]}}
+        for sid, s in fine["servers"].items()
     }
+    data = {"time": history["time"], "resolution": fine, "events": history["events"]}
     return json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
 
 

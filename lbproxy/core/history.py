@@ -253,8 +253,9 @@ class History:
             if res.due(now, self.slack):
                 res.add(now, readings)
 
-    def view(self, events: EventLog) -> dict[str, object]:
-        views = [r.view() for r in self.resolutions]
+    def view(self, events: EventLog, finest_only: bool = False) -> dict[str, object]:
+        chosen = self.resolutions[:1] if finest_only else self.resolutions
+        views = [r.view() for r in chosen]
         first = [t for v in views for t in v["times"][:1]]  # type: ignore[index]
         start = min((t for t in first if t is not None), default=0.0)
         return {"resolutions": views, "events": events.since(start)}

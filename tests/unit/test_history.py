@@ -162,3 +162,24 @@ def test_one_server_costs_about_35_kb_of_history() -> None:
     # the Reading kept to take the next difference from.
     measured = bytes_per_server()
     assert 8 * 540 * 8 <= measured < 40_000, measured
+
+
+def test_the_page_carries_the_history_where_no_event_text_can_end_its_script() -> None:
+    import json
+
+    from lbproxy.control.status_page import _history_data
+
+    log = EventLog(lambda: 110.0)
+    log.record("api", "</script><script>alert(1)</script>")
+    h = History([(5.0, 4), (60.0, 4)])
+    for i in range(3):
+        h.add(100.0 + 5 * i, {"server:g/a:1": server(i)})
+    data = _history_data({"time": 111.0, **h.view(log, finest_only=True)})
+    assert "<" not in data
+    back = json.loads(data)
+    assert back["events"][0]["text"] == "</script><script>alert(1)</script>"
+    # Of a server, only the sparkline's series travels with the page.
+    assert back["resolution"]["servers"] == {
+        "g/a:1": {"id": "g/a:1", "series": {"requests": [None, 0.2, 0.2]}}
+    }
+    assert _history_data(None) == "null"
