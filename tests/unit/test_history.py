@@ -183,3 +183,16 @@ def test_the_page_carries_the_history_where_no_event_text_can_end_its_script() -
         "g/a:1": {"id": "g/a:1", "series": {"requests": [None, 0.2, 0.2]}}
     }
     assert _history_data(None) == "null"
+
+
+def test_the_data_path_knows_nothing_of_the_history() -> None:
+    # The history reads the counters the data path keeps anyway; no module of proxy/ (nor
+    # core.metrics, which it adds to) imports or calls it.
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "lbproxy"
+    hot = [*sorted((root / "proxy").glob("*.py")), root / "core" / "metrics.py"]
+    assert len(hot) > 10
+    for path in hot:
+        text = path.read_text()
+        assert "history" not in text and "EventLog" not in text, path
