@@ -37,10 +37,13 @@ INTERPRETED = frozenset(
         "control.checker",
         "control.discovery",  # DNS lookups on a timer (its decisions: core.dns, drain too)
         "control.drain",
+        "control.history",  # the history's timer, every few seconds (its arithmetic: core.history)
         "control.loading",
         "control.reload",
+        "control.status_charts",
         "control.status_page",
         "core.dns",
+        "core.history",  # a few hundred numbers every 5 s, and for the operator
         "proxy.tls",
         # the layer packages' faces (a docstring each; the package name alone would mean all of it)
         "control.__init__",

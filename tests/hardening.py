@@ -199,7 +199,7 @@ def openssl_available() -> str:
     return path
 
 
-def make_cert(directory: str, name: str, cn: str = "localhost") -> tuple[str, str]:
+def make_cert(directory: str, name: str, cn: str = "localhost", days: int = 2) -> tuple[str, str]:
     """A self-signed certificate for ``cn`` (and 127.0.0.1, ::1) and its key, as PEM files
     ``<name>-cert.pem`` and ``<name>-key.pem`` in ``directory``."""
     cert = os.path.join(directory, f"{name}-cert.pem")
@@ -219,7 +219,7 @@ def make_cert(directory: str, name: str, cn: str = "localhost") -> tuple[str, st
             "-out",
             cert,
             "-days",
-            "2",
+            str(days),
             "-subj",
             f"/CN={cn}",
             "-addext",

@@ -107,8 +107,11 @@ class Tls:
     ] = None
     digest: SkipJsonSchema[str] = ""  # sha256 of every file's bytes, filled in by the loader
     # (a renewed certificate makes the config differ, so a reload re-reads it)
+    # Each certificate's notAfter (Unix seconds), filled in by the loader: for
+    # lbproxy_tls_certificate_expiry_timestamp_seconds.
+    not_after: SkipJsonSchema[tuple[float, ...]] = ()
 
-    _internal = ("digest",)
+    _internal = ("digest", "not_after")
 
     def __post_init__(self) -> None:
         if self.certificates:

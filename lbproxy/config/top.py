@@ -78,7 +78,8 @@ class Admin:
         Field(
             description=(
                 "the admin listener (never one of the proxied listeners): `GET /` status "
-                "page, `GET /status` JSON, `GET /metrics` Prometheus, `GET /healthz`, `POST "
+                "page, `GET /status` JSON, `GET /status/history` JSON (see "
+                "[Monitoring](#monitoring)), `GET /metrics` Prometheus, `GET /healthz`, `POST "
                 "/-/reload`, `GET /-/servers` and `PUT /-/servers/{group}/{host:port}` (see "
                 "[Runtime server state](#runtime-server-state)). Loopback unless you bind it "
                 "elsewhere; off loopback it needs a token or `insecure: true` (see [Securing "
@@ -124,7 +125,8 @@ class Admin:
         Bool,
         Field(
             description=(
-                "`true`: the token guards every page (`/`, `/status`, `/metrics`), not only "
+                "`true`: the token guards every page (`/`, `/status`, `/status/history`, "
+                "`/metrics`), not only "
                 "the writes and `/-/servers`; `/healthz` stays open. Needs a token"
             ),
         ),

@@ -27,6 +27,7 @@ from ..core.metrics import Registry, merge_registries
 from ..core.snapshot import ServerState
 from ..proxy import tls
 from . import admin_guard
+from .history import RESOLUTIONS, Sampler
 from .metric_families import Collector
 from .status_page import render_status_page
 
@@ -171,9 +172,17 @@ class Workers(Protocol):
 
 
 class AdminServer:
-    def __init__(self, proxy: Proxy, workers: Workers | None = None) -> None:
+    def __init__(
+        self,
+        proxy: Proxy,
+        workers: Workers | None = None,
+        resolutions: tuple[tuple[float, int], ...] = RESOLUTIONS,
+    ) -> None:
+        """``resolutions``: the history's (interval seconds, points), finest first."""
         self.proxy = proxy
         self.workers = workers
+        # The history samples what /status shows: the supervisor's sum under --workers.
+        self.history = Sampler(proxy, self._active, proxy.events, resolutions)
         self.prom = CollectorRegistry(auto_describe=False)
         self.prom.register(Collector(proxy.registry))
         self.app = web.Application(
@@ -181,6 +190,7 @@ class AdminServer:
         )
         self.app.router.add_get("/", self.page)
         self.app.router.add_get("/status", self.status)
+        self.app.router.add_get("/status/history", self.history_json)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_post("/-/reload", self.reload)
@@ -199,6 +209,7 @@ class AdminServer:
         await self.site.start()
         self.bind = admin.bind
         self.address = _bound(self.site)
+        self.history.start()
 
     @property
     def url(self) -> str:
@@ -231,6 +242,7 @@ class AdminServer:
             self.site = None
 
     async def close(self) -> None:
+        await self.history.close()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -260,8 +272,11 @@ class AdminServer:
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(await self._status())
 
+    async def history_json(self, request: web.Request) -> web.Response:
+        return web.json_response(self.history.view())
+
     async def page(self, request: web.Request) -> web.Response:
-        text = render_status_page(await self._status())
+        text = render_status_page(await self._status(), self.history.view(finest_only=True))
         return web.Response(text=text, content_type="text/html")
 
     async def _active(self) -> tuple[Registry, dict[str, int] | None]:

@@ -29,6 +29,7 @@ from ..config.model import WS_CLOSE_HANDSHAKE_TIMEOUT, ConfigError
 from ..core import metrics
 from ..core.dns import with_discovered
 from ..core.health import Event, Transition
+from ..core.history import EventLog
 from ..core.snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from ..proxy.access_log import AccessLog
 from ..proxy.client_socket import ClientSocket
@@ -102,6 +103,17 @@ class PassiveHealth:
             self._on_transition(server, t)
 
 
+def certificates(config: Config) -> dict[tuple[str, str], float]:
+    """Every certificate of ``config`` and its expiry: (listener, file) -> notAfter."""
+    out: dict[tuple[str, str], float] = {}
+    named = [(lst.name, lst.tls) for lst in config.listeners]
+    for name, t in [*named, ("admin.tls", config.admin.tls)]:
+        if t is not None:
+            for c, when in zip(t.certificates, t.not_after, strict=False):
+                out[(name, c.cert)] = when
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Role:
     """What this process does: alone it does everything; with workers the supervisor
@@ -127,6 +139,9 @@ class Proxy:
         self.on_applied: Callable[[bytes], None] | None = None
         self.on_discovered: Callable[[], None] | None = None  # the supervisor's hand-over
         self.registry = metrics.Registry()
+        # What happened, with its time, for /status/history (health, reloads, drains, the
+        # runtime API, DNS; the supervisor adds worker restarts): one recorder per process.
+        self.events = EventLog(time.time)
         self.state = RuntimeState(self.registry)
         # The config as the file says it; snapshots are built from it plus ``discovered``.
         self.file_config = config
@@ -137,7 +152,10 @@ class Proxy:
         snap, _ = self.state.build(config)
         self.state.commit(snap)
         self.holder = Holder(snap)
-        self.servers = ServerControl(self.state, self.registry, self.holder, role.check)
+        self.registry.certificates = certificates(config)
+        self.servers = ServerControl(
+            self.state, self.registry, self.holder, role.check, self.events
+        )
         self.access = AccessLog(config.access_log)
         self.ctx = Context(self.registry, self.access, PassiveHealth(self.servers.transition))
         self.listeners = Listeners(self.ctx, reuse_port=role.reuse_port)
@@ -274,6 +292,7 @@ class Proxy:
         self.holder.current = snap  # the swap: new connections and requests see it from here
         self.file_config = file_config
         self.access.configure(config.access_log)
+        self.registry.certificates = certificates(config)
         self.servers.retire(changes)
         self.servers.begin_drains(draining, old)
         self.servers.sync(snap)
@@ -283,6 +302,8 @@ class Proxy:
         summary = changes.summary()
         log.info("reload (%s): applied: %s", trigger, summary)
         self._reload_counted(True, summary)
+        if self._counting:
+            self.events.record("reload", f"reload ({trigger}) applied: {summary}")
         return ReloadResult(True, True, summary)
 
     def _discard(self, changes: Changes) -> None:
@@ -302,6 +323,8 @@ class Proxy:
             "\n  ".join(problems),
         )
         self._reload_counted(False, "; ".join(problems))
+        if self._counting:
+            self.events.record("reload", f"reload ({trigger}) FAILED: {'; '.join(problems)}")
         return ReloadResult(False, False, "\n".join(problems), tuple(problems))
 
     async def _found(self, group: str, spec: DiscoverySpec, servers: tuple[Server, ...]) -> None:
@@ -310,6 +333,8 @@ class Proxy:
         ones finish what they carry), without counting it as a config reload."""
         async with self.reload_lock:
             self.discovered[group] = (spec, servers)
+            found = ", ".join(str(s.address) for s in servers) or "none"
+            self.events.record("dns", f"{group}: DNS found {found}", group)
             await self.apply_discovered(f"dns: {group}")
         if self.on_discovered is not None:
             self.on_discovered()

@@ -81,7 +81,9 @@ def _tls_files(t: Tls, base: str, where: str, problems: list[str]) -> Tls | None
     except tls.TlsError as exc:
         problems.append(f"{where}: {exc}")
         return None
-    return replace(t, certificates=pairs, client_ca=ca, digest=loaded.digest)
+    return replace(
+        t, certificates=pairs, client_ca=ca, digest=loaded.digest, not_after=loaded.not_after
+    )
 
 
 def _with_admin(config: Config, raw: bytes, path: str) -> Config:

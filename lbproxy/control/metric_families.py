@@ -149,6 +149,10 @@ def _last_reload_timestamp(scrape: Scrape) -> list[Sample]:
     return [([], scrape.first.reloads.last_timestamp)] if scrape.first else []
 
 
+def _certificates(scrape: Scrape) -> list[Sample]:
+    return _flat([], scrape.first.certificates) if scrape.first else []
+
+
 def _dns_lookups(scrape: Scrape) -> list[Sample]:
     return _flat([], scrape.first.dns_lookups) if scrape.first else []
 
@@ -375,6 +379,13 @@ FAMILIES: tuple[Family, ...] = (
         GAUGE,
         (),
         _last_reload_timestamp,
+    ),
+    Family(
+        "lbproxy_tls_certificate_expiry_timestamp_seconds",
+        "When each certificate of the config in force expires (notAfter, Unix seconds)",
+        GAUGE,
+        (_L, "certificate"),
+        _certificates,
     ),
     Family(
         "lbproxy_dns_lookups",

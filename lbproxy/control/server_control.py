@@ -19,6 +19,7 @@ from collections.abc import Callable
 from ..config.groups import HealthCheck
 from ..core import metrics
 from ..core.health import ServerHealth, State, Transition
+from ..core.history import EventLog
 from ..core.snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .drain import Drainer
 
@@ -27,12 +28,18 @@ log = logging.getLogger("lbproxy")
 
 class ServerControl:
     def __init__(
-        self, state: RuntimeState, registry: metrics.Registry, holder: Holder, checks: bool
+        self,
+        state: RuntimeState,
+        registry: metrics.Registry,
+        holder: Holder,
+        checks: bool,
+        events: EventLog,
     ) -> None:
         self.state = state
         self.registry = registry
         self.holder = holder
         self.checks = checks  # this process runs the health checks (logs transitions)
+        self.events = events
         self.drainer = Drainer(registry.listeners)
         self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
         # The supervisor's hand-over of a runtime override to every worker: (id, state, weight)
@@ -52,6 +59,13 @@ class ServerControl:
             t.old.value,
             t.reason,
         )
+        if self.checks:
+            self.events.record(
+                "health",
+                f"{server.id} is {t.new.value.upper()} (was {t.old.value}): {t.reason}",
+                server.group,
+                server.id,
+            )
         if server.id in self.state.servers:
             self.registry.backend_up[server.id] = (
                 server.group,
@@ -143,6 +157,8 @@ class ServerControl:
         current = self.holder.current
         for s in servers:
             s.pool.close()
+            if self.checks:  # the process that decides (the supervisor, under --workers)
+                self.events.record("drain", f"{s.id} begins draining", s.group, s.id)
             group = current.groups.get(s.group) or old.groups.get(s.group)
             if group is not None:
                 cfg = group.config
@@ -161,6 +177,12 @@ class ServerControl:
             server.admin_state,
             server.weight,
             " (draining)" if server.draining else "",
+        )
+        self.events.record(
+            "api",
+            f"PUT {sid}: admin_state {server.admin_state}, weight {server.weight}",
+            server.group,
+            sid,
         )
         snap = self.holder.current
         self.begin_drains([server] if began else [], snap)

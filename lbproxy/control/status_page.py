@@ -7,13 +7,20 @@ HTML-escaped; the page loads nothing from elsewhere.
 Rates (requests and connections per second) are computed in the browser by a few lines of
 inline script: each refresh stores the totals and the proxy's clock in sessionStorage, and the
 next one divides the differences. Without script the page still refreshes and shows totals.
+
+The charts (``status_charts``) are drawn by the page itself from the history it carries inline
+(the fine resolution of ``GET /status/history``), so nothing is fetched; without script the
+history is simply not drawn and the tables are the page.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import time
 from typing import Any
+
+from .status_charts import CHART_CSS, CHART_SCRIPT
 
 REFRESH_SECONDS = 2
 
@@ -70,13 +77,28 @@ def _rate(key: str, total: Any) -> str:
     return f"<td class='num rate' data-key='{_e(key)}' data-total='{_e(total)}'>-</td>"
 
 
-def render_status_page(st: dict[str, Any]) -> str:
+def _history_data(history: dict[str, Any] | None) -> str:
+    """The fine resolution and the events, as JSON that cannot end its script element. Of
+    each server only what its sparkline draws (the page is sent every refresh)."""
+    if history is None or not history.get("resolutions"):
+        return "null"
+    fine = dict(history["resolutions"][0])
+    fine["servers"] = {
+        sid: {"id": s["id"], "series": {"requests": s["series"]["requests"]}}
+        for sid, s in fine["servers"].items()
+    }
+    data = {"time": history["time"], "resolution": fine, "events": history["events"]}
+    return json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+
+
+def render_status_page(st: dict[str, Any], history: dict[str, Any] | None = None) -> str:
     rows: list[str] = []
     add = rows.append
     add("<!doctype html><html lang=en><head><meta charset=utf-8>")
     add(f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">')
     add("<title>lbproxy status</title>")
-    add(f"<style>{_CSS}</style></head>")
+    add("<meta name=viewport content='width=device-width, initial-scale=1'>")
+    add(f"<style>{_CSS}{CHART_CSS}</style></head>")
     add(f"<body data-time='{_e(st['time'])}' data-pid='{_e(st['pid'])}'>")
     add(f"<h1>lbproxy {_e(st['version'])} <small class=build>{_e(st['build'])}</small></h1>")
     rl = st["last_reload"]
@@ -94,6 +116,9 @@ def render_status_page(st: dict[str, Any]) -> str:
     )
     if not rl["success"]:
         add(f"<pre class=bad>{_e(rl['message'])}</pre>")
+    # Filled by CHART_SCRIPT: a row of charts per server group and one for the listeners.
+    add("<section id=history hidden><h2 id=history-title>History</h2>")
+    add("<div id=charts></div></section>")
 
     add("<h2>Listeners</h2><table><tr><th>name</th><th>bind</th><th>group</th>")
     add("<th>connections</th><th>websockets</th><th>accepted</th><th>conn/s</th>")
@@ -121,7 +146,8 @@ def render_status_page(st: dict[str, Any]) -> str:
         )
         add("<table><tr><th>server</th><th>state</th><th>weight</th><th>last check</th>")
         add("<th>latency</th><th>open</th><th>websockets</th><th>ws total</th>")
-        add("<th>requests</th><th>req/s</th><th>errors</th><th>checks ok/failed</th></tr>")
+        add("<th>requests</th><th>req/s</th><th>errors</th><th>checks ok/failed</th>")
+        add("<th class=spark>req/s history</th></tr>")
         for s in g["servers"]:
             errors = sum(s["upstream_errors"].values())
             hc = s["health_checks"]
@@ -145,8 +171,10 @@ def render_status_page(st: dict[str, Any]) -> str:
                 f"<td class=num>{_e(s['requests_total'])}</td>"
                 f"{rate}"
                 f"<td class=num>{_e(errors)}</td>"
-                f"<td class=num>{_e(hc['success'])}/{_e(hc['failure'])}</td></tr>"
+                f"<td class=num>{_e(hc['success'])}/{_e(hc['failure'])}</td>"
+                f"<td class=spark data-id='{_e(s['id'])}'></td></tr>"
             )
         add("</table>")
-    add(f"<script>{_SCRIPT}</script></body></html>")
+    add(f"<script type=application/json id=history-data>{_history_data(history)}</script>")
+    add(f"<script>{_SCRIPT}</script><script>{CHART_SCRIPT}</script></body></html>")
     return "".join(rows)

@@ -230,6 +230,9 @@ class Registry:
         # the ids of the servers it found (for lbproxy_backend_discovered).
         self.dns_lookups: dict[tuple[str, str], int] = {}
         self.discovered: set[str] = set()
+        # The config in force's certificates: (listener, certificate file) -> notAfter
+        # (Unix seconds); the admin's under the listener name "admin.tls".
+        self.certificates: dict[tuple[str, str], float] = {}
 
     def listener(self, name: str) -> ListenerStats:
         s = self.listeners.get(name)

@@ -105,6 +105,7 @@ class Loaded:
     context: ssl.SSLContext
     digest: str
     names: tuple[tuple[str, ...], ...]  # each certificate's DNS names, in config order
+    not_after: tuple[float, ...] = ()  # each certificate's expiry (Unix seconds), in order
 
 
 class CertificateFiles(Protocol):
@@ -146,15 +147,18 @@ def load(t: Settings, http2: bool = False) -> Loaded:
         h.update(_read(client_ca, "client CA", b"-----BEGIN CERTIFICATE-----") + b"\0")
     contexts: list[ssl.SSLContext] = []
     names: list[tuple[str, ...]] = []
+    not_after: list[float] = []
     for cert, key in ((c.cert, c.key) for c in t.certificates):
         cert_pem = _read(cert, "certificate", b"-----BEGIN CERTIFICATE-----")
         key_pem = _read(key, "key", b"PRIVATE KEY-----")
         h.update(cert_pem + b"\0" + key_pem + b"\0")
-        names.append(_names(cert, cert_pem))
+        cert_names, expiry = _names(cert, cert_pem)
+        names.append(cert_names)
+        not_after.append(expiry)
         contexts.append(_context(cert, key, pol, client_auth, client_ca, http2))
     if len(contexts) > 1:
         contexts[0].sni_callback = Sni(contexts, names)
-    return Loaded(contexts[0], h.hexdigest(), tuple(names))
+    return Loaded(contexts[0], h.hexdigest(), tuple(names), tuple(not_after))
 
 
 def _read(path: str, what: str, marker: bytes) -> bytes:
@@ -170,9 +174,10 @@ def _read(path: str, what: str, marker: bytes) -> bytes:
     return data
 
 
-def _names(path: str, pem: bytes) -> tuple[str, ...]:
+def _names(path: str, pem: bytes) -> tuple[tuple[str, ...], float]:
     """The DNS names a certificate (the first of a chain) serves: its subjectAltName DNS
-    entries, or its subject CN when it has none (as HAProxy reads a certificate list)."""
+    entries, or its subject CN when it has none (as HAProxy reads a certificate list); and
+    when it expires (notAfter, Unix seconds)."""
     try:
         cert = x509.load_pem_x509_certificate(pem)
         try:
@@ -184,7 +189,8 @@ def _names(path: str, pem: bytes) -> tuple[str, ...]:
             dns = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     except ValueError as exc:
         raise TlsError(f"certificate {path} cannot be read: {exc}") from None
-    return tuple(dict.fromkeys(n.lower().rstrip(".") for n in dns))
+    expiry = cert.not_valid_after_utc.timestamp()
+    return tuple(dict.fromkeys(n.lower().rstrip(".") for n in dns)), expiry
 
 
 def _context(

@@ -183,6 +183,9 @@ class Supervisor:
                 lived,
                 delay,
             )
+            self.proxy.events.record(
+                "worker", f"worker {w.index} (pid {w.pid}) exited with {code}; restarting"
+            )
             for fut in w.waiters.values():
                 fut.cancel()
             w.waiters.clear()

@@ -114,6 +114,14 @@ async def test_a_records_growth_and_shrink_keep_state_like_a_reload(
     # A discovered change is not a config reload.
     assert proxy.registry.reloads.success == 0 and proxy.registry.reloads.failure == 0
     assert b2.requests and b3.requests
+    # Each new set is an event of the history (GET /status/history), not a reload event.
+    dns = [e for e in proxy.events.since(0) if e["kind"] == "dns"]
+    assert [e["text"] for e in dns][-2:] == [
+        f"rs1: DNS found 127.0.0.2:{port}, 127.0.0.3:{port}",
+        f"rs1: DNS found 127.0.0.3:{port}",
+    ]
+    assert all(e["group"] == "rs1" for e in dns)
+    assert not [e for e in proxy.events.since(0) if e["kind"] == "reload"]
 
 
 async def test_new_addresses_are_warmed_and_removed_ones_drain_like_a_reload(

@@ -21,9 +21,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from cryptography import x509
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from lbproxy.control.app import Proxy
 from lbproxy.control.loading import load_config
+from lbproxy.control.metric_families import Collector
 from tests.hardening import closed_without_answer, exchange, make_cert, openssl_available
 from tests.support import free_port, read_response, wait_for
 
@@ -32,7 +36,8 @@ from tests.support import free_port, read_response, wait_for
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
     openssl_available()
     d = tmp_path_factory.mktemp("certs")
-    return {name: make_cert(str(d), name) for name in ("one", "two")}
+    # "two" lives a day longer: a renewal, as lbproxy_tls_certificate_expiry_... sees it
+    return {name: make_cert(str(d), name, days=days) for name, days in (("one", 2), ("two", 3))}
 
 
 def client_context(*cafiles: str) -> ssl.SSLContext:
@@ -118,6 +123,23 @@ async def test_https_and_wss_end_to_end(make_backend, make_proxy, certs, tmp_pat
     assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
 
 
+def expiries(proxy: Proxy) -> dict[tuple[str, str], float]:
+    """lbproxy_tls_certificate_expiry_timestamp_seconds as /metrics renders it."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Collector(proxy.registry))
+    (family,) = [
+        f
+        for f in text_string_to_metric_families(generate_latest(reg).decode())
+        if f.name == "lbproxy_tls_certificate_expiry_timestamp_seconds"
+    ]
+    return {(s.labels["listener"], s.labels["certificate"]): s.value for s in family.samples}
+
+
+def not_after(cert_path: str) -> float:
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    return cert.not_valid_after_utc.timestamp()
+
+
 async def test_reload_rereads_the_certificate_and_keeps_open_tunnels(
     make_backend, make_proxy, certs, tmp_path
 ):
@@ -130,6 +152,7 @@ async def test_reload_rereads_the_certificate_and_keeps_open_tunnels(
         make_proxy, tmp_path / "lb.yaml", https_doc(a.address, "live-cert.pem", "live-key.pem")
     )
     assert await peer_cert(proxy) == der(one[0])
+    assert expiries(proxy) == {("secure", live_cert): not_after(one[0])}
     async with aiohttp.ClientSession() as s:
         ws = await s.ws_connect(f"{base(proxy, 'wss')}/ws", ssl=client_context(one[0]))
         await ws.send_str("before")
@@ -142,6 +165,9 @@ async def test_reload_rereads_the_certificate_and_keeps_open_tunnels(
         assert (result.ok, result.changed) == (True, True)
         assert result.message == "listeners changed: secure"
         assert await peer_cert(proxy) == der(two[0])
+        # The renewed certificate's expiry, from the reload on.
+        assert expiries(proxy) == {("secure", live_cert): not_after(two[0])}
+        assert not_after(two[0]) != not_after(one[0])
         async with s.get(f"{base(proxy)}/whoami", ssl=client_context(two[0])) as r:
             assert await r.text() == "A"
         await ws.send_str("after")  # the tunnel made with the old certificate goes on

@@ -529,6 +529,29 @@ async def test_killed_worker_is_restarted_while_traffic_continues(make_backend, 
     w0, w1 = (await lb.status())["workers"]
     assert (w0["restarts"], w1["restarts"], w1["pid"]) == (2, 0, old[1])
 
+    # The supervisor's history: both restarts as events, and the workers' traffic summed into
+    # the series it samples (every 5 s: the second point gives the first rate).
+    async def history() -> dict[str, Any]:
+        async with lb.session.get(f"{lb.admin}/status/history") as r:
+            assert r.status == 200
+            data: dict[str, Any] = await r.json()
+            return data
+
+    h = await history()
+    restarts = [e["text"] for e in h["events"] if e["kind"] == "worker"]
+    assert [t.split(" exited")[0] for t in restarts] == [
+        f"worker 0 (pid {victim})",
+        f"worker 0 (pid {second})",
+    ]
+    await lb.spread(20)
+
+    async def sampled() -> bool:
+        fine = (await history())["resolutions"][0]
+        series = fine["servers"][f"rs1/{a.address}"]["series"]
+        return any(v for v in series["requests"])
+
+    await wait_for(sampled, 15, "a rate of A's requests in the supervisor's history")
+
 
 # ------------------------------------------------------------------------------- reload
 

@@ -50,6 +50,7 @@ FAMILIES = {
     "lbproxy_config_reloads": "counter",
     "lbproxy_config_last_reload_success": "gauge",
     "lbproxy_config_last_reload_timestamp_seconds": "gauge",
+    "lbproxy_tls_certificate_expiry_timestamp_seconds": "gauge",
     "lbproxy_dns_lookups": "counter",
     "lbproxy_backend_discovered": "gauge",
 }
