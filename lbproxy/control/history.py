@@ -17,8 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from ..core.history import EventLog, History, Reading
-from ..core.metrics import TIME_BUCKETS, Histogram, Registry
+from ..core.history import WS_SERIES, EventLog, History, Reading
+from ..core.metrics import TIME_BUCKETS, Histogram, Registry, ServerStats
 
 if TYPE_CHECKING:
     from .app import Proxy
@@ -32,6 +32,20 @@ RESOLUTIONS = ((5.0, 180), (60.0, 360))
 Source = Callable[[], Awaitable[tuple[Registry, dict[str, int] | None]]]
 
 
+def _server_ws(ss: ServerStats, live: list[int] | None) -> dict[str, float]:
+    """A server's WebSocket counters: its ended tunnels' (folded in as each ended) plus
+    ``live``, the messages of its tunnels still open in this process, so the rate is right
+    while tunnels are long-lived (under ``--workers`` a worker's dump has added its own)."""
+    m_in, m_out = live or (0, 0)
+    out = {
+        "ws_messages_in": float(ss.ws_messages_in + m_in),
+        "ws_messages_out": float(ss.ws_messages_out + m_out),
+    }
+    for cls, n in ss.ws_close_classes.items():
+        out[f"closes_{cls}"] = float(n)
+    return out
+
+
 def _closes(codes: dict[tuple[str, str], int]) -> dict[str, float]:
     """Close frames by code class. A tunnel's close is counted once, by the side that closed
     first would need per-tunnel state; the frames both ways are what the counters hold, so a
@@ -40,7 +54,7 @@ def _closes(codes: dict[tuple[str, str], int]) -> dict[str, float]:
     for (_side, code), n in codes.items():
         key = f"closes_{code}" if code in ("1000", "1001", "1006") else None
         if code == "none":
-            key = "closes_1006"  # no close frame: the connection just ended (1006)
+            key = "closes_1006"  # a close frame without a code: counted with the abnormal
         out[key or "closes_other"] += n
     return out
 
@@ -49,6 +63,9 @@ def readings(proxy: Proxy, reg: Registry, active: dict[str, int] | None) -> dict
     """Every entity's counters now, keyed ``kind:name``."""
     out: dict[str, Reading] = {}
     snap = proxy.holder.current
+    # The open tunnels' messages by server id: a scan of this process's open connections
+    # (none in a registry summed from workers' dumps, which carry their own).
+    live = reg.live_messages()
     # (group, server label) -> (requests, 5xx), over every listener
     per_server: dict[tuple[str, str], list[int]] = {}
     for stats in reg.listeners.values():
@@ -60,7 +77,7 @@ def readings(proxy: Proxy, reg: Registry, active: dict[str, int] | None) -> dict
     for g in snap.groups.values():
         gr = Reading("group", {"name": g.name}, buckets=TIME_BUCKETS)
         ghist = Histogram(TIME_BUCKETS)
-        for key in ("requests", "errors_5xx", "connect_failures"):
+        for key in ("requests", "errors_5xx", "connect_failures", *WS_SERIES):
             gr.counters[key] = 0.0
         up_count = 0
         conns = tunnels = 0
@@ -78,6 +95,7 @@ def readings(proxy: Proxy, reg: Registry, active: dict[str, int] | None) -> dict
                     "requests": float(req),
                     "errors_5xx": float(err),
                     "connect_failures": float(ss.errors.get("connect", 0)),
+                    **_server_ws(ss, live.get(s.id)),
                 },
                 gauges={"up": 1.0 if up else 0.0, "connections": n_conn, "tunnels": n_tun},
                 buckets=ss.upstream_response.buckets,

@@ -2,9 +2,10 @@
 
 Owns the drawing only. The script reads the history the page carries (``#history-data``, the
 fine resolution of ``GET /status/history``) and draws inline SVG: per server group a row of
-three charts (requests and errors per second, latency p50/p99, connections and tunnels), one
-row for the listeners (requests, WebSocket messages both ways, closes by code class), and a
-sparkline of requests per second in each server's table row. Events are vertical marks on the
+charts (requests and errors per second, latency p50/p99, connections and tunnels, WebSocket
+messages per second both ways summed with a line per server), one row per listener
+(requests, WebSocket messages both ways, closes by code class), and a sparkline of requests
+per second in each server's table row. Events are vertical marks on the
 same time axis, their text in an SVG ``<title>`` (shown on hover). A missing point (no data,
 a server down) breaks the line: the gap is visible. Colours come from CSS variables with a
 dark scheme, and the grid folds to one column on a phone. Nothing is fetched from anywhere.
@@ -150,6 +151,13 @@ CHART_SCRIPT = """
       ["requests", "5xx", "failed connects"]), 1, mine);
     chart(row, "latency (ms)", pick(g, ["p50", "p99"]), 1000, mine);
     chart(row, "connections and tunnels", pick(g, ["connections", "tunnels"]), 1, mine);
+    var servers = Object.keys(res.servers).sort().map(function (id) { return res.servers[id]; })
+      .filter(function (s) { return s.group === name; });
+    if (servers.length) {
+      chart(row, "WebSocket messages /s by server", servers.map(function (s, k) {
+        return {name: s.address, values: s.series.ws_messages, color: k % 4};
+      }), 1, mine);
+    }
   });
   Object.keys(res.listeners).sort().forEach(function (name) {
     var l = res.listeners[name];

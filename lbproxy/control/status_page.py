@@ -77,14 +77,30 @@ def _rate(key: str, total: Any) -> str:
     return f"<td class='num rate' data-key='{_e(key)}' data-total='{_e(total)}'>-</td>"
 
 
+def _both_ways(series: dict[str, list[float | None]]) -> list[float | None]:
+    return [
+        None if i is None or o is None else round(i + o, 6)
+        for i, o in zip(series["ws_messages_in"], series["ws_messages_out"], strict=True)
+    ]
+
+
 def _history_data(history: dict[str, Any] | None) -> str:
     """The fine resolution and the events, as JSON that cannot end its script element. Of
-    each server only what its sparkline draws (the page is sent every refresh)."""
+    each server only what the page draws (the page is sent every refresh): its sparkline's
+    requests, and its WebSocket messages both ways summed (a line in its group's row)."""
     if history is None or not history.get("resolutions"):
         return "null"
     fine = dict(history["resolutions"][0])
     fine["servers"] = {
-        sid: {"id": s["id"], "series": {"requests": s["series"]["requests"]}}
+        sid: {
+            "id": s["id"],
+            "group": s["group"],
+            "address": s["address"],
+            "series": {
+                "requests": s["series"]["requests"],
+                "ws_messages": _both_ways(s["series"]),
+            },
+        }
         for sid, s in fine["servers"].items()
     }
     data = {"time": history["time"], "resolution": fine, "events": history["events"]}

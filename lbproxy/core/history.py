@@ -22,6 +22,16 @@ NAN = math.nan
 
 # Each entity kind's series, in the order of its row. Rates are per second over the interval;
 # p50/p99 are seconds; the others are gauges read at the sample.
+# WebSocket messages both ways, and ends by close code class per second (of a listener: close
+# frames either way; of a server or group: its tunnels as they end, by their first close).
+WS_SERIES = (
+    "ws_messages_in",
+    "ws_messages_out",
+    "closes_1000",
+    "closes_1001",
+    "closes_1006",
+    "closes_other",
+)
 SERVER_SERIES = (
     "up",
     "requests",
@@ -31,6 +41,7 @@ SERVER_SERIES = (
     "p99",
     "connections",
     "tunnels",
+    *WS_SERIES,
 )
 GROUP_SERIES = (
     "servers_up",
@@ -41,6 +52,7 @@ GROUP_SERIES = (
     "p99",
     "connections",
     "tunnels",
+    *WS_SERIES,
 )
 LISTENER_SERIES = (
     "requests",
@@ -49,18 +61,15 @@ LISTENER_SERIES = (
     "p99",
     "connections",
     "tunnels",
-    "ws_messages_in",
-    "ws_messages_out",
-    "closes_1000",
-    "closes_1001",
-    "closes_1006",
-    "closes_other",
+    *WS_SERIES,
 )
 SERIES = {"server": SERVER_SERIES, "group": GROUP_SERIES, "listener": LISTENER_SERIES}
 # The series that are gauges (a value at the sample, not a difference of counters).
 GAUGES = frozenset({"up", "servers_up", "connections", "tunnels"})
 QUANTILES = {"p50": 0.5, "p99": 0.99}
-# A server that is not up has no traffic series at that point: the chart shows a gap.
+# A server that is not up has no traffic series at that point: the chart shows a gap. Not its
+# WebSocket series: its open tunnels go on (health does not close them), and how they end
+# when it dies (1006) is what one looks for there.
 DOWN_GAP = frozenset({"requests", "errors_5xx", "p50", "p99", "connections", "tunnels"})
 
 

@@ -44,6 +44,10 @@ WS_CLOSE_REASONS = ("client", "server", "idle_timeout", "shutdown", "drain", "po
 WS_POLICY_REASONS = ("max_message_size", "messages_per_second", "extension")
 # Who sent a WebSocket close frame: a side of the tunnel, or the proxy itself.
 WS_CLOSE_SIDES = ("client", "server", "proxy")
+# How a server's tunnels ended, by the code of their first close frame: normal, going away,
+# abnormal (no close frame at all: the connection just ended), anything else (a close frame
+# without a code, 1005, is one of these).
+WS_CLOSE_CLASSES = ("1000", "1001", "1006", "other")
 # lbproxy_backend_state's states: health, with draining over it.
 BACKEND_STATES = ("up", "down", "unknown", "draining")
 # protocol: a response the proxy cannot pass on (garbage, a head too large, bad framing).
@@ -95,6 +99,21 @@ class LiveConnection(Protocol):
     """What the collector reads from a connection that is still open."""
 
     def live_bytes(self) -> tuple[int, int]: ...
+
+    def live_messages(self) -> tuple[str, int, int]:
+        """A tunnel's server id and its WebSocket messages so far, both ways; ("", 0, 0) for
+        a connection that is not a tunnel."""
+        ...
+
+
+def close_class(side: str | None, code: int | None) -> str:
+    """A tunnel's end as one of WS_CLOSE_CLASSES, from its first close frame's sender
+    (``side``, None: no close frame was seen) and code (None: a close frame without one)."""
+    if side is None:
+        return "1006"
+    if code is not None and code in (1000, 1001, 1006):
+        return str(code)
+    return "other"
 
 
 class ListenerStats:
@@ -178,7 +197,10 @@ class ServerStats:
         "server",
         "upstream_response",
         "ws_active",
+        "ws_close_classes",
         "ws_drained",
+        "ws_messages_in",
+        "ws_messages_out",
         "ws_total",
     )
 
@@ -191,13 +213,23 @@ class ServerStats:
         self.ws_active: dict[str, int] = {}  # listener -> open tunnels
         self.ws_total: dict[str, int] = {}  # listener -> tunnels established
         self.ws_drained = 0  # tunnels the proxy closed because this server was draining
+        # Ended tunnels' data messages (client to server, server to client) and ends by
+        # close class, added once per tunnel as it ends: the data path counts messages per
+        # listener only (one addition a chunk), the open tunnels' are read from them.
+        self.ws_messages_in = 0
+        self.ws_messages_out = 0
+        self.ws_close_classes = dict.fromkeys(WS_CLOSE_CLASSES, 0)
 
     def ws_opened(self, listener: str) -> None:
         self.ws_active[listener] = self.ws_active.get(listener, 0) + 1
         self.ws_total[listener] = self.ws_total.get(listener, 0) + 1
 
-    def ws_closed(self, listener: str) -> None:
+    def ws_closed(self, listener: str, messages_in: int, messages_out: int, ended: str) -> None:
+        """A tunnel to this server ended: its messages both ways and its close class."""
         self.ws_active[listener] -= 1
+        self.ws_messages_in += messages_in
+        self.ws_messages_out += messages_out
+        self.ws_close_classes[ended] += 1
 
     @property
     def idle(self) -> bool:
@@ -260,11 +292,26 @@ class Registry:
     def count_retry(self, group: str) -> None:
         self.retries[group] = self.retries.get(group, 0) + 1
 
+    def live_messages(self) -> dict[str, list[int]]:
+        """Server id -> [in, out]: the messages of this process's tunnels still open (the
+        ended ones' are in ServerStats). A scan of the open connections, for a timer or a
+        dump, never for the data path."""
+        out: dict[str, list[int]] = {}
+        for ls in self.listeners.values():
+            for conn in list(ls.live):
+                sid, m_in, m_out = conn.live_messages()
+                if sid:
+                    acc = out.setdefault(sid, [0, 0])
+                    acc[0] += m_in
+                    acc[1] += m_out
+        return out
+
 
 # ---------------------------------------------------------------------------------------------
 # Moving stats between processes: a worker dumps its Registry as JSON-ready data and the
 # supervisor loads and sums them. Generic over the slots, so a counter added above travels
-# without touching this code. Open connections' bytes are folded in at dump time.
+# without touching this code. Open connections' bytes, and open tunnels' messages per server,
+# are folded in at dump time.
 
 _LOCAL = frozenset({"live", "name", "group", "server"})
 
@@ -326,14 +373,14 @@ def dump_registry(reg: Registry) -> dict[str, object]:
             fields["bytes_in"] = int(fields["bytes_in"]) + i  # type: ignore[call-overload]
             fields["bytes_out"] = int(fields["bytes_out"]) + o  # type: ignore[call-overload]
         listeners[name] = fields
-    servers = {
-        sid: {
-            "group": ss.group,
-            "server": ss.server,
-            **{f: _encode(getattr(ss, f)) for f in _fields(ss)},
-        }
-        for sid, ss in reg.servers.items()
-    }
+    live = reg.live_messages()
+    servers: dict[str, object] = {}
+    for sid, ss in reg.servers.items():
+        sfields = {f: _encode(getattr(ss, f)) for f in _fields(ss)}
+        m_in, m_out = live.get(sid, (0, 0))
+        sfields["ws_messages_in"] = ss.ws_messages_in + m_in
+        sfields["ws_messages_out"] = ss.ws_messages_out + m_out
+        servers[sid] = {"group": ss.group, "server": ss.server, **sfields}
     return {"listeners": listeners, "servers": servers, "retries": dict(reg.retries)}
 
 

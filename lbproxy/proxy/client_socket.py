@@ -104,6 +104,9 @@ class ClientSocket(asyncio.Protocol):
     def live_bytes(self) -> tuple[int, int]:
         return self.bytes_in, self.bytes_out
 
+    def live_messages(self) -> tuple[str, int, int]:
+        return "", 0, 0  # not a tunnel (an upgraded connection's tunnel counts its own)
+
     def write(self, data: bytes) -> None:
         self.bytes_out += len(data)
         head = self.head_out

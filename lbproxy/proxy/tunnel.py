@@ -37,6 +37,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..config.model import WS_CLOSE_FRAME_WAIT, WS_CLOSE_HANDSHAKE_TIMEOUT
+from ..core.metrics import close_class
 from ..wire.wsframes import MESSAGE_TOO_BIG, POLICY_VIOLATION, close_frame
 from .tunnel_end import End, TunnelBase
 
@@ -139,6 +140,10 @@ class Tunnel(TunnelBase):
 
     def live_bytes(self) -> tuple[int, int]:
         return self.bytes_in, self.bytes_out
+
+    def live_messages(self) -> tuple[str, int, int]:
+        m_in, m_out = self.messages()
+        return self.server.id, m_in, m_out
 
     def messages(self) -> tuple[int, int]:
         """Data messages passed on: (client to server, server to client)."""
@@ -264,12 +269,13 @@ class Tunnel(TunnelBase):
         ls.connections_active -= 1
         ls.count_ws_close(self.group, self.reason, now - self.started)
         server = self.server
-        server.stats.ws_closed(ls.name)
+        # The server's message and close counts, once per tunnel (not per chunk).
+        m_in, m_out = self.messages()
+        server.stats.ws_closed(ls.name, m_in, m_out, close_class(self.close_side, self.close_code))
         server.active -= 1
         if self.access.enabled:
             # None: the access log was off when the tunnel opened (nothing kept for it).
             method, path = self.method_path or ("-", "-")
-            m_in, m_out = self.messages()
             if self.close_side is None:
                 code = "-"
             else:

@@ -177,6 +177,102 @@ async def test_history_json_has_series_events_and_a_gap_for_a_killed_server(
     assert down["group"] == "rs1" and fine["times"][0] <= down["time"] <= h["time"]
 
 
+async def raw_tunnel(proxy: Any) -> tuple[asyncio.StreamWriter, str]:
+    """A WebSocket through the proxy by hand, to end it without a close frame: the writer,
+    and the name of the backend it reached."""
+    host, port = proxy.listeners.address("web").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    writer.write(b"\x81\x86\x00\x00\x00\x00whoami")  # masked with a zero key
+    first, length = await asyncio.wait_for(reader.readexactly(2), 10)
+    assert first == 0x81 and length < 126
+    return writer, (await reader.readexactly(length)).decode()
+
+
+def total(fine: dict[str, Any], sid: str, name: str) -> float:
+    """What a rate series adds up to over the history: the counter's growth since the first
+    point (each rate times its interval)."""
+    times, values = fine["times"], fine["servers"][sid]["series"][name]
+    steps = zip(times, times[1:], values[1:], strict=False)
+    return sum(v * (t - t0) for t0, t, v in steps if v is not None)
+
+
+async def test_a_servers_websocket_messages_and_closes_by_code_are_in_its_history(
+    make_backend, make_proxy, fast_admin
+):
+    a = await make_backend("A")
+    b = await make_backend("B")
+    proxy = await make_proxy(config_doc([a.address, b.address]))
+    admin = await fast_admin(proxy)
+    sid = {"A": f"rs1/{a.address}", "B": f"rs1/{b.address}"}
+
+    async def points(n: int) -> bool:
+        return len((await history(admin))["resolutions"][0]["times"]) >= n
+
+    await wait_for(lambda: points(2), what="the history's first points")  # nothing before
+    expected = {name: {"in": 0, "out": 0} for name in sid}
+    async with aiohttp.ClientSession() as s:
+        # A long-lived tunnel: its messages show as its server's rate while it is open.
+        ws1 = await s.ws_connect(proxy_url(proxy, path="/ws"))
+        await ws1.send_str("whoami")
+        one = (await ws1.receive()).data
+        for i in range(50):
+            await ws1.send_str(f"m{i}")
+            assert (await ws1.receive()).data == f"m{i}"
+        expected[one]["in"] += 51
+        expected[one]["out"] += 51
+
+        async def live_rate() -> bool:
+            series = (await history(admin))["resolutions"][0]["servers"][sid[one]]["series"]
+            return any(v for v in series["ws_messages_in"])
+
+        await wait_for(live_rate, what="an open tunnel's messages in its server's history")
+        assert not ws1.closed
+        # 1000: the client closes; 1001: the server goes away; 1006: no close frame at all.
+        await ws1.close()
+        assert ws1.close_code == 1000
+        ws2 = await s.ws_connect(proxy_url(proxy, path="/ws"))
+        await ws2.send_str("whoami")
+        two = (await ws2.receive()).data
+        await ws2.send_str("close:1001")
+        assert (await ws2.receive()).data == 1001
+        await ws2.close()
+        expected[two]["in"] += 2
+        expected[two]["out"] += 1
+    writer, three = await raw_tunnel(proxy)
+    writer.transport.abort()
+    expected[three]["in"] += 1
+    expected[three]["out"] += 1
+    want = {name: {"1000": 0, "1001": 0, "1006": 0} for name in sid}
+    for name, code in ((one, "1000"), (two, "1001"), (three, "1006")):
+        want[name][code] += 1
+
+    async def closes_recorded() -> bool:
+        fine = (await history(admin))["resolutions"][0]
+        return all(
+            round(total(fine, sid[name], f"closes_{code}")) == n
+            for name, codes in want.items()
+            for code, n in codes.items()
+        ) and all(not ss.ws_active.get("web") for ss in proxy.registry.servers.values())
+
+    await wait_for(closes_recorded, what="the three closes in their servers' histories")
+    fine = (await history(admin))["resolutions"][0]
+    for name in sid:
+        # Every message counted once: while its tunnel was open, then folded in as it ended.
+        for way in ("in", "out"):
+            got = total(fine, sid[name], f"ws_messages_{way}")
+            assert got == pytest.approx(expected[name][way], abs=0.01), (name, way)
+        assert total(fine, sid[name], "closes_other") == 0
+    group = fine["groups"]["rs1"]["series"]
+    assert round(sum(total(fine, sid[n], "closes_1006") for n in sid)) == 1
+    assert any(v and v > 0 for v in group["ws_messages_in"])
+
+
 CHARTS_JS = """
 [...document.querySelectorAll('#charts .chart')].map(c => ({
   row: c.parentElement.dataset.group || ('listener ' + c.parentElement.dataset.listener),
@@ -244,6 +340,9 @@ async def test_the_page_draws_the_history_in_a_browser(
         assert set(lat["series"]) == {"p50", "p99"} and lat["series"]["p99"]["points"] > 5
         conn = by_title[("rs1", "connections and tunnels")]
         assert conn["series"]["tunnels"]["points"] > 5
+        by_server = by_title[("rs1", "WebSocket messages /s by server")]
+        assert set(by_server["series"]) == {a.address, b.address}
+        assert all(s["points"] > 5 for s in by_server["series"].values()), by_server
         msgs = by_title[("listener web", "WebSocket messages /s")]
         assert msgs["series"]["client to server"]["points"] > 5
         assert set(by_title[("listener web", "WebSocket closes /s by code")]["series"]) == {

@@ -24,7 +24,13 @@ def server(requests: float, up: bool = True, counts: list[int] | None = None) ->
     return Reading(
         "server",
         {"id": "g/a:1", "group": "g", "address": "a:1"},
-        counters={"requests": requests, "errors_5xx": 0.0, "connect_failures": 0.0},
+        counters={
+            "requests": requests,
+            "errors_5xx": 0.0,
+            "connect_failures": 0.0,
+            "ws_messages_in": requests,
+            "ws_messages_out": 2 * requests,
+        },
         gauges={"up": 1.0 if up else 0.0, "connections": 3, "tunnels": 2},
         buckets=BUCKETS,
         counts=counts or [0, 0, 0, 0],
@@ -157,11 +163,41 @@ def bytes_per_server() -> int:
     return sum(s.size_diff for s in after.compare_to(before, "filename"))
 
 
-def test_one_server_costs_about_35_kb_of_history() -> None:
-    # README "Monitoring" states this number: 8 series x (180 + 360) points x 8 bytes, plus
+def test_one_server_costs_about_62_kb_of_history() -> None:
+    # README "Monitoring" states this number: 14 series x (180 + 360) points x 8 bytes, plus
     # the Reading kept to take the next difference from.
+    assert len(SERVER_SERIES) == 14
     measured = bytes_per_server()
-    assert 8 * 540 * 8 <= measured < 40_000, measured
+    assert 14 * 540 * 8 <= measured < 64_000, measured
+
+
+def test_a_servers_websocket_series_are_rates_and_go_on_while_it_is_down() -> None:
+    res = Resolution(5.0, 10)
+    for i, (n, up) in enumerate([(0, True), (10, True), (20, False), (30, True)]):
+        res.add(100.0 + 5 * i, {"server:g/a:1": server(n, up)})
+    assert series(res, "ws_messages_in") == [None, 2.0, 2.0, 2.0]  # no gap while down
+    assert series(res, "ws_messages_out") == [None, 4.0, 4.0, 4.0]
+    assert series(res, "requests") == [None, 2.0, None, 2.0]
+
+
+def test_a_servers_messages_are_its_ended_tunnels_plus_its_open_ones_counted_once() -> None:
+    from lbproxy.control.history import _server_ws
+    from lbproxy.core.metrics import ServerStats
+
+    ss = ServerStats("g", "a:1")
+    ss.ws_opened("web")
+    ss.ws_opened("web")
+    ss.ws_closed("web", 4, 6, "1000")  # one ended: folded in
+    # The other is open with 10 and 20 so far: read from it, added.
+    now = _server_ws(ss, [10, 20])
+    assert (now["ws_messages_in"], now["ws_messages_out"]) == (14.0, 26.0)
+    assert now["closes_1000"] == 1.0 and now["closes_1006"] == 0.0
+    # It ends with 12 and 20: folded in once, no longer read as open; the counters grew by
+    # what it passed since, never counted twice nor going down.
+    ss.ws_closed("web", 12, 20, "1006")
+    later = _server_ws(ss, None)
+    assert (later["ws_messages_in"], later["ws_messages_out"]) == (16.0, 26.0)
+    assert (later["closes_1000"], later["closes_1006"], later["closes_other"]) == (1.0, 1.0, 0.0)
 
 
 def test_the_page_carries_the_history_where_no_event_text_can_end_its_script() -> None:
@@ -178,9 +214,15 @@ def test_the_page_carries_the_history_where_no_event_text_can_end_its_script() -
     assert "<" not in data
     back = json.loads(data)
     assert back["events"][0]["text"] == "</script><script>alert(1)</script>"
-    # Of a server, only the sparkline's series travels with the page.
+    # Of a server, only what the page draws travels with it: the sparkline's requests, and
+    # its WebSocket messages both ways summed.
     assert back["resolution"]["servers"] == {
-        "g/a:1": {"id": "g/a:1", "series": {"requests": [None, 0.2, 0.2]}}
+        "g/a:1": {
+            "id": "g/a:1",
+            "group": "g",
+            "address": "a:1",
+            "series": {"requests": [None, 0.2, 0.2], "ws_messages": [None, 0.6, 0.6]},
+        }
     }
     assert _history_data(None) == "null"
 

@@ -19,8 +19,10 @@ from lbproxy.core.metrics import (
     WS_BUCKETS,
     Histogram,
     Registry,
+    close_class,
     dump_registry,
     load_registry,
+    merge_registries,
 )
 
 FAMILIES = {
@@ -72,11 +74,17 @@ def labels(**kw: str) -> tuple[tuple[str, str], ...]:
 
 
 class _Live:
-    def __init__(self, i: int, o: int) -> None:
+    """An open connection; with ``sid``, a tunnel to that server with ``messages``."""
+
+    def __init__(self, i: int, o: int, sid: str = "", messages: tuple[int, int] = (0, 0)) -> None:
         self.i, self.o = i, o
+        self.sid, self.messages = sid, messages
 
     def live_bytes(self) -> tuple[int, int]:
         return self.i, self.o
+
+    def live_messages(self) -> tuple[str, int, int]:
+        return self.sid, *self.messages
 
 
 # ------------------------------------------------------------------ Histogram
@@ -162,12 +170,12 @@ def test_ws_stats_track_open_and_established_per_listener():
     ss.ws_opened("web")
     ss.ws_opened("web")
     ss.ws_opened("api")
-    ss.ws_closed("web")
+    ss.ws_closed("web", 0, 0, "1000")
     assert ss.ws_active == {"web": 1, "api": 1}
     assert ss.ws_total == {"web": 2, "api": 1}
     assert not ss.idle
-    ss.ws_closed("web")
-    ss.ws_closed("api")
+    ss.ws_closed("web", 0, 0, "1000")
+    ss.ws_closed("api", 0, 0, "1000")
     assert ss.idle
 
 
@@ -347,6 +355,55 @@ def test_requests_by_protocol_and_rapid_resets_sum_over_workers() -> None:
         (("listener", "web"), ("protocol", "HTTP/2")): 2.0,
     }
     assert m["lbproxy_http2_rapid_reset_closes_total"] == {(("listener", "web"),): 2.0}
+
+
+# ------------------------------------------------------------------ WebSockets per server
+def test_a_tunnels_end_is_classed_by_its_first_close_frame() -> None:
+    assert close_class("client", 1000) == "1000"
+    assert close_class("proxy", 1001) == "1001"  # a drain or a shutdown
+    assert close_class("server", 1006) == "1006"  # sent (wrongly) in a frame: still abnormal
+    assert close_class(None, None) == "1006"  # no close frame: the connection just ended
+    assert close_class("client", None) == "other"  # a close frame without a code (1005)
+    assert close_class("proxy", 1009) == "other"  # the policy: too big
+    assert close_class("server", 4000) == "other"
+
+
+def test_a_servers_messages_and_closes_are_folded_in_once_as_each_tunnel_ends() -> None:
+    reg = Registry()
+    ss = reg.server("g/s:1", "g", "s:1")
+    for _ in range(3):
+        ss.ws_opened("web")
+    ss.ws_closed("web", 5, 7, "1000")
+    ss.ws_closed("web", 1, 0, "1006")
+    ss.ws_closed("web", 0, 2, "1006")
+    assert (ss.ws_messages_in, ss.ws_messages_out) == (6, 9)
+    assert ss.ws_close_classes == {"1000": 1, "1001": 0, "1006": 2, "other": 0}
+    assert ss.ws_active == {"web": 0}
+
+
+def test_open_tunnels_messages_are_read_per_server_and_travel_in_a_workers_dump() -> None:
+    reg = Registry()
+    web, api = reg.listener("web"), reg.listener("api")
+    ss = reg.server("g/s:1", "g", "s:1")
+    reg.server("g/t:1", "g", "t:1")
+    ss.ws_opened("web")
+    ss.ws_closed("web", 100, 200, "1001")  # an ended tunnel, already in the counters
+    web.live.add(_Live(0, 0, "g/s:1", (3, 4)))
+    api.live.add(_Live(0, 0, "g/s:1", (10, 20)))
+    web.live.add(_Live(0, 0))  # a plain HTTP connection: no messages, no server
+    assert reg.live_messages() == {"g/s:1": [13, 24]}
+    # The dump adds the open ones' to the ended ones' (the counters stay as they are) ...
+    dumped = load_registry(json.loads(json.dumps(dump_registry(reg))))
+    assert (ss.ws_messages_in, ss.ws_messages_out) == (100, 200)
+    got = dumped.servers["g/s:1"]
+    assert (got.ws_messages_in, got.ws_messages_out) == (113, 224)
+    assert got.ws_close_classes == {"1000": 0, "1001": 1, "1006": 0, "other": 0}
+    assert dumped.servers["g/t:1"].ws_messages_in == 0
+    assert dumped.live_messages() == {}  # ... and a loaded registry has nothing open
+    # ... and two workers' dumps sum like every other counter.
+    total = merge_registries([dumped, dumped]).servers["g/s:1"]
+    assert (total.ws_messages_in, total.ws_messages_out) == (226, 448)
+    assert total.ws_close_classes["1001"] == 2
 
 
 # ------------------------------------------------------------------ README
