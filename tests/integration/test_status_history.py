@@ -180,8 +180,8 @@ async def test_history_json_has_series_events_and_a_gap_for_a_killed_server(
 async def raw_tunnel(proxy: Any) -> tuple[asyncio.StreamWriter, str]:
     """A WebSocket through the proxy by hand, to end it without a close frame: the writer,
     and the name of the backend it reached."""
-    host, port = proxy.listeners.address("web").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    address = proxy.listeners.address("web")
+    reader, writer = await asyncio.open_connection(address.host, address.port)
     writer.write(
         b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
