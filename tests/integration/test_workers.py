@@ -552,6 +552,29 @@ async def test_killed_worker_is_restarted_while_traffic_continues(make_backend, 
 
     await wait_for(sampled, 15, "a rate of A's requests in the supervisor's history")
 
+    # A's WebSocket figures take the same path: an open tunnel's messages (a worker adds its
+    # open tunnels' to what it reports), then its end by close code class.
+    def ws_series(fine: dict[str, Any]) -> dict[str, list[float | None]]:
+        series: dict[str, list[float | None]] = fine["servers"][f"rs1/{a.address}"]["series"]
+        return series
+
+    async with lb.session.ws_connect(f"http://127.0.0.1:{lb.port}/ws") as ws:
+        for i in range(20):
+            await ws.send_str(f"m{i}")
+            assert (await ws.receive()).data == f"m{i}"
+
+        async def messages_sampled() -> bool:
+            series = ws_series((await history())["resolutions"][0])
+            return any(series["ws_messages_in"]) and any(series["ws_messages_out"])
+
+        await wait_for(messages_sampled, 15, "an open tunnel's messages in A's history")
+        assert not ws.closed
+
+    async def close_sampled() -> bool:
+        return any(ws_series((await history())["resolutions"][0])["closes_1000"])
+
+    await wait_for(close_sampled, 15, "the tunnel's 1000 close in A's history")
+
 
 # ------------------------------------------------------------------------------- reload
 
