@@ -5,10 +5,10 @@ fine resolution of ``GET /status/history``) and draws inline SVG: per server gro
 charts (requests and errors per second, latency p50/p99, connections and tunnels, WebSocket
 messages per second both ways summed with a line per server), one row per listener
 (requests, WebSocket messages both ways, closes by code class), and a sparkline of requests
-per second in each server's table row. Events are vertical marks on the
-same time axis, their text in an SVG ``<title>`` (shown on hover). A missing point (no data,
-a server down) breaks the line: the gap is visible. Colours come from CSS variables with a
-dark scheme, and the grid folds to one column on a phone. Nothing is fetched from anywhere.
+per second in each server's table row. Events are vertical marks on the same time axis, their
+text in an SVG ``<title>`` (shown on hover). A missing point (no data, a server down) breaks
+the line: the gap is visible. Colours come from CSS variables with a dark scheme, and the
+grid folds to one column on a phone. Nothing is fetched from anywhere.
 
 Each drawn line carries ``data-series`` (its name), ``data-points`` (its non-empty points)
 and ``data-runs`` (its unbroken stretches) so a test can read what is drawn.
