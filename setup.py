@@ -35,12 +35,14 @@ INTERPRETED = frozenset(
         "control.admin",
         "control.admin_guard",
         "control.checker",
+        "control.cluster",  # Redis, on a timer
         "control.discovery",  # DNS lookups on a timer (its decisions: core.dns, drain too)
         "control.drain",
         "control.loading",
         "control.reload",
         "control.status_page",
         "core.dns",
+        "core.fleet",  # the fleet's records and merges, twice a second (control.cluster)
         "proxy.tls",
         # the layer packages' faces (a docstring each; the package name alone would mean all of it)
         "control.__init__",

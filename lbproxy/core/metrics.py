@@ -103,6 +103,7 @@ class ListenerStats:
     __slots__ = (
         "bytes_in",
         "bytes_out",
+        "cluster_fallbacks",
         "connections_active",
         "connections_refused",
         "connections_total",
@@ -126,6 +127,9 @@ class ListenerStats:
         self.connections_active = 0
         self.connections_total = 0
         self.connections_refused = dict.fromkeys(REFUSE_REASONS, 0)
+        # scope cluster while Redis is unreachable: requests decided locally ("open") or
+        # refused ("closed")
+        self.cluster_fallbacks = {"open": 0, "closed": 0}
         self.tls_failures = dict.fromkeys(TLS_FAILURE_REASONS, 0)
         self.bytes_in = 0  # closed connections' bytes; open ones are read from `live`
         self.bytes_out = 0
@@ -230,6 +234,9 @@ class Registry:
         # the ids of the servers it found (for lbproxy_backend_discovered).
         self.dns_lookups: dict[tuple[str, str], int] = {}
         self.discovered: set[str] = set()
+        # With ``cluster`` (in the process that runs the fleet link): (live instances, Redis
+        # up 1 or 0); None without one (no samples).
+        self.cluster: tuple[int, int] | None = None
 
     def listener(self, name: str) -> ListenerStats:
         s = self.listeners.get(name)

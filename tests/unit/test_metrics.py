@@ -52,6 +52,9 @@ FAMILIES = {
     "lbproxy_config_last_reload_timestamp_seconds": "gauge",
     "lbproxy_dns_lookups": "counter",
     "lbproxy_backend_discovered": "gauge",
+    "lbproxy_cluster_instances": "gauge",
+    "lbproxy_cluster_limit_fallbacks": "counter",
+    "lbproxy_cluster_redis_up": "gauge",
 }
 
 
