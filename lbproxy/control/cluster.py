@@ -33,9 +33,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from ..core import fleet
 from ..core.fleet import Entry, Instance
@@ -184,7 +184,7 @@ class FleetLink:
         while True:
             await asyncio.sleep(RATE_PERIOD)
             if not self.up:
-                self.limits.degraded(self.servers.registry)
+                self.limits.degraded()
                 continue
             try:
                 await self.limits.rates()
@@ -225,6 +225,7 @@ class FleetLink:
                 type(exc).__name__ if not str(exc) else exc,
             )
         self.up = False
+        self.limits.degraded()  # at once: closed listeners refuse from the next request
         self._publish()
 
     def _expire_counts(self) -> None:

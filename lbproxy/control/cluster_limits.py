@@ -9,7 +9,9 @@ Owns ``FleetLimits``, driven by ``cluster.FleetLink`` (its Redis connection, its
 - ``connections`` (with each exchange, about twice a second): this instance's open
   connections per client (those open or changed here) go to a hash per client, each
   instance's field stamped and dropped once older than the expiry, and the script returns
-  the other instances' sum, which ``ConnectionCounts.acquire`` adds to its own.
+  the other instances' sum, which ``ConnectionCounts.acquire`` adds to its own, and the
+  clients at their limit across the fleet (a sorted set kept by the same script), so a client
+  full elsewhere is refused here too though nothing of it is open here.
 
 Nothing here is awaited by a request. While Redis is unreachable the batches are dropped
 (the local tables decide alone: ``on_cluster_failure: open``, the tokens taken meanwhile
@@ -28,8 +30,6 @@ from ..proxy.edge import Edges
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
-
-    from ..core.metrics import Registry
 
 log = logging.getLogger("lbproxy")
 
@@ -59,9 +59,9 @@ return out
 _CONNS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local me, expiry = ARGV[2], tonumber(ARGV[3])
+local me, expiry, limit, full = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local out = {}
-for i = 4, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local k = ARGV[1] .. ARGV[i]
   local n = tonumber(ARGV[i + 1])
   if n > 0 then redis.call('HSET', k, me, n .. ':' .. now) else redis.call('HDEL', k, me) end
@@ -78,9 +78,16 @@ for i = 4, #ARGV, 2 do
     end
   end
   redis.call('PEXPIRE', k, expiry)
+  if others + n >= limit then
+    redis.call('ZADD', full, now, ARGV[i])
+  else
+    redis.call('ZREM', full, ARGV[i])
+  end
   out[#out + 1] = others
 end
-return out
+redis.call('ZREMRANGEBYSCORE', full, '-inf', now - expiry)
+redis.call('PEXPIRE', full, expiry)
+return {out, redis.call('ZRANGE', full, 0, -1)}
 """
 
 
@@ -117,7 +124,7 @@ class FleetLimits:
                 edge.connections.changed = None
         return out
 
-    def degraded(self, registry: Registry) -> None:
+    def degraded(self) -> None:
         """Redis is unreachable: ``closed`` listeners refuse, ``open`` ones count their
         local decisions; the batches are dropped (nothing owed when it is back)."""
         for lr in self.listeners():
@@ -161,15 +168,19 @@ class FleetLimits:
             limits = lr.config.limits
             if not limits.connections_per_client:
                 continue
+            limit = limits.connections_per_client
             counts = self.edges.of(lr.name).connections
             changed, counts.changed = counts.changed or set(), set()
-            keys = changed | set(counts.open)
-            if not keys:
-                continue
-            args: list[Any] = [f"{self.prefix}cc:{lr.name}:", self.name, CONN_EXPIRY_MS]
-            order = list(keys)
+            order = list(changed | set(counts.open))
+            base = f"{self.prefix}cc:{lr.name}:"
+            args: list[Any] = [base, self.name, CONN_EXPIRY_MS, limit, f"{base}full"]
             for key in order:
                 args += [key, counts.open.get(key, 0)]
-            others = await self.conns_script(args=args)
+            others, full = await self.conns_script(args=args)
             self.commands += 1
-            counts.fleet = {k: int(n) for k, n in zip(order, others, strict=True) if int(n) > 0}
+            fleet = {k: int(n) for k, n in zip(order, others, strict=True) if int(n) > 0}
+            # A client at its limit through other instances and with nothing open here: its
+            # count there is not fetched (only the clients open here are), but it is full.
+            for k in full:
+                fleet.setdefault(k, limit)
+            counts.fleet = fleet

@@ -31,6 +31,7 @@ from tests.support import Backend, config_doc, proxy_url, start_proxy, wait_for
 pytestmark = pytest.mark.timeout(120)
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=10, ws_close=5)
 
 
 @pytest.fixture
@@ -124,7 +125,7 @@ async def who_answers(proxy: Proxy, n: int) -> collections.Counter[str]:
     out: collections.Counter[str] = collections.Counter()
     async with aiohttp.ClientSession() as s:
         for _ in range(n):
-            async with s.get(proxy_url(proxy)) as r:
+            async with s.get(proxy_url(proxy, path="/whoami")) as r:
                 assert r.status == 200
                 out[await r.text()] += 1
     return out
@@ -174,7 +175,7 @@ async def test_the_fleet_view_lists_every_live_instance(fleet: Fleet) -> None:
     )
     async with aiohttp.ClientSession() as s:  # some traffic to show
         for _ in range(5):
-            async with s.get(proxy_url(fleet.proxies[0])) as r:
+            async with s.get(proxy_url(fleet.proxies[0], path="/whoami")) as r:
                 assert r.status == 200
     view = await get_json(fleet.admins[0], "/-/cluster")
     assert view["name"] == "lb-0" and view["state"] == "ok"
@@ -220,7 +221,7 @@ async def test_cluster_needs_the_config_for_the_view(
             assert r.status == 404
             assert "no cluster" in (await r.json())["errors"][0]
         async with s.get(f"{admin.url}/metrics") as r:
-            assert "lbproxy_cluster_redis_up " not in await r.text()
+            assert "\nlbproxy_cluster_redis_up " not in await r.text()
     assert proxy.fleet is None
 
 
@@ -272,7 +273,7 @@ async def load(proxies: list[Proxy], stop: asyncio.Event) -> tuple[int, list[str
             while not stop.is_set():
                 t = time.monotonic()
                 try:
-                    async with s.get(proxy_url(p)) as r:
+                    async with s.get(proxy_url(p, path="/whoami")) as r:
                         await r.read()
                         if r.status != 200:
                             failures.append(f"{r.status}")
@@ -330,3 +331,112 @@ async def test_redis_frozen_then_killed_and_restarted_under_load(fleet: Fleet) -
     assert done > 50
     # A hang guard, not a speed check: no request waited on Redis's timeouts.
     assert slowest < 5.0
+
+
+async def hammer(proxies: list[Proxy], seconds: float) -> tuple[int, int, float]:
+    """One client (127.0.0.1) sending as fast as it can through every instance for
+    ``seconds``: (admitted, refused with 429, elapsed)."""
+    admitted = refused = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def one(p: Proxy) -> None:
+        nonlocal admitted, refused
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            while loop.time() - start < seconds:
+                async with s.get(proxy_url(p, path="/whoami")) as r:
+                    await r.read()
+                    if r.status == 200:
+                        admitted += 1
+                    else:
+                        assert r.status == 429
+                        refused += 1
+
+    await asyncio.gather(*(one(p) for p in proxies for _ in range(2)))
+    return admitted, refused, loop.time() - start
+
+
+async def start_limited(fleet: Fleet, limits: dict[str, Any], n: int = 3) -> list[Proxy]:
+    out = []
+    for i in range(n):
+        doc = fleet.doc(i)
+        doc["listeners"][0]["limits"] = limits
+        proxy = await start_proxy(parse_config(doc))
+        fleet.proxies.append(proxy)
+        admin = AdminServer(proxy)
+        await admin.start()
+        fleet.admins.append(admin)
+        out.append(proxy)
+    return out
+
+
+async def test_a_cluster_scope_rate_limit_holds_across_three_instances(fleet: Fleet) -> None:
+    """20 requests/s (burst 20) for one client through three instances: about 20/s in all
+    (each instance alone would let about 60/s through)."""
+    rate, burst = 20, 20
+    proxies = await start_limited(
+        fleet, {"requests_per_second": rate, "burst": burst, "scope": "cluster"}
+    )
+    admitted, refused, elapsed = await hammer(proxies, 3.0)
+    allowed = burst + rate * elapsed  # one balancer would pass this many
+    # The batches let a little more through between them (see client_limits): a bound well
+    # under the 3x that three unshared buckets give (3 * allowed).
+    assert admitted <= 1.5 * allowed, (admitted, refused, elapsed)
+    assert admitted >= 0.6 * rate * elapsed, (admitted, refused, elapsed)
+    assert refused > admitted  # the client kept trying much faster than allowed
+
+
+async def test_cluster_scope_on_redis_failure_open_and_closed(fleet: Fleet) -> None:
+    opened = (await start_limited(fleet, {"requests_per_second": 5, "scope": "cluster"}, 1))[0]
+    doc = fleet.doc(1)
+    doc["listeners"][0]["limits"] = {
+        "requests_per_second": 1000,
+        "scope": "cluster",
+        "on_cluster_failure": "closed",
+    }
+    closed = await start_proxy(parse_config(doc))
+    fleet.proxies.append(closed)
+    fleet.admins.append(AdminServer(closed))
+    await fleet.admins[-1].start()
+    assert (await hammer([closed], 0.2))[1] == 0  # Redis up: 1000/s is far off
+    await fleet.redis.stop_async()
+    links = [opened.fleet, closed.fleet]
+    await wait_for(lambda: not any(lk.up for lk in links), 5.0, "both degraded")  # type: ignore[union-attr]
+    admitted, refused, _ = await hammer([closed], 0.3)
+    assert admitted == 0 and refused > 0  # closed: refused while Redis is away
+    admitted, refused, _ = await hammer([opened], 0.3)
+    assert admitted >= 5  # open: the local bucket decides (burst 5)
+    assert closed.registry.listener("web").cluster_fallbacks["closed"] == refused or (
+        closed.registry.listener("web").cluster_fallbacks["closed"] > 0
+    )
+    await wait_for(
+        lambda: opened.registry.listener("web").cluster_fallbacks["open"] > 0,
+        2.0,
+        "open fallbacks counted",
+    )
+    await fleet.redis.start_async()
+    await wait_for(lambda: all(lk.up for lk in links), 5.0, "both back")  # type: ignore[union-attr]
+    await asyncio.sleep(0.3)  # a rate batch clears the refusal (a wait on an event below)
+    await wait_for(lambda: not closed.ctx.edges.of("web").rates.refuse, 2.0, "refusal lifted")
+    assert (await hammer([closed], 0.2))[0] > 0
+
+
+async def test_cluster_scope_connections_per_client_count_across_the_fleet(fleet: Fleet) -> None:
+    p0, p1 = await start_limited(fleet, {"connections_per_client": 2, "scope": "cluster"}, 2)
+    async with aiohttp.ClientSession() as s:
+        first, _ = await open_tunnels(s, p0, 2)
+        counts = p1.ctx.edges.of("web").connections
+        await wait_for(
+            lambda: (counts.fleet or {}).get("127.0.0.1") == 2, 3.0, "instance 1 to see 2 open"
+        )
+        # The third connection of this client, through the other instance: closed at once.
+        with pytest.raises((aiohttp.ClientError, asyncio.TimeoutError)):
+            await s.ws_connect(
+                proxy_url(p1, path="/ws"), timeout=aiohttp.ClientWSTimeout(ws_close=5)
+            )
+        assert p1.registry.listener("web").connections_refused["connections_per_client"] == 1
+        await first[0].close()
+        await wait_for(lambda: not (counts.fleet or {}).get("127.0.0.1", 0) > 1, 3.0, "one closed")
+        again, _ = await open_tunnels(s, p1, 1)
+        for ws in first[1:] + again:
+            await ws.close()
