@@ -54,6 +54,7 @@ EXPIRY = 3.0  # a record older than this is a dead instance's: its counts no lon
 FORGET = 60.0  # names unseen this long leave the instances set
 TIMEOUT = 0.5  # connect and per-command timeout (the task's, never a request's)
 START_BOUND = 2.0  # the first exchange at start waits at most this long
+EXCHANGE_BOUND = 3.0  # one exchange (two round trips, the scripts) at most
 BACKOFF_MAX = 2.0
 
 # Compare-and-set of one override: written only when newer than what the hash holds.
@@ -137,7 +138,8 @@ class FleetLink:
         for task in (self._task, self._limits_task):
             if task is not None:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                # Bounded: shutdown must not wait on a Redis client stuck in a call.
+                await asyncio.wait([task], timeout=START_BOUND)
         self._task = self._limits_task = None
         # The limit tables go back to scope local (this link no longer reconciles them).
         for lr in self.limits.holder.current.listeners.values():
@@ -150,8 +152,8 @@ class FleetLink:
         for s in self.servers.state.servers.values():
             s.fleet_active = 0
         self.servers.registry.cluster = None
-        with contextlib.suppress(RedisError, OSError):
-            await self.client.aclose()
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self.client.aclose(), TIMEOUT)
 
     async def _leave(self) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -167,7 +169,9 @@ class FleetLink:
                 await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
             try:
-                await self.exchange()
+                # Each call has its own timeout; this bounds the whole (a connection being
+                # opened, a pool waited on): no state of the link can stall it for good.
+                await asyncio.wait_for(self.exchange(), EXCHANGE_BOUND)
             except (RedisError, OSError, TimeoutError) as exc:
                 self._went_down(exc)
                 backoff = min(BACKOFF_MAX, backoff * 2)
@@ -187,7 +191,7 @@ class FleetLink:
                 self.limits.degraded()
                 continue
             try:
-                await self.limits.rates()
+                await asyncio.wait_for(self.limits.rates(), EXCHANGE_BOUND)
             except (RedisError, OSError, TimeoutError) as exc:
                 self._went_down(exc)
                 self._wake.set()  # the exchange loop retries (and says when it is back)

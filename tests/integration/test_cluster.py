@@ -269,7 +269,8 @@ async def load(proxies: list[Proxy], stop: asyncio.Event) -> tuple[int, list[str
 
     async def one(p: Proxy) -> None:
         nonlocal done, slowest
-        async with aiohttp.ClientSession() as s:
+        # A hang guard per request: one that waited this long on anything is a failure.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
             while not stop.is_set():
                 t = time.monotonic()
                 try:
@@ -277,8 +278,8 @@ async def load(proxies: list[Proxy], stop: asyncio.Event) -> tuple[int, list[str
                         await r.read()
                         if r.status != 200:
                             failures.append(f"{r.status}")
-                except aiohttp.ClientError as exc:
-                    failures.append(repr(exc))
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    failures.append(f"{p.fleet.name if p.fleet else '?'}: {exc!r}")
                 slowest = max(slowest, time.monotonic() - t)
                 done += 1
 
