@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,9 +187,9 @@ class Proxy:
         if self.role.check:
             self.checker.apply(snap)
             self.discovery.apply(snap.config, self.discovered)
-            # The fleet's overrides before the first client is accepted (bounded: Redis down
-            # is served through on local state).
-            await self._configure_fleet(snap.config.cluster)
+        # The fleet's overrides before the first client is accepted (bounded: Redis down is
+        # served through on local state).
+        await self._configure_fleet(snap.config.cluster)
         if self.role.serve:
             self.listeners.accept()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -288,8 +289,8 @@ class Proxy:
         if self.role.check:
             self.checker.apply(snap)
             self.discovery.apply(config, self.discovered)
-            if config.cluster != old.config.cluster:
-                await self._configure_fleet(config.cluster)
+        if config.cluster != old.config.cluster:
+            await self._configure_fleet(config.cluster)
         summary = changes.summary()
         log.info("reload (%s): applied: %s", trigger, summary)
         self._reload_counted(True, summary)
@@ -341,7 +342,20 @@ class Proxy:
         if cfg is not None and not self._closing:
             from .cluster import FleetLink  # redis is imported only with a cluster
 
-            self.fleet = FleetLink(cfg, self.servers, self.describe, self.ctx.edges, self.holder)
+            # With workers each one is a member of the fleet (``<name>.<pid>``), publishing
+            # its counts and reconciling its limits; the supervisor applies and writes the
+            # overrides and shows the fleet.
+            worker = not self.role.check
+            self.fleet = FleetLink(
+                cfg,
+                self.servers,
+                self.describe,
+                self.ctx.edges,
+                self.holder,
+                publish=self.role.serve,
+                writes=self.role.check,
+                suffix=f".{os.getpid()}" if worker else "",
+            )
             await self.fleet.start()
 
     def describe(self, name: str, now: float) -> Instance:

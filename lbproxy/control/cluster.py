@@ -88,9 +88,16 @@ class FleetLink:
         describe: Callable[[str, float], Instance],
         edges: Edges,
         holder: Holder,
+        publish: bool = True,
+        writes: bool = True,
+        suffix: str = "",
     ) -> None:
         self.cfg = cfg
-        self.name = cfg.name or socket.gethostname()
+        self.name = (cfg.name or socket.gethostname()) + suffix
+        # With --workers the supervisor (no traffic) does not publish a record and each
+        # worker (no admin API) writes no override: each worker is a member of the fleet.
+        self.publish = publish
+        self.writes = writes
         self.servers = servers
         self.describe = describe  # this instance's record at a time (the app knows its totals)
         p = cfg.prefix
@@ -119,7 +126,8 @@ class FleetLink:
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
         servers.me = self.name
-        servers.on_local_change = self._local_change
+        if writes:
+            servers.on_local_change = self._local_change
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -131,7 +139,8 @@ class FleetLink:
             self._went_down(exc)
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run())
-        self._limits_task = loop.create_task(self._run_limits())
+        if self.publish:
+            self._limits_task = loop.create_task(self._run_limits())
 
     async def close(self) -> None:
         self.servers.on_local_change = None
@@ -156,6 +165,8 @@ class FleetLink:
             await asyncio.wait_for(self.client.aclose(), TIMEOUT)
 
     async def _leave(self) -> None:
+        if not self.publish:
+            return
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(self.k_instance + self.name)
         pipe.zrem(self.k_instances, self.name)
@@ -262,31 +273,35 @@ class FleetLink:
         now = time.time()
         me = self.describe(self.name, now)
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.k_instance + self.name, me.dumps(), px=int(EXPIRY * 1000))
-        pipe.zadd(self.k_instances, {self.name: now})
-        pipe.zremrangebyscore(self.k_instances, "-inf", now - FORGET)
+        if self.publish:
+            pipe.set(self.k_instance + self.name, me.dumps(), px=int(EXPIRY * 1000))
+            pipe.zadd(self.k_instances, {self.name: now})
+            pipe.zremrangebyscore(self.k_instances, "-inf", now - FORGET)
         pipe.zrange(self.k_instances, 0, -1)
         pipe.hgetall(self.k_overrides)
         res: list[Any] = await pipe.execute()
-        self.commands += 5
-        names: list[str] = res[3]
-        raw: dict[str, str] = res[4]
+        self.commands += len(res)
+        names: list[str] = res[-2]
+        raw: dict[str, str] = res[-1]
         records: list[bytes | str | None] = []
         if names:
             records = await self.client.mget([self.k_instance + n for n in names])
             self.commands += 1
         remote = {sid: e for sid, v in raw.items() if (e := Entry.loads(v)) is not None}
         apply, write = fleet.merge_overrides(self.local, remote)
+        if not self.writes:
+            write = {}
         for sid, e in write.items():  # rare (an override set, or Redis back): one call each
             await self.cas(keys=[self.k_overrides], args=[sid, e.dumps(), repr(e.at)])
             self.commands += 1
         if apply:
             self._apply(apply)
-        await self.limits.connections()
+        if self.publish:
+            await self.limits.connections()
         live = fleet.live_instances(
             [Instance.loads(r) if r is not None else None for r in records], now, EXPIRY
         )
-        if not any(i.name == self.name for i in live):
+        if self.publish and not any(i.name == self.name for i in live):
             live = sorted([*live, me], key=lambda i: i.name)
         self.instances = live
         others = fleet.others_counts(live, self.name)
@@ -306,7 +321,7 @@ class FleetLink:
             "instances": [
                 {
                     "name": i.name,
-                    "self": i.name == self.name,
+                    "self": i.name == self.name or i.name.startswith(self.name + "."),
                     "address": i.address,
                     "version": i.version,
                     "build": i.build,

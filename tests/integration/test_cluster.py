@@ -441,3 +441,41 @@ async def test_cluster_scope_connections_per_client_count_across_the_fleet(fleet
         again, _ = await open_tunnels(s, p1, 1)
         for ws in first[1:] + again:
             await ws.close()
+
+
+async def test_an_instance_with_workers_is_part_of_the_fleet(
+    fleet: Fleet, start_lbproxy: Any
+) -> None:
+    """``--workers 2``: each worker is a member (``<name>.<pid>``: its counts, its limits);
+    the supervisor applies the fleet's overrides (and hands them to the workers) and shows
+    the fleet."""
+    p0 = await fleet.start(0)
+    b = sid(fleet, "B")
+    cluster = {"redis": fleet.redis.url, "name": "lbw", "prefix": "t22:"}
+    c = await start_lbproxy([x.address for x in fleet.backends], workers=2, cluster=cluster)
+    pids = set(await c.worker_pids())
+
+    async def members() -> set[str]:
+        view = await get_json(fleet.admins[0], "/-/cluster")
+        return {i["name"] for i in view["instances"]}
+
+    want = {"lb-0"} | {f"lbw.{pid}" for pid in pids}
+
+    async def all_members() -> bool:
+        return await members() == want
+
+    await wait_for(all_members, 3.0, "lb-0 and both workers in the view")
+    async with c.session.get(f"{c.admin}/-/cluster") as r:
+        theirs = await r.json()
+    assert theirs["name"] == "lbw" and {i["name"] for i in theirs["instances"]} == want
+    await put(fleet.admins[0], b, {"admin_state": "drain"})
+
+    async def drained() -> bool:
+        st = await c.status()
+        (shown,) = [s for s in st["server_groups"][0]["servers"] if s["id"] == b]
+        return bool(shown["draining"]) and shown["override"]["set_by"] == "lb-0"
+
+    await wait_for(drained, 2.0, "the workers' supervisor to apply lb-0's drain")
+    replies = await c.spread(20)
+    assert {r.body for r in replies} == {"A"}, replies
+    assert server(p0, b).draining
