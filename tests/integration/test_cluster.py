@@ -479,3 +479,39 @@ async def test_an_instance_with_workers_is_part_of_the_fleet(
     replies = await c.spread(20)
     assert {r.body for r in replies} == {"A"}, replies
     assert server(p0, b).draining
+
+
+async def test_a_redis_password_works_and_is_never_shown(
+    tmp_path: Path, make_backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    binary = find_redis_server()
+    if binary is None:
+        pytest.fail(REDIS_MISSING, pytrace=False)
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        binary,
+        *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+        *("--requirepass", "s3cret-pw"),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    backend = await make_backend("A")
+    started: list[Proxy] = []
+    try:
+        for i, password in enumerate(("s3cret-pw", "wrong-pw")):
+            url = f"redis://:{password}@127.0.0.1:{port}/0"
+            doc = config_doc([backend.address], cluster={"redis": url, "name": f"pw-{i}"})
+            started.append(await start_proxy(parse_config(doc)))
+        good, bad = (p.fleet for p in started)
+        assert good is not None and bad is not None
+        await wait_for(lambda: good.up and len(good.instances) == 1, 5.0, "the good one joined")
+        assert not bad.up  # refused by Redis: degraded, serving on its own
+        for view in (good.view(), bad.view()):
+            assert view["redis"]["url"] == f"redis://***@127.0.0.1:{port}/0"
+        assert "s3cret-pw" not in caplog.text and "wrong-pw" not in caplog.text
+        assert "cluster: Redis unreachable" in caplog.text
+    finally:
+        for p in started:
+            await p.close(timeout=0.5)
+        proc.terminate()
+        await proc.wait()
