@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import signal
 import time
@@ -26,6 +27,7 @@ from lbproxy.config.top import parse_config
 from lbproxy.control.admin import AdminServer
 from lbproxy.control.app import Proxy
 from tests.backends.redis_server import REDIS_MISSING, RedisServer, find_redis_server, free_port
+from tests.pki import CA
 from tests.support import Backend, config_doc, proxy_url, start_proxy, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -513,5 +515,45 @@ async def test_a_redis_password_works_and_is_never_shown(
     finally:
         for p in started:
             await p.close(timeout=0.5)
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_rediss_reaches_a_tls_redis(tmp_path: Path, make_backend: Any) -> None:
+    """``rediss://``: the link speaks TLS to Redis, the server's certificate checked against
+    the CA named in the URL (``?ssl_ca_certs=``, a redis-py connection option)."""
+    binary = find_redis_server()
+    if binary is None:
+        pytest.fail(REDIS_MISSING, pytrace=False)
+    ca = CA(str(tmp_path))
+    leaf = ca.issue("redis", "127.0.0.1", ips=("127.0.0.1",))
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        binary,
+        *("--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
+        *("--tls-cert-file", leaf.cert, "--tls-key-file", leaf.key),
+        *("--tls-ca-cert-file", ca.cert, "--tls-auth-clients", "no"),
+        *("--save", "", "--appendonly", "no"),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    backend = await make_backend("A")
+    proxy: Proxy | None = None
+    try:
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca.cert}"
+        doc = config_doc([backend.address], cluster={"redis": url, "name": "tls-0"})
+        proxy = await start_proxy(parse_config(doc))
+        link = proxy.fleet
+        assert link is not None
+        await wait_for(lambda: link.up and len(link.instances) == 1, 5.0, "joined over TLS")
+        # A plain client on the TLS port gets nothing: the link really spoke TLS.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"PING\r\n")
+        with contextlib.suppress(ConnectionError):
+            assert not (await asyncio.wait_for(reader.read(100), 5)).startswith(b"+PONG")
+        writer.close()
+    finally:
+        if proxy is not None:
+            await proxy.close(timeout=0.5)
         proc.terminate()
         await proc.wait()
