@@ -237,9 +237,10 @@ class Cluster:
         Field(
             description=(
                 "the Redis every instance of the fleet uses: `redis://host:6379/0`, "
-                "`rediss://host:6380/0` (TLS) or `unix:///path/redis.sock`; a password goes "
-                "in it (`redis://:secret@host:6379/0`, or `user:secret@` with Redis ACLs). "
-                "Never shown by `/status` or the logs"
+                "`rediss://host:6380/0` (TLS, checked against the system's CAs, or "
+                "`?ssl_ca_certs=/path/ca.pem`) or `unix:///path/redis.sock`; a password goes "
+                "in it (`redis://:secret@host:6379/0`, or `user:secret@` with Redis ACLs), "
+                "never shown by `/status` or the logs"
             ),
         ),
     ]
