@@ -35,6 +35,7 @@ INTERPRETED = frozenset(
         "control.admin",
         "control.admin_guard",
         "control.checker",
+        "control.cluster",  # Redis, on a timer
         "control.discovery",  # DNS lookups on a timer (its decisions: core.dns, drain too)
         "control.drain",
         "control.history",  # the history's timer, every few seconds (its arithmetic: core.history)
@@ -43,6 +44,7 @@ INTERPRETED = frozenset(
         "control.status_charts",
         "control.status_page",
         "core.dns",
+        "core.fleet",  # the fleet's records and merges, twice a second (control.cluster)
         "core.history",  # a few hundred numbers every 5 s, and for the operator
         "proxy.tls",
         # the layer packages' faces (a docstring each; the package name alone would mean all of it)

@@ -387,6 +387,29 @@ def _dns_name(value: Any) -> str:
     raise ValueError(f"{value!r} is an address, not a name: list it under servers instead")
 
 
+_REDIS_URL = re.compile(r"(redis|rediss|unix)://[^\s]+")
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
+
+
+def _redis_url(value: Any) -> str:
+    """``cluster.redis``: ``redis://``, ``rediss://`` (TLS) or ``unix://``; a password may sit
+    in it (``redis://:secret@host:6379/0``), so the value is never echoed back."""
+    if not isinstance(value, str) or not _REDIS_URL.fullmatch(value.strip()):
+        raise ValueError(
+            "expected a Redis URL like redis://host:6379/0, rediss://:password@host:6380/0 "
+            "or unix:///run/redis.sock"
+        )
+    return value.strip()
+
+
+def _key_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not _KEY_PREFIX.fullmatch(value):
+        raise ValueError(
+            f"expected 1 to 64 of A-Z a-z 0-9 _ . : {{ }} -, like lbproxy:, got {_show(value)}"
+        )
+    return value
+
+
 def _resolver(value: Any) -> Address:
     if isinstance(value, str):
         try:
@@ -521,6 +544,15 @@ Secret = Annotated[
 ]
 SlbId = Annotated[str, Leaf(_slb_id, "visible ASCII", {"type": "string", "maxLength": 256})]
 DnsName = Annotated[str, Leaf(_dns_name, "DNS name", _STR)]
+RedisUrl = Annotated[
+    str,
+    Leaf(
+        _redis_url,
+        "redis:// or rediss:// URL",
+        {"type": "string", "pattern": "^(redis|rediss|unix)://"},
+    ),
+]
+KeyPrefix = Annotated[str, Leaf(_key_prefix, "key prefix", {"type": "string", "maxLength": 64})]
 Address_ = Annotated[Address, Leaf(parse_address, "host:port", _ADDRESS)]
 BindAddress = Annotated[Address, Leaf(_bind, "host:port (port 0: any)", _ADDRESS)]
 Resolver = Annotated[

@@ -255,6 +255,32 @@ class ClientLimits:
             ),
         ),
     ] = DEFAULT_CLIENT_TABLE_SIZE
+    scope: Annotated[
+        Annotated[str, choice("local", "cluster")],
+        Field(
+            description=(
+                "`local`: each instance counts alone. `cluster` (needs the top-level "
+                "`cluster`): `requests_per_second`/`burst` and `connections_per_client` count "
+                "across the fleet: each instance decides from its local bucket (no request "
+                "waits on Redis) and reconciles it with the fleet's in Redis about ten times a "
+                "second (rates) and twice a second (connections), with one atomic script per "
+                "batch; the same keys and arithmetic as `local`. See [Several "
+                "instances](#several-instances)"
+            ),
+        ),
+    ] = "local"
+    on_cluster_failure: Annotated[
+        Annotated[str, choice("open", "closed")],
+        Field(
+            description=(
+                "with `scope: cluster`, while Redis is unreachable: `open` falls back to "
+                "local limits (each instance alone), `closed` refuses every request of the "
+                "listener with 429 (and new connections past `connections_per_client` "
+                "locally). Logged once per outage and counted in "
+                "`lbproxy_cluster_limit_fallbacks_total`"
+            ),
+        ),
+    ] = "open"
 
     def __post_init__(self) -> None:
         if self.burst == 0:  # not given: one second's worth
@@ -265,6 +291,8 @@ class ClientLimits:
         out: list[Problem] = []
         if "burst" in raw and not raw.get("requests_per_second"):
             out.append((("burst",), "only used with requests_per_second"))
+        if "on_cluster_failure" in raw and raw.get("scope") != "cluster":
+            out.append((("on_cluster_failure",), "only used with scope: cluster"))
         conns = raw.get("connections_per_client", 0)
         if "requests_per_second" not in raw and conns == 0 and conns is not False:
             out.append(

@@ -29,7 +29,9 @@ from .leaves import (
     Duration,
     EnvName,
     FilePath,
+    KeyPrefix,
     Name,
+    RedisUrl,
     Resolver,
     String,
     Token,
@@ -228,6 +230,47 @@ class AccessLog:
 
 @declared
 @dataclass(frozen=True, slots=True)
+class Cluster:
+    """A fleet of instances sharing state through one Redis (``cluster``); the I/O is
+    ``control.cluster``'s, the decisions ``core.fleet``'s."""
+
+    redis: Annotated[
+        RedisUrl,
+        Field(
+            description=(
+                "the Redis every instance of the fleet uses: `redis://host:6379/0`, "
+                "`rediss://host:6380/0` (TLS, checked against the system's CAs, or "
+                "`?ssl_ca_certs=/path/ca.pem`) or `unix:///path/redis.sock`; a password goes "
+                "in it (`redis://:secret@host:6379/0`, or `user:secret@` with Redis ACLs), "
+                "never shown by `/status` or the logs"
+            ),
+        ),
+    ]
+    name: Annotated[
+        Name | None,
+        Field(
+            description=(
+                "this instance's name in the fleet (unique per instance; shown in "
+                "`/-/cluster` and as who set an override)"
+            ),
+            json_schema_extra={"x-default": "the host name"},
+        ),
+    ] = None
+    prefix: Annotated[
+        KeyPrefix,
+        Field(
+            description=(
+                "the start of every Redis key lbproxy writes, so fleets (or other users) can "
+                "share one Redis"
+            ),
+        ),
+    ] = "lbproxy:"
+
+    _required = {"redis": "a Redis URL like redis://host:6379/0"}
+
+
+@declared
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: Annotated[
         tuple[Listener, ...],
@@ -264,6 +307,16 @@ class Config:
             ),
         ),
     ] = ()
+    cluster: Annotated[
+        Cluster | None,
+        Field(
+            description=(
+                "several instances as one fleet through Redis: shared runtime overrides, "
+                "fleet-wide `wlc` and a fleet view, see `cluster` and [Several "
+                "instances](#several-instances). Without it each instance stands alone"
+            ),
+        ),
+    ] = None
     # sha256 of the file's bytes; not part of equality, so a comment-only edit is a no-op reload.
     digest: SkipJsonSchema[str] = field(default="", compare=False)
 
@@ -318,6 +371,18 @@ class Config:
             for loc, group in places:
                 if given({"g": group}, "g", _name) is not None and group not in declared_groups:
                     out.append((loc, f"no server group {group!r} (known: {known})"))
+            limits = lst.get("limits")
+            if (
+                isinstance(limits, Mapping)
+                and limits.get("scope") == "cluster"
+                and not isinstance(raw.get("cluster"), Mapping)
+            ):
+                out.append(
+                    (
+                        ("listeners", i, "limits", "scope"),
+                        "scope: cluster needs the top-level cluster (its Redis)",
+                    )
+                )
         admin = raw.get("admin")
         bind = (
             given(admin, "bind", lambda v: parse_address(v, allow_port_zero=True))

@@ -38,16 +38,23 @@ log = logging.getLogger("lbproxy")
 
 
 def server_view(
-    s: ServerState, checked: bool, reg: Registry, active: dict[str, int] | None
+    s: ServerState,
+    checked: bool,
+    reg: Registry,
+    active: dict[str, int] | None,
+    who: tuple[str, float] | None = None,
 ) -> dict[str, Any]:
-    """One server's runtime state, as /-/servers and /status show it."""
+    """One server's runtime state, as /-/servers and /status show it; ``who``: the instance
+    that set its override and when."""
     st = reg.servers.get(s.id, s.stats)
-    override = None
+    override: dict[str, Any] | None = None
     o = s.override
     if o is not None:
         override = {
             k: v for k, v in (("admin_state", o.admin_state), ("weight", o.weight)) if v is not None
         }
+        if override and who is not None:
+            override["set_by"], override["set_at"] = who
     return {
         "id": s.id,
         "group": s.group,
@@ -61,6 +68,7 @@ def server_view(
         "config_weight": s.config_weight,
         "override": override or None,
         "active_connections": active.get(s.id, 0) if active is not None else s.active,
+        "fleet_connections": s.fleet_active,  # through the other instances (cluster)
         "websockets_active": sum(st.ws_active.values()),
     }
 
@@ -117,7 +125,7 @@ def status(
             )
             servers.append(
                 {
-                    **server_view(s, g.checks, reg, active),
+                    **server_view(s, g.checks, reg, active, proxy.servers.who(s.id)),
                     "checked": g.checks,
                     "last_check": h.last_reason or None,
                     "last_check_latency": h.last_latency,
@@ -151,6 +159,7 @@ def status(
         "listeners": listeners,
         "server_groups": groups,
         "workers": workers or [],
+        "cluster": proxy.fleet.view() if proxy.fleet is not None else None,
         "time": time.time(),
     }
 
@@ -196,6 +205,7 @@ class AdminServer:
         self.app.router.add_post("/-/reload", self.reload)
         self.app.router.add_get("/-/servers", self.servers)
         self.app.router.add_put("/-/servers/{group}/{server}", self.put_server)
+        self.app.router.add_get("/-/cluster", self.cluster)
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
         self.address: Address | None = None
@@ -289,8 +299,18 @@ class AdminServer:
         reg, active = await self._active()
         out: list[dict[str, Any]] = []
         for g in self.proxy.holder.current.groups.values():
-            out.extend(server_view(s, g.checks, reg, active) for s in g.servers)
+            out.extend(
+                server_view(s, g.checks, reg, active, self.proxy.servers.who(s.id))
+                for s in g.servers
+            )
         return web.json_response(out)
+
+    async def cluster(self, request: web.Request) -> web.Response:
+        """The fleet: every live instance (``cluster``); 404 without one."""
+        fleet = self.proxy.fleet
+        if fleet is None:
+            return _error(404, "no cluster: this instance is not part of a fleet (see cluster:)")
+        return web.json_response(fleet.view())
 
     async def put_server(self, request: web.Request) -> web.Response:
         group, address = request.match_info["group"], request.match_info["server"]
@@ -309,7 +329,8 @@ class AdminServer:
             return _error(400, *problems)
         server = self.proxy.servers.set_server_state(sid, admin_state, weight)
         reg, active = await self._active()
-        return web.json_response(server_view(server, g.checks, reg, active))
+        who = self.proxy.servers.who(sid)
+        return web.json_response(server_view(server, g.checks, reg, active, who))
 
     async def reload(self, request: web.Request) -> web.Response:
         body = await request.read()

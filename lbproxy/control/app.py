@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ if TYPE_CHECKING:
     # names up at import).
     from ..config.groups import Discovery as DiscoverySpec
     from ..config.groups import Server
-    from ..config.top import Admin, Config
+    from ..config.top import Admin, Cluster, Config
+    from ..core.fleet import Instance
+    from .cluster import FleetLink
 
 log = logging.getLogger("lbproxy")
 
@@ -166,6 +169,9 @@ class Proxy:
         self.idle_tunnels = IdleSweeper(self.registry.listeners)  # one timer, every tunnel
         self._closing = False
         self.admin: AdminListener | None = None  # set by whoever starts one; moved on reload
+        self.fleet: FleetLink | None = None  # with ``cluster``: the link to the fleet's Redis
+        self.started = time.time()
+        self._rate: tuple[float, int] = (time.monotonic(), 0)  # for the published requests/s
 
     @property
     def snapshot(self) -> Snapshot:
@@ -199,6 +205,9 @@ class Proxy:
         if self.role.check:
             self.checker.apply(snap)
             self.discovery.apply(snap.config, self.discovered)
+        # The fleet's overrides before the first client is accepted (bounded: Redis down is
+        # served through on local state).
+        await self._configure_fleet(snap.config.cluster)
         if self.role.serve:
             self.listeners.accept()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -299,6 +308,8 @@ class Proxy:
         if self.role.check:
             self.checker.apply(snap)
             self.discovery.apply(config, self.discovered)
+        if config.cluster != old.config.cluster:
+            await self._configure_fleet(config.cluster)
         summary = changes.summary()
         log.info("reload (%s): applied: %s", trigger, summary)
         self._reload_counted(True, summary)
@@ -346,6 +357,60 @@ class Proxy:
             return await self.apply_config(self.file_config, trigger)
         finally:
             self._counting = True
+
+    # ------------------------------------------------------------------ the fleet
+    async def _configure_fleet(self, cfg: Cluster | None) -> None:
+        """Join (or leave, or move to) the fleet ``cfg`` names."""
+        if self.fleet is not None:
+            old, self.fleet = self.fleet, None
+            await old.close()
+        if cfg is not None and not self._closing:
+            from .cluster import FleetLink  # redis is imported only with a cluster
+
+            # With workers each one is a member of the fleet (``<name>.<pid>``), publishing
+            # its counts and reconciling its limits; the supervisor applies and writes the
+            # overrides and shows the fleet.
+            worker = not self.role.check
+            self.fleet = FleetLink(
+                cfg,
+                self.servers,
+                self.describe,
+                self.ctx.edges,
+                self.holder,
+                publish=self.role.serve,
+                writes=self.role.check,
+                suffix=f".{os.getpid()}" if worker else "",
+            )
+            await self.fleet.start()
+
+    def describe(self, name: str, now: float) -> Instance:
+        """This instance's record for the fleet."""
+        from .. import __version__, buildinfo
+        from ..core.fleet import Instance
+
+        reg = self.registry
+        requests = sum(sum(ls.requests.values()) for ls in reg.listeners.values())
+        then, before = self._rate
+        mono = time.monotonic()
+        rps = (requests - before) / (mono - then) if mono > then else 0.0
+        self._rate = (mono, requests)
+        snap = self.holder.current
+        return Instance(
+            name=name,
+            address=",".join(
+                str(self.listeners.address(n)) if n in self.listeners.bound else str(lst.bind)
+                for n, lst in ((lst.name, lst) for lst in snap.config.listeners)
+            ),
+            version=__version__,
+            build=buildinfo.kind(),
+            started=self.started,
+            config=snap.config.digest,
+            connections=sum(ls.connections_active for ls in reg.listeners.values()),
+            tunnels=sum(sum(ss.ws_active.values()) for ss in reg.servers.values()),
+            rps=max(0.0, rps),
+            at=now,
+            servers={sid: s.active for sid, s in self.state.servers.items() if s.active},
+        )
 
     def _reload_counted(self, ok: bool, message: str = "") -> None:
         if not self._counting:
@@ -421,6 +486,9 @@ class Proxy:
         await self.stop_background()
 
     async def stop_background(self) -> None:
+        if self.fleet is not None:
+            fleet, self.fleet = self.fleet, None
+            await fleet.close()
         self.idle_tunnels.close()
         self.servers.close()
         self.ctx.edges.close()  # the bandwidth shapers' timers

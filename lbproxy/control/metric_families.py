@@ -157,6 +157,16 @@ def _dns_lookups(scrape: Scrape) -> list[Sample]:
     return _flat([], scrape.first.dns_lookups) if scrape.first else []
 
 
+def _cluster_instances(scrape: Scrape) -> list[Sample]:
+    c = scrape.first.cluster if scrape.first else None
+    return [([], c[0])] if c is not None else []
+
+
+def _cluster_redis_up(scrape: Scrape) -> list[Sample]:
+    c = scrape.first.cluster if scrape.first else None
+    return [([], c[1])] if c is not None else []
+
+
 def _discovered(scrape: Scrape) -> list[Sample]:
     first = scrape.first
     if first is None:
@@ -400,6 +410,28 @@ FAMILIES: tuple[Family, ...] = (
         GAUGE,
         (_G, _S),
         _discovered,
+    ),
+    Family(
+        "lbproxy_cluster_instances",
+        "With cluster: the live instances of the fleet this one sees (itself included)",
+        GAUGE,
+        (),
+        _cluster_instances,
+    ),
+    Family(
+        "lbproxy_cluster_limit_fallbacks",
+        "limits.scope cluster while Redis is unreachable: requests decided by this instance "
+        "alone (mode open) or refused with 429 (mode closed)",
+        COUNTER,
+        ("listener", "mode"),
+        PerListener("cluster_fallbacks"),
+    ),
+    Family(
+        "lbproxy_cluster_redis_up",
+        "With cluster: 1 while the fleet's Redis answers, 0 while this instance is degraded",
+        GAUGE,
+        (),
+        _cluster_redis_up,
     ),
 )
 

@@ -14,10 +14,13 @@ building snapshots (``snapshot.RuntimeState``) and checking them (``checker``):
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from collections.abc import Callable
 
 from ..config.groups import HealthCheck
 from ..core import metrics
+from ..core.fleet import Entry
 from ..core.health import ServerHealth, State, Transition
 from ..core.history import EventLog
 from ..core.snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
@@ -44,6 +47,12 @@ class ServerControl:
         self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
         # The supervisor's hand-over of a runtime override to every worker: (id, state, weight)
         self.on_override: Callable[[str, str | None, int | None], None] | None = None
+        # Who set each override and when (server id -> (instance name, Unix time)), shown by
+        # /-/servers and /status; ``me`` is this instance's name (the fleet's, with cluster).
+        self.me = socket.gethostname()
+        self.set_by: dict[str, tuple[str, float]] = {}
+        # The fleet link (control.cluster), told of every override with its result
+        self.on_local_change: Callable[[str, Entry], None] | None = None
 
     # ------------------------------------------------------------------ health
     def transition(self, server: ServerState, t: Transition) -> None:
@@ -166,11 +175,19 @@ class ServerControl:
         self.drainer.prune()
 
     def set_server_state(
-        self, sid: str, admin_state: str | None = None, weight: int | None = None
+        self,
+        sid: str,
+        admin_state: str | None = None,
+        weight: int | None = None,
+        by: str | None = None,
+        at: float | None = None,
     ) -> ServerState:
         """The runtime API: override a server's admin state and/or weight (kept across
-        reloads while the server stays in the config). Raises KeyError for an unknown id."""
+        reloads while the server stays in the config). Raises KeyError for an unknown id.
+        ``by``/``at``: who set it and when, when not this instance now (the fleet's)."""
         server, began = self.state.set_override(sid, admin_state, weight)
+        who, when = by or self.me, time.time() if at is None else at
+        self.set_by[sid] = (who, when)
         log.info(
             "server %s: admin_state %s, weight %d%s",
             sid,
@@ -189,6 +206,9 @@ class ServerControl:
         self.sync(snap)
         if self.on_override is not None:
             self.on_override(sid, admin_state, weight)
+        o = server.override
+        if self.on_local_change is not None and o is not None:
+            self.on_local_change(sid, Entry(o.admin_state, o.weight, who, when))
         return server
 
     def removed_servers(self) -> list[ServerState]:
@@ -201,6 +221,10 @@ class ServerControl:
             sid: {"admin_state": o.admin_state, "weight": o.weight}
             for sid, o in self.state.overrides.items()
         }
+
+    def who(self, sid: str) -> tuple[str, float] | None:
+        """Who set ``sid``'s override in force and when, if one is."""
+        return self.set_by.get(sid) if sid in self.state.overrides else None
 
     def retire(self, changes: Changes) -> None:
         """Removed servers: idle pooled connections go now; series go with the last connection."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .status_charts import CHART_CSS, CHART_SCRIPT
@@ -191,6 +192,35 @@ def render_status_page(st: dict[str, Any], history: dict[str, Any] | None = None
                 f"<td class=spark data-id='{_e(s['id'])}'></td></tr>"
             )
         add("</table>")
+    cluster = st.get("cluster")
+    if cluster is not None:
+        _fleet(cluster, add)
     add(f"<script type=application/json id=history-data>{_history_data(history)}</script>")
     add(f"<script>{_SCRIPT}</script><script>{CHART_SCRIPT}</script></body></html>")
     return "".join(rows)
+
+
+def _fleet(cluster: dict[str, Any], add: Callable[[str], None]) -> None:
+    """The fleet (``cluster``): every live instance, this one marked."""
+    state = cluster["state"]
+    shown = "ok" if state == "ok" else f'<span class="bad">{_e(state).upper()}</span>'
+    add(
+        f"<h2 class=cluster>Cluster <span class=meta>({_e(cluster['name'])} · Redis "
+        f"{_e(cluster['redis']['url'])} · {shown} · {len(cluster['instances'])} live)</span></h2>"
+    )
+    add("<table><tr><th>instance</th><th>address</th><th>version</th><th>uptime</th>")
+    add("<th>connections</th><th>websockets</th><th>req/s</th><th>last seen</th>")
+    add("<th>config</th></tr>")
+    for i in cluster["instances"]:
+        differs = '<span class="bad">differs</span>' if i["config_differs"] else "same"
+        add(
+            f"<tr class=instance data-instance='{_e(i['name'])}'>"
+            f"<td>{_e(i['name'])}{' (this one)' if i['self'] else ''}</td>"
+            f"<td>{_e(i['address'])}</td><td>{_e(i['version'])} {_e(i['build'])}</td>"
+            f"<td class=num>{i['uptime']:.0f} s</td>"
+            f"<td class=num>{_e(i['connections'])}</td><td class=num>{_e(i['tunnels'])}</td>"
+            f"<td class=num>{i['requests_per_second']:.1f}</td>"
+            f"<td class=num>{i['last_seen']:.1f} s ago</td>"
+            f"<td title='{_e(i['config_sha256'])}'>{differs}</td></tr>"
+        )
+    add("</table>")

@@ -17,7 +17,9 @@ The schedulers
     rr   round-robin ignoring weights, continuing after the last picked server even when
          the candidate list changed under it.
     wrr  nginx's smooth weighted round-robin.
-    wlc  weighted least connections, ties taken in round-robin order.
+    wlc  weighted least connections, ties taken in round-robin order. The connections
+         counted are ``active + fleet_active``: with ``cluster`` the other instances'
+         published counts too, so a fleet balances as one balancer would.
     sh   consistent hashing of ``key`` (the client address) on a ring of virtual nodes;
          without a key it behaves as rr.
 """
@@ -51,6 +53,8 @@ class Candidate(Protocol):
     def weight(self) -> int: ...
     @property
     def active(self) -> int: ...
+    @property
+    def fleet_active(self) -> int: ...  # the other instances' count (``cluster``), else 0
 
 
 C = TypeVar("C", bound=Candidate)
@@ -157,7 +161,7 @@ class SmoothWeightedRoundRobin:
 
 
 class WeightedLeastConnections:
-    """Fewest ``active`` per unit of weight; among equals, round-robin."""
+    """Fewest ``active + fleet_active`` per unit of weight; among equals, round-robin."""
 
     __slots__ = ("_cursor",)
 
@@ -171,16 +175,19 @@ class WeightedLeastConnections:
         start = self._cursor.start(candidates)
         best: C | None = None
         best_pos = -1
+        best_load = 0
         for step in range(n):
             pos = (start + step) % n
             c = candidates[pos]
             if c.weight <= 0:
                 continue
-            # a.active/a.weight < b.active/b.weight, cross-multiplied to stay exact.
+            load = c.active + c.fleet_active
+            # a.load/a.weight < b.load/b.weight, cross-multiplied to stay exact.
             # Strict "<" makes the first equal one after the cursor win the tie.
-            if best is None or c.active * best.weight < best.active * c.weight:
+            if best is None or load * best.weight < best_load * c.weight:
                 best = c
                 best_pos = pos
+                best_load = load
         if best is not None:
             self._cursor.moved_to(best, best_pos)
         return best

@@ -17,6 +17,20 @@ current ``ClientLimits``, so a reload's new numbers apply to the very next reque
   (it must send ``table_size`` requests from other addresses to refill one).
 - ``ConnectionCounts``: open connections per client, an entry only while one is open (so the
   table is bounded by the open connections themselves).
+
+With ``scope: cluster`` both tables count across the fleet without a request waiting on
+Redis: the decisions stay local, and ``control.cluster`` reconciles them in batches:
+- ``RateTable.used`` collects the tokens taken per client since the last batch; the batch is
+  applied to the fleet's bucket of each client in Redis by one atomic script (the same
+  arithmetic as ``refill``: ``min(burst, tokens + elapsed * rate)``, then minus what was
+  taken, down to ``-burst`` at most), and ``reconcile`` sets the local bucket to what the
+  fleet's holds, minus what was taken here meanwhile. Between batches each instance refills
+  at the full rate, so the fleet may pass up to (instances - 1) x rate x batch period more
+  than the rate; the debt the next batch brings back takes it out again.
+- ``ConnectionCounts.fleet`` holds the other instances' open connections per client (for the
+  clients open here), added to this instance's own in ``acquire``.
+- ``refuse`` (``on_cluster_failure: closed`` while Redis is unreachable) refuses every
+  request; with ``open`` the tables simply go on alone.
 """
 
 from __future__ import annotations
@@ -50,14 +64,40 @@ class _Bucket:
         self.stamp = stamp
 
 
+def refill(tokens: float, elapsed: float, rate: float, burst: int) -> float:
+    """A bucket's tokens ``elapsed`` seconds later (the script in Redis does the same)."""
+    if elapsed <= 0:
+        return tokens
+    return min(float(burst), tokens + elapsed * rate)
+
+
 class RateTable:
     """Token buckets by client key, bounded to the most recently seen clients."""
 
-    __slots__ = ("buckets", "evicted")
+    __slots__ = ("buckets", "evicted", "refuse", "used")
 
     def __init__(self) -> None:
         self.buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self.evicted = 0  # clients forgotten to make room
+        # scope cluster: tokens taken per client since the last batch (None: scope local)
+        self.used: dict[str, int] | None = None
+        self.refuse = False  # scope cluster, on_cluster_failure closed, Redis unreachable
+
+    def batch(self) -> dict[str, int]:
+        """The tokens taken per client since the last batch; counting starts again."""
+        out = self.used or {}
+        self.used = {}
+        return out
+
+    def reconcile(self, key: str, fleet_tokens: float, now: float) -> None:
+        """The fleet's bucket of ``key`` holds ``fleet_tokens`` (after the batch): the local
+        bucket takes it, minus what was taken here since the batch left."""
+        b = self.buckets.get(key)
+        if b is None:
+            return
+        since = self.used.get(key, 0) if self.used is not None else 0
+        b.tokens = fleet_tokens - since
+        b.stamp = now
 
     def __len__(self) -> int:
         return len(self.buckets)
@@ -76,10 +116,13 @@ class RateTable:
             buckets.move_to_end(key)
             elapsed = now - b.stamp
             if elapsed > 0:
-                b.tokens = min(float(burst), b.tokens + elapsed * rate)
+                b.tokens = refill(b.tokens, elapsed, rate, burst)
                 b.stamp = now
         if b.tokens >= 1.0:
             b.tokens -= 1.0
+            used = self.used
+            if used is not None:
+                used[key] = used.get(key, 0) + 1
             return 0.0
         return (1.0 - b.tokens) / rate
 
@@ -87,17 +130,24 @@ class RateTable:
 class ConnectionCounts:
     """Open connections by client key; a key is present only while it has one open."""
 
-    __slots__ = ("open",)
+    __slots__ = ("changed", "fleet", "open")
 
     def __init__(self) -> None:
         self.open: dict[str, int] = {}
+        # scope cluster: the other instances' open connections per client, and the clients
+        # whose count changed here since the last batch (None: scope local)
+        self.fleet: dict[str, int] | None = None
+        self.changed: set[str] | None = None
 
     def acquire(self, key: str, limit: int) -> bool:
         """Count a new connection from ``key``; False (nothing counted) past ``limit``."""
         n = self.open.get(key, 0)
-        if n >= limit:
+        fleet = self.fleet
+        if n + (fleet.get(key, 0) if fleet is not None else 0) >= limit:
             return False
         self.open[key] = n + 1
+        if self.changed is not None:
+            self.changed.add(key)
         return True
 
     def release(self, key: str) -> None:
@@ -106,3 +156,5 @@ class ConnectionCounts:
             self.open[key] = n
         else:
             self.open.pop(key, None)
+        if self.changed is not None:
+            self.changed.add(key)

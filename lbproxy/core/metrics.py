@@ -122,6 +122,7 @@ class ListenerStats:
     __slots__ = (
         "bytes_in",
         "bytes_out",
+        "cluster_fallbacks",
         "connections_active",
         "connections_refused",
         "connections_total",
@@ -145,6 +146,9 @@ class ListenerStats:
         self.connections_active = 0
         self.connections_total = 0
         self.connections_refused = dict.fromkeys(REFUSE_REASONS, 0)
+        # scope cluster while Redis is unreachable: requests decided locally ("open") or
+        # refused ("closed")
+        self.cluster_fallbacks = {"open": 0, "closed": 0}
         self.tls_failures = dict.fromkeys(TLS_FAILURE_REASONS, 0)
         self.bytes_in = 0  # closed connections' bytes; open ones are read from `live`
         self.bytes_out = 0
@@ -265,6 +269,9 @@ class Registry:
         # The config in force's certificates: (listener, certificate file) -> notAfter
         # (Unix seconds); the admin's under the listener name "admin.tls".
         self.certificates: dict[tuple[str, str], float] = {}
+        # With ``cluster`` (in the process that runs the fleet link): (live instances, Redis
+        # up 1 or 0); None without one (no samples).
+        self.cluster: tuple[int, int] | None = None
 
     def listener(self, name: str) -> ListenerStats:
         s = self.listeners.get(name)

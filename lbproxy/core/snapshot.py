@@ -60,6 +60,7 @@ class ServerState:
         "connect_to",
         "discovered",
         "draining",
+        "fleet_active",
         "group",
         "health",
         "id",
@@ -92,6 +93,9 @@ class ServerState:
         # field (updated by ``refresh``) because the scheduler reads it per request.
         self.draining = server.weight == 0
         self.active = 0  # open requests and tunnels to this server
+        # The same through the other instances of the fleet (``cluster``: what they published,
+        # set by control.cluster about twice a second); wlc adds it to ``active``.
+        self.fleet_active = 0
         self.health = ServerHealth()
         self.pool = Pool()
         self.stats = registry.server(sid, group, self.label)

@@ -119,12 +119,16 @@ class Edges:
         rate = limits.requests_per_second
         if not rate:
             return None
+        rates = self.of(lr.name).rates
+        if rates.refuse:  # scope cluster, on_cluster_failure closed, Redis unreachable
+            lr.stats.cluster_fallbacks["closed"] += 1
+            return "1"
         trusted = cfg.trusted_proxies
         key = ip
         if trusted is not None and (slot.trusted if slot is not None else trusted.matches(ip)):
             xff = [v for n, v in fields if n.lower() == b"x-forwarded-for"]
             key = client_key(xff, trusted, ip)
-        wait = self.of(lr.name).rates.take(key, now, rate, limits.burst, limits.table_size)
+        wait = rates.take(key, now, rate, limits.burst, limits.table_size)
         if not wait:
             return None
         return str(max(1, math.ceil(wait)))

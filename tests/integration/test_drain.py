@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import time
 from typing import Any
 
 import aiohttp
@@ -302,7 +304,11 @@ async def test_runtime_api_drain_weight_and_reloads(make_backend, make_proxy, ma
         assert await names(3) == ["B"] * 3
         view = await put(f"rs1/{a.address}", {"admin_state": "ready", "weight": 25})
         assert (view["admin_state"], view["weight"], view["config_weight"]) == ("ready", 25, 100)
-        assert view["override"] == {"admin_state": "ready", "weight": 25}
+        override = dict(view["override"])
+        # Who set it (this instance: its host name) and when, with what was set.
+        assert override.pop("set_by") == socket.gethostname()
+        assert abs(override.pop("set_at") - time.time()) < 60
+        assert override == {"admin_state": "ready", "weight": 25}
         got = await names(75)
         # wrr by the weights in force (1:2; smooth wrr may be one off where its cycle began)
         assert abs(got.count("A") - 25) <= 1

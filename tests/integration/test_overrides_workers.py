@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +97,21 @@ async def test_overrides_survive_a_reload_and_a_killed_worker(make_backend, tmp_
         assert await put(lb, c.address, {"weight": 0}) == 200
         seen = {x: count(x, "/whoami") for x in (b, c)}
 
+        def set_here(override: dict[str, Any]) -> dict[str, Any]:
+            """What was set, checking who set it: the supervisor (this host), the same in
+            every worker and after a restart."""
+            rest = dict(override)
+            assert rest.pop("set_by") == socket.gethostname()
+            assert rest.pop("set_at") > 0
+            return rest
+
         def overrides_shown(listing: dict[str, dict[str, Any]]) -> None:
-            assert listing[b.address]["override"] == {"admin_state": "drain"}
+            assert set_here(listing[b.address]["override"]) == {"admin_state": "drain"}
             assert (listing[b.address]["admin_state"], listing[b.address]["draining"]) == (
                 "drain",
                 True,
             )
-            assert listing[c.address]["override"] == {"weight": 0}
+            assert set_here(listing[c.address]["override"]) == {"weight": 0}
             assert (listing[c.address]["weight"], listing[c.address]["draining"]) == (0, True)
             assert listing[a.address]["override"] is None
 

@@ -25,6 +25,7 @@ class Srv:
     id: str
     weight: int = 100
     active: int = 0
+    fleet_active: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class FrozenSrv:
     id: str
     weight: int
     active: int
+    fleet_active: int = 0
 
 
 def servers(*names: str, weight: int = 100) -> list[Srv]:
@@ -464,3 +466,22 @@ def test_sh_state_carries_across_reload() -> None:
 def test_sh_rejects_bad_vnodes() -> None:
     with pytest.raises(ValueError):
         ConsistentHash(vnodes=0)
+
+
+def test_wlc_counts_the_fleet_s_connections_with_its_own() -> None:
+    """``fleet_active`` (the other instances' published counts) weighs like ``active``: a
+    server loaded through other instances is avoided here, as one balancer would."""
+    a, b = Srv("rs1/a", active=0, fleet_active=40), Srv("rs1/b", active=5)
+    wlc = WeightedLeastConnections()
+    picked = []
+    for _ in range(30):
+        c = wlc.pick([a, b])
+        assert c is not None
+        c.active += 1
+        picked.append(c.id)
+    # b carries 5 of its own; a 40 through the fleet: b takes every pick until it reaches 40.
+    assert picked == ["rs1/b"] * 30
+    b.active = 40
+    assert wlc.pick([a, b]) is not None
+    b.fleet_active = 10  # now b carries 50 in all: a (40) is the lighter
+    assert wlc.pick([a, b]) is a

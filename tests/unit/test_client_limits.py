@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import ipaddress
 
-from lbproxy.core.client_limits import MAX_KEY, Cidrs, ConnectionCounts, RateTable, client_key
+import pytest
+
+from lbproxy.core.client_limits import (
+    MAX_KEY,
+    Cidrs,
+    ConnectionCounts,
+    RateTable,
+    client_key,
+    refill,
+)
 
 TRUSTED = Cidrs(
     (
@@ -121,3 +130,51 @@ def test_connection_counts_hold_only_open_clients():
     c.release("a")
     c.release("b")
     assert c.open == {}
+
+
+def test_cluster_scope_counts_what_each_client_took_for_the_batch() -> None:
+    t = RateTable()
+    assert t.take("a", 0.0, 10.0, 2, 100) == 0.0  # scope local: nothing counted
+    assert t.used is None
+    t.used = {}
+    for _ in range(3):
+        t.take("a", 0.0, 10.0, 2, 100)  # the third is refused: not counted
+    t.take("b", 0.0, 10.0, 2, 100)
+    assert t.batch() == {"a": 1, "b": 1}
+    assert t.batch() == {}  # counting starts again
+
+
+def test_reconcile_sets_the_local_bucket_to_the_fleets_minus_what_was_taken_since() -> None:
+    t = RateTable()
+    t.used = {}
+    t.take("a", 0.0, 10.0, 20, 100)
+    t.batch()  # sent; meanwhile two more are taken here
+    t.take("a", 0.0, 10.0, 20, 100)
+    t.take("a", 0.0, 10.0, 20, 100)
+    # The fleet's bucket after the batch: 3 tokens (other instances took the rest).
+    t.reconcile("a", 3.0, 0.0)
+    assert t.take("a", 0.0, 10.0, 20, 100) == 0.0  # 3 - 2 = 1 token left
+    assert t.take("a", 0.0, 10.0, 20, 100) > 0
+    # A fleet in debt (other instances took more than the bucket held): refused here until
+    # the debt is refilled at the rate.
+    t.batch()
+    t.reconcile("a", -5.0, 1.0)
+    assert t.take("a", 1.0, 10.0, 20, 100) == pytest.approx((1.0 + 5.0) / 10.0)
+    t.reconcile("unknown", 1.0, 1.0)  # a client forgotten here meanwhile: nothing to set
+
+
+def test_refill_is_the_one_arithmetic_of_both_scopes() -> None:
+    assert refill(1.0, 0.5, 10.0, 20) == 6.0
+    assert refill(1.0, 10.0, 10.0, 20) == 20.0  # up to burst
+    assert refill(-4.0, 0.0, 10.0, 20) == -4.0
+    assert refill(-4.0, -1.0, 10.0, 20) == -4.0  # a clock step back adds nothing
+
+
+def test_connection_counts_add_the_fleets() -> None:
+    c = ConnectionCounts()
+    c.fleet, c.changed = {"a": 2}, set()
+    assert c.acquire("a", 3)
+    assert not c.acquire("a", 3)  # 1 here + 2 elsewhere
+    assert c.acquire("b", 3)
+    c.release("b")
+    assert c.changed == {"a", "b"}  # b's 0 is sent too, so the fleet forgets it

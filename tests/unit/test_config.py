@@ -371,7 +371,15 @@ def test_a_broken_group_does_not_also_break_its_listeners():
 
 
 # Every key the file takes at each place, in the order the unknown-key message lists them.
-TOP_KEYS = ("listeners", "server_groups", "admin", "access_log", "shutdown_timeout", "resolvers")
+TOP_KEYS = (
+    "listeners",
+    "server_groups",
+    "admin",
+    "access_log",
+    "shutdown_timeout",
+    "resolvers",
+    "cluster",
+)
 LISTENER_KEYS = (
     "name",
     "bind",
@@ -948,7 +956,7 @@ def test_load_config_yaml_merge_keys_still_work(tmp_path):
         load_config(path)
     assert info.value.problems == [
         f"{path}:1: x-defaults: unknown key (allowed: listeners, server_groups, admin, access_log, "
-        "shutdown_timeout, resolvers)"
+        "shutdown_timeout, resolvers, cluster)"
     ]
     doc = yaml.load(Path(path).read_text(), Loader=config_load._UniqueKeyLoader)
     assert doc["server_groups"]["rs1"]["servers"] == [{"address": "127.0.0.1:5001", "weight": 7}]

@@ -131,7 +131,7 @@ def test_limits() -> None:
             {"limits": {"rate": 5}},
             [
                 "listeners[0].limits.rate: unknown key (allowed: connections_per_client,"
-                " requests_per_second, burst, table_size)",
+                " requests_per_second, burst, table_size, scope, on_cluster_failure)",
                 "listeners[0].limits: limits nothing: set connections_per_client and/or"
                 " requests_per_second",
             ],

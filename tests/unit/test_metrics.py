@@ -55,6 +55,9 @@ FAMILIES = {
     "lbproxy_tls_certificate_expiry_timestamp_seconds": "gauge",
     "lbproxy_dns_lookups": "counter",
     "lbproxy_backend_discovered": "gauge",
+    "lbproxy_cluster_instances": "gauge",
+    "lbproxy_cluster_limit_fallbacks": "counter",
+    "lbproxy_cluster_redis_up": "gauge",
 }
 
 
