@@ -42,6 +42,9 @@ INTERPRETED = frozenset(
         "control.status_page",
         "core.dns",
         "proxy.tls",
+        # a subclass of ssl.SSLContext (a compiled class cannot subclass it); per new
+        # backend connection only
+        "proxy.upstream_tls",
         # the layer packages' faces (a docstring each; the package name alone would mean all of it)
         "control.__init__",
         "core.__init__",

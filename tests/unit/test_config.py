@@ -390,6 +390,7 @@ LISTENER_KEYS = (
     "tls",
     "redirect_https",
     "acl",
+    "proxy_protocol",
     "http2",
     "websocket",
     "x_forwarded_proto",
@@ -415,6 +416,8 @@ GROUP_KEYS = (
     "drain_timeout",
     "drain_close_code",
     "discovery",
+    "proxy_protocol",
+    "tls",
 )
 CHECK_KEYS = (
     "enabled",
