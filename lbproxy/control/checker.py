@@ -109,8 +109,12 @@ async def run_check(server: ServerState, how: HealthCheck | Probe) -> str:
         raise CheckFailed(f"timeout after {hc.timeout:g}s") from None
     except ConnectionRefusedError:
         raise CheckFailed("refused") from None
-    except ConnectionResetError:
-        raise CheckFailed("reset") from None
+    except ConnectionResetError as exc:
+        if p.tls is None:
+            raise CheckFailed("reset") from None
+        # With TLS a reset comes from the handshake (a TCP connect is refused, not reset).
+        server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
+        raise CheckFailed(f"TLS handshake failed: {upstream_tls.describe(exc)}") from None
     except (ssl.SSLError, upstream_tls.TlsError) as exc:
         server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
         raise CheckFailed(f"TLS handshake failed: {upstream_tls.describe(exc)}") from None

@@ -53,8 +53,10 @@ UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 REFUSE_REASONS = ("max_connections", "acl", "connections_per_client", "proxy_protocol")
 # Why a TLS handshake to a backend failed: verify (its certificate does not verify against
 # tls.ca or does not name tls.server_name), certificate (it refused the proxy's client
-# certificate), protocol (no version or cipher both accept), other.
-BACKEND_TLS_FAILURE_REASONS = ("verify", "certificate", "protocol", "other")
+# certificate with an alert that says so), protocol (no version or cipher both accept), reset
+# (it closed the connection mid-handshake: what a server refusing the proxy's certificate
+# under TLS 1.2 looks like through uvloop), other.
+BACKEND_TLS_FAILURE_REASONS = ("verify", "certificate", "protocol", "reset", "other")
 # Why a TLS handshake failed: client_certificate (none under client_auth: required, or one
 # that does not verify), protocol (no version or cipher both accept: the policy refused it),
 # timeout (not done within client_header_timeout), other (the client went away, spoke

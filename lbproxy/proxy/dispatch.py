@@ -208,7 +208,12 @@ class Dispatch:
                     preface,
                     server.label,
                 )
-        except (ssl.SSLError, upstream_tls.TlsError) as exc:
+        except (ssl.SSLError, upstream_tls.TlsError, ConnectionResetError) as exc:
+            # With TLS a reset comes from the handshake (a TCP connect is refused, not reset).
+            if tls is None:
+                self.connect_task = None
+                self.failed(ex, server, "connect", describe(exc), True)
+                return
             self.connect_task = None
             server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
             why = upstream_tls.describe(exc)

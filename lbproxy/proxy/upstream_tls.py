@@ -179,6 +179,8 @@ def failure_reason(exc: BaseException) -> str:
         if "VERSION" in reason or "CIPHER" in reason or "HANDSHAKE_FAILURE" in reason:
             return "protocol"
         return "other"
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | EOFError):
+        return "reset"
     return "other"
 
 
@@ -188,4 +190,6 @@ def describe(exc: BaseException) -> str:
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return str(exc.reason or exc).lower().replace("_", " ")
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | EOFError):
+        return "the server closed the connection (did it want a client certificate?)"
     return str(exc) or type(exc).__name__

@@ -303,6 +303,7 @@ def test_collector_sums_over_registries():
         labels(server_group="g", server="s:1", reason="verify"): 12,
         labels(server_group="g", server="s:1", reason="certificate"): 0,
         labels(server_group="g", server="s:1", reason="protocol"): 0,
+        labels(server_group="g", server="s:1", reason="reset"): 0,
         labels(server_group="g", server="s:1", reason="other"): 0,
     }
     assert m["lbproxy_tls_handshake_failures_total"] == {
