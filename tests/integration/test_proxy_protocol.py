@@ -144,14 +144,17 @@ def pp_listener(**more: Any) -> dict[str, Any]:
 async def test_behind_haproxy_v1_and_v2_the_client_address_stands_everywhere(
     make_backend, make_proxy, haproxy, tmp_path: Path
 ) -> None:
-    a = await make_backend("A")
+    backends = [await make_backend(name) for name in "ABCD"]
     log_path = tmp_path / "access.log"
     doc = config_doc(
-        [a.address],
+        [b.address for b in backends],
         listener=pp_listener(limits={"connections_per_client": 100}),
+        group={"scheduler": "sh"},
         access_log={"enabled": True, "path": str(log_path)},
     )
     proxy: Proxy = await make_proxy(doc)
+    group = proxy.holder.current.groups["rs1"]
+    names = {b.address: b.name for b in backends}
     lb = proxy.listeners.address("web")
     cfg, ports = tcp_front(lb.port)
     await haproxy(cfg, ports)
@@ -160,6 +163,9 @@ async def test_behind_haproxy_v1_and_v2_the_client_address_stands_everywhere(
         assert status == 200, body
         assert header(body, "X-Forwarded-For") == [source], version
         assert header(body, "X-Real-IP") == [source]
+        # sh hashes the header's address: the server it picks for that address answers.
+        picked = group.pick(source, ())
+        assert picked is not None and body["backend"] == names[picked.label]
     await wait_for(
         lambda: log_path.exists() and "127.0.0.6" in log_path.read_text(), what="the access log"
     )
