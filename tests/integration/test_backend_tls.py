@@ -117,6 +117,24 @@ async def test_requests_websocket_and_checks_over_tls_with_sessions_resumed(
     assert not any(server.stats.tls_failures.values())
 
 
+async def test_tls_connections_are_pooled(make_proxy, backends, pki) -> None:
+    b = await tls_backend("A", pki["server"])
+    backends.append(b)
+    doc = config_doc(
+        [b.address],
+        group={
+            "tls": {"ca": pki["ca"].cert, "server_name": "backend.test"},
+            "health_check": {"enabled": False},
+        },
+    )
+    proxy = await make_proxy(doc)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):
+            async with s.get(proxy_url(proxy, path="/whoami")) as r:
+                assert r.status == 200
+    assert b.app[TLS_INFO] == ["backend.test"]  # one handshake: the connection was reused
+
+
 @pytest.mark.parametrize("wrong", ["ca", "name"])
 async def test_a_wrong_ca_or_name_fails_the_connect(
     make_proxy, backends, pki, wrong: str, caplog: pytest.LogCaptureFixture

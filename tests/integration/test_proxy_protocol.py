@@ -96,6 +96,7 @@ GLOBAL = """
 global
     maxconn 200
 defaults
+    retries 0
     timeout connect 5s
     timeout client 30s
     timeout server 30s
@@ -395,3 +396,39 @@ async def test_pooled_connections_carry_one_client_each(make_proxy) -> None:
             w.close()
     finally:
         server.close()
+
+
+async def test_proxy_protocol_then_tls_to_a_backend(
+    make_backend, make_proxy, haproxy, tmp_path: Path
+) -> None:
+    """With both, the header goes first in clear, then the TLS handshake (HAProxy's
+    ``accept-proxy ssl``); health checks do the same (LOCAL, then TLS)."""
+    ca = CA(str(tmp_path))
+    cert = ca.issue("hap", "backend.test", dns=("backend.test",))
+    combined = tmp_path / "hap.pem"
+    combined.write_bytes(Path(cert.cert).read_bytes() + Path(cert.key).read_bytes())
+    app = await make_backend("A")
+    port = free_port()
+    cfg = (
+        GLOBAL
+        + f"""
+frontend fin
+    mode http
+    bind {LOOPBACK}:{port} accept-proxy ssl crt {combined}
+    option forwardfor
+    default_backend app
+backend app
+    mode http
+    server app {LOOPBACK}:{app.port}
+"""
+    )
+    await haproxy(cfg, {"in": port})
+    doc = config_doc(
+        [f"{LOOPBACK}:{port}"],
+        listener={"x_forwarded_for": False},
+        group={"proxy_protocol": "v2", "tls": {"ca": ca.cert, "server_name": "backend.test"}},
+    )
+    proxy: Proxy = await make_proxy(doc)  # the checks pass: LOCAL, then TLS
+    status, body = await get_from("127.0.0.5", proxy.listeners.address("web").port)
+    assert status == 200, body
+    assert header(body, "X-Forwarded-For") == ["127.0.0.5"]
