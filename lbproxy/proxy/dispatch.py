@@ -37,6 +37,7 @@ from .exchange_base import (
 from .exchange_state import body_sent, can_retry
 
 if TYPE_CHECKING:
+    from ..config.groups import BackendTls
     from ..core.snapshot import ServerState
 
 
@@ -155,24 +156,12 @@ class Dispatch:
         self.tried.append(server)
         self.server = server
         server.active += 1
-        cfg = group.config
-        preface = b""
-        key = ""
-        if cfg.tls is not None or cfg.proxy_protocol is not None:
-            if cfg.proxy_protocol is not None:
-                client, dest = ex.down.addresses()
-                build = (
-                    proxy_protocol.build_v2
-                    if cfg.proxy_protocol == "v2"
-                    else (proxy_protocol.build_v1)
-                )
-                preface = build(client, dest)
-            key = f"{hash(cfg.tls)}:{preface.hex()}"
+        preface, key = _kind(ex)
         self.conn_key = key
         # The pool holds only what ``release`` put there: this server's upstream connections.
         conn = cast(
             "upstream.UpstreamConnection | None",
-            server.pool.take(ex.loop.time(), cfg.keepalive_timeout, key),
+            server.pool.take(ex.loop.time(), group.config.keepalive_timeout, key),
         )
         if conn is not None:
             self._attach(ex, conn)
@@ -196,28 +185,15 @@ class Dispatch:
     ) -> None:
         tls = ex.group.config.tls
         try:
-            if tls is None:
-                conn = await upstream.connect(server.connect_to, timeout, preface=preface)
-            else:
-                upstream_tls.for_server(server.label)  # this task's handshakes: the server's
-                conn = await upstream.connect(
-                    server.connect_to,
-                    timeout,
-                    upstream_tls.context(tls),
-                    tls.server_name or server.address.host,
-                    preface,
-                    server.label,
-                )
+            conn = await _open(server, tls, timeout, preface)
         except (ssl.SSLError, upstream_tls.TlsError, ConnectionResetError) as exc:
-            # With TLS a reset comes from the handshake (a TCP connect is refused, not reset).
-            if tls is None:
-                self.connect_task = None
-                self.failed(ex, server, "connect", describe(exc), True)
-                return
             self.connect_task = None
-            server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
-            why = upstream_tls.describe(exc)
-            self.failed(ex, server, "connect", f"TLS handshake failed: {why}", True)
+            if tls is None:  # a plain connect reset: as any failed connect
+                self.failed(ex, server, "connect", describe(exc), True)
+            else:  # with TLS a reset comes from the handshake (a TCP connect is refused)
+                server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
+                why = upstream_tls.describe(exc)
+                self.failed(ex, server, "connect", f"TLS handshake failed: {why}", True)
         except TimeoutError:
             self.connect_task = None
             self.failed(ex, server, "timeout", f"connect timeout after {timeout:g}s", True)
@@ -375,3 +351,36 @@ class Dispatch:
             last.pool.put(up, ex.loop.time(), ex.group.config.keepalive_connections)
         else:
             up.close()
+
+
+def _kind(ex: ExchangeBase) -> tuple[bytes, str]:
+    """The PROXY header a new connection for ``ex`` starts with (b"": none), and the pool key
+    a reused one must have: the group's TLS settings and that very header ("" for a group
+    with neither)."""
+    cfg = ex.group.config
+    version = cfg.proxy_protocol
+    if cfg.tls is None and version is None:
+        return b"", ""
+    preface = b""
+    if version is not None:
+        client, dest = ex.down.addresses()
+        build = proxy_protocol.build_v2 if version == "v2" else proxy_protocol.build_v1
+        preface = build(client, dest)
+    return preface, f"{hash(cfg.tls)}:{preface.hex()}"
+
+
+async def _open(
+    server: ServerState, tls: BackendTls | None, timeout: float, preface: bytes
+) -> upstream.UpstreamConnection:
+    """A new connection to ``server``: ``preface`` first, then with ``tls`` the handshake."""
+    if tls is None:
+        return await upstream.connect(server.connect_to, timeout, preface=preface)
+    upstream_tls.for_server(server.label)  # this task's handshakes: the server's
+    return await upstream.connect(
+        server.connect_to,
+        timeout,
+        upstream_tls.context(tls),
+        tls.server_name or server.address.host,
+        preface,
+        server.label,
+    )
