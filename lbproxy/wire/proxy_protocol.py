@@ -51,7 +51,8 @@ class ProxyHeader:
 
 
 def header_length(data: bytes, v1: bool = True, v2: bool = True) -> int:
-    """The length of the header at the start of ``data``, or ``MORE`` when all of ``data`` is
+    """The length of the header at the start of ``data`` (a v2 header's may be more than
+    ``data`` holds yet: all of ``data`` is then header), or ``MORE`` when all of ``data`` is
     the start of a header that goes on. Raises ProxyProtocolError when ``data`` cannot start
     a header of an accepted version."""
     if not data:
