@@ -198,17 +198,21 @@ async def test_per_client_limits_and_the_acl_see_the_real_client(
     make_backend, make_proxy, haproxy
 ) -> None:
     a = await make_backend("A")
+    # HAProxy first: the connections that wait for its ports find no lbproxy behind it yet,
+    # so none of them counts against a client address here.
+    lb_port = free_port()
+    cfg, ports = tcp_front(lb_port)
+    await haproxy(cfg, ports)
     doc = config_doc(
         [a.address],
         listener=pp_listener(
+            bind=f"{LOOPBACK}:{lb_port}",
             limits={"connections_per_client": 1},
             acl={"mode": "deny", "cidrs": ["127.0.0.7"]},
         ),
     )
     proxy: Proxy = await make_proxy(doc)
     stats = proxy.registry.listeners["web"]
-    cfg, ports = tcp_front(proxy.listeners.address("web").port)
-    await haproxy(cfg, ports)
     # One open connection from 127.0.0.5 (through HAProxy, like every one here)...
     held_r, held_w = await asyncio.open_connection(
         LOOPBACK, ports["v2"], local_addr=("127.0.0.5", 0)
