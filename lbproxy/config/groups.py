@@ -415,8 +415,8 @@ class BackendTls:
         for a, b in (("cert", "key"), ("key", "cert")):
             if a in raw and b not in raw:
                 out.append(((b,), f"required with {a} (mutual TLS needs both)"))
-        if raw.get("verify") is False and ("ca" in raw or "server_name" in raw):
-            out.append(((), "ca and server_name are only used with verify: true"))
+        if raw.get("verify") is False and "ca" in raw:
+            out.append((("ca",), "only used with verify: true"))
         return out
 
 

@@ -244,3 +244,15 @@ async def test_a_ca_renewed_on_disk_is_picked_up(make_proxy, backends, pki, tmp_
                 assert await r.text() == b.app[NAME]
     finally:
         await watcher.close()
+
+
+async def test_verify_false_takes_any_certificate(make_proxy, backends, pki) -> None:
+    """``verify: false``: encrypted, the certificate not checked; ``server_name`` still sent."""
+    b = await tls_backend("A", pki["server"])
+    backends.append(b)
+    doc = config_doc([b.address], group={"tls": {"verify": False, "server_name": "x.test"}})
+    proxy = await make_proxy(doc)
+    async with aiohttp.ClientSession() as s, s.get(proxy_url(proxy, path="/tls")) as r:
+        assert r.status == 200
+        info = await r.json()
+    assert info["tls"] and info["sni"] == "x.test"

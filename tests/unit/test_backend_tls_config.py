@@ -52,8 +52,10 @@ def test_validation_messages() -> None:
         "server_groups.g.tls.key: required with cert (mutual TLS needs both)"
     ]
     assert problems(doc({"tls": {"verify": False, "ca": "a.pem"}})) == [
-        "server_groups.g.tls: ca and server_name are only used with verify: true"
+        "server_groups.g.tls.ca: only used with verify: true"
     ]
+    sni_only = parse_config(doc({"tls": {"verify": False, "server_name": "a.test"}}))
+    assert sni_only.server_groups[0].tls is not None
     assert problems(doc({"tls": {"min_version": "1.1"}})) == [
         "server_groups.g.tls.min_version: expected one of 1.2, 1.3, got '1.1'"
     ]
