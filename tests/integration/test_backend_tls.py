@@ -256,3 +256,26 @@ async def test_verify_false_takes_any_certificate(make_proxy, backends, pki) -> 
         assert r.status == 200
         info = await r.json()
     assert info["tls"] and info["sni"] == "x.test"
+
+
+async def test_a_failed_handshake_is_retried_on_another_server(make_proxy, backends, pki) -> None:
+    """A server whose certificate does not verify is a failed connect: the request goes on to
+    the next server (counted as a retry), and passive health takes the bad one out."""
+    bad = await tls_backend("bad", pki["other"].issue("o", "backend.test", dns=("backend.test",)))
+    good = await tls_backend("good", pki["server"])
+    backends += [bad, good]
+    doc = config_doc(
+        [bad.address, good.address],
+        group={
+            "tls": {"ca": pki["ca"].cert, "server_name": "backend.test"},
+            "health_check": {"enabled": False},
+        },
+    )
+    proxy = await make_proxy(doc)
+    servers = {s.label: s for s in proxy.holder.current.groups["rs1"].servers}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):  # round-robin: the bad server's turn comes
+            async with s.get(proxy_url(proxy, path="/whoami")) as r:
+                assert r.status == 200 and await r.text() == "good"
+    assert servers[bad.address].stats.tls_failures["verify"] >= 1
+    assert proxy.registry.retries.get("rs1", 0) >= 1
