@@ -236,7 +236,8 @@ class Acceptor:
         if pp is not None:
             if not pp.allows(peer[0]):
                 stats.connections_refused["proxy_protocol"] += 1
-                log.info("listener %s: %s is not in proxy_protocol.from", lr.name, peer[0])
+                # Quiet, as an ACL refusal: anyone can knock. A balancer's bad header is logged.
+                log.debug("listener %s: %s is not in proxy_protocol.from", lr.name, peer[0])
                 conn.close()
                 return
         elif cfg.acl is not None and not cfg.acl.allows(peer[0]):
