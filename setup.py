@@ -47,6 +47,9 @@ INTERPRETED = frozenset(
         "core.fleet",  # the fleet's records and merges, twice a second (control.cluster)
         "core.history",  # a few hundred numbers every 5 s, and for the operator
         "proxy.tls",
+        # a subclass of ssl.SSLContext (a compiled class cannot subclass it); per new
+        # backend connection only
+        "proxy.upstream_tls",
         # the layer packages' faces (a docstring each; the package name alone would mean all of it)
         "control.__init__",
         "core.__init__",

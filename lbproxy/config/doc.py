@@ -54,6 +54,7 @@ SECTIONS = [
     ("`listeners[]` (at least one)", "Listener"),
     ("`listeners[].tls`", "Tls"),
     ("`listeners[].acl`", "Acl"),
+    ("`listeners[].proxy_protocol`", "ProxyProtocol"),
     ("`listeners[].websocket`", "WebSocketPolicy"),
     ("`listeners[].limits`", "ClientLimits"),
     ("`listeners[].rules[]`", "Rule"),
@@ -62,6 +63,7 @@ SECTIONS = [
     ("`server_groups.<name>.sticky_session`", "StickySession"),
     ("`server_groups.<name>.discovery`", "Discovery"),
     ("`server_groups.<name>.health_check`", "HealthCheck"),
+    ("`server_groups.<name>.tls`", "BackendTls"),
     ("`admin`", "Admin"),
     ("`access_log`", "AccessLog"),
 ]

@@ -19,12 +19,15 @@ from .leaves import (
     Codes,
     CookieName,
     DnsName,
+    DnsName_,
     DrainCode,
     Duration,
     DurationOrZero,
+    FilePath_,
     Port,
     Prefix,
     Secret,
+    String_,
     UrlPath,
     Weight,
     Weight_,
@@ -355,6 +358,70 @@ class StickySession:
 
 @declared
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BackendTls:
+    """``server_groups.<name>.tls``: TLS from the proxy to the group's servers (requests,
+    WebSocket upgrades and health checks alike)."""
+
+    ca: Annotated[
+        Annotated[str | None, FilePath_],
+        Field(
+            description="PEM file of the CA certificate(s) the servers' certificates chain to",
+            json_schema_extra={"x-default": "the system's CA store"},
+        ),
+    ] = None
+    verify: Annotated[
+        Bool,
+        Field(
+            description=(
+                "check the server's certificate (chain and name); `false` takes any (the "
+                "traffic is encrypted, the server not authenticated)"
+            ),
+        ),
+    ] = True
+    server_name: Annotated[
+        Annotated[str | None, DnsName_],
+        Field(
+            description=("the name sent in SNI and checked against the server's certificate"),
+            json_schema_extra={"x-default": "the server's host (its address when an IP)"},
+        ),
+    ] = None
+    cert: Annotated[
+        Annotated[str | None, FilePath_],
+        Field(description="mutual TLS: PEM file of the proxy's client certificate chain"),
+    ] = None
+    key: Annotated[
+        Annotated[str | None, FilePath_],
+        Field(description="mutual TLS: PEM file of its private key"),
+    ] = None
+    min_version: Annotated[
+        Annotated[str, choice("1.2", "1.3")],
+        Field(description="the lowest TLS version spoken to the servers"),
+    ] = "1.2"
+    ciphers: Annotated[
+        Annotated[str | None, String_],
+        Field(description="OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites: OpenSSL's)"),
+    ] = None
+    digest: SkipJsonSchema[str] = ""  # sha256 of the files, filled in by the loader
+
+    _internal = ("digest",)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(f for f in (self.ca, self.cert, self.key) if f is not None)
+
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        out: list[Problem] = []
+        for a, b in (("cert", "key"), ("key", "cert")):
+            if a in raw and b not in raw:
+                out.append(((b,), f"required with {a} (mutual TLS needs both)"))
+        if raw.get("verify") is False and "ca" in raw:
+            out.append((("ca",), "only used with verify: true"))
+        return out
+
+
+@declared
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerGroup:
     name: SkipJsonSchema[str] = ""  # the group's key in ``server_groups``
     scheduler: Annotated[
@@ -435,6 +502,28 @@ class ServerGroup:
         Discovery | None,
         Field(
             description=("servers from DNS, instead of or beside `servers`: see below"),
+        ),
+    ] = None
+    proxy_protocol: Annotated[
+        Annotated[str | None, choice("v1", "v2")],
+        Field(
+            description=(
+                "`v1` or `v2`: each new connection to a server starts with a PROXY protocol "
+                "header carrying the client's address and port (HAProxy's `send-proxy`). A "
+                "pooled connection is reused only by the client connection it was opened for "
+                "(the header belongs to the connection)"
+            ),
+            json_schema_extra={"x-default": "off"},
+        ),
+    ] = None
+    tls: Annotated[
+        BackendTls | None,
+        Field(
+            description=(
+                "TLS to the servers: `{ca, verify, server_name, cert, key, min_version, "
+                "ciphers}`, see [Backends over TLS](#backends-over-tls)"
+            ),
+            json_schema_extra={"x-default": "off (plain HTTP)"},
         ),
     ] = None
     _internal = ("name",)

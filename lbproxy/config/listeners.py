@@ -50,7 +50,7 @@ from .model import (
     Gzip,
     Timeouts,
 )
-from .sections import Acl, ClientLimits, Rule, Tls, WebSocketPolicy
+from .sections import Acl, ClientLimits, ProxyProtocol, Rule, Tls, WebSocketPolicy
 
 
 @declared
@@ -206,8 +206,27 @@ class Listener:
                 "after the accept, before any byte of it is read (and before a TLS "
                 "handshake), and counted in "
                 '`lbproxy_connections_refused_total{reason="acl"}`. IPv4-mapped IPv6 clients '
-                "count as IPv4. An ACL change applies to new connections"
+                "count as IPv4. An ACL change applies to new connections. With "
+                "`proxy_protocol` it is the client's address from the header that is checked, "
+                "once the header is read"
             ),
+        ),
+    ] = None
+    proxy_protocol: Annotated[
+        ProxyProtocol | None,
+        Field(
+            description=(
+                "`{versions: [v1, v2], from: [CIDRs], timeout: 5s}`: behind a layer-4 balancer "
+                "(AWS NLB, Alibaba CLB TCP, HAProxy `send-proxy`), each connection from `from` "
+                "must start with a PROXY protocol header (before TLS on https), whose client "
+                "address then stands for the client everywhere (forwarding headers, limits, "
+                "`sh`, ACL, access log). A connection from elsewhere, without a valid header "
+                "or not sending it whole within `timeout`, is closed and counted in "
+                '`lbproxy_connections_refused_total{reason="proxy_protocol"}`. v2 `LOCAL` '
+                "(the balancer's health checks) keeps the balancer's address; TLVs are "
+                "skipped. See [Behind a layer-4 balancer](#behind-a-layer-4-balancer)"
+            ),
+            json_schema_extra={"x-default": "off"},
         ),
     ] = None
     http2: Annotated[

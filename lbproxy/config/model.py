@@ -66,6 +66,7 @@ DISCOVERY_EMPTY_INTERVALS = 3
 DNS_PORT = 53
 MIN_STICKY_SECRET = 16  # characters of sticky_session.secret
 DEFAULT_CLIENT_TABLE_SIZE = 65536
+DEFAULT_PROXY_PROTOCOL_TIMEOUT = 5.0  # seconds: the whole PROXY header, from the accept
 # A server's weight (file, discovery, PUT /-/servers): 0 takes no new traffic.
 MAX_WEIGHT = 100
 DEFAULT_WEIGHT = 100

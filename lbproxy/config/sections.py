@@ -16,6 +16,7 @@ from ..wire.cidrs import Cidrs
 from .declare import Items, Problem, declared
 from .leaves import (
     Cidr,
+    Duration,
     FilePath,
     FilePath_,
     Name,
@@ -27,7 +28,12 @@ from .leaves import (
     integer,
     size,
 )
-from .model import DEFAULT_CLIENT_TABLE_SIZE, TLS_CLIENT_AUTH, TLS_POLICIES
+from .model import (
+    DEFAULT_CLIENT_TABLE_SIZE,
+    DEFAULT_PROXY_PROTOCOL_TIMEOUT,
+    TLS_CLIENT_AUTH,
+    TLS_POLICIES,
+)
 
 
 @declared
@@ -170,6 +176,43 @@ class Acl:
 
     def allows(self, ip: str) -> bool:
         return self.matches(ip) == (self.mode == "allow")
+
+
+@declared
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyProtocol:
+    """``listeners[].proxy_protocol``: the PROXY protocol header a layer-4 balancer in front
+    sends first on each connection, and who may send it."""
+
+    versions: Annotated[
+        Annotated[tuple[Annotated[str, choice("v1", "v2")], ...], Items("v1, v2", non_empty=True)],
+        Field(description="the header versions accepted: `[v1, v2]`, `[v2]` or `[v1]`"),
+    ] = ("v1", "v2")
+    sources: Annotated[
+        Annotated[tuple[Cidr, ...], Items("CIDRs", non_empty=True)],
+        Field(
+            description=(
+                "the balancers' addresses (CIDRs or single addresses): a connection from "
+                "anywhere else is closed at once"
+            ),
+            alias="from",
+        ),
+    ]
+    timeout: Annotated[
+        Duration,
+        Field(description="the whole header must arrive this long after the accept"),
+    ] = DEFAULT_PROXY_PROTOCOL_TIMEOUT
+    _set: SkipJsonSchema[Cidrs] = field(init=False, compare=False, repr=False)  # the lookup
+
+    _required = {"from": "a list of the balancers' CIDRs like [10.0.0.0/8]"}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_set", Cidrs(self.sources))
+        object.__setattr__(self, "versions", tuple(dict.fromkeys(self.versions)))
+
+    def allows(self, ip: str) -> bool:
+        """Whether ``ip`` (the socket's peer) may send a header."""
+        return self._set.matches(ip)
 
 
 @declared

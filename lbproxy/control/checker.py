@@ -3,9 +3,12 @@
 Owns one check loop per server of every group whose checks are enabled, and the warm-up
 checks. A check is one of three kinds (``health_check.protocol``): ``http`` (a request, an
 expected status), ``tcp`` (a connect), ``websocket`` (a real upgrade: 101 with the right
-``Sec-WebSocket-Accept``, then a clean close). A check that hangs is cut at the configured
-timeout. Checks never touch the data path: they run as their own tasks and only flip a
-state the data path reads.
+``Sec-WebSocket-Accept``, then a clean close). A check speaks to the server as requests do
+(``Probe``): over TLS with the group's ``tls`` (a failed handshake fails the check and is
+counted in the server's ``tls_failures``), after a PROXY header with its
+``proxy_protocol`` (v2 ``LOCAL``, v1 ``UNKNOWN``: the check is the proxy's own). A check
+that hangs is cut at the configured timeout. Checks never touch the data path: they run as
+their own tasks and only flip a state the data path reads.
 
 Warming (``warm``): before a snapshot goes live, the proxy has the servers that would
 otherwise take no traffic for want of a first check (every server at start, servers new to
@@ -28,14 +31,19 @@ import errno
 import hashlib
 import logging
 import os
+import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
-from ..config.groups import HealthCheck
+from ..config.groups import BackendTls, HealthCheck, ServerGroup
 from ..config.model import Address
 from ..core import metrics
 from ..core.health import Event, Transition, codes_match
 from ..core.snapshot import ServerState, Snapshot
+from ..proxy import upstream_tls
+from ..wire import proxy_protocol
 
 log = logging.getLogger("lbproxy.control.checker")
 
@@ -58,14 +66,27 @@ class CheckSkipped(Exception):
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
-async def run_check(server: ServerState, hc: HealthCheck) -> str:
+class Probe(NamedTuple):
+    """How a server is checked: its group's health_check, and how the group's connections
+    are made (TLS, a PROXY header)."""
+
+    hc: HealthCheck
+    tls: BackendTls | None = None
+    proxy_protocol: str | None = None
+
+
+def probe(group: ServerGroup) -> Probe:
+    return Probe(group.health_check, group.tls, group.proxy_protocol)
+
+
+async def run_check(server: ServerState, how: HealthCheck | Probe) -> str:
     """One check of ``server``; returns the success reason or raises CheckFailed."""
+    p = how if isinstance(how, Probe) else Probe(how)
+    hc = p.hc
     port = hc.port or server.address.port
     try:
         async with asyncio.timeout(hc.timeout):
-            reader, writer = await asyncio.open_connection(
-                server.address.host, port, limit=MAX_STATUS_LINE
-            )
+            reader, writer = await _open(server, port, p)
             try:
                 if hc.protocol == "tcp":
                     return "connected"
@@ -88,8 +109,15 @@ async def run_check(server: ServerState, hc: HealthCheck) -> str:
         raise CheckFailed(f"timeout after {hc.timeout:g}s") from None
     except ConnectionRefusedError:
         raise CheckFailed("refused") from None
-    except ConnectionResetError:
-        raise CheckFailed("reset") from None
+    except ConnectionResetError as exc:
+        if p.tls is None:
+            raise CheckFailed("reset") from None
+        # With TLS a reset comes from the handshake (a TCP connect is refused, not reset).
+        server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
+        raise CheckFailed(f"TLS handshake failed: {upstream_tls.describe(exc)}") from None
+    except (ssl.SSLError, upstream_tls.TlsError) as exc:
+        server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
+        raise CheckFailed(f"TLS handshake failed: {upstream_tls.describe(exc)}") from None
     except ValueError:  # the stream's limit: a status line longer than MAX_STATUS_LINE
         raise CheckFailed("not an HTTP response (status line too long)") from None
     except OSError as exc:
@@ -100,6 +128,37 @@ async def run_check(server: ServerState, hc: HealthCheck) -> str:
     if not codes_match(status, hc.expected_codes):
         raise CheckFailed(f"unexpected status {text}")
     return text
+
+
+async def _open(
+    server: ServerState, port: int, p: Probe
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to ``server`` as the group's requests make them: the PROXY header first
+    (before TLS), then the TLS handshake."""
+    host = server.address.host
+    tls = upstream_tls.context(p.tls) if p.tls is not None else None
+    name = (p.tls.server_name or host) if p.tls is not None else None
+    if tls is not None:
+        upstream_tls.for_server(str(Address(host, port)))
+    if p.proxy_protocol is None:
+        return await asyncio.open_connection(
+            host, port, limit=MAX_STATUS_LINE, ssl=tls, server_hostname=name
+        )
+    build = proxy_protocol.build_v2 if p.proxy_protocol == "v2" else proxy_protocol.build_v1
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, address)
+        await loop.sock_sendall(sock, build(None, None))  # LOCAL / UNKNOWN: our own check
+        return await asyncio.open_connection(
+            sock=sock, limit=MAX_STATUS_LINE, ssl=tls, server_hostname=name
+        )
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _status(line: bytes) -> tuple[int, str]:
@@ -183,11 +242,11 @@ class Checker:
         self._on_transition = on_transition
         self._registry = registry
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._settings: dict[str, HealthCheck] = {}
+        self._settings: dict[str, Probe] = {}
         self._warmed: dict[str, float] = {}  # server id -> when its warm-up check started
         self._closed = False
 
-    async def warm(self, targets: Sequence[tuple[ServerState, HealthCheck]]) -> None:
+    async def warm(self, targets: Sequence[tuple[ServerState, Probe]]) -> None:
         """Check each of ``targets`` once, all at once, and record the results like any
         check's; returns when every one has answered or hit its check timeout. The loop
         ``apply`` starts next for a warmed server waits an interval before checking again."""
@@ -196,26 +255,26 @@ class Checker:
             return
         await asyncio.gather(*(self._warm_one(s, hc) for s, hc in targets))
 
-    async def _warm_one(self, server: ServerState, hc: HealthCheck) -> None:
+    async def _warm_one(self, server: ServerState, hc: Probe) -> None:
         started = time.monotonic()
         result = await self._check(server, hc)
         if result is None:
             return  # skipped: its loop checks it at once instead
         now = time.monotonic()
-        self._record(server, hc, *result, now, now - started)
+        self._record(server, hc.hc, *result, now, now - started)
         self._warmed[server.id] = started
 
     def apply(self, snap: Snapshot) -> None:
         """Check exactly the servers of ``snap`` whose group has checks enabled."""
         if self._closed:
             return
-        wanted: dict[str, tuple[ServerState, HealthCheck, int, int]] = {}
+        wanted: dict[str, tuple[ServerState, Probe, int, int]] = {}
         for g in snap.groups.values():
             if not g.checks:
                 continue
             n = len(g.servers)
             for i, s in enumerate(g.servers):
-                wanted[s.id] = (s, g.config.health_check, i, n)
+                wanted[s.id] = (s, probe(g.config), i, n)
         for sid in list(self._tasks):
             if sid not in wanted:
                 self._tasks.pop(sid).cancel()
@@ -237,7 +296,7 @@ class Checker:
         # no reason to skip a later first check.
         self._warmed.clear()
 
-    async def _check(self, server: ServerState, hc: HealthCheck) -> tuple[bool, str] | None:
+    async def _check(self, server: ServerState, hc: Probe) -> tuple[bool, str] | None:
         """One check: (passed, reason), or None when the proxy itself could not check."""
         try:
             return True, await run_check(server, hc)
@@ -254,16 +313,17 @@ class Checker:
         self, server: ServerState, index: int, count: int, warmed: float | None
     ) -> None:
         # Spread the loops over the interval after the first check: no bursts of checks.
-        spread = self._settings[server.id].interval * index / max(count, 1)
+        spread = self._settings[server.id].hc.interval * index / max(count, 1)
         if warmed is not None:
             # The warm-up was this loop's first check.
-            hc = self._settings[server.id]
+            hc = self._settings[server.id].hc
             await asyncio.sleep(max(0.0, warmed + hc.interval + spread - time.monotonic()))
             spread = 0.0
         while True:
-            hc = self._settings[server.id]
+            how = self._settings[server.id]
+            hc = how.hc
             started = time.monotonic()
-            result = await self._check(server, hc)
+            result = await self._check(server, how)
             if result is None:
                 await asyncio.sleep(hc.interval)
                 continue

@@ -1,7 +1,8 @@
 """Loading a config file for the running proxy: the file read and its YAML parsed
 (``config.load``), the document validated (``config.top.parse_config``; every problem given its
 file and line) and its bytes digested, then every https listener's (and the admin's)
-certificate files checked and digested (``proxy.tls``), and the admin token read from
+certificate files checked and digested (``proxy.tls``), every group's backend TLS files
+(``proxy.upstream_tls``) likewise, and the admin token read from
 ``admin.token_file`` or ``admin.token_env``.
 
 The one place that joins the two, so the config layer never imports TLS: ``--check``, the
@@ -14,11 +15,12 @@ import hashlib
 import os
 from dataclasses import replace
 
+from ..config.groups import BackendTls
 from ..config.load import load_yaml, read_config_file, with_lines
 from ..config.model import ConfigError
 from ..config.sections import Certificate, Tls
 from ..config.top import Admin, Config, parse_config
-from ..proxy import tls
+from ..proxy import tls, upstream_tls
 
 __all__ = ["insecure_warning", "load_config", "loads_config", "read_config_file"]
 
@@ -57,9 +59,34 @@ def _with_tls_files(config: Config, raw: bytes, path: str) -> Config:
         checked = _tls_files(lst.tls, _base(path), f"listeners[{i}].tls", problems)
         if checked is not None:
             listeners[i] = replace(lst, tls=checked)
+    groups = list(config.server_groups)
+    for i, group in enumerate(groups):
+        if group.tls is not None:
+            where = f"server_groups.{group.name}.tls"
+            checked_b = _backend_tls_files(group.tls, _base(path), where, problems)
+            if checked_b is not None:
+                groups[i] = replace(group, tls=checked_b)
     if problems:
         raise ConfigError(with_lines(problems, raw, path))
-    return replace(config, listeners=tuple(listeners))
+    return replace(config, listeners=tuple(listeners), server_groups=tuple(groups))
+
+
+def _backend_tls_files(
+    t: BackendTls, base: str, where: str, problems: list[str]
+) -> BackendTls | None:
+    """``t`` with absolute paths and its files' digest (a renewed file makes the config
+    differ, so a reload builds a new context), or None (and a problem)."""
+
+    def full(p: str | None) -> str | None:
+        return _full(base, p) if p is not None else None
+
+    out = replace(t, ca=full(t.ca), cert=full(t.cert), key=full(t.key))
+    try:
+        _, digest = upstream_tls.load(out)
+    except upstream_tls.TlsError as exc:
+        problems.append(f"{where}: {exc}")
+        return None
+    return replace(out, digest=digest)
 
 
 def _base(path: str) -> str:

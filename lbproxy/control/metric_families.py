@@ -272,6 +272,13 @@ FAMILIES: tuple[Family, ...] = (
         PerListener("tls_failures"),
     ),
     Family(
+        "lbproxy_backend_tls_handshake_failures",
+        "TLS handshakes to backends (connections and health checks) that failed, by why",
+        COUNTER,
+        (_G, _S, "reason"),
+        PerServer("tls_failures"),
+    ),
+    Family(
         "lbproxy_websockets_active",
         "WebSocket tunnels open",
         GAUGE,

@@ -5,11 +5,12 @@ so an editor that writes a new file and renames it over the old one is seen like
 in-place write. A change of size, mtime or inode that also changes the bytes triggers one
 ``Proxy.reload``; the reload itself decides whether anything really changed.
 
-The TLS files the running config names (every https listener's certificate and key, and the
-admin's) are watched the same way, so a certificate renewed on disk (certificate managers
-rewrite the files in place) is picked up without anyone asking for a reload. A manager writes the
-certificate and the key one after the other: the reload waits until a poll sees no further
-change, so it never loads a new certificate with the old key.
+The TLS files the running config names (every https listener's certificate and key, the
+admin's, and every group's backend CA, client certificate and key) are watched the same way,
+so a certificate renewed on disk (certificate managers rewrite the files in place) is picked
+up without anyone asking for a reload. A manager writes the certificate and the key one after
+the other: the reload waits until a poll sees no further change, so it never loads a new
+certificate with the old key.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def tls_files(config: Config) -> list[str]:
             out += [lst.tls.cert, lst.tls.key]
     if config.admin.tls is not None:
         out += [config.admin.tls.cert, config.admin.tls.key]
+    for group in config.server_groups:
+        if group.tls is not None:
+            out += group.tls.files
     return list(dict.fromkeys(out))
 
 

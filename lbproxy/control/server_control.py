@@ -18,12 +18,12 @@ import socket
 import time
 from collections.abc import Callable
 
-from ..config.groups import HealthCheck
 from ..core import metrics
 from ..core.fleet import Entry
 from ..core.health import ServerHealth, State, Transition
 from ..core.history import EventLog
 from ..core.snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
+from .checker import Probe, probe
 from .drain import Drainer
 
 log = logging.getLogger("lbproxy")
@@ -110,14 +110,14 @@ class ServerControl:
         return {sid: s.health.state.value for sid, s in self.state.servers.items()}
 
     @staticmethod
-    def to_warm(old: Snapshot | None, snap: Snapshot) -> list[tuple[ServerState, HealthCheck]]:
+    def to_warm(old: Snapshot | None, snap: Snapshot) -> list[tuple[ServerState, Probe]]:
         """What must be checked before ``snap`` goes live: in every checked group, the servers
         new to it, or all of them when its checks were off (or the group is new).
 
         A group whose checks were off gets a fresh health record for each server: what
         passive failures left there while nothing checked is no reason to wait for
         healthy_threshold now (the warm-up check decides, as for a new server)."""
-        out: list[tuple[ServerState, HealthCheck]] = []
+        out: list[tuple[ServerState, Probe]] = []
         for name, g in snap.groups.items():
             if not g.checks:
                 continue
@@ -127,7 +127,7 @@ class ServerControl:
                 if known is None and s.health.state is not State.UNKNOWN:
                     s.health = ServerHealth()
                 if known is None or s.id not in known:
-                    out.append((s, g.config.health_check))
+                    out.append((s, probe(g.config)))
         return out
 
     def sync(self, snap: Snapshot) -> None:

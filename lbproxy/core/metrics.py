@@ -52,8 +52,15 @@ WS_CLOSE_CLASSES = ("1000", "1001", "1006", "other")
 BACKEND_STATES = ("up", "down", "unknown", "draining")
 # protocol: a response the proxy cannot pass on (garbage, a head too large, bad framing).
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
-# Why a listener closed a connection at once, before reading from it.
-REFUSE_REASONS = ("max_connections", "acl", "connections_per_client")
+# Why a listener closed a connection at once, before reading from it (proxy_protocol: from
+# a source not in proxy_protocol.from, or without a valid PROXY header in time).
+REFUSE_REASONS = ("max_connections", "acl", "connections_per_client", "proxy_protocol")
+# Why a TLS handshake to a backend failed: verify (its certificate does not verify against
+# tls.ca or does not name tls.server_name), certificate (it refused the proxy's client
+# certificate with an alert that says so), protocol (no version or cipher both accept), reset
+# (it closed the connection mid-handshake: what a server refusing the proxy's certificate
+# under TLS 1.2 looks like through uvloop), other.
+BACKEND_TLS_FAILURE_REASONS = ("verify", "certificate", "protocol", "reset", "other")
 # Why a TLS handshake failed: client_certificate (none under client_auth: required, or one
 # that does not verify), protocol (no version or cipher both accept: the policy refused it),
 # timeout (not done within client_header_timeout), other (the client went away, spoke
@@ -199,6 +206,7 @@ class ServerStats:
         "group",
         "health_checks",
         "server",
+        "tls_failures",
         "upstream_response",
         "ws_active",
         "ws_close_classes",
@@ -214,6 +222,7 @@ class ServerStats:
         self.upstream_response = Histogram(TIME_BUCKETS)
         self.errors = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self.health_checks = {"success": 0, "failure": 0}
+        self.tls_failures = dict.fromkeys(BACKEND_TLS_FAILURE_REASONS, 0)  # handshakes to it
         self.ws_active: dict[str, int] = {}  # listener -> open tunnels
         self.ws_total: dict[str, int] = {}  # listener -> tunnels established
         self.ws_drained = 0  # tunnels the proxy closed because this server was draining

@@ -24,6 +24,7 @@ from . import tls
 if TYPE_CHECKING:
     from ..config.model import Forwarding
     from ..core.snapshot import ListenerRuntime
+    from ..wire.proxy_protocol import ProxyHeader
     from .context import Context
     from .edge import Slot
     from .shaping import Bandwidth
@@ -59,7 +60,13 @@ class ClientSocket(asyncio.Protocol):
         self.lr = handle.runtime
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        # The client: the socket's peer, or the one a PROXY protocol header named (read by
+        # the listener before this protocol was made: ``proxied``). The one source of the
+        # client address for everything that uses it (forwarding headers, limits, ``sh``,
+        # logs, the PROXY header sent on to backends).
+        self.proxied: ProxyHeader | None = None
         self.client_ip = "-"
+        self.client_port = 0
         self.client_addr = "-"
         self.phase = HEAD
         self.paused = 0
@@ -79,9 +86,11 @@ class ClientSocket(asyncio.Protocol):
         """Counted and open, unless over ``connections_per_client`` (then closed at once,
         counted as refused; ``phase`` says so)."""
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
+        proxied = self.proxied
+        peer = proxied.source if proxied is not None else transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip = str(peer[0])
+            self.client_port = int(peer[1])
             self.client_addr = (
                 f"[{peer[0]}]:{peer[1]}" if ":" in self.client_ip else f"{peer[0]}:{peer[1]}"
             )
@@ -130,16 +139,28 @@ class ClientSocket(asyncio.Protocol):
         name = str(local[0]) if isinstance(local, tuple) else "localhost"
         return (f"[{name}]" if ":" in name else name).encode()
 
+    def addresses(self) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        """The client's address and the one it connected to (a PROXY header's, when one came
+        first), for the PROXY header sent on to a backend."""
+        proxied = self.proxied
+        if proxied is not None:
+            return proxied.source, proxied.dest
+        local = self.transport.get_extra_info("sockname")
+        client = (self.client_ip, self.client_port) if self.client_addr != "-" else None
+        dest = (str(local[0]), int(local[1])) if isinstance(local, tuple) else None
+        return client, dest
+
     def forwarding_lines(self, fwd: Forwarding) -> tuple[bytes, ...]:
         """CLB's optional forwarding lines (``fwd.extra``), read from this connection's
         addresses (the header rules are ``headers``')."""
         transport = self.transport
         local = transport.get_extra_info("sockname")
-        peer = transport.get_extra_info("peername")
         local_ok = isinstance(local, tuple)
         return headers.forwarding_lines(
             port=int(local[1]) if fwd.port and local_ok else None,
-            client_port=int(peer[1]) if fwd.client_srcport and isinstance(peer, tuple) else None,
+            client_port=(
+                self.client_port if fwd.client_srcport and self.client_addr != "-" else None
+            ),
             slb_ip=str(local[0]) if fwd.slb_ip and local_ok else None,
             slb_id=fwd.slb_id,
         )

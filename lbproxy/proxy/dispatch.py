@@ -7,15 +7,22 @@ Retries, where they are safe (``exchange_state.can_retry`` says it from the stat
 - a reused pooled connection that turns out dead is a stale entry: retried, not counted;
 - never once response bytes reached the client; a non-idempotent request never after its
   body was sent; an idempotent one only if its body (if any) is still small enough to replay.
+
+A group's ``tls`` makes each new connection a TLS one (a failed handshake is a failed connect:
+counted by reason in the server's ``tls_failures``, then retried like any), and its
+``proxy_protocol`` starts each new connection with the client's PROXY header; a pooled
+connection is taken only when it was opened the same way (``conn_key``: the group's TLS and
+the very header, so one client's header never carries another client's requests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING, cast
 
-from ..wire import headers
-from . import upstream
+from ..wire import headers, proxy_protocol
+from . import upstream, upstream_tls
 from .exchange_base import (
     BUFFER_LIMIT,
     OUT_OF_RESOURCES,
@@ -30,6 +37,7 @@ from .exchange_base import (
 from .exchange_state import body_sent, can_retry
 
 if TYPE_CHECKING:
+    from ..config.groups import BackendTls
     from ..core.snapshot import ServerState
 
 
@@ -44,6 +52,7 @@ class Dispatch:
 
     __slots__ = (
         "capped",
+        "conn_key",
         "connect_task",
         "pending",
         "pending_size",
@@ -63,6 +72,7 @@ class Dispatch:
         self.pending_size = 0
         # The body kept for a retry (idempotent requests only; None once too big for it).
         self.replay: list[bytes] | None = [] if replayable else None
+        self.conn_key = ""  # what a backend connection must have been opened with (core.pool)
 
     # ------------------------------------------------------------------ the request body
     def forward(self, ex: ExchangeBase, data: bytes) -> bool:
@@ -146,17 +156,19 @@ class Dispatch:
         self.tried.append(server)
         self.server = server
         server.active += 1
+        preface, key = _kind(ex)
+        self.conn_key = key
         # The pool holds only what ``release`` put there: this server's upstream connections.
         conn = cast(
             "upstream.UpstreamConnection | None",
-            server.pool.take(ex.loop.time(), group.config.keepalive_timeout),
+            server.pool.take(ex.loop.time(), group.config.keepalive_timeout, key),
         )
         if conn is not None:
             self._attach(ex, conn)
         else:
             ex.pause(P_WAITING)
             timeout = ex.lr.config.timeouts.connect
-            self.connect_task = ex.loop.create_task(self._connect(ex, server, timeout))
+            self.connect_task = ex.loop.create_task(self._connect(ex, server, timeout, preface))
 
     def _hash_key(self, ex: ExchangeBase) -> str:
         """What ``sh`` hashes: the client address, or the first X-Forwarded-For address."""
@@ -168,9 +180,20 @@ class Dispatch:
                         return first.decode("latin-1")
         return ex.down.client_ip
 
-    async def _connect(self, ex: ExchangeBase, server: ServerState, timeout: float) -> None:
+    async def _connect(
+        self, ex: ExchangeBase, server: ServerState, timeout: float, preface: bytes
+    ) -> None:
+        tls = ex.group.config.tls
         try:
-            conn = await upstream.connect(server.connect_to, timeout)
+            conn = await _open(server, tls, timeout, preface)
+        except (ssl.SSLError, upstream_tls.TlsError, ConnectionResetError) as exc:
+            self.connect_task = None
+            if tls is None:  # a plain connect reset: as any failed connect
+                self.failed(ex, server, "connect", describe(exc), True)
+            else:  # with TLS a reset comes from the handshake (a TCP connect is refused)
+                server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
+                why = upstream_tls.describe(exc)
+                self.failed(ex, server, "connect", f"TLS handshake failed: {why}", True)
         except TimeoutError:
             self.connect_task = None
             self.failed(ex, server, "timeout", f"connect timeout after {timeout:g}s", True)
@@ -185,6 +208,7 @@ class Dispatch:
             if ex.done or self.server is not server:
                 conn.close()
                 return
+            conn.key = self.conn_key
             self._attach(ex, conn)
 
     def _attach(self, ex: ExchangeBase, conn: upstream.UpstreamConnection) -> None:
@@ -327,3 +351,36 @@ class Dispatch:
             last.pool.put(up, ex.loop.time(), ex.group.config.keepalive_connections)
         else:
             up.close()
+
+
+def _kind(ex: ExchangeBase) -> tuple[bytes, str]:
+    """The PROXY header a new connection for ``ex`` starts with (b"": none), and the pool key
+    a reused one must have: the group's TLS settings and that very header ("" for a group
+    with neither)."""
+    cfg = ex.group.config
+    version = cfg.proxy_protocol
+    if cfg.tls is None and version is None:
+        return b"", ""
+    preface = b""
+    if version is not None:
+        client, dest = ex.down.addresses()
+        build = proxy_protocol.build_v2 if version == "v2" else proxy_protocol.build_v1
+        preface = build(client, dest)
+    return preface, f"{hash(cfg.tls)}:{preface.hex()}"
+
+
+async def _open(
+    server: ServerState, tls: BackendTls | None, timeout: float, preface: bytes
+) -> upstream.UpstreamConnection:
+    """A new connection to ``server``: ``preface`` first, then with ``tls`` the handshake."""
+    if tls is None:
+        return await upstream.connect(server.connect_to, timeout, preface=preface)
+    upstream_tls.for_server(server.label)  # this task's handshakes: the server's
+    return await upstream.connect(
+        server.connect_to,
+        timeout,
+        upstream_tls.context(tls),
+        tls.server_name or server.address.host,
+        preface,
+        server.label,
+    )

@@ -122,6 +122,10 @@ class Downstream(Protocol):
         client's connection."""
         ...
 
+    def addresses(self) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        """The client's address and the one it connected to (for a PROXY header)."""
+        ...
+
 
 def no_extensions(config: Listener) -> bool:
     """Whether WebSocket extensions are kept off this listener's tunnels: under a

@@ -366,6 +366,9 @@ class Stream:
     def forwarding_lines(self, fwd: Forwarding) -> tuple[bytes, ...]:
         return self.conn.forwarding_lines(fwd)
 
+    def addresses(self) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        return self.conn.addresses()
+
     # ------------------------------------------------------------------ timeouts
     def check_timeouts(self, now: float, idle: float, request: float) -> float:
         """Apply this stream's timeouts at ``now``; the next time to look again (0: none)."""

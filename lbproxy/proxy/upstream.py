@@ -6,16 +6,26 @@ Owns:
   currently using it (``handler``), or, while it sits idle in a pool, closes on anything
   the backend sends (an idle keep-alive connection has nothing legitimate to say);
 - ``connect``: a TCP connect bounded by the listener's connect timeout, to a server's
-  resolved addresses (IP literals: no name lookup per connect), tried in order.
+  resolved addresses (IP literals: no name lookup per connect), tried in order; with the
+  group's ``proxy_protocol``, its header written first, on the bare socket (before TLS, as
+  HAProxy's ``send-proxy`` does); with the group's ``tls``, the TLS handshake (the server's
+  certificate verified) within the same timeout. A TLS connection gives its session back
+  to its context when it closes (``upstream_tls.BackendContext.remember``), so the next new
+  connection to that server resumes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..config.model import Address
+
+if TYPE_CHECKING:
+    from . import upstream_tls
 
 
 class Handler(Protocol):
@@ -29,7 +39,16 @@ class Handler(Protocol):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("closed", "handler", "idle_since", "reused", "transport")
+    __slots__ = (
+        "closed",
+        "handler",
+        "idle_since",
+        "key",
+        "reused",
+        "tls",
+        "tls_server",
+        "transport",
+    )
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -37,6 +56,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False  # True once taken from a pool: a reset then means "stale", not "dead"
         self.closed = False
         self.idle_since = 0.0
+        self.key = ""  # the pool's: what it was opened with beyond the server (core.pool)
+        # TLS: the context it was made with and the server's key there (its session is kept
+        # for the next connection when this one closes).
+        self.tls: upstream_tls.BackendContext | None = None
+        self.tls_server = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -57,6 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._keep_session()
         self.closed = True
         h = self.handler
         self.handler = None
@@ -74,31 +99,89 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         self.handler = None
         if not self.closed:
+            self._keep_session()
             self.closed = True
             self.transport.close()
 
     def abort(self) -> None:
         self.handler = None
         if not self.closed:
+            self._keep_session()
             self.closed = True
             self.transport.abort()
 
+    def _keep_session(self) -> None:
+        ctx = self.tls
+        if ctx is not None:
+            self.tls = None
+            ctx.remember(self.tls_server, self.transport.get_extra_info("ssl_object"))
 
-async def connect(addresses: Sequence[Address], timeout: float) -> UpstreamConnection:
-    """Open a TCP connection to the first of ``addresses`` that takes it, all within
-    ``timeout``; raises OSError (the last address's) or TimeoutError."""
+
+async def connect(
+    addresses: Sequence[Address],
+    timeout: float,
+    tls: upstream_tls.BackendContext | None = None,
+    server_name: str | None = None,
+    preface: bytes = b"",
+    server: str = "",
+) -> UpstreamConnection:
+    """Open a connection to the first of ``addresses`` that takes it, all within ``timeout``:
+    ``preface`` (a PROXY protocol header) written first, then with ``tls`` a handshake that
+    checks the certificate names ``server_name``; raises OSError (the last address's;
+    ``ssl.SSLError`` for a failed handshake) or TimeoutError. ``server`` names the server
+    for TLS session resumption (the caller's task has said so: ``upstream_tls.for_server``)."""
     loop = asyncio.get_running_loop()
     last = len(addresses) - 1
     async with asyncio.timeout(timeout):
         for i, address in enumerate(addresses):
             try:
-                _, proto = await loop.create_connection(
-                    UpstreamConnection, address.host, address.port
-                )
+                if preface:
+                    sock = await _connected(loop, address, preface)
+                    _, proto = await loop.create_connection(
+                        UpstreamConnection,
+                        sock=sock,
+                        ssl=tls,
+                        server_hostname=server_name if tls is not None else None,
+                    )
+                elif tls is not None:
+                    _, proto = await loop.create_connection(
+                        UpstreamConnection,
+                        address.host,
+                        address.port,
+                        ssl=tls,
+                        server_hostname=server_name,
+                    )
+                else:
+                    _, proto = await loop.create_connection(
+                        UpstreamConnection, address.host, address.port
+                    )
+            except ssl.SSLError:
+                raise  # the server answered: its certificate is the same at any address
             except OSError:
                 if i == last:
                     raise
                 continue
             # uvloop sets TCP_NODELAY on every TCP transport itself: nothing to tune here.
+            if tls is not None:
+                proto.tls = tls
+                proto.tls_server = server
             return proto
     raise OSError("no address to connect to")
+
+
+async def _connected(
+    loop: asyncio.AbstractEventLoop, address: Address, preface: bytes
+) -> socket.socket:
+    """A socket connected to ``address`` with ``preface`` sent (a PROXY header: far below
+    any socket buffer, so one send takes it whole)."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, (address.host, address.port))
+        await loop.sock_sendall(sock, preface)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -159,6 +159,7 @@ async def test_max_connections_refuses_new_ones_and_keeps_the_open_ones(make_pro
         "max_connections": 1,
         "acl": 0,
         "connections_per_client": 0,
+        "proxy_protocol": 0,
     }
     assert metric(proxy.registry, "lbproxy_connections_refused_total", listener="web",
                   reason="max_connections") == 1  # fmt: skip

@@ -398,6 +398,7 @@ LISTENER_KEYS = (
     "tls",
     "redirect_https",
     "acl",
+    "proxy_protocol",
     "http2",
     "websocket",
     "x_forwarded_proto",
@@ -423,6 +424,8 @@ GROUP_KEYS = (
     "drain_timeout",
     "drain_close_code",
     "discovery",
+    "proxy_protocol",
+    "tls",
 )
 CHECK_KEYS = (
     "enabled",

@@ -35,6 +35,7 @@ FAMILIES = {
     "lbproxy_connections": "counter",
     "lbproxy_connections_refused": "counter",
     "lbproxy_tls_handshake_failures": "counter",
+    "lbproxy_backend_tls_handshake_failures": "counter",
     "lbproxy_websockets_active": "gauge",
     "lbproxy_websockets": "counter",
     "lbproxy_websocket_duration_seconds": "histogram",
@@ -199,6 +200,7 @@ def _fill(reg: Registry, scale: int) -> None:
     web.connections_refused["max_connections"] += 2 * scale
     web.tls_failures["client_certificate"] += scale
     web.connections_refused["connections_per_client"] += 5 * scale
+    web.connections_refused["proxy_protocol"] += 7 * scale
     web.bytes_in += 100 * scale
     web.bytes_out += 1000 * scale
     web.live.add(_Live(10 * scale, 20 * scale))
@@ -217,6 +219,7 @@ def _fill(reg: Registry, scale: int) -> None:
     ss.upstream_response.observe(0.002)
     ss.ws_opened("web")
     ss.errors["connect"] += scale
+    ss.tls_failures["verify"] += 4 * scale
     ss.health_checks["success"] += 5 * scale
     ss.health_checks["failure"] += scale
     reg.backend_up["g/s:1"] = ("g", "s:1", 1)
@@ -306,6 +309,14 @@ def test_collector_sums_over_registries():
         labels(listener="web", reason="max_connections"): 6,
         labels(listener="web", reason="acl"): 3,
         labels(listener="web", reason="connections_per_client"): 15,
+        labels(listener="web", reason="proxy_protocol"): 21,
+    }
+    assert m["lbproxy_backend_tls_handshake_failures_total"] == {
+        labels(server_group="g", server="s:1", reason="verify"): 12,
+        labels(server_group="g", server="s:1", reason="certificate"): 0,
+        labels(server_group="g", server="s:1", reason="protocol"): 0,
+        labels(server_group="g", server="s:1", reason="reset"): 0,
+        labels(server_group="g", server="s:1", reason="other"): 0,
     }
     assert m["lbproxy_tls_handshake_failures_total"] == {
         labels(listener="web", reason="client_certificate"): 3,
