@@ -15,8 +15,10 @@ stay native under mypyc.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -28,9 +30,17 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
 from ..wire import headers
-from ..wire.http1 import Limits, ParseError, RequestHead, ResponseHead, parse_request_head
+from ..wire.http1 import (
+    Limits,
+    ParseError,
+    RequestHead,
+    ResponseHead,
+    parse_request_head,
+    parse_response_head,
+)
 from .client_socket import CLOSED, ClientSocket
 from .exchange_base import record
+from .http2_tunnel import StreamTransport
 
 if TYPE_CHECKING:
     from ..config.model import Forwarding
@@ -41,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbproxy.http2")
 _clock = time.perf_counter
 _NEVER_DROPPED = frozenset({b"content-length", b"host"})
+# What of a backend's 101 goes into the stream's 200 (RFC 8441 5: no Upgrade, no Accept).
+_WS_FIELDS = frozenset({b"sec-websocket-protocol", b"sec-websocket-extensions"})
 
 
 class H2Socket(ClientSocket):
@@ -92,15 +104,18 @@ class Stream:
     """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange."""
 
     __slots__ = (
+        "carrier",
         "cert_headers",
         "chunked",
         "client_addr",
         "client_ip",
         "closed",
         "conn",
+        "early",
         "end_sent",
         "ending",
         "exchange",
+        "half_end",
         "head_sent",
         "last",
         "out",
@@ -111,6 +126,7 @@ class Stream:
         "slot",
         "unacked",
         "write_paused",
+        "ws_key",
     )
 
     protocol = "HTTP/2"
@@ -137,6 +153,12 @@ class Stream:
         self.cert_headers = conn.cert_headers
         self.slot = conn.slot
         self.shapers = conn.shapers
+        # A WebSocket over HTTP/2 (RFC 8441): the key sent to the backend for it, the client
+        # bytes that came before the 101 (held unacknowledged), then the tunnel's side.
+        self.ws_key = b""
+        self.early: list[bytes] = []
+        self.carrier: StreamTransport | None = None
+        self.half_end = False  # END_STREAM waits for ``out`` to drain, the stream stays open
 
     # ------------------------------------------------------------------ request
     def request(self, raw: Iterable[tuple[bytes, bytes]], ended: bool) -> RequestHead | None:
@@ -144,13 +166,18 @@ class Stream:
         None when it is refused (answered on the stream: 400, 414, 431, 501)."""
         t_start = _clock()
         self.request_complete = ended
+        lr = self.conn.lr
+        if lr.config.http2_websocket and _extended_connect(raw):
+            self.ws_key = base64.b64encode(os.urandom(16))
         try:
-            req = request_head(raw, ended, self.conn.lr.limits)
+            req = request_head(raw, ended, lr.limits, self.ws_key)
         except ParseError as exc:
             log.info("%s: bad HTTP/2 request: %s", self.client_addr, exc.reason)
             self._refuse(t_start, exc.status, exc.reason)
             return None
         self.chunked = req.chunked
+        if req.upgrade is None:
+            self.ws_key = b""
         return req
 
     def _refuse(self, t_start: float, status: int, reason: str) -> None:
@@ -164,7 +191,16 @@ class Stream:
 
     def data(self, data: bytes, size: int) -> None:
         self.last = self.conn.loop.time()
+        carrier = self.carrier
+        if carrier is not None:
+            carrier.received(data, size)
+            return
         ex = self.exchange
+        if self.ws_key and ex is not None and not ex.done:
+            # Before the 101: held (unacknowledged, so a stream window at most) for the tunnel.
+            self.early.append(data)
+            self.unacked += size
+            return
         if ex is None or ex.done or ex.req_done:
             self.conn.ack(self.sid, size)  # body after the answer: dropped
             return
@@ -177,6 +213,9 @@ class Stream:
 
     def request_ended(self) -> None:
         self.request_complete = True
+        if self.carrier is not None:
+            self.carrier.ended()
+            return
         ex = self.exchange
         if ex is None or ex.done:
             return
@@ -262,11 +301,20 @@ class Stream:
             return
         if self.ending:
             self._end_stream()
-        else:
-            self.sync_upstream()
+            return
+        if self.half_end:
+            self._end_output()
+        self.sync_upstream()
 
     def sync_upstream(self) -> None:
         """Pause the backend while this stream's bytes wait for a window or the socket."""
+        carrier = self.carrier
+        if carrier is not None:
+            want = bool(self.out) or self.conn.write_paused
+            if want != self.write_paused and not self.closed:
+                self.write_paused = want
+                carrier.writable(not want)
+            return
         ex = self.exchange
         if ex is None or ex.done:
             return
@@ -289,6 +337,24 @@ class Stream:
         else:
             self._end_stream()
         self.conn.send()
+
+    def end_output(self) -> None:
+        """A tunnel's half-close toward the client: END_STREAM once ``out`` is sent; the
+        stream stays open for what the client still sends."""
+        if self.closed or self.end_sent:
+            return
+        if self.out:
+            self.half_end = True
+        else:
+            self._end_output()
+        self.conn.send()
+
+    def _end_output(self) -> None:
+        self.half_end = False
+        if not self.end_sent:
+            self.end_sent = True
+            with contextlib.suppress(ProtocolError):
+                self.conn.h2.end_stream(self.sid)
 
     def _end_stream(self) -> None:
         h2 = self.conn.h2
@@ -343,6 +409,9 @@ class Stream:
         self.exchange = None
         if ex is not None and not ex.done:
             ex.client_gone()
+        carrier = self.carrier
+        if carrier is not None:
+            carrier.lost()
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -358,7 +427,29 @@ class Stream:
         self.conn.wake_at(when)
 
     def upgrade(self, head: bytes) -> tuple[asyncio.Transport, bytes]:
-        raise RuntimeError("no upgrade over HTTP/2")  # h2 refuses Upgrade fields
+        """The backend's 101 to an extended CONNECT (RFC 8441): the stream answers 200 with
+        the subprotocol and extensions the backend chose, and becomes the tunnel's client
+        transport; the connection and its slot stay the HTTP/2 connection's."""
+        resp = parse_response_head(bytearray(head))
+        assert resp is not None  # the response side parsed this very head
+        fields = [(b":status", b"200")]
+        fields += [(k.lower(), v) for k, v in resp.headers if k.lower() in _WS_FIELDS]
+        self._headers(fields, False)
+        self.exchange = None
+        self.slot = None  # the connection's, not the tunnel's to give back
+        self.carrier = carrier = StreamTransport(self)
+        # The tunnel counts itself a connection when it closes: this stream is one while open.
+        self.conn.lr.stats.connections_active += 1
+        pending = b"".join(self.early)
+        self.early.clear()
+        self.conn.bytes_in -= len(pending)  # the tunnel counts it
+        if self.unacked:
+            self.conn.ack(self.sid, self.unacked)
+            self.unacked = 0
+        if self.closed:  # the 200 could not go out: the tunnel learns it once it has started
+            self.conn.loop.call_soon(carrier.lost)
+        self.conn.send()
+        return carrier, pending
 
     def local_host(self) -> bytes:
         return self.conn.local_host()
@@ -369,6 +460,9 @@ class Stream:
     # ------------------------------------------------------------------ timeouts
     def check_timeouts(self, now: float, idle: float, request: float) -> float:
         """Apply this stream's timeouts at ``now``; the next time to look again (0: none)."""
+        carrier = self.carrier
+        if carrier is not None and not carrier.closing:
+            return 0.0  # a tunnel: its idle timeout is the tunnel's (tunnel.IdleSweeper)
         ex = self.exchange
         if ex is None or ex.done:
             if self.out and now >= self.last + idle:  # the client stopped reading the answer
@@ -388,13 +482,30 @@ class Stream:
         return deadline
 
 
-def request_head(raw: Iterable[tuple[bytes, bytes]], ended: bool, limits: Limits) -> RequestHead:
+def _extended_connect(raw: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's fields have ``:protocol`` (RFC 8441; pseudo-fields come first)."""
+    for name, _ in raw:
+        if name[:1] != b":":
+            return False
+        if name == b":protocol":
+            return True
+    return False
+
+
+def request_head(
+    raw: Iterable[tuple[bytes, bytes]], ended: bool, limits: Limits, ws_key: bytes = b""
+) -> RequestHead:
     """The HTTP/1.1 request an HTTP/2 request's fields (as h2 validated them) become, parsed
     by the HTTP/1.1 parser with the listener's ``limits``: ``:authority`` is Host (it wins
     over a host field, RFC 9113 8.3.1), cookie crumbs are joined with "; " (8.2.3), and a body
-    that may follow (no END_STREAM) without content-length is chunked. Raises ParseError
-    (501 for CONNECT, 400, 414, 431)."""
-    method = path = authority = None
+    that may follow (no END_STREAM) without content-length is chunked.
+
+    With ``ws_key`` (``http2_websocket``), an extended CONNECT with ``:protocol: websocket``
+    (RFC 8441 5) becomes the HTTP/1.1 Upgrade a browser would have sent: GET, Connection:
+    Upgrade, Upgrade: websocket and ``ws_key`` as its Sec-WebSocket-Key (HTTP/2 has none), the
+    client's other Sec-WebSocket-* fields kept. Raises ParseError (501 for another CONNECT,
+    400, 414, 431)."""
+    method = path = authority = protocol = None
     lines: list[bytes] = []
     cookies: list[bytes] = []
     has_length = False
@@ -406,6 +517,8 @@ def request_head(raw: Iterable[tuple[bytes, bytes]], ended: bool, limits: Limits
                 path = value
             elif name == b":authority":
                 authority = value
+            elif name == b":protocol":
+                protocol = value
             continue
         if name == b"cookie":
             cookies.append(value)
@@ -415,6 +528,13 @@ def request_head(raw: Iterable[tuple[bytes, bytes]], ended: bool, limits: Limits
         if name == b"content-length":
             has_length = True
         lines.append(name + b": " + value)
+    if method == b"CONNECT" and ws_key and protocol is not None:
+        if protocol.lower() != b"websocket":
+            raise ParseError(501, "only :protocol websocket is supported (RFC 8441)")
+        method = b"GET"
+        lines = [ln for ln in lines if ln[:18] != b"sec-websocket-key:"]
+        lines += [b"connection: upgrade", b"upgrade: websocket", b"sec-websocket-key: " + ws_key]
+        ended = True  # what follows is the tunnel's, not a body
     if method is None or path is None or method == b"CONNECT":
         raise ParseError(501, "CONNECT is not supported over HTTP/2")
     if path[:1] != b"/" and path != b"*":
