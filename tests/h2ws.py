@@ -55,6 +55,7 @@ class H2WsClient:
         self.closed = False
         self.ack = True
         self.task: asyncio.Task[None] | None = None
+        self.goaways = 0
 
     @classmethod
     async def connect(cls, host: str, port: int, cafile: str, rcvbuf: int = 0) -> H2WsClient:
@@ -86,10 +87,13 @@ class H2WsClient:
             self.writer.write(data)
 
     async def _read(self) -> None:
+        buf = bytearray()
         while True:
             data = await self.reader.read(65536)
             if not data:
                 break
+            buf += data
+            data = self._without_goaway(buf)
             for ev in self.h2.receive_data(data):
                 self._event(ev)
             self.flush()
@@ -98,6 +102,21 @@ class H2WsClient:
             s.changed.set()
             if not s.head.done():
                 s.head.set_exception(ConnectionError("connection closed"))
+
+    def _without_goaway(self, buf: bytearray) -> bytes:
+        """The whole frames in ``buf`` but GOAWAY (counted in ``goaways``): h2's state machine
+        would close on the first one, while a browser finishes its streams (RFC 9113 6.8)."""
+        out = bytearray()
+        while len(buf) >= 9:
+            size = 9 + int.from_bytes(buf[:3], "big")
+            if len(buf) < size:
+                break
+            if buf[3] == 0x7:
+                self.goaways += 1
+            else:
+                out += buf[:size]
+            del buf[:size]
+        return bytes(out)
 
     def _event(self, ev: object) -> None:
         if isinstance(ev, RemoteSettingsChanged):
@@ -191,6 +210,9 @@ class H2WsClient:
     async def recv(self, s: WsStream, n: int, timeout: float = 10.0) -> bytes:
         """Exactly ``n`` bytes of the stream (fewer only if it ended first)."""
         while len(s.buf) < n and not s.ended and s.reset is None and not self.closed:
+            if self.ack:
+                self._ack(s)  # what came while not acknowledging
+                self.flush()
             s.changed.clear()
             await asyncio.wait_for(s.changed.wait(), timeout)
         out = bytes(s.buf[:n])

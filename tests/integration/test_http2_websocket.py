@@ -379,6 +379,7 @@ async def test_shutdown_sends_1001_on_the_stream(make_backend, make_proxy, cert)
     assert await c.recv(ws, 4) == b"\x88\x02\x03\xe9"  # 1001 Going Away
     await c.send(ws, frame(0x8, b"\x03\xe9"))  # the client answers: the tunnel closes
     await asyncio.wait_for(closing, 10)
+    assert c.goaways >= 1  # the connection's own shutdown (RFC 9113 6.8)
     assert proxy.registry.listeners["secure"].ws_closes["shutdown"] == 1
     await c.close()
 
@@ -386,7 +387,7 @@ async def test_shutdown_sends_1001_on_the_stream(make_backend, make_proxy, cert)
 async def test_idle_timeout_closes_the_tunnel(make_proxy, cert):
     backend = RawWsBackend(protocol=None)
     await backend.server.start()
-    proxy = await make_proxy(doc_for([backend.server.address], cert, timeouts={"idle": "300ms"}))
+    proxy = await make_proxy(doc_for([backend.server.address], cert, idle_timeout="300ms"))
     c = await client(proxy, cert)
     ws = await c.websocket()
     await asyncio.wait_for(backend.eof.wait(), 10)
@@ -407,14 +408,23 @@ async def test_a_backend_that_stops_reading_stops_the_client(make_proxy, cert):
     proxy = await make_proxy(doc_for([backend.server.address], cert))
     c = await client(proxy, cert)
     ws = await c.websocket()
-    payload = os.urandom(8 * MiB)
+    payload = os.urandom(16 * MiB)  # more than loopback's socket buffers take
     data = frame(0x2, payload)
     sending = asyncio.create_task(c.send(ws, data))
+    t = tunnels(proxy)[0]
+    (stream,) = proxy_streams(proxy)
+    carrier = stream.carrier
+    # The tunnel paused reading the stream: its DATA is held unacknowledged, so the client's
+    # window closes (what the kernel's socket buffers took aside).
+    await wait_for(
+        lambda: not carrier.reading and stream.unacked > 0,
+        what="the stream to hold its WINDOW_UPDATEs",
+    )
     await wait_for(
         lambda: c.h2.local_flow_control_window(ws.sid) == 0 and not sending.done(),
         what="the client's stream window to close",
     )
-    t = tunnels(proxy)[0]
+    assert stream.unacked <= 65535
     assert t.upstream.get_write_buffer_size() <= 4 * 65536  # paused at the high-water mark
     backend.release.set()
     await asyncio.wait_for(sending, 30)
