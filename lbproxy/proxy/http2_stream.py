@@ -3,13 +3,17 @@ the ``exchange_base.Downstream`` of its exchange; and the connection's side its 
 through (``H2Socket``: the h2 state machine, the flush at the end of the loop's turn, the
 windows given back).
 
-A request's fields become the HTTP/1.1 request head the exchange sends (``request_head``); a
-response head becomes HTTP/2 fields (``response_fields``); the body's payload goes out in DATA
+A request's fields become the HTTP/1.1 request head the exchange sends (``http2_fields``); a
+response head becomes HTTP/2 fields (there too); the body's payload goes out in DATA
 frames as far as the client's windows allow, the rest waiting on the stream (``out``) with
 the backend paused. The connection itself (frames in, opening and resetting streams, the
 timer, GOAWAY, abuse limits) is ``http2.Http2Connection``, a subclass of ``H2Socket``: the
 stream names only this base, so this module does not import ``http2`` back, and its calls
 stay native under mypyc.
+
+An RFC 8441 extended CONNECT (``http2_websocket``) goes to the backend as an HTTP/1.1
+Upgrade with a key made here; after its 101 the stream answers 200 and is the client side
+of the tunnel (``upgrade``: ``http2_tunnel.StreamTransport`` over it, DATA both ways).
 """
 
 from __future__ import annotations
@@ -22,25 +26,24 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
-from ..wire import headers
-from ..wire.http1 import (
-    Limits,
-    ParseError,
-    RequestHead,
-    ResponseHead,
-    parse_request_head,
-    parse_response_head,
-)
+from ..wire.http1 import ParseError, RequestHead, ResponseHead, parse_response_head
 from .client_socket import CLOSED, ClientSocket
 from .exchange_base import record
-from .http2_tunnel import StreamTransport
+from .http2_fields import (
+    error_response,
+    extended_connect,
+    request_head,
+    response_fields,
+    websocket_fields,
+)
+from .http2_tunnel import CarriedStream, StreamTransport
 
 if TYPE_CHECKING:
     from ..config.model import Forwarding
@@ -50,9 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lbproxy.http2")
 _clock = time.perf_counter
-_NEVER_DROPPED = frozenset({b"content-length", b"host"})
-# What of a backend's 101 goes into the stream's 200 (RFC 8441 5: no Upgrade, no Accept).
-_WS_FIELDS = frozenset({b"sec-websocket-protocol", b"sec-websocket-extensions"})
 
 
 class H2Socket(ClientSocket):
@@ -100,8 +100,9 @@ class H2Socket(ClientSocket):
         raise NotImplementedError
 
 
-class Stream:
-    """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange."""
+class Stream(CarriedStream):
+    """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange;
+    after an RFC 8441 101, a tunnel's client side (``CarriedStream``)."""
 
     __slots__ = (
         "carrier",
@@ -167,7 +168,7 @@ class Stream:
         t_start = _clock()
         self.request_complete = ended
         lr = self.conn.lr
-        if lr.config.http2_websocket and _extended_connect(raw):
+        if lr.config.http2_websocket and extended_connect(raw):
             self.ws_key = base64.b64encode(os.urandom(16))
         try:
             req = request_head(raw, ended, lr.limits, self.ws_key)
@@ -432,9 +433,7 @@ class Stream:
         transport; the connection and its slot stay the HTTP/2 connection's."""
         resp = parse_response_head(bytearray(head))
         assert resp is not None  # the response side parsed this very head
-        fields = [(b":status", b"200")]
-        fields += [(k.lower(), v) for k, v in resp.headers if k.lower() in _WS_FIELDS]
-        self._headers(fields, False)
+        self._headers(websocket_fields(resp), False)
         self.exchange = None
         self.slot = None  # the connection's, not the tunnel's to give back
         self.carrier = carrier = StreamTransport(self)
@@ -456,6 +455,34 @@ class Stream:
 
     def forwarding_lines(self, fwd: Forwarding) -> tuple[bytes, ...]:
         return self.conn.forwarding_lines(fwd)
+
+    # ------------------------------------------------------------------ CarriedStream
+    def gone(self) -> bool:
+        return self.closed
+
+    def carried_in(self, n: int, size: int, ack: bool) -> None:
+        conn = self.conn
+        conn.bytes_in -= n  # the tunnel counts it
+        if ack and not self.closed:
+            conn.ack(self.sid, size)
+        else:
+            self.unacked += size
+
+    def release_held(self) -> None:
+        if self.unacked and not self.closed:
+            self.conn.ack(self.sid, self.unacked)
+            self.unacked = 0
+            self.conn.send()
+
+    def carried_out(self, data: bytes) -> None:
+        self.write(data)
+        self.conn.bytes_out -= len(data)  # the tunnel counts it
+
+    def waiting_out(self) -> int:
+        return sum(map(len, self.out))
+
+    def extra_info(self, name: str, default: Any) -> Any:
+        return self.conn.transport.get_extra_info(name, default)
 
     # ------------------------------------------------------------------ timeouts
     def check_timeouts(self, now: float, idle: float, request: float) -> float:
@@ -480,112 +507,6 @@ class Stream:
             ex.idle_timed_out()
             return 0.0
         return deadline
-
-
-def _extended_connect(raw: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether a request's fields have ``:protocol`` (RFC 8441; pseudo-fields come first)."""
-    for name, _ in raw:
-        if name[:1] != b":":
-            return False
-        if name == b":protocol":
-            return True
-    return False
-
-
-def request_head(
-    raw: Iterable[tuple[bytes, bytes]], ended: bool, limits: Limits, ws_key: bytes = b""
-) -> RequestHead:
-    """The HTTP/1.1 request an HTTP/2 request's fields (as h2 validated them) become, parsed
-    by the HTTP/1.1 parser with the listener's ``limits``: ``:authority`` is Host (it wins
-    over a host field, RFC 9113 8.3.1), cookie crumbs are joined with "; " (8.2.3), and a body
-    that may follow (no END_STREAM) without content-length is chunked.
-
-    With ``ws_key`` (``http2_websocket``), an extended CONNECT with ``:protocol: websocket``
-    (RFC 8441 5) becomes the HTTP/1.1 Upgrade a browser would have sent: GET, Connection:
-    Upgrade, Upgrade: websocket and ``ws_key`` as its Sec-WebSocket-Key (HTTP/2 has none), the
-    client's other Sec-WebSocket-* fields kept. Raises ParseError (501 for another CONNECT,
-    400, 414, 431)."""
-    method = path = authority = protocol = None
-    lines: list[bytes] = []
-    cookies: list[bytes] = []
-    has_length = False
-    for name, value in raw:
-        if name[:1] == b":":
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                path = value
-            elif name == b":authority":
-                authority = value
-            elif name == b":protocol":
-                protocol = value
-            continue
-        if name == b"cookie":
-            cookies.append(value)
-            continue
-        if name == b"host" and authority is not None:
-            continue
-        if name == b"content-length":
-            has_length = True
-        lines.append(name + b": " + value)
-    if method == b"CONNECT" and ws_key and protocol is not None:
-        if protocol.lower() != b"websocket":
-            raise ParseError(501, "only :protocol websocket is supported (RFC 8441)")
-        method = b"GET"
-        lines = [ln for ln in lines if ln[:18] != b"sec-websocket-key:"]
-        lines += [b"connection: upgrade", b"upgrade: websocket", b"sec-websocket-key: " + ws_key]
-        ended = True  # what follows is the tunnel's, not a body
-    if method is None or path is None or method == b"CONNECT":
-        raise ParseError(501, "CONNECT is not supported over HTTP/2")
-    if path[:1] != b"/" and path != b"*":
-        raise ParseError(400, "the :path is not a path")
-    if authority is not None:
-        lines.insert(0, b"host: " + authority)
-    if cookies:
-        lines.append(b"cookie: " + b"; ".join(cookies))
-    if not ended and not has_length:
-        lines.append(b"transfer-encoding: chunked")
-    lines.append(b"\r\n")
-    req = parse_request_head(method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), limits)
-    assert req is not None  # the head is complete
-    return req
-
-
-def response_fields(resp: ResponseHead, extra: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
-    """An HTTP/1.1 response head as HTTP/2 fields: ``:status``, names lower-cased, hop-by-hop
-    fields dropped (those Connection names too), content-length dropped beside chunked (the
-    body goes out de-chunked), and the proxy's ``extra`` lines (``Name: value``) added."""
-    drop = headers.HOP_BY_HOP
-    if resp.connection:
-        drop = drop | (resp.connection - _NEVER_DROPPED)
-    if resp.chunked:
-        drop = drop | {b"content-length"}
-    fields = [(b":status", b"%d" % resp.status)]
-    for name, value in resp.headers:
-        lname = name.lower()
-        if lname not in drop:
-            fields.append((lname, value))
-    for line in extra:
-        name, _, value = line.partition(b":")
-        fields.append((name.strip().lower(), value.strip()))
-    return fields
-
-
-def error_response(
-    status: int, reason: str, extra: tuple[tuple[str, str], ...]
-) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """The proxy's own short answer (``status``, a line of text saying ``reason``, the
-    ``extra`` fields such as Retry-After) as HTTP/2 fields and a body."""
-    title = headers.REASONS.get(status, "Error")
-    body = f"{status} {title}{': ' + reason if reason else ''}\n".encode()
-    fields = [
-        (b":status", b"%d" % status),
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", b"%d" % len(body)),
-        (b"cache-control", b"no-store"),
-    ]
-    fields.extend((k.lower().encode(), v.encode()) for k, v in extra)
-    return fields, body
 
 
 def _cut(ex: Exchange) -> None:

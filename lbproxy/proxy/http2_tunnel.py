@@ -20,15 +20,52 @@ differs is only how bytes move on the client side:
 
 Bytes are counted once: the tunnel counts the payloads, so the connection's own counters
 keep only the HTTP/2 framing around them.
+
+What the transport needs of its stream is ``CarriedStream`` (``http2_stream.Stream`` is its
+subclass), so this module does not import ``http2_stream`` back.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .http2_stream import Stream
+
+class CarriedStream:
+    """An HTTP/2 stream as its ``StreamTransport`` sees it (``http2_stream.Stream``'s)."""
+
+    def gone(self) -> bool:
+        """Reset, cut or ended: nothing more goes out on it."""
+        raise NotImplementedError
+
+    def carried_in(self, n: int, size: int, ack: bool) -> None:
+        """``n`` payload bytes (``size`` of the window) went to the tunnel: acknowledged now
+        (``ack``) or held until ``release_held``."""
+        raise NotImplementedError
+
+    def release_held(self) -> None:
+        raise NotImplementedError
+
+    def carried_out(self, data: bytes) -> None:
+        """The tunnel's bytes to the client, in DATA frames as the windows allow."""
+        raise NotImplementedError
+
+    def waiting_out(self) -> int:
+        """Bytes waiting for a window."""
+        raise NotImplementedError
+
+    def end_output(self) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        raise NotImplementedError
+
+    def cut(self) -> None:
+        raise NotImplementedError
+
+    def extra_info(self, name: str, default: Any) -> Any:
+        """The client connection's ``get_extra_info``."""
+        raise NotImplementedError
 
 
 class StreamTransport(asyncio.Transport):
@@ -36,7 +73,7 @@ class StreamTransport(asyncio.Transport):
     docstring). Made by ``Stream.upgrade``; the stream reports to it (``received``,
     ``ended``, ``lost``, ``writable``)."""
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: CarriedStream) -> None:
         super().__init__()
         self.stream = stream
         self.protocol: asyncio.Protocol | None = None
@@ -46,12 +83,7 @@ class StreamTransport(asyncio.Transport):
     # ------------------------------------------------------------------ the stream reports
     def received(self, data: bytes, size: int) -> None:
         """A DATA frame's payload (``size``: what it took of the window, padding too)."""
-        stream = self.stream
-        stream.conn.bytes_in -= len(data)  # the tunnel counts it
-        if self.reading and not stream.closed:
-            stream.conn.ack(stream.sid, size)
-        else:
-            stream.unacked += size
+        self.stream.carried_in(len(data), size, self.reading)
         protocol = self.protocol
         if protocol is not None and data and not self.closing:
             protocol.data_received(data)
@@ -92,15 +124,12 @@ class StreamTransport(asyncio.Transport):
         return self.protocol
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.stream.conn.transport.get_extra_info(name, default)
+        return self.stream.extra_info(name, default)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        stream = self.stream
-        if self.closing or stream.closed:
+        if self.closing or self.stream.gone():
             return
-        payload = bytes(data)
-        stream.write(payload)
-        stream.conn.bytes_out -= len(payload)  # the tunnel counts it
+        self.stream.carried_out(bytes(data))
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
@@ -138,14 +167,10 @@ class StreamTransport(asyncio.Transport):
         if self.reading:
             return
         self.reading = True
-        stream = self.stream
-        if stream.unacked and not stream.closed:
-            stream.conn.ack(stream.sid, stream.unacked)
-            stream.unacked = 0
-            stream.conn.send()
+        self.stream.release_held()
 
     def is_reading(self) -> bool:
         return self.reading
 
     def get_write_buffer_size(self) -> int:
-        return sum(map(len, self.stream.out))
+        return self.stream.waiting_out()

@@ -391,6 +391,7 @@ LISTENER_KEYS = (
     "redirect_https",
     "acl",
     "http2",
+    "http2_websocket",
     "websocket",
     "x_forwarded_proto",
     "x_forwarded_port",
