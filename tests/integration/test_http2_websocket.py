@@ -28,6 +28,7 @@ import aiohttp
 import pytest
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from lbproxy.config import parse_config
 from lbproxy.control.app import Proxy
 from lbproxy.proxy.tunnel import Tunnel
 from tests.h2ws import H2WsClient, WsStream
@@ -382,6 +383,38 @@ async def test_shutdown_sends_1001_on_the_stream(make_backend, make_proxy, cert)
     assert c.goaways >= 1  # the connection's own shutdown (RFC 9113 6.8)
     assert proxy.registry.listeners["secure"].ws_closes["shutdown"] == 1
     await c.close()
+
+
+async def test_a_drained_server_closes_its_streams_with_the_drain_code(make_proxy, cert):
+    """A removed server under a drain window: its WebSocket streams get the group's close code
+    (1012), the client's WebSocket to the other server goes on."""
+    first = RawWsBackend(protocol=None)
+    second = RawWsBackend(protocol=None)
+    await first.server.start()
+    await second.server.start()
+    doc = doc_for([first.server.address, second.server.address], cert)
+    doc["server_groups"]["rs1"].update(drain_timeout="200ms", drain_close_code=1012)
+    proxy = await make_proxy(doc)
+    c = await client(proxy, cert)
+    ws1 = await c.websocket()
+    await wait_for(lambda: first.ready.is_set() or second.ready.is_set(), what="an upgrade")
+    if second.ready.is_set():  # (whichever server the scheduler began with)
+        first, second = second, first
+    ws2 = await c.websocket()
+    await second.ready.wait()
+    doc["server_groups"]["rs1"]["servers"] = [second.server.address]
+    assert (await proxy.apply_config(parse_config(doc), "test")).ok
+    assert await c.recv(ws1, 4) == b"\x88\x02\x03\xf4"  # 1012 Service Restart
+    close = await first.until(8)  # and a masked one to the server
+    assert close[:2] == b"\x88\x82"
+    await c.send(ws1, frame(0x8, b"\x03\xf4"))
+    await wait_for(lambda: len(tunnels(proxy)) == 1, what="the drained tunnel to close")
+    assert proxy.registry.listeners["secure"].ws_closes["drain"] == 1
+    await c.send(ws2, frame(0x1, b"still"))
+    assert await second.until(len(frame(0x1, b"still"))) == frame(0x1, b"still")
+    await c.close()
+    await first.server.stop()
+    await second.server.stop()
 
 
 async def test_idle_timeout_closes_the_tunnel(make_proxy, cert):
