@@ -1089,10 +1089,20 @@ def budgets(results: Results, s: Settings) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- profile
-def profile(procs: Procs, backends: Backends, pinning: Pinning, tmp: Path, s: Settings) -> str:
-    """lbproxy under cProfile: with HTTP load, WebSocket echo load, WebSocket churn."""
+def profile(
+    procs: Procs,
+    backends: Backends,
+    pinning: Pinning,
+    tmp: Path,
+    s: Settings,
+    paths: tuple[str, ...] = ("http", "ws", "churn", "h2"),
+) -> str:
+    """lbproxy under cProfile: with HTTP load, WebSocket echo load, WebSocket churn, and HTTP/2
+    load (h2load, when the h2 phase runs)."""
     out: list[str] = []
-    for path in ("http", "ws", "churn"):
+    for path in paths:
+        if path == "h2" and not Lbproxy.serves_h2:
+            continue
         target = Lbproxy(backends, procs, pinning, tmp / f"profile-{path}")
         prof = target.tmp / "lbproxy.prof"
         cmd = target.command()
@@ -1104,6 +1114,9 @@ def profile(procs: Procs, backends: Backends, pinning: Pinning, tmp: Path, s: Se
         if path == "http":
             w = wrk(target.http_url, seconds)
             count, unit = w.requests, "request"
+        elif path == "h2":
+            h = h2load(target.h2_url, seconds)
+            count, unit = h.requests, "HTTP/2 request"
         elif path == "ws":
             r = wsload(
                 "echo", target.ws_targets, [], seconds + 60, conns=WS_CONNS, duration=seconds
@@ -1240,7 +1253,10 @@ def main(argv: list[str] | None = None) -> int:
         backends.start(procs, tmp)
         log(f"backends: HTTP {backends.http_ports} ({backends.http_kind}), WS {backends.ws_ports}")
         if args.profile:
-            print(profile(procs, backends, pinning, tmp, s))
+            # (--phases picks among them: ws100 is the echo load, churn the churn)
+            wanted = {"http": "http", "ws": "ws100", "churn": "churn", "h2": "h2"}
+            paths = tuple(x for x, phase in wanted.items() if phase in phases)
+            print(profile(procs, backends, pinning, tmp, s, paths))
             return 0
         results = Results()
         if h2_note:
