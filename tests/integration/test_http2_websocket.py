@@ -268,6 +268,26 @@ async def messages(
     return out
 
 
+async def test_sticky_cookie_pins_the_websocket_stream(make_backend, make_proxy, cert):
+    """The session's cookie on the CONNECT picks the server, as on an HTTP/1.1 upgrade."""
+    a = await make_backend("A")
+    b = await make_backend("B")
+    doc = doc_for([a.address, b.address], cert)
+    doc["server_groups"]["rs1"]["sticky_session"] = {"type": "insert"}
+    proxy = await make_proxy(doc)
+    tokens = {x: proxy.state.servers[f"rs1/{y.address}"].token for x, y in (("A", a), ("B", b))}
+    c = await client(proxy, cert)
+    seen = []
+    order = ("B", "B", "A", "A", "B")  # not what round robin alone would give
+    for name in order:
+        ws = await c.websocket("/ws", (("cookie", f"SERVERID={tokens[name]}"),))
+        codec = FrameProtocol(client=True, extensions=[])
+        await c.send(ws, codec.send_data("whoami", fin=True))
+        seen.append((name, (await messages(c, ws, codec, 1))[0][1]))
+    assert seen == [(x, x) for x in order]
+    await c.close()
+
+
 # ------------------------------------------------------------------ endings
 
 
