@@ -928,6 +928,9 @@ def run_phases(targets: list[Target], s: Settings, phases: set[str], results: Re
                     ph.note(f"{phase}: {exc}")
                     log(f"{t.name}: {phase} FAILED: {exc}")
                 results.add(t.name, ph)
+                cpu = {k: round(v, 1) for k, v in ph.values.items() if k.endswith("_cpu") and v}
+                if cpu:  # each round's CPU figures, for the spread behind a median
+                    log(f"{phase} {r + 1}/{rounds}: {t.name}: {cpu}")
 
 
 # ---------------------------------------------------------------------------------- report

@@ -358,6 +358,25 @@ async def test_refusals_answer_the_connect(make_proxy, cert):
     assert not tunnels(proxy)
 
 
+async def test_the_connection_keeps_its_client_slot(make_backend, make_proxy, cert):
+    """connections_per_client counts the HTTP/2 connection once: a WebSocket stream neither
+    takes another place nor gives the connection's back when it closes."""
+    a = await make_backend("A")
+    proxy = await make_proxy(doc_for([a.address], cert, limits={"connections_per_client": 1}))
+    stats = proxy.registry.listeners["secure"]
+    c = await client(proxy, cert)
+    for _ in range(2):
+        ws = await c.websocket()
+        await c.send(ws, frame(0x1, b"whoami"))
+        assert await c.recv(ws, 3) == b"\x81\x01A"
+        c.reset(ws)
+        await wait_for(lambda: not tunnels(proxy), what="the tunnel to close")
+    with pytest.raises((ConnectionError, AssertionError, ssl.SSLError, asyncio.TimeoutError)):
+        await client(proxy, cert)  # a second connection: refused, the slot is still taken
+    assert stats.connections_refused["connections_per_client"] == 1
+    await c.close()
+
+
 async def test_no_server_is_503(make_proxy, cert):
     doc = doc_for([], cert)
     proxy = await make_proxy(doc)
