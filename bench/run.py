@@ -99,6 +99,8 @@ QUICK = Settings(
 )
 
 HTTP_CONNS = 50
+H2WS_CONNS = 2  # bench.h2wsload connections ...
+H2WS_STREAMS = 25  # ... of WebSocket streams each (RFC 8441)
 H2_CONNS = 4  # h2load connections ...
 H2_STREAMS = 25  # ... each with this many concurrent streams (100 requests in flight)
 WS_CONNS = 100
@@ -337,6 +339,7 @@ class Target:
     name = ""
     serves_http = True
     serves_h2 = False  # an https listener with HTTP/2 on h2_port (the h2 phase)
+    serves_h2ws = False  # ... where /ws is a WebSocket over HTTP/2 (RFC 8441, the h2ws phase)
 
     def __init__(self, backends: Backends, procs: Procs, pinning: Pinning, tmp: Path) -> None:
         self.backends = backends
@@ -428,6 +431,7 @@ class UvTunnel(Target):
 class Lbproxy(Target):
     name = "lbproxy"
     serves_h2 = True
+    serves_h2ws = True
 
     def config(self) -> str:
         def group(ports: list[int]) -> str:
@@ -452,6 +456,10 @@ class Lbproxy(Target):
     tls: {{cert: {cert}, key: {key}}}
     server_group: http
     idle_timeout: 1h
+    http2_websocket: true
+    rules:
+      - path: /ws
+        server_group: ws
   - name: ws
     bind: 127.0.0.1:{self.ws_port}
     server_group: ws
@@ -526,6 +534,8 @@ class Nginx(Target):
 
 class Haproxy(Target):
     name = "haproxy"
+    serves_h2 = True  # (WebSocket over HTTP/2 toward clients since HAProxy 2.4)
+    serves_h2ws = True
 
     def available(self) -> str | None:
         return None if shutil.which("haproxy") else "HAProxy is not installed"
@@ -558,10 +568,23 @@ frontend http_in
 frontend ws_in
     bind 127.0.0.1:{self.ws_port} backlog 4096
     default_backend ws_backends
-{backend("http_backends", b.http_ports)}{backend("ws_backends", b.ws_ports)}"""
+{self._h2_frontend()}{backend("http_backends", b.http_ports)}{backend("ws_backends", b.ws_ports)}"""
         path = self.tmp / "haproxy.cfg"
         path.write_text(conf)
         return ["haproxy", "-f", str(path), "-db"]
+
+    def _h2_frontend(self) -> str:
+        """The https listener (ALPN h2): /ws to the WebSocket backends (RFC 8441 streams)."""
+        if not self.serves_h2:
+            return ""
+        cert, key = self.certificate()
+        pem = self.tmp / "haproxy.pem"  # HAProxy takes the certificate and key in one file
+        pem.write_text(Path(cert).read_text() + Path(key).read_text())
+        return (
+            f"frontend h2_in\n    bind 127.0.0.1:{self.h2_port} ssl crt {pem} alpn h2,http/1.1"
+            " backlog 4096\n    use_backend ws_backends if { path_beg /ws }\n"
+            "    default_backend http_backends\n"
+        )
 
 
 class LbproxyPolicy(Lbproxy):
@@ -805,6 +828,29 @@ def _echo(ph: Phase, key: str, conns: int, seconds: float, rate: int = 0) -> Non
         ph.note(f"{key}: {r['bad']} connections echoed wrong bytes")
 
 
+def phase_h2ws(ph: Phase) -> None:
+    """WebSocket over HTTP/2 (RFC 8441): H2WS_CONNS connections of H2WS_STREAMS streams, one
+    64-byte message in flight on each (bench.h2wsload)."""
+    t = ph.target
+    pids = t.pids()
+    d = ph.s.ws100
+    cmd = [sys.executable, "-m", "bench.h2wsload", "--target", f"127.0.0.1:{t.h2_port}",
+           "--conns", str(H2WS_CONNS), "--streams", str(H2WS_STREAMS), "--duration", str(d),
+           "--warmup", str(ph.s.warmup), "--pids", ",".join(map(str, pids))]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=d + 60)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"bench.h2wsload failed: {out.stderr.strip()[-2000:]}")
+    r = json.loads(lines[-1])
+    if "error" in r:
+        raise RuntimeError(f"bench.h2wsload: {r['error']}")
+    rt = r["round_trips"]
+    ph.values["h2ws_rate"] = r["rate"]
+    ph.values["h2ws_cpu"] = _per(r["cpu"] if pids else None, 2 * rt if rt else None, 1e6)
+    if r["bad"] or r["failed"]:
+        ph.note(f"h2ws: {r['bad']} streams echoed wrong bytes, {r['failed']} failed")
+
+
 def phase_ws1(ph: Phase) -> None:
     _echo(ph, "ws1", 1, ph.s.ws1)
 
@@ -865,6 +911,7 @@ PHASE_FUNCS: dict[str, Callable[[Phase], None]] = {
     "capacity": phase_capacity,
     "http": phase_http,
     "h2": phase_h2,
+    "h2ws": phase_h2ws,
     "ws1": phase_ws1,
     "ws100": phase_ws100,
     "paced": phase_paced,
@@ -916,6 +963,8 @@ def run_phases(targets: list[Target], s: Settings, phases: set[str], results: Re
                     continue
                 if phase == "h2" and not t.serves_h2:
                     continue
+                if phase == "h2ws" and not t.serves_h2ws:
+                    continue
                 if t.proc is not None and t.proc.poll() is not None:
                     results.notes.append(f"{t.name}: exited with code {t.proc.returncode}")
                     dead.add(t.name)
@@ -928,6 +977,9 @@ def run_phases(targets: list[Target], s: Settings, phases: set[str], results: Re
                     ph.note(f"{phase}: {exc}")
                     log(f"{t.name}: {phase} FAILED: {exc}")
                 results.add(t.name, ph)
+                cpu = {k: round(v, 1) for k, v in ph.values.items() if k.endswith("_cpu") and v}
+                if cpu:  # each round's CPU figures, for the spread behind a median
+                    log(f"{phase} {r + 1}/{rounds}: {t.name}: {cpu}")
 
 
 # ---------------------------------------------------------------------------------- report
@@ -945,6 +997,13 @@ ROWS = (
     Row("http_cpu", "**proxy CPU per HTTP request (µs)**", "f1"),
     Row("h2_rps", f"HTTP/2 requests/s (h2load, {H2_CONNS}x{H2_STREAMS} streams, TLS)", "int"),
     Row("h2_cpu", "proxy CPU per HTTP/2 request, TLS included (µs)", "f1"),
+    Row(
+        "h2ws_rate",
+        f"WebSocket over HTTP/2 round trips/s ({H2WS_CONNS}x{H2WS_STREAMS} streams, 64 B, TLS; "
+        "the client is the bottleneck)",
+        "int",
+    ),
+    Row("h2ws_cpu", "proxy CPU per message relayed in an HTTP/2 stream, TLS included (µs)", "f1"),
     Row("ws1_p50", "WS echo round trip p50, 1 connection (µs)", "int"),
     Row("ws1_p99", "WS echo round trip p99, 1 connection (µs)", "int"),
     Row("ws1_cpu", "proxy CPU per relayed WS message, 1 connection (µs)", "f1"),
@@ -1089,10 +1148,20 @@ def budgets(results: Results, s: Settings) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- profile
-def profile(procs: Procs, backends: Backends, pinning: Pinning, tmp: Path, s: Settings) -> str:
-    """lbproxy under cProfile: with HTTP load, WebSocket echo load, WebSocket churn."""
+def profile(
+    procs: Procs,
+    backends: Backends,
+    pinning: Pinning,
+    tmp: Path,
+    s: Settings,
+    paths: tuple[str, ...] = ("http", "ws", "churn", "h2"),
+) -> str:
+    """lbproxy under cProfile: with HTTP load, WebSocket echo load, WebSocket churn, and HTTP/2
+    load (h2load, when the h2 phase runs)."""
     out: list[str] = []
-    for path in ("http", "ws", "churn"):
+    for path in paths:
+        if path == "h2" and not Lbproxy.serves_h2:
+            continue
         target = Lbproxy(backends, procs, pinning, tmp / f"profile-{path}")
         prof = target.tmp / "lbproxy.prof"
         cmd = target.command()
@@ -1104,6 +1173,9 @@ def profile(procs: Procs, backends: Backends, pinning: Pinning, tmp: Path, s: Se
         if path == "http":
             w = wrk(target.http_url, seconds)
             count, unit = w.requests, "request"
+        elif path == "h2":
+            h = h2load(target.h2_url, seconds)
+            count, unit = h.requests, "HTTP/2 request"
         elif path == "ws":
             r = wsload(
                 "echo", target.ws_targets, [], seconds + 60, conns=WS_CONNS, duration=seconds
@@ -1223,9 +1295,10 @@ def main(argv: list[str] | None = None) -> int:
         h2_note = "HTTP/2 phase skipped: h2load or openssl missing (apt-get install nghttp2-client)"
         log(h2_note)
         phases.discard("h2")
-    if "h2" not in phases:
+    if "h2" not in phases and "h2ws" not in phases:
         for cls in TARGET_CLASSES.values():
             cls.serves_h2 = False  # no https listener (nor certificate) to start
+            cls.serves_h2ws = False
 
     raise_nofile()
     pinning = Pinning.plan()
@@ -1240,7 +1313,10 @@ def main(argv: list[str] | None = None) -> int:
         backends.start(procs, tmp)
         log(f"backends: HTTP {backends.http_ports} ({backends.http_kind}), WS {backends.ws_ports}")
         if args.profile:
-            print(profile(procs, backends, pinning, tmp, s))
+            # (--phases picks among them: ws100 is the echo load, churn the churn)
+            wanted = {"http": "http", "ws": "ws100", "churn": "churn", "h2": "h2"}
+            paths = tuple(x for x, phase in wanted.items() if phase in phases)
+            print(profile(procs, backends, pinning, tmp, s, paths))
             return 0
         results = Results()
         if h2_note:

@@ -240,6 +240,20 @@ class Listener:
             ),
         ),
     ] = True
+    http2_websocket: Annotated[
+        Bool,
+        Field(
+            description=(
+                "`https` with `http2` only: advertise SETTINGS_ENABLE_CONNECT_PROTOCOL and "
+                "accept WebSockets over HTTP/2 (RFC 8441 extended CONNECT, `:protocol: "
+                "websocket`), so browsers open them as streams of their HTTP/2 connection "
+                "instead of a TCP and TLS connection each. Backends get an ordinary HTTP/1.1 "
+                "Upgrade. Off by default: advertising the setting has broken clients and "
+                'middleboxes before (see "WebSocket over HTTP/2" below). A change applies to '
+                "new connections"
+            ),
+        ),
+    ] = False
     websocket: Annotated[
         WebSocketPolicy | None,
         Field(
@@ -421,6 +435,10 @@ class Listener:
         if "http2" in raw and protocol == "http":
             # No h2c (cleartext HTTP/2): browsers speak HTTP/2 over TLS only.
             out.append((("http2",), "only used with protocol: https (HTTP/2 is offered by ALPN)"))
+        if raw.get("http2_websocket") and (protocol == "http" or raw.get("http2") is False):
+            out.append(
+                (("http2_websocket",), "only used with protocol: https and http2 (RFC 8441)")
+            )
         if "trusted_proxies" in raw and "limits" not in raw:
             out.append(
                 (("trusted_proxies",), "only used with limits (it picks the client address)")

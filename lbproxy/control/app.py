@@ -471,16 +471,18 @@ class Proxy:
         if left:
             log.info("shutdown: closing %d connections still open", len(left))
         tunnels = [c for c in left if isinstance(c, Tunnel)]
-        for c in left:
-            if not isinstance(c, Tunnel):
-                c.transport.abort()
-                c.connection_lost(None)
-        # WebSockets end with a close frame (1001) both ways, so clients see a clean close.
+        # WebSockets end with a close frame (1001) both ways, so clients see a clean close;
+        # before the other connections are cut, as a WebSocket over HTTP/2 (RFC 8441) is a
+        # stream of one of them.
         for t in tunnels:
             t.go_away(GOING_AWAY, "shutdown")
         deadline = loop.time() + WS_CLOSE_HANDSHAKE_TIMEOUT
         while any(not t.closed for t in tunnels) and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        for c in left:
+            if not isinstance(c, Tunnel):
+                c.transport.abort()
+                c.connection_lost(None)
         for t in tunnels:
             t.shutdown()  # no answer in time (or still mid-frame): cut
         await self.stop_background()

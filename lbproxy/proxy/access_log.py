@@ -177,6 +177,7 @@ class AccessLog:
         messages_in: int = 0,
         messages_out: int = 0,
         close_code: str = "-",
+        protocol: str = "HTTP/1.1",
     ) -> None:
         self._emit(
             {
@@ -186,8 +187,9 @@ class AccessLog:
                 "listener": listener,
                 "method": method,
                 "path": path,
-                "protocol": "HTTP/1.1",
-                "status": 101,
+                "protocol": protocol,
+                # What the client was answered: 101, or 200 to an HTTP/2 extended CONNECT.
+                "status": 200 if protocol == "HTTP/2" else 101,
                 "server": server,
                 "duration": round(duration, 6),
                 "total_time": round(duration, 6),

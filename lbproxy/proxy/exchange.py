@@ -331,5 +331,6 @@ class Exchange(ExchangeBase):
             on_close=aff.tunnel_closed if aff is not None and aff.sid is not None else None,
             policy=config.websocket,
             shapers=down.shapers,
+            protocol=down.protocol,
         )
         tunnel.start(client_pending, backend_pending)

@@ -36,8 +36,11 @@ back (or after GOAWAY_GRACE) GOAWAY with the highest stream id seen: streams up 
 later ones are refused, and the connection closes once they are done. The GOAWAY frames are
 written here: h2's close_connection() would put its state machine in CLOSED at once.
 
-WebSockets stay on HTTP/1.1: SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441) is not offered, so
-browsers open their WebSocket on a separate HTTP/1.1 connection. No h2c.
+WebSockets: with the listener's ``http2_websocket``, SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC
+8441) is offered and an extended CONNECT with ``:protocol: websocket`` becomes an HTTP/1.1
+Upgrade toward the backend; after its 101 the stream is a tunnel's client side
+(``http2_tunnel``). Without it, browsers open their WebSocket on a separate HTTP/1.1
+connection. No h2c.
 """
 
 from __future__ import annotations
@@ -105,13 +108,13 @@ class Http2Connection(H2Socket):
         lim = self.lr.limits
         list_size = lim.max_header_size + 32 * lim.max_header_count  # HPACK counts 32 a field
         h2 = self.h2
-        h2.local_settings = Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                SettingCodes.MAX_HEADER_LIST_SIZE: list_size,
-            },
-        )
+        settings = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            SettingCodes.MAX_HEADER_LIST_SIZE: list_size,
+        }
+        if self.lr.config.http2_websocket:
+            settings[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1  # RFC 8441: WebSockets here
+        h2.local_settings = Settings(client=False, initial_values=settings)
         h2.decoder.max_header_list_size = list_size  # h2 applies it only once acknowledged
         h2.initiate_connection()
         h2.increment_flow_control_window(CONNECTION_WINDOW - STREAM_WINDOW)

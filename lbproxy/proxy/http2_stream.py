@@ -3,34 +3,47 @@ the ``exchange_base.Downstream`` of its exchange; and the connection's side its 
 through (``H2Socket``: the h2 state machine, the flush at the end of the loop's turn, the
 windows given back).
 
-A request's fields become the HTTP/1.1 request head the exchange sends (``request_head``); a
-response head becomes HTTP/2 fields (``response_fields``); the body's payload goes out in DATA
+A request's fields become the HTTP/1.1 request head the exchange sends (``http2_fields``); a
+response head becomes HTTP/2 fields (there too); the body's payload goes out in DATA
 frames as far as the client's windows allow, the rest waiting on the stream (``out``) with
 the backend paused. The connection itself (frames in, opening and resetting streams, the
 timer, GOAWAY, abuse limits) is ``http2.Http2Connection``, a subclass of ``H2Socket``: the
 stream names only this base, so this module does not import ``http2`` back, and its calls
 stay native under mypyc.
+
+An RFC 8441 extended CONNECT (``http2_websocket``) goes to the backend as an HTTP/1.1
+Upgrade with a key made here; after its 101 the stream answers 200 and is the client side
+of the tunnel (``upgrade``: ``http2_tunnel.StreamTransport`` over it, DATA both ways).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
-from ..wire import headers
-from ..wire.http1 import Limits, ParseError, RequestHead, ResponseHead, parse_request_head
+from ..wire.http1 import ParseError, RequestHead, ResponseHead, parse_response_head
 from .client_socket import CLOSED, ClientSocket
 from .exchange_base import record
+from .http2_fields import (
+    error_response,
+    extended_connect,
+    request_head,
+    response_fields,
+    websocket_fields,
+)
+from .http2_tunnel import CarriedStream, StreamTransport
 
 if TYPE_CHECKING:
     from ..config.model import Forwarding
@@ -39,8 +52,17 @@ if TYPE_CHECKING:
     from .exchange import Exchange
 
 log = logging.getLogger("lbproxy.http2")
+
+
+def _quiet(*args: object) -> None:
+    return None
+
+
+# hpack logs every integer and field it codes at debug level, ~22 calls a request: even with
+# debug off each is two Python calls (debug, isEnabledFor), ~4% of an HTTP/2 request's CPU.
+# Its debug output is of no use in a proxy; one no-op call each instead.
+setattr(logging.getLogger("hpack.hpack"), "debug", _quiet)  # noqa: B010
 _clock = time.perf_counter
-_NEVER_DROPPED = frozenset({b"content-length", b"host"})
 
 
 class H2Socket(ClientSocket):
@@ -61,6 +83,7 @@ class H2Socket(ClientSocket):
             )
         )
         self.flush_soon = False  # a flush is scheduled for the end of this loop turn
+        self.tails: list[Stream] = []  # streams holding this turn's last DATA (``Stream.tail``)
 
     def send(self) -> None:
         """Write what the h2 state machine has queued, at the end of this turn of the loop:
@@ -73,6 +96,11 @@ class H2Socket(ClientSocket):
     def flush(self) -> None:
         """Write what the h2 state machine has queued, now."""
         self.flush_soon = False
+        tails = self.tails
+        if tails:
+            self.tails = []
+            for stream in tails:
+                stream.push_tail()
         data = self.h2.data_to_send()
         if data and self.phase != CLOSED:
             self.bytes_out += len(data)
@@ -88,19 +116,23 @@ class H2Socket(ClientSocket):
         raise NotImplementedError
 
 
-class Stream:
-    """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange."""
+class Stream(CarriedStream):
+    """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange;
+    after an RFC 8441 101, a tunnel's client side (``CarriedStream``)."""
 
     __slots__ = (
+        "carrier",
         "cert_headers",
         "chunked",
         "client_addr",
         "client_ip",
         "closed",
         "conn",
+        "early",
         "end_sent",
         "ending",
         "exchange",
+        "half_end",
         "head_sent",
         "last",
         "out",
@@ -109,8 +141,10 @@ class Stream:
         "shapers",
         "sid",
         "slot",
+        "tail",
         "unacked",
         "write_paused",
+        "ws_key",
     )
 
     protocol = "HTTP/2"
@@ -127,6 +161,10 @@ class Stream:
         self.request_complete = False  # END_STREAM from the client
         self.head_sent = False
         self.out: deque[bytes] = deque()  # response bytes beyond the client's window
+        # The last bytes written in this turn of the loop, sent at its end (``push_tail``), or
+        # with END_STREAM in the same DATA frame if the response ends in the same turn: one
+        # frame less per response (an empty DATA frame's h2 work: ~4% of a request's CPU).
+        self.tail: bytes | None = None
         self.ending = False  # END_STREAM waits for ``out`` to drain
         self.end_sent = False
         self.closed = False  # answered, cut or reset: nothing more goes out
@@ -137,6 +175,12 @@ class Stream:
         self.cert_headers = conn.cert_headers
         self.slot = conn.slot
         self.shapers = conn.shapers
+        # A WebSocket over HTTP/2 (RFC 8441): the key sent to the backend for it, the client
+        # bytes that came before the 101 (held unacknowledged), then the tunnel's side.
+        self.ws_key = b""
+        self.early: list[bytes] = []
+        self.carrier: StreamTransport | None = None
+        self.half_end = False  # END_STREAM waits for ``out`` to drain, the stream stays open
 
     # ------------------------------------------------------------------ request
     def request(self, raw: Iterable[tuple[bytes, bytes]], ended: bool) -> RequestHead | None:
@@ -144,13 +188,18 @@ class Stream:
         None when it is refused (answered on the stream: 400, 414, 431, 501)."""
         t_start = _clock()
         self.request_complete = ended
+        lr = self.conn.lr
+        if lr.config.http2_websocket and extended_connect(raw):
+            self.ws_key = base64.b64encode(os.urandom(16))
         try:
-            req = request_head(raw, ended, self.conn.lr.limits)
+            req = request_head(raw, ended, lr.limits, self.ws_key)
         except ParseError as exc:
             log.info("%s: bad HTTP/2 request: %s", self.client_addr, exc.reason)
             self._refuse(t_start, exc.status, exc.reason)
             return None
         self.chunked = req.chunked
+        if req.upgrade is None:
+            self.ws_key = b""
         return req
 
     def _refuse(self, t_start: float, status: int, reason: str) -> None:
@@ -164,7 +213,16 @@ class Stream:
 
     def data(self, data: bytes, size: int) -> None:
         self.last = self.conn.loop.time()
+        carrier = self.carrier
+        if carrier is not None:
+            carrier.received(data, size)
+            return
         ex = self.exchange
+        if self.ws_key and ex is not None and not ex.done:
+            # Before the 101: held (unacknowledged, so a stream window at most) for the tunnel.
+            self.early.append(data)
+            self.unacked += size
+            return
         if ex is None or ex.done or ex.req_done:
             self.conn.ack(self.sid, size)  # body after the answer: dropped
             return
@@ -177,6 +235,9 @@ class Stream:
 
     def request_ended(self) -> None:
         self.request_complete = True
+        if self.carrier is not None:
+            self.carrier.ended()
+            return
         ex = self.exchange
         if ex is None or ex.done:
             return
@@ -219,14 +280,33 @@ class Stream:
                     self.conn.h2.send_headers(self.sid, [(b":status", b"100")])
                 self.conn.send()
             return
+        tail = self.tail
+        if tail is not None:
+            self.tail = None
+            self._send_now(tail)
         if self.out:
             self.out.append(data)
-        else:
-            rest = self._push(data)
-            if rest:
-                self.out.append(rest)
-                self.sync_upstream()
+        elif not self.closed:
+            self.tail = data
+            self.conn.tails.append(self)
         self.conn.send()
+
+    def push_tail(self) -> None:
+        """The end of the loop's turn: the held bytes go out."""
+        tail = self.tail
+        if tail is not None:
+            self.tail = None
+            if not self.closed:
+                self._send_now(tail)
+
+    def _send_now(self, data: bytes) -> None:
+        if self.out:
+            self.out.append(data)
+            return
+        rest = self._push(data)
+        if rest:
+            self.out.append(rest)
+            self.sync_upstream()
 
     def _push(self, data: bytes) -> bytes:
         """Send what the windows allow of ``data``; returns the rest."""
@@ -262,11 +342,20 @@ class Stream:
             return
         if self.ending:
             self._end_stream()
-        else:
-            self.sync_upstream()
+            return
+        if self.half_end:
+            self._end_output()
+        self.sync_upstream()
 
     def sync_upstream(self) -> None:
         """Pause the backend while this stream's bytes wait for a window or the socket."""
+        carrier = self.carrier
+        if carrier is not None:
+            want = bool(self.out) or self.conn.write_paused
+            if want != self.write_paused and not self.closed:
+                self.write_paused = want
+                carrier.writable(not want)
+            return
         ex = self.exchange
         if ex is None or ex.done:
             return
@@ -284,18 +373,55 @@ class Stream:
     def end(self) -> None:
         if self.closed:
             return
+        tail = self.tail
+        if tail is not None:
+            self.tail = None
+            h2 = self.conn.h2
+            n = len(tail)
+            if (
+                not self.out
+                and n <= h2.max_outbound_frame_size
+                and n <= h2.local_flow_control_window(self.sid)
+            ):
+                self._end_stream(tail)  # the body's last bytes and END_STREAM: one frame
+                self.conn.send()
+                return
+            self._send_now(tail)
         if self.out:
             self.ending = True  # after the bytes still waiting for a window
         else:
             self._end_stream()
         self.conn.send()
 
-    def _end_stream(self) -> None:
+    def end_output(self) -> None:
+        """A tunnel's half-close toward the client: END_STREAM once ``out`` is sent; the
+        stream stays open for what the client still sends."""
+        if self.closed or self.end_sent:
+            return
+        self.push_tail()
+        if self.out:
+            self.half_end = True
+        else:
+            self._end_output()
+        self.conn.send()
+
+    def _end_output(self) -> None:
+        self.half_end = False
+        if not self.end_sent:
+            self.end_sent = True
+            with contextlib.suppress(ProtocolError):
+                self.conn.h2.end_stream(self.sid)
+
+    def _end_stream(self, last: bytes = b"") -> None:
         h2 = self.conn.h2
         try:
             if not self.end_sent:
                 self.end_sent = True
-                h2.end_stream(self.sid)
+                if last:
+                    h2.send_data(self.sid, last, end_stream=True)
+                    self.last = self.conn.loop.time()
+                else:
+                    h2.end_stream(self.sid)
             if not self.request_complete:
                 # Answered before the whole body came (RFC 9113 8.1): stop the client sending.
                 h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
@@ -305,6 +431,7 @@ class Stream:
 
     def _finished(self) -> None:
         self.closed = True
+        self.tail = None
         self.out.clear()
         self._give_back()
         self.exchange = None  # no cycle with its Downstream: reference counting frees both
@@ -337,12 +464,16 @@ class Stream:
     def client_reset(self) -> None:
         """The client reset the stream, or the connection is gone."""
         self.closed = True
+        self.tail = None
         self.out.clear()
         self._give_back()
         ex = self.exchange
         self.exchange = None
         if ex is not None and not ex.done:
             ex.client_gone()
+        carrier = self.carrier
+        if carrier is not None:
+            carrier.lost()
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -358,7 +489,27 @@ class Stream:
         self.conn.wake_at(when)
 
     def upgrade(self, head: bytes) -> tuple[asyncio.Transport, bytes]:
-        raise RuntimeError("no upgrade over HTTP/2")  # h2 refuses Upgrade fields
+        """The backend's 101 to an extended CONNECT (RFC 8441): the stream answers 200 with
+        the subprotocol and extensions the backend chose, and becomes the tunnel's client
+        transport; the connection and its slot stay the HTTP/2 connection's."""
+        resp = parse_response_head(bytearray(head))
+        assert resp is not None  # the response side parsed this very head
+        self._headers(websocket_fields(resp), False)
+        self.exchange = None
+        self.slot = None  # the connection's, not the tunnel's to give back
+        self.carrier = carrier = StreamTransport(self)
+        # The tunnel counts itself a connection when it closes: this stream is one while open.
+        self.conn.lr.stats.connections_active += 1
+        pending = b"".join(self.early)
+        self.early.clear()
+        self.conn.bytes_in -= len(pending)  # the tunnel counts it
+        if self.unacked:
+            self.conn.ack(self.sid, self.unacked)
+            self.unacked = 0
+        if self.closed:  # the 200 could not go out: the tunnel learns it once it has started
+            self.conn.loop.call_soon(carrier.lost)
+        self.conn.send()
+        return carrier, pending
 
     def local_host(self) -> bytes:
         return self.conn.local_host()
@@ -369,9 +520,40 @@ class Stream:
     def addresses(self) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
         return self.conn.addresses()
 
+    # ------------------------------------------------------------------ CarriedStream
+    def gone(self) -> bool:
+        return self.closed
+
+    def carried_in(self, n: int, size: int, ack: bool) -> None:
+        conn = self.conn
+        conn.bytes_in -= n  # the tunnel counts it
+        if ack and not self.closed:
+            conn.ack(self.sid, size)
+        else:
+            self.unacked += size
+
+    def release_held(self) -> None:
+        if self.unacked and not self.closed:
+            self.conn.ack(self.sid, self.unacked)
+            self.unacked = 0
+            self.conn.send()
+
+    def carried_out(self, data: bytes) -> None:
+        self.write(data)
+        self.conn.bytes_out -= len(data)  # the tunnel counts it
+
+    def waiting_out(self) -> int:
+        return sum(map(len, self.out)) + (len(self.tail) if self.tail is not None else 0)
+
+    def extra_info(self, name: str, default: Any) -> Any:
+        return self.conn.transport.get_extra_info(name, default)
+
     # ------------------------------------------------------------------ timeouts
     def check_timeouts(self, now: float, idle: float, request: float) -> float:
         """Apply this stream's timeouts at ``now``; the next time to look again (0: none)."""
+        carrier = self.carrier
+        if carrier is not None and not carrier.closing:
+            return 0.0  # a tunnel: its idle timeout is the tunnel's (tunnel.IdleSweeper)
         ex = self.exchange
         if ex is None or ex.done:
             if self.out and now >= self.last + idle:  # the client stopped reading the answer
@@ -389,86 +571,6 @@ class Stream:
             ex.idle_timed_out()
             return 0.0
         return deadline
-
-
-def request_head(raw: Iterable[tuple[bytes, bytes]], ended: bool, limits: Limits) -> RequestHead:
-    """The HTTP/1.1 request an HTTP/2 request's fields (as h2 validated them) become, parsed
-    by the HTTP/1.1 parser with the listener's ``limits``: ``:authority`` is Host (it wins
-    over a host field, RFC 9113 8.3.1), cookie crumbs are joined with "; " (8.2.3), and a body
-    that may follow (no END_STREAM) without content-length is chunked. Raises ParseError
-    (501 for CONNECT, 400, 414, 431)."""
-    method = path = authority = None
-    lines: list[bytes] = []
-    cookies: list[bytes] = []
-    has_length = False
-    for name, value in raw:
-        if name[:1] == b":":
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                path = value
-            elif name == b":authority":
-                authority = value
-            continue
-        if name == b"cookie":
-            cookies.append(value)
-            continue
-        if name == b"host" and authority is not None:
-            continue
-        if name == b"content-length":
-            has_length = True
-        lines.append(name + b": " + value)
-    if method is None or path is None or method == b"CONNECT":
-        raise ParseError(501, "CONNECT is not supported over HTTP/2")
-    if path[:1] != b"/" and path != b"*":
-        raise ParseError(400, "the :path is not a path")
-    if authority is not None:
-        lines.insert(0, b"host: " + authority)
-    if cookies:
-        lines.append(b"cookie: " + b"; ".join(cookies))
-    if not ended and not has_length:
-        lines.append(b"transfer-encoding: chunked")
-    lines.append(b"\r\n")
-    req = parse_request_head(method + b" " + path + b" HTTP/1.1\r\n" + b"\r\n".join(lines), limits)
-    assert req is not None  # the head is complete
-    return req
-
-
-def response_fields(resp: ResponseHead, extra: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
-    """An HTTP/1.1 response head as HTTP/2 fields: ``:status``, names lower-cased, hop-by-hop
-    fields dropped (those Connection names too), content-length dropped beside chunked (the
-    body goes out de-chunked), and the proxy's ``extra`` lines (``Name: value``) added."""
-    drop = headers.HOP_BY_HOP
-    if resp.connection:
-        drop = drop | (resp.connection - _NEVER_DROPPED)
-    if resp.chunked:
-        drop = drop | {b"content-length"}
-    fields = [(b":status", b"%d" % resp.status)]
-    for name, value in resp.headers:
-        lname = name.lower()
-        if lname not in drop:
-            fields.append((lname, value))
-    for line in extra:
-        name, _, value = line.partition(b":")
-        fields.append((name.strip().lower(), value.strip()))
-    return fields
-
-
-def error_response(
-    status: int, reason: str, extra: tuple[tuple[str, str], ...]
-) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """The proxy's own short answer (``status``, a line of text saying ``reason``, the
-    ``extra`` fields such as Retry-After) as HTTP/2 fields and a body."""
-    title = headers.REASONS.get(status, "Error")
-    body = f"{status} {title}{': ' + reason if reason else ''}\n".encode()
-    fields = [
-        (b":status", b"%d" % status),
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", b"%d" % len(body)),
-        (b"cache-control", b"no-store"),
-    ]
-    fields.extend((k.lower().encode(), v.encode()) for k, v in extra)
-    return fields, body
 
 
 def _cut(ex: Exchange) -> None:

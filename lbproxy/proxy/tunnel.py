@@ -98,8 +98,10 @@ class Tunnel(TunnelBase):
         on_close: Any = None,
         policy: WebSocketPolicy | None = None,
         shapers: Bandwidth | None = None,
+        protocol: str = "HTTP/1.1",
     ) -> None:
         super().__init__(loop, client, upstream, listener, policy, shapers)
+        self.protocol = protocol  # the client's, for the access log ("HTTP/2": RFC 8441)
         self.group = group
         self.server = server
         self.idle = idle_timeout
@@ -293,6 +295,7 @@ class Tunnel(TunnelBase):
                 messages_in=m_in,
                 messages_out=m_out,
                 close_code=code,
+                protocol=self.protocol,
             )
         if self.slot is not None:
             self.slot.release()

@@ -61,6 +61,7 @@ class TunnelBase:
         "loop",
         "msg_size",
         "policy",
+        "protocol",
         "shapers",
         "stamp",
         "tokens",
@@ -90,6 +91,7 @@ class TunnelBase:
         self.msg_size = 0  # bytes of the client's current message so far (its frames' lengths)
         self.tokens = float(policy.burst) if policy is not None else 0.0  # the rate's bucket
         self.stamp = self.last  # when the bucket was last filled
+        self.protocol = "HTTP/1.1"  # the client's ("HTTP/2": a stream, RFC 8441)
 
     def other(self, end: End) -> End:
         ends = self.ends
@@ -200,7 +202,8 @@ class End(asyncio.Protocol):
         # side pauses while the cap (``capped``) or the peer's full buffer (``blocked``) says.
         shapers = tunnel.shapers
         self.shaper: Shaper | None = None
-        if shapers is not None:
+        if shapers is not None and not (is_client and tunnel.protocol == "HTTP/2"):
+            # (An HTTP/2 client's bytes were spent by its connection, frames and all.)
             self.shaper = shapers.inbound if is_client else shapers.outbound
         self.capped = False
         self.blocked = False

@@ -264,6 +264,28 @@ def unacked(proxy: Proxy) -> int:
     return sum(s.unacked for c in h2_connections(proxy) for s in c.streams.values())
 
 
+async def test_a_small_response_ends_in_its_data_frame(make_backend, make_proxy, cert):
+    """The body's last bytes carry END_STREAM when the response ends in the same turn of the
+    loop: HEADERS and one DATA frame, no empty DATA frame to end the stream (issue 24: a
+    frame's h2 work is a measurable part of a request); the proxy's own answers too."""
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert, limits={"requests_per_second": 1}))
+    addr = proxy.listeners.address("secure")
+    c = await RawH2.connect(addr.host, addr.port, cert[0])
+    for status in ("200", "429"):  # the backend's answer, then the proxy's own
+        sid = c.request("/whoami")
+        frames = []
+        while not frames or "END_STREAM" not in frames[-1].flags:
+            f = await c.frame()
+            assert f is not None
+            if f.stream_id == sid:
+                frames.append(f)
+        assert [type(f) for f in frames] == [HeadersFrame, DataFrame], frames
+        assert c.decode(frames[0])[":status"] == status
+        assert frames[1].data and "END_STREAM" in frames[1].flags
+    c.close()
+
+
 async def test_large_download_to_a_client_that_stops_reading_is_flow_controlled(
     make_backend, make_proxy, cert
 ):

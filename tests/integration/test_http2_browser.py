@@ -1,7 +1,8 @@
 """The chat page over HTTP/2 in headless Chromium through lbproxy (issue 15): the browser
-reports ``h2`` for the page and its assets, and the page's WebSocket, which Chromium opens on
-a separate HTTP/1.1 connection (lbproxy does not offer RFC 8441's extended CONNECT), works
-across two backends. Fails (never skips) when no Chromium is installed."""
+reports ``h2`` for the page and its assets, and the page's WebSocket works across two
+backends: with ``http2_websocket`` (issue 24) as an RFC 8441 stream of the page's HTTP/2
+connection, without it on a separate HTTP/1.1 connection, as lbproxy's own counters and
+access log show. Fails (never skips) when no Chromium is installed."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import pytest
 from backends.chat.app import ChatServer
 from backends.chat.bus import MemoryBus
 from lbproxy.proxy.http2 import Http2Connection
+from lbproxy.proxy.tunnel import Tunnel
 from tests.backends.cdp import Browser, find_chromium
 from tests.hardening import make_cert, openssl_available
-from tests.support import config_doc
+from tests.support import config_doc, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,8 +49,9 @@ async def bus() -> AsyncIterator[MemoryBus]:
     await bus.close()
 
 
+@pytest.mark.parametrize("h2_websocket", [True, False], ids=["rfc8441", "http1-websocket"])
 async def test_chat_page_loads_over_http2_and_its_websocket_works(
-    make_proxy, bus: MemoryBus, tmp_path: Path
+    make_proxy, bus: MemoryBus, tmp_path: Path, h2_websocket: bool
 ):
     openssl_available()
     cert, key = make_cert(str(tmp_path), "chat")
@@ -60,7 +63,11 @@ async def test_chat_page_loads_over_http2_and_its_websocket_works(
     await a.start()
     await b.start()
     doc = config_doc([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
-    doc["listeners"][0].update(protocol="https", tls={"cert": cert, "key": key})
+    doc["listeners"][0].update(
+        protocol="https", tls={"cert": cert, "key": key}, http2_websocket=h2_websocket
+    )
+    log_path = tmp_path / "access.log"
+    doc["access_log"] = {"enabled": True, "format": "json", "path": str(log_path)}
     doc["server_groups"]["rs1"]["scheduler"] = "rr"
     proxy = await make_proxy(doc)
     addr = proxy.listeners.address("web")
@@ -95,13 +102,29 @@ async def test_chat_page_loads_over_http2_and_its_websocket_works(
         await bob.wait_for("document.querySelectorAll('#messages li.msg').length === 1")
         text = await bob.eval("document.querySelector('#messages li.msg .text').textContent")
         assert text == "hello over h2"
-        # The pages came over HTTP/2 connections; the WebSockets live as tunnels that
-        # started on HTTP/1.1 connections of the same listener.
+        # The pages came over HTTP/2 connections. With http2_websocket the WebSockets are
+        # streams of it (no HTTP/1.1 request at all: the upgrade would be one); without it,
+        # tunnels that started on HTTP/1.1 connections of the same listener.
         stats = proxy.registry.listeners["web"]
         assert stats.protocols.get("HTTP/2", 0) >= 2
         assert sum(s.ws_total.get("web", 0) for s in proxy.registry.servers.values()) == 2
         assert any(isinstance(c, Http2Connection) for c in proxy.connections())
+        live = [c.protocol for c in proxy.connections() if isinstance(c, Tunnel)]
+        if h2_websocket:
+            assert live == ["HTTP/2", "HTTP/2"]
+            assert "HTTP/1.1" not in stats.protocols, stats.protocols
+            h2_conns = [c for c in proxy.connections() if isinstance(c, Http2Connection)]
+            # The pages' one HTTP/2 connection carries both WebSocket streams.
+            assert sum(1 for c in h2_conns if any(s.carrier for s in c.streams.values())) == 1
+        else:
+            assert live == ["HTTP/1.1", "HTTP/1.1"]
+            assert stats.protocols.get("HTTP/1.1") == 2  # the two upgrades
     finally:
         await browser.close()
         await a.close()
         await b.close()
+    await wait_for(lambda: not any(isinstance(c, Tunnel) for c in proxy.connections()))
+    proxy.access.close()
+    lines = [json.loads(x) for x in log_path.read_text().splitlines()]
+    ws = [(x["protocol"], x["status"]) for x in lines if x["type"] == "websocket"]
+    assert ws == [("HTTP/2", 200)] * 2 if h2_websocket else [("HTTP/1.1", 101)] * 2

@@ -400,6 +400,7 @@ LISTENER_KEYS = (
     "acl",
     "proxy_protocol",
     "http2",
+    "http2_websocket",
     "websocket",
     "x_forwarded_proto",
     "x_forwarded_port",

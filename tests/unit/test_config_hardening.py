@@ -199,6 +199,15 @@ def test_http2_defaults_on_and_only_on_https() -> None:
     ]
 
 
+def test_http2_websocket_defaults_off_and_needs_https_with_http2() -> None:
+    tls = {"cert": "c.pem", "key": "k.pem"}
+    assert listener(protocol="https", tls=tls).http2_websocket is False
+    assert listener(protocol="https", tls=tls, http2_websocket=True).http2_websocket is True
+    wrong = "listeners[0].http2_websocket: only used with protocol: https and http2 (RFC 8441)"
+    assert problems(doc(http2_websocket=True)) == [wrong]
+    assert problems(doc(protocol="https", tls=tls, http2=False, http2_websocket=True)) == [wrong]
+
+
 @pytest.fixture(scope="module")
 def pems(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
     d = tmp_path_factory.mktemp("pems")

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from lbproxy.proxy.http2_stream import request_head, response_fields
+from lbproxy.proxy.http2_fields import (
+    extended_connect,
+    request_head,
+    response_fields,
+    websocket_fields,
+)
 from lbproxy.wire.http1 import Limits, ParseError, parse_response_head
 
 BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.example:8443"),
@@ -56,4 +61,49 @@ def test_response_fields_drop_connection_headers_and_lower_case_names() -> None:
         (b"content-type", b"text/plain"),
         (b"set-cookie", b"a=1"),
         (b"set-cookie", b"SERVERID=abc; Path=/"),
+    ]
+
+
+WS_CONNECT = [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"),
+              (b":authority", b"a.example"), (b":path", b"/ws?room=1"),
+              (b"sec-websocket-version", b"13"), (b"sec-websocket-protocol", b"chat"),
+              (b"sec-websocket-key", b"client-sent")]  # fmt: skip
+
+
+def test_extended_connect_becomes_an_http1_upgrade() -> None:
+    assert extended_connect(WS_CONNECT) and not extended_connect(BASE)
+    req = request_head(WS_CONNECT, False, Limits(), b"S0VZa2V5a2V5a2V5a2V5a2V5")
+    assert (req.method, req.target, req.upgrade) == (b"GET", b"/ws?room=1", b"websocket")
+    assert b"upgrade" in req.connection and not req.chunked and req.content_length is None
+    assert req.headers == [
+        (b"host", b"a.example"),
+        (b"sec-websocket-version", b"13"),
+        (b"sec-websocket-protocol", b"chat"),
+        (b"connection", b"upgrade"),
+        (b"upgrade", b"websocket"),
+        (b"sec-websocket-key", b"S0VZa2V5a2V5a2V5a2V5a2V5"),  # ours, never the client's
+    ]
+
+
+def test_extended_connect_refused_without_the_option_or_for_another_protocol() -> None:
+    with pytest.raises(ParseError) as e:
+        request_head(WS_CONNECT, False, Limits())  # no key: http2_websocket is off
+    assert e.value.status == 501
+    other = [(k, b"webtransport" if k == b":protocol" else v) for k, v in WS_CONNECT]
+    with pytest.raises(ParseError) as e:
+        request_head(other, False, Limits(), b"key")
+    assert e.value.status == 501
+
+
+def test_the_200_keeps_only_the_chosen_subprotocol_and_extensions() -> None:
+    resp = parse_response_head(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: abc\r\nSec-WebSocket-Protocol: chat\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate\r\nX-Other: 1\r\n\r\n"
+    )
+    assert resp is not None
+    assert websocket_fields(resp) == [
+        (b":status", b"200"),
+        (b"sec-websocket-protocol", b"chat"),
+        (b"sec-websocket-extensions", b"permessage-deflate"),
     ]
