@@ -21,7 +21,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import core_schema
 
 from .declare import Items, Loc, Problem, declared, given, problems_of
-from .groups import ServerChange, ServerGroup
+from .groups import ServerChange, ServerGroup, ShedRequest
 from .leaves import (
     AdminHost,
     BindAddress,
@@ -335,6 +335,7 @@ CONFIG: TypeAdapter[Config] = TypeAdapter(Config)
 
 
 SERVER_CHANGE: TypeAdapter[ServerChange] = TypeAdapter(ServerChange)
+SHED_REQUEST: TypeAdapter[ShedRequest] = TypeAdapter(ShedRequest)
 
 
 def parse_config(doc: Any) -> Config:
@@ -377,5 +378,13 @@ def parse_server_change(body: Any) -> tuple[list[str], ServerChange | None]:
     """A runtime API body (``admin``): (problems, the change); every problem at once."""
     try:
         return [], SERVER_CHANGE.validate_python(body)
+    except ValidationError as exc:
+        return [_problem(loc, message) for loc, message in problems_of(exc)], None
+
+
+def parse_shed(body: Any) -> tuple[list[str], ShedRequest | None]:
+    """A ``POST /-/servers/.../shed`` body (``admin``): (problems, the request)."""
+    try:
+        return [], SHED_REQUEST.validate_python(body)
     except ValidationError as exc:
         return [_problem(loc, message) for loc, message in problems_of(exc)], None

@@ -178,6 +178,7 @@ class Proxy:
         if self.role.check:
             await self.checker.warm(self.servers.to_warm(None, snap))
         self.servers.sync(snap)
+        self.servers.ramps.publish_all()
         if self.role.check:
             self.checker.apply(snap)
             self.discovery.apply(snap.config, self.discovered)
@@ -185,6 +186,7 @@ class Proxy:
             self.listeners.accept()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
             self.idle_tunnels.start()
+            self.servers.mover.start()
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Load the config file again and swap it in, or change nothing and say why."""
@@ -276,6 +278,7 @@ class Proxy:
         self.access.configure(config.access_log)
         self.servers.retire(changes)
         self.servers.begin_drains(draining, old)
+        self.servers.joined(changes.added_servers)
         self.servers.sync(snap)
         if self.role.check:
             self.checker.apply(snap)

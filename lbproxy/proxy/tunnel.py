@@ -173,11 +173,16 @@ class Tunnel(TunnelBase):
         assert ends is not None
         ends[1].inject(close_frame(code, masked=False))
 
+    def midway(self) -> bool:
+        """A message is passing (either way): a rebalance leaves the tunnel alone for now."""
+        ends = self.ends
+        return ends is not None and (ends[0].midway or ends[1].midway)
+
     # ------------------------------------------------------------------ the proxy closes it
     def go_away(self, code: int, reason: str) -> None:
         """Close the WebSocket cleanly: a close frame with ``code`` to each side at its next
         frame boundary, then the close handshake for at most WS_CLOSE_HANDSHAKE_TIMEOUT.
-        ``reason`` ("drain", "shutdown") is what the tunnel's end is counted as."""
+        ``reason`` ("drain", "rebalance", "shutdown") is what the tunnel's end is counted as."""
         if self.closed or self.ending is not None:
             return
         self.ending = reason

@@ -18,6 +18,7 @@ from lbproxy.core.balancer import (
     WeightedLeastConnections,
     make_scheduler,
 )
+from lbproxy.core.slow_start import SCALE
 
 
 @dataclass(slots=True)
@@ -25,6 +26,11 @@ class Srv:
     id: str
     weight: int = 100
     active: int = 0
+    ramp: int | None = None  # slow start: the effective weight in force, None: full
+
+    @property
+    def effective(self) -> int:
+        return self.weight * SCALE if self.ramp is None else min(self.ramp, self.weight * SCALE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +38,10 @@ class FrozenSrv:
     id: str
     weight: int
     active: int
+
+    @property
+    def effective(self) -> int:
+        return self.weight * SCALE
 
 
 def servers(*names: str, weight: int = 100) -> list[Srv]:
