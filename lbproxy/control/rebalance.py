@@ -7,6 +7,10 @@ them, each as a drain does (``Tunnel.go_away``: a close frame toward each side a
 boundary, then the close handshake), spread evenly in time, counted in
 ``lbproxy_websockets_rebalanced_total`` and logged with ``close_reason=rebalance``.
 
+A move closes toward the client first (``client_first``): what the client sends until its
+close frame still reaches the server, which then gets a masked 1001 in its place; so no
+message a client sent before its close frame is lost.
+
 Which tunnels: the ones idle longest (the least activity lost), never one in the middle of a
 message either way (``Tunnel.midway``; it is passed over for the next). A round's closes
 stop as soon as the group's spread is within tolerance again. While tunnels are moved off a
@@ -98,7 +102,7 @@ class _Job:
                 continue
             server.stats.ws_rebalanced += 1
             self.moved += 1
-            t.go_away(self.code, "rebalance")
+            t.go_away(self.code, "rebalance", client_first=True)
             break
         self.arm()
 

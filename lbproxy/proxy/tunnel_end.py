@@ -54,6 +54,7 @@ class TunnelBase:
         "bytes_in",
         "bytes_out",
         "client",
+        "client_first",
         "closed",
         "ends",
         "last",
@@ -84,6 +85,10 @@ class TunnelBase:
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed = False
+        # A move (rebalance, shed): the close went to the client only; what the client sends
+        # until its close frame still reaches the server, and the server's 1001 takes the
+        # place of the client's close frame (``End._frames``), so no message is lost.
+        self.client_first = False
         self.ends: tuple[End, End] | None = None  # (client side, server side)
         self.policy = policy  # limits on the client's messages (listeners[].websocket)
         self.shapers = shapers  # the listener's bandwidth cap (listeners[].bandwidth)
@@ -333,6 +338,20 @@ class End(asyncio.Protocol):
                     self.messages += 1
                     t.count_messages(self.is_client)
             elif op == OP_CLOSE:
+                if (
+                    self.is_client
+                    and t.client_first
+                    and self.mode == _FORWARD
+                    and not partial
+                    and hstart >= start
+                ):
+                    # The client answers a move: everything before its close frame went on;
+                    # the server gets the proxy's 1001 in its place (and it is the reply).
+                    if hstart > start:
+                        self.peer.write(data[start:hstart])
+                    start = n
+                    self.pending = close_frame(GOING_AWAY, masked=True)
+                    self._inject_now()
                 if hdr.length >= 2:
                     self.capture = b""
                     self.cmask = hdr.mask
