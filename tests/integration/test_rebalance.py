@@ -60,13 +60,21 @@ class Client:
         self.codes: list[int | None] = []  # close codes the proxy sent it
         self.backend = ""
         self.connects = 0
+        self.cookie = ""  # the insert cookie the proxy set ("name=value"), sent back
+        self.repinned = 0  # answers that set it (the first, and each re-pin)
         self.stop = False
         self.task = asyncio.ensure_future(self.run())
 
     async def run(self) -> None:
         seq = 0
         while not self.stop:
-            ws = await self.session.ws_connect(self.url)
+            # The insert cookie kept by hand: a cookie jar does not take one from a 101.
+            headers = {"Cookie": self.cookie} if self.cookie else {}
+            ws = await self.session.ws_connect(self.url, headers=headers)
+            set_cookie = ws._response.headers.get("Set-Cookie")
+            if set_cookie:
+                self.cookie = set_cookie.split(";", 1)[0]
+                self.repinned += 1
             self.connects += 1
             await ws.send_str("whoami")
             hello = await ws.receive()
@@ -123,7 +131,7 @@ async def test_scale_out_rebalances_open_websockets(make_backend, make_proxy, st
     doc = config_doc([a.address, b.address], group=group)
     proxy = await make_proxy(doc)
     url = proxy_url(proxy, path="/ws")
-    sessions = [aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) for _ in range(N)]
+    sessions = [aiohttp.ClientSession() for _ in range(N)]
     clients: list[Client] = []
     try:
         clients = [Client(i, url, sessions[i]) for i in range(N)]
@@ -151,6 +159,10 @@ async def test_scale_out_rebalances_open_websockets(make_backend, make_proxy, st
         await asyncio.sleep(1.5)
         assert sum(s.stats.ws_rebalanced for s in servers(proxy)) - before <= 3
         await wait_for(lambda: all(cl.backend for cl in clients), 20, "every client back")
+        if sticky:
+            assert all(cl.cookie for cl in clients)
+            # The moved clients were pinned anew (a second Set-Cookie), not sent back.
+            assert sum(cl.repinned - 1 for cl in clients) >= open_on(server(proxy, c)) - 2
     finally:
         for cl in clients:
             cl.stop = True
@@ -172,3 +184,94 @@ def servers(proxy: Proxy) -> tuple[ServerState, ...]:
 
 def server(proxy: Proxy, backend: Any) -> ServerState:
     return proxy.holder.current.groups["rs1"].by_id[f"rs1/{backend.address}"]
+
+
+# ------------------------------------------------------------------ shed by hand
+
+
+async def test_shed_api_closes_a_share_over_a_window(make_backend, make_proxy, make_admin):
+    a = await make_backend("A", app=recording_app)
+    b = await make_backend("B", app=recording_app)
+    doc = config_doc([a.address, b.address], group={"health_check": {"enabled": False}})
+    doc["server_groups"]["rs1"]["servers"][1]["weight"] = 0  # everything on A
+    proxy = await make_proxy(doc)
+    admin = await make_admin(proxy)
+    base = f"http://{admin.address}/-/servers"
+    async with aiohttp.ClientSession() as s:
+        tunnels = [await s.ws_connect(proxy_url(proxy, path="/ws")) for _ in range(10)]
+        await wait_for(lambda: open_on(server(proxy, a)) == 10, what="10 tunnels on A")
+
+        async def post(path: str, body: Any, status: int) -> Any:
+            async with s.post(f"{base}/{path}/shed", json=body) as r:
+                assert r.status == status, await r.text()
+                return await r.json()
+
+        assert (await post(f"nope/{a.address}", {"count": 1}, 404))["errors"] == [
+            "no server group 'nope'"
+        ]
+        assert (await post("rs1/127.0.0.1:1", {"count": 1}, 404))["errors"] == [
+            "no server '127.0.0.1:1' in group 'rs1'"
+        ]
+        bad = await post(f"rs1/{a.address}", {"fraction": 2}, 400)
+        assert bad["errors"] == ["fraction: expected a number above 0 and at most 1, got 2"]
+        await post(f"rs1/{a.address}", {"fraction": 0.5, "count": 1}, 400)
+        headers = {"Content-Type": "application/json"}
+        async with s.post(f"{base}/rs1/{a.address}/shed", data=b"{", headers=headers) as r:
+            assert r.status == 400
+            assert (await r.json())["errors"][0].startswith("the body is not JSON")
+
+        got = await post(f"rs1/{a.address}", {"fraction": 0.5, "over": "1s"}, 200)
+        assert got == {"result": "ok", "server": f"rs1/{a.address}", "scheduled": 5, "over": 1.0}
+        # The idle-longest first: the first five opened (none has sent anything since).
+        closes = await asyncio.gather(*(asyncio.wait_for(ws.receive(), 20) for ws in tunnels[:5]))
+        assert {(m.type, m.data) for m in closes} == {(WSMsgType.CLOSE, 1012)}
+        assert server(proxy, a).stats.ws_rebalanced == 5
+        await wait_for(lambda: open_on(server(proxy, a)) == 5, what="five left")
+        assert all(not ws.closed for ws in tunnels[5:])
+        async with s.get(base) as r:
+            view = {x["address"]: x for x in await r.json()}
+        assert view[a.address]["websockets_active"] == 5
+        for ws in tunnels:
+            await ws.close()
+
+
+async def test_a_move_loses_no_message_the_client_sent_before_its_close(make_backend, make_proxy):
+    """The client keeps sending while the proxy's 1012 is on its way: whatever it sent before
+    it saw the close frame reaches the server (the server's 1001 takes the place of the
+    client's close frame)."""
+    a = await make_backend("A", app=recording_app)
+    doc = config_doc([a.address], group={"health_check": {"enabled": False}})
+    proxy = await make_proxy(doc)
+    async with aiohttp.ClientSession() as s:
+        for round_ in range(5):
+            ws = await s.ws_connect(proxy_url(proxy, path="/ws"))
+            sent: list[str] = []
+            seen_close = asyncio.Event()
+
+            async def sender(
+                ws: Any = ws, sent: list[str] = sent, ev: Any = seen_close, r: int = round_
+            ) -> None:
+                i = 0
+                while not ev.is_set() and not ws.closed:
+                    text = f"r{r}-{i}-" + "x" * 200
+                    await ws.send_str(text)
+                    sent.append(text)
+                    i += 1
+                    if i % 20 == 0:
+                        await asyncio.sleep(0)  # let the receiver see the close
+
+            async def receiver(ws: Any = ws, ev: Any = seen_close) -> Any:
+                msg = await ws.receive()
+                ev.set()
+                return msg
+
+            task = asyncio.ensure_future(sender())
+            await wait_for(lambda sent=sent: len(sent) > 200, what="the client sending")
+            rx = asyncio.ensure_future(receiver())
+            assert proxy.servers.shed(server(proxy, a), None, 1, 0.0) == 1
+            msg = await asyncio.wait_for(rx, 20)
+            await asyncio.wait_for(task, 20)
+            assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1012)
+            await wait_for(
+                lambda sent=sent: set(sent) <= a.app[RECEIVED], 10, "every message sent before"
+            )
