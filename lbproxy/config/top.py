@@ -79,7 +79,8 @@ class Admin:
             description=(
                 "the admin listener (never one of the proxied listeners): `GET /` status "
                 "page, `GET /status` JSON, `GET /metrics` Prometheus, `GET /healthz`, `POST "
-                "/-/reload`, `GET /-/servers` and `PUT /-/servers/{group}/{host:port}` (see "
+                "/-/reload`, `GET /-/servers`, `PUT /-/servers/{group}/{host:port}` and `POST "
+                "/-/servers/{group}/{host:port}/shed` (see "
                 "[Runtime server state](#runtime-server-state)). Loopback unless you bind it "
                 "elsewhere; off loopback it needs a token or `insecure: true` (see [Securing "
                 "the admin listener](#securing-the-admin-listener)). A reload that changes it "
