@@ -573,8 +573,6 @@ class ShedRequest:
 
     @staticmethod
     def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
-        if not isinstance(raw, Mapping):
-            return []
         given_keys = [k for k in ("fraction", "count") if k in raw]
         if len(given_keys) != 1:
             return [((), 'expected a JSON object with "fraction" (0..1) or "count", and "over"')]

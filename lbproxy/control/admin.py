@@ -142,18 +142,22 @@ def status(
                     "health_checks": dict(st.health_checks),
                 }
             )
-        rebalance = None
-        if g.config.rebalance is not None:
+        # Tunnels being moved: a shed or a rebalance round here, or (the supervisor, whose
+        # workers move theirs) a group with rebalance whose spread is out of tolerance.
+        cfg_rb = g.config.rebalance
+        balanced = None
+        if cfg_rb is not None:
             spread = [
                 Load(s.id, sum(reg.servers.get(s.id, s.stats).ws_active.values()), s.effective)
                 for s in g.available()
             ]
-            rebalance = {
-                "tolerance": g.config.rebalance.tolerance,
-                "within_tolerance": within(spread, g.config.rebalance.tolerance),
-                "in_progress": proxy.servers.mover.in_progress(g.name)
-                or not within(spread, g.config.rebalance.tolerance),
-            }
+            balanced = within(spread, cfg_rb.tolerance)
+        rebalance = {
+            "enabled": cfg_rb is not None,
+            "tolerance": cfg_rb.tolerance if cfg_rb is not None else None,
+            "within_tolerance": balanced,
+            "in_progress": proxy.servers.mover.in_progress(g.name) or balanced is False,
+        }
         groups.append(
             {
                 "name": g.name,

@@ -122,8 +122,8 @@ def render_status_page(st: dict[str, Any]) -> str:
         rb = g.get("rebalance")
         if rb is not None and rb["in_progress"]:
             add(
-                "<p class='rebalance'>Rebalance in progress: moving WebSockets toward each "
-                f"server's fair share (tolerance {_e(rb['tolerance'])})</p>"
+                "<p class='rebalance'>Rebalance in progress: moving WebSockets off "
+                "servers (a rebalance toward each server's fair share, or a shed)</p>"
             )
         add("<table><tr><th>server</th><th>state</th><th>weight</th><th>last check</th>")
         add("<th>latency</th><th>open</th><th>websockets</th><th>ws total</th>")

@@ -220,8 +220,13 @@ async def test_shed_api_closes_a_share_over_a_window(make_backend, make_proxy, m
             assert r.status == 400
             assert (await r.json())["errors"][0].startswith("the body is not JSON")
 
-        got = await post(f"rs1/{a.address}", {"fraction": 0.5, "over": "1s"}, 200)
-        assert got == {"result": "ok", "server": f"rs1/{a.address}", "scheduled": 5, "over": 1.0}
+        got = await post(f"rs1/{a.address}", {"fraction": 0.5, "over": "3s"}, 200)
+        assert got == {"result": "ok", "server": f"rs1/{a.address}", "scheduled": 5, "over": 3.0}
+        async with s.get(f"http://{admin.address}/status") as r:
+            (group,) = (await r.json())["server_groups"]
+        assert group["rebalance"]["in_progress"] is True
+        async with s.get(f"http://{admin.address}/") as r:
+            assert "Rebalance in progress" in await r.text()
         # The idle-longest first: the first five opened (none has sent anything since).
         closes = await asyncio.gather(*(asyncio.wait_for(ws.receive(), 20) for ws in tunnels[:5]))
         assert {(m.type, m.data) for m in closes} == {(WSMsgType.CLOSE, 1012)}
@@ -231,6 +236,15 @@ async def test_shed_api_closes_a_share_over_a_window(make_backend, make_proxy, m
         async with s.get(base) as r:
             view = {x["address"]: x for x in await r.json()}
         assert view[a.address]["websockets_active"] == 5
+        async with s.get(f"http://{admin.address}/status") as r:
+            (group,) = (await r.json())["server_groups"]
+        assert group["rebalance"] == {
+            "enabled": False,
+            "tolerance": None,
+            "within_tolerance": None,
+            "in_progress": False,
+        }
+        assert group["servers"][0]["websockets_rebalanced"] == 5
         for ws in tunnels:
             await ws.close()
 

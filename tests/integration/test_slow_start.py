@@ -49,12 +49,15 @@ async def test_a_joining_server_ramps_up(make_backend, make_proxy, make_admin, s
                     view = {x["address"]: x for x in await r.json()}
                 async with s.get(f"http://{admin.address}/metrics") as r:
                     metrics = await r.text()
+                async with s.get(f"http://{admin.address}/") as r:
+                    page = await r.text()
         await wait_for(lambda: loop.time() - started > WINDOW, WINDOW + 1, "the window's end")
         late = await names(90)
 
     assert 0 <= view[c.address]["slow_start"] < 0.5, view[c.address]
     assert view[c.address]["effective_weight"] < 50
     assert view[a.address]["slow_start"] is None and view[a.address]["effective_weight"] == 100
+    assert "(slow start " in page
     gauge = f'lbproxy_backend_effective_weight{{server="{c.address}",server_group="rs1"}}'
     assert gauge in metrics
     early_share = early.count("C") / len(early)
