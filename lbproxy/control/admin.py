@@ -349,7 +349,6 @@ class AdminServer:
             return _error(400, *problems)
         if self.workers is not None:
             scheduled = await self.workers.shed(sid, req.fraction, req.count, req.over)
-            server.relieved_until = 0.0  # the workers' own clocks mark theirs
         else:
             scheduled = self.proxy.servers.shed(server, req.fraction, req.count, req.over)
         return web.json_response(

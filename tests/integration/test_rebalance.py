@@ -8,6 +8,7 @@ before its close frame was lost, and the proxy's own counts say where the tunnel
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
@@ -249,12 +250,16 @@ async def test_shed_api_closes_a_share_over_a_window(make_backend, make_proxy, m
             await ws.close()
 
 
-async def test_a_move_loses_no_message_the_client_sent_before_its_close(make_backend, make_proxy):
+async def test_a_move_loses_no_message_the_client_sent_before_its_close(
+    make_backend, make_proxy, tmp_path
+):
     """The client keeps sending while the proxy's 1012 is on its way: whatever it sent before
     it saw the close frame reaches the server (the server's 1001 takes the place of the
     client's close frame)."""
     a = await make_backend("A", app=recording_app)
     doc = config_doc([a.address], group={"health_check": {"enabled": False}})
+    log = tmp_path / "access.log"
+    doc["access_log"] = {"enabled": True, "format": "json", "path": str(log)}
     proxy = await make_proxy(doc)
     async with aiohttp.ClientSession() as s:
         for round_ in range(5):
@@ -289,3 +294,9 @@ async def test_a_move_loses_no_message_the_client_sent_before_its_close(make_bac
             await wait_for(
                 lambda sent=sent: set(sent) <= a.app[RECEIVED], 10, "every message sent before"
             )
+    # Each move is logged as such, with the code the client got.
+    await wait_for(
+        lambda: log.exists() and len(log.read_text().splitlines()) == 5, 10, "5 access-log lines"
+    )
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert {(x["close_reason"], x["close_code"]) for x in lines} == {("rebalance", "1012")}
