@@ -8,7 +8,7 @@ a close frame answer it and reconnect after a random 0-0.5 s (as the chat page d
 The third server joins by a reload (``POST /-/reload``); /-/servers is polled every 0.25 s.
 The proxy's CPU is utime + stime from /proc over the measured window.
 
-Run: ``.venv/bin/python -m bench.scaleout [--tunnels 5000] [--rate 100] [--wait 30]``
+Run: ``.venv/bin/python -m bench.scaleout [--tunnels 5000] [--rates 100,20] [--wait 120]``
 """
 
 from __future__ import annotations
@@ -123,7 +123,15 @@ def _config(path: Path, ports: list[int], listen: int, admin: int, rate: int | N
     if rate is not None:
         group["rebalance"] = {"tolerance": TOLERANCE, "rate": rate}
     doc = {
-        "listeners": [{"name": "web", "bind": f"127.0.0.1:{listen}", "server_group": "chat"}],
+        # Idle clients: the idle timeout must not close them during a long run.
+        "listeners": [
+            {
+                "name": "web",
+                "bind": f"127.0.0.1:{listen}",
+                "server_group": "chat",
+                "idle_timeout": "1h",
+            }
+        ],
         "server_groups": {"chat": group},
         "admin": {"bind": f"127.0.0.1:{admin}"},
         "access_log": {"enabled": False},
@@ -211,7 +219,8 @@ async def scenario(tunnels: int, rate: int | None, wait: float) -> dict[str, Any
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    for rate in (args.rate, None):
+    rates: list[int | None] = [int(x) for x in args.rates.split(",")]
+    for rate in [*rates, None]:
         r = await scenario(args.tunnels, rate, args.wait)
         print(json.dumps(r), flush=True)
 
@@ -219,8 +228,8 @@ async def main_async(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--tunnels", type=int, default=5000)
-    p.add_argument("--rate", type=int, default=100)
-    p.add_argument("--wait", type=float, default=60.0, help="give up on balance after this")
+    p.add_argument("--rates", default="100,20", help="rebalance rates to try (then without)")
+    p.add_argument("--wait", type=float, default=120.0, help="give up on balance after this")
     args = p.parse_args(argv)
     raise_nofile()
     uvloop.run(main_async(args))
