@@ -121,3 +121,41 @@ def test_no_window_no_ramp() -> None:
     server = snap.groups["g"].servers[0]
     ramps.begin(server, snap.groups["g"].config.slow_start, "joined")
     assert server.ramp_since is None and server.effective == server.weight * SCALE
+
+
+def test_ramps_begin_when_a_server_joins_comes_back_up_or_is_ready_again() -> None:
+    from lbproxy.control.server_control import ServerControl
+    from lbproxy.core.health import State, Transition
+
+    state = RuntimeState(metrics.Registry())
+    snap, _ = state.build(doc(servers=("127.0.0.1:5001", "127.0.0.1:5002")))
+    state.commit(snap)
+    holder = Holder(snap)
+    control = ServerControl(state, state.registry, holder, checks=False)
+    a, b = snap.groups["g"].servers
+    assert a.ramp_since is None and b.ramp_since is None  # at start: none
+    # DOWN -> UP (the checker's transition, or the supervisor's view in a worker).
+    a.health.state = State.UP
+    control.transition(a, Transition(State.UP, State.DOWN, "test"))
+    assert a.ramp_since is None
+    control.transition(a, Transition(State.DOWN, State.UP, "test"))
+    assert a.ramp_since is not None and a.effective == 1
+    control.set_health({b.id: "down"})
+    control.set_health({b.id: "up"})
+    assert b.ramp_since is not None
+    # Ready again after a drain through the runtime API.
+    a.ramp_since = None
+    control.set_server_state(a.id, weight=0)
+    assert a.ramp_since is None and a.effective == 0
+    control.set_server_state(a.id, weight=100)
+    assert a.ramp_since is not None and a.effective == 1
+    # Joined by a reload: the new server ramps, the kept ones do not start again.
+    since = b.ramp_since
+    snap2, changes = state.build(doc(servers=("127.0.0.1:5001", "127.0.0.1:5002", "10.0.0.9:1")))
+    state.commit(snap2)
+    holder.current = snap2
+    control.joined(changes.added_servers)
+    (c,) = changes.added_servers
+    assert c.ramp_since is not None and b.ramp_since == since
+    assert set(state.registry.backend_weight) == {a.id, b.id, c.id}
+    control.close()
