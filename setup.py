@@ -37,6 +37,8 @@ INTERPRETED = frozenset(
         "control.checker",
         "control.discovery",  # DNS lookups on a timer (its decisions: core.dns, drain too)
         "control.drain",
+        "control.ramp",  # slow starts: a timer a few dozen times per window
+        "control.rebalance",  # a look once a second, closes spread over it
         "control.loading",
         "control.reload",
         "control.status_page",
