@@ -467,9 +467,15 @@ async def test_an_instance_with_workers_is_part_of_the_fleet(
         return await members() == want
 
     await wait_for(all_members, 3.0, "lb-0 and both workers in the view")
-    async with c.session.get(f"{c.admin}/-/cluster") as r:
-        theirs = await r.json()
-    assert theirs["name"] == "lbw" and {i["name"] for i in theirs["instances"]} == want
+
+    async def supervisor_sees_all() -> bool:
+        # Its own view refreshes on its own timer: it may lag lb-0's by a refresh.
+        async with c.session.get(f"{c.admin}/-/cluster") as r:
+            theirs = await r.json()
+        assert theirs["name"] == "lbw"
+        return {i["name"] for i in theirs["instances"]} == want
+
+    await wait_for(supervisor_sees_all, 3.0, "the supervisor's view to list the same members")
     await put(fleet.admins[0], b, {"admin_state": "drain"})
 
     async def drained() -> bool:
