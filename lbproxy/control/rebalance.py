@@ -28,6 +28,7 @@ import logging
 import math
 from collections.abc import Callable
 
+from ..core.history import EventLog
 from ..core.metrics import ListenerStats
 from ..core.rebalance import Load, plan, within
 from ..core.snapshot import GroupRuntime, Holder, ServerState
@@ -115,8 +116,11 @@ class _Job:
 class Mover:
     """The rebalance rounds of every group and the sheds in progress."""
 
-    def __init__(self, holder: Holder, listeners: dict[str, ListenerStats]) -> None:
+    def __init__(
+        self, holder: Holder, listeners: dict[str, ListenerStats], events: EventLog
+    ) -> None:
         self.holder = holder
+        self.events = events  # the history's event log: each round and shed begun
         self.listeners = listeners  # the registry's: every open tunnel is in one's ``live``
         self.share = 1  # processes moving tunnels at once (--workers): each takes rate/share
         self.timer: asyncio.TimerHandle | None = None
@@ -151,12 +155,13 @@ class Mover:
                 left[sid] -= 1
                 if not left[sid]:
                     del left[sid]
-        log.info(
-            "rebalance %s: moving %d WebSockets (%s)",
-            g.name,
-            len(order),
-            ", ".join(f"{sid}: {n}" for sid, n in sorted(moves.items())),
+        text = (
+            f"rebalance {g.name}: moving {len(order)} WebSockets ("
+            + ", ".join(f"{sid}: {n}" for sid, n in sorted(moves.items()))
+            + ")"
         )
+        log.info("%s", text)
+        self.events.record("rebalance", text, g.name)
         tolerance = cfg.tolerance
 
         def balanced() -> bool:
@@ -174,7 +179,9 @@ class Mover:
             return 0
         cfg = g.config.rebalance
         code = cfg.close_code if cfg is not None else 1012
-        log.info("shedding %d WebSockets of %s over %gs", n, server.id, over)
+        text = f"shedding {n} WebSockets of {server.id} over {over:g}s"
+        log.info("%s", text)
+        self.events.record("rebalance", text, g.name, server.id)
         job = _Job(self, [server] * n, over, code, None)
         self.sheds.append(job)
         job.arm()

@@ -50,7 +50,7 @@ class ServerControl:
         self.events = events
         self.drainer = Drainer(registry.listeners)
         self.ramps = Ramps(holder, registry)
-        self.mover = Mover(holder, registry.listeners)
+        self.mover = Mover(holder, registry.listeners, events)
         self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
         # The supervisor's hand-over of a runtime override to every worker: (id, state, weight)
         self.on_override: Callable[[str, str | None, int | None], None] | None = None

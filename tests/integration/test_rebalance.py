@@ -228,6 +228,11 @@ async def test_shed_api_closes_a_share_over_a_window(make_backend, make_proxy, m
         assert group["rebalance"]["in_progress"] is True
         async with s.get(f"http://{admin.address}/") as r:
             assert "Rebalance in progress" in await r.text()
+        async with s.get(f"http://{admin.address}/status/history") as r:
+            events = (await r.json())["events"]
+        assert [e["text"] for e in events if e["kind"] == "rebalance"] == [
+            f"shedding 5 WebSockets of rs1/{a.address} over 3s"
+        ]
         # The idle-longest first: the first five opened (none has sent anything since).
         closes = await asyncio.gather(*(asyncio.wait_for(ws.receive(), 20) for ws in tunnels[:5]))
         assert {(m.type, m.data) for m in closes} == {(WSMsgType.CLOSE, 1012)}
