@@ -39,6 +39,7 @@ class Srv:
     id: str
     weight: int = 1
     active: int = 0
+    fleet_active: int = 0  # wlc adds the fleet's count (none here)
     effective: int = SCALE
 
 
