@@ -4,6 +4,7 @@ server's effective weight, and the ramp kept on the server's state across a relo
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,12 +128,13 @@ def test_no_window_no_ramp() -> None:
 def test_ramps_begin_when_a_server_joins_comes_back_up_or_is_ready_again() -> None:
     from lbproxy.control.server_control import ServerControl
     from lbproxy.core.health import State, Transition
+    from lbproxy.core.history import EventLog
 
     state = RuntimeState(metrics.Registry())
     snap, _ = state.build(doc(servers=("127.0.0.1:5001", "127.0.0.1:5002")))
     state.commit(snap)
     holder = Holder(snap)
-    control = ServerControl(state, state.registry, holder, checks=False)
+    control = ServerControl(state, state.registry, holder, checks=False, events=EventLog(time.time))
     a, b = snap.groups["g"].servers
     assert a.ramp_since is None and b.ramp_since is None  # at start: none
     # DOWN -> UP (the checker's transition, or the supervisor's view in a worker).
