@@ -413,6 +413,11 @@ class Proxy:
             rps=max(0.0, rps),
             at=now,
             servers={sid: s.active for sid, s in self.state.servers.items() if s.active},
+            websockets={
+                sid: n
+                for sid, s in self.state.servers.items()
+                if (n := sum(s.stats.ws_active.values()))
+            },
         )
 
     def _reload_counted(self, ok: bool, message: str = "") -> None:

@@ -19,6 +19,11 @@ cookie pins there is placed anew (``dispatch``) so the cookie does not send it b
 
 Under ``--workers`` every worker moves its own tunnels (it sees only those), each with its
 share of ``rate`` (``share``: the number of workers).
+
+In a fleet (``cluster``) the spread and the plan are the fleet's: ``control.cluster`` sets
+``peers`` (the other instances' open tunnels per server, about twice a second) and each
+instance closes only its part of each server's excess (``core.rebalance.portion``), at its
+own rate as above. Without peers (no cluster, Redis down) it is this instance's alone.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collections.abc import Callable
 
 from ..core.history import EventLog
 from ..core.metrics import ListenerStats
-from ..core.rebalance import Load, plan, within
+from ..core.rebalance import Load, fleet_loads, plan, portion, within
 from ..core.snapshot import GroupRuntime, Holder, ServerState
 from ..proxy.tunnel import Tunnel, open_tunnels
 
@@ -127,6 +132,10 @@ class Mover:
         self.rounds: dict[str, _Job] = {}  # group -> its rebalance round in progress
         self.sheds: list[_Job] = []
         self.moving: dict[str, int] = {}  # group -> tunnels the last round set out to move
+        # The fleet (set by ``control.cluster``): this instance's name in it, and the other
+        # instances' open tunnels (instance -> server id -> tunnels); empty: on its own.
+        self.me = ""
+        self.peers: dict[str, dict[str, int]] = {}
 
     def start(self) -> None:
         self.timer = asyncio.get_running_loop().call_later(PERIOD, self._look)
@@ -142,7 +151,7 @@ class Mover:
         cfg = g.config.rebalance
         assert cfg is not None
         budget = max(1, math.floor(cfg.rate * PERIOD / self.share))
-        moves = plan(loads(g), cfg.tolerance, budget)
+        moves = self._plan(g, cfg.tolerance, budget)
         self.moving[g.name] = sum(moves.values())
         if not moves:
             return 0
@@ -165,11 +174,26 @@ class Mover:
         tolerance = cfg.tolerance
 
         def balanced() -> bool:
-            return within(loads(g), tolerance)
+            return within(self._loads(g), tolerance)
 
         job = self.rounds[g.name] = _Job(self, order, PERIOD, cfg.close_code, balanced)
         job.arm()
         return len(order)
+
+    def _loads(self, g: GroupRuntime) -> list[Load]:
+        """The group's loads: the fleet's when there are peers, else this instance's."""
+        mine = loads(g)
+        return fleet_loads(mine, self.peers) if self.peers else mine
+
+    def _plan(self, g: GroupRuntime, tolerance: float, budget: int) -> dict[str, int]:
+        mine = loads(g)
+        if not self.peers:
+            return plan(mine, tolerance, budget)
+        peers = self.peers
+        fleet = fleet_loads(mine, peers)
+        # The fleet's whole excess (no budget: each instance caps its own part below).
+        moves = plan(fleet, tolerance, sum(x.tunnels for x in fleet))
+        return portion(moves, {x.id: x.tunnels for x in mine}, peers, self.me, budget)
 
     def shed(self, g: GroupRuntime, server: ServerState, count: int, over: float) -> int:
         """Close ``count`` of ``server``'s tunnels spread over ``over`` seconds (at most as many
