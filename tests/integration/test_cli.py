@@ -48,7 +48,8 @@ server_groups:
 LISTENER_KEYS = (
     "name, bind, protocol, server_group, idle_timeout, request_timeout, connect_timeout, "
     "x_forwarded_for, rules, client_header_timeout, max_request_line, max_header_size, "
-    "max_header_count, max_connections, tls, redirect_https, acl, http2, websocket, "
+    "max_header_count, max_connections, tls, redirect_https, acl, proxy_protocol, http2, "
+    "http2_websocket, websocket, "
     "x_forwarded_proto, x_forwarded_port, x_forwarded_client_srcport, slb_ip, slb_id, "
     "trusted_proxies, limits, bandwidth, gzip, gzip_types, gzip_min_length"
 )
