@@ -13,6 +13,7 @@ from lbproxy.config import parse_config
 from lbproxy.control.ramp import Ramps
 from lbproxy.core import metrics
 from lbproxy.core.balancer import make_scheduler
+from lbproxy.core.history import EventLog
 from lbproxy.core.slow_start import SCALE, effective_weight, progress
 from lbproxy.core.snapshot import Holder, RuntimeState
 
@@ -40,6 +41,7 @@ class Srv:
     weight: int = 1
     active: int = 0
     effective: int = SCALE
+    fleet_active: int = 0  # the other instances' open ones (wlc counts them)
 
 
 def shares(name: str, ramp: int, n: int = 1600, key_space: int = 0) -> dict[str, int]:
@@ -131,7 +133,9 @@ def test_ramps_begin_when_a_server_joins_comes_back_up_or_is_ready_again() -> No
     snap, _ = state.build(doc(servers=("127.0.0.1:5001", "127.0.0.1:5002")))
     state.commit(snap)
     holder = Holder(snap)
-    control = ServerControl(state, state.registry, holder, checks=False)
+    control = ServerControl(
+        state, state.registry, holder, checks=False, events=EventLog(lambda: 0.0)
+    )
     a, b = snap.groups["g"].servers
     assert a.ramp_since is None and b.ramp_since is None  # at start: none
     # DOWN -> UP (the checker's transition, or the supervisor's view in a worker).
