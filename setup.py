@@ -38,13 +38,16 @@ INTERPRETED = frozenset(
         "control.cluster",  # Redis, on a timer
         "control.discovery",  # DNS lookups on a timer (its decisions: core.dns, drain too)
         "control.drain",
+        "control.fleet_member",  # at start and reload; its record, twice a second
         "control.history",  # the history's timer, every few seconds (its arithmetic: core.history)
         "control.ramp",  # slow starts: a timer a few dozen times per window
         "control.rebalance",  # a look once a second, closes spread over it
         "control.loading",
         "control.reload",
+        "control.shutdown",  # once, at the end
         "control.status_charts",
         "control.status_page",
+        "control.sweep",  # a timer, every half keep-alive
         "core.dns",
         "core.fleet",  # the fleet's records and merges, twice a second (control.cluster)
         "core.history",  # a few hundred numbers every 5 s, and for the operator

@@ -1,6 +1,6 @@
 """lbproxy's configuration: every key declared once (``top``, ``listeners``, ``sections``,
-``groups``: type, default, bounds, unit and description, validated by pydantic through
-``declare``), the leaf values (``leaves``), constants (``model``), validation of a
+``groups``, ``backend``: type, default, bounds, unit and description, validated by pydantic
+through ``declare``), the leaf values (``leaves``), constants (``model``), validation of a
 document (``top.parse_config``), reading the file (``load``), the JSON schema and README
 reference (``doc``).
 
@@ -13,7 +13,8 @@ declaration modules directly.
 from __future__ import annotations
 
 from ..wire.cidrs import IPNetwork
-from .groups import Discovery, HealthCheck, Server, ServerGroup, StickySession
+from .backend import HealthCheck
+from .groups import Discovery, Server, ServerGroup, StickySession
 from .leaves import parse_address, parse_bandwidth, parse_duration, parse_size
 from .listeners import Listener
 from .model import (

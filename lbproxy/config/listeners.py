@@ -4,7 +4,9 @@ description; validation, the JSON schema and the README's reference all come fro
 
 A ``Listener`` has the file's shape (a key is one field); the groupings the data path reads
 (``timeouts``, ``forwarding``, ``trusted_proxies``, ``gzip``) are worked out from those fields
-when it is built (``init=False``). ``_rules`` hold the rules between keys.
+when it is built (``init=False``). ``_rules`` hold the rules between keys. Its keys are
+declared in two classes to keep each short: ``ListenerBase`` (where and how it listens) and
+``Listener`` itself (forwarding, limits, compression), in the file's order.
 """
 
 from __future__ import annotations
@@ -53,9 +55,13 @@ from .model import (
 from .sections import Acl, ClientLimits, ProxyProtocol, Rule, Tls, WebSocketPolicy
 
 
-@declared
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Listener:
+class ListenerBase:
+    """The keys of a listener that say where and how it listens (its address, protocol,
+    group, timeouts, head limits, TLS, ACL, PROXY protocol, WebSocket policy): the first part
+    of ``Listener``, a class of its own only to keep each class short. A dataclass's base
+    fields come first, so the key order (the reference, the schema, "allowed:") is the file's."""
+
     name: Annotated[
         Name,
         Field(
@@ -277,6 +283,15 @@ class Listener:
             ),
         ),
     ] = None
+
+
+@declared
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listener(ListenerBase):
+    # A listener (``listeners[]``): ListenerBase's keys, then how requests are forwarded
+    # (headers), limited (per client, bandwidth) and compressed. (No docstring: it would
+    # become the schema's description of a listener.)
+
     x_forwarded_proto: Annotated[
         Annotated[bool | None, Bool_],
         Field(

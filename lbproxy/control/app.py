@@ -5,7 +5,8 @@ admin), ``reload`` (load -> validate -> build -> warm new servers -> bind -> swa
 nothing) and ``close``, the single ordered shutdown path: stop accepting,
 let HTTP requests in flight finish, give WebSocket tunnels up to ``shutdown_timeout``, send
 the ones left a close frame (1001) both ways and give their close handshake a moment, cut
-what remains, then stop the background owners.
+what remains (``shutdown.end_connections``), then stop the background owners (among them
+``fleet_member.FleetMember``, this process in the fleet, and ``sweep.Sweeper``).
 
 A set of servers found by DNS discovery (``discovery.py``) takes the reload path: the
 snapshot is rebuilt from the file's config plus every discovered set (``dnsstate``) and
@@ -20,13 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ..config.model import WS_CLOSE_HANDSHAKE_TIMEOUT, ConfigError
+from ..config.model import ConfigError
 from ..core import metrics
 from ..core.dns import with_discovered
 from ..core.health import Event, Transition
@@ -37,19 +37,20 @@ from ..proxy.client_socket import ClientSocket
 from ..proxy.context import Context
 from ..proxy.listener import BindError, Listeners, Opening, probe_binds
 from ..proxy.tunnel import IdleSweeper, Tunnel
-from ..wire.wsframes import GOING_AWAY
 from .checker import Checker
 from .discovery import Discovery, resolve_names
+from .fleet_member import FleetMember
 from .loading import insecure_warning, loads_config, read_config_file
 from .server_control import ServerControl
+from .shutdown import connections, end_connections
+from .sweep import Sweeper
 
 if TYPE_CHECKING:
     # Annotations only (no dataclass here holds them, whose compiled form would look the
     # names up at import).
     from ..config.groups import Discovery as DiscoverySpec
     from ..config.groups import Server
-    from ..config.top import Admin, Cluster, Config
-    from ..core.fleet import Instance
+    from ..config.top import Admin, Config
     from .cluster import FleetLink
 
 log = logging.getLogger("lbproxy")
@@ -165,17 +166,30 @@ class Proxy:
         self.checker = Checker(self.servers.transition, self.registry)
         self.reload_lock = asyncio.Lock()
         self.last_reload: tuple[float, bool, str] = (time.time(), True, "started")
-        self._sweeper: asyncio.Task[None] | None = None
+        self.sweeper = Sweeper(self.holder, self.servers)  # idle upstream connections, pins
         self.idle_tunnels = IdleSweeper(self.registry.listeners)  # one timer, every tunnel
         self._closing = False
         self.admin: AdminListener | None = None  # set by whoever starts one; moved on reload
-        self.fleet: FleetLink | None = None  # with ``cluster``: the link to the fleet's Redis
-        self.started = time.time()
-        self._rate: tuple[float, int] = (time.monotonic(), 0)  # for the published requests/s
+        # With ``cluster``: this process in the fleet (joins, leaves, its published record).
+        self.member = FleetMember(
+            registry=self.registry,
+            state=self.state,
+            holder=self.holder,
+            servers=self.servers,
+            ctx=self.ctx,
+            listeners=self.listeners,
+            publish=role.serve,
+            writes=role.check,
+        )
 
     @property
     def snapshot(self) -> Snapshot:
         return self.holder.current
+
+    @property
+    def fleet(self) -> FleetLink | None:
+        """The link to the fleet's Redis, with ``cluster`` (for the admin API)."""
+        return self.member.link
 
     def closing(self) -> bool:
         # A method, not the attribute, after an await: mypy narrows ``self._closing`` to
@@ -208,10 +222,10 @@ class Proxy:
             self.discovery.apply(snap.config, self.discovered)
         # The fleet's overrides before the first client is accepted (bounded: Redis down is
         # served through on local state).
-        await self._configure_fleet(snap.config.cluster)
+        await self.member.configure(snap.config.cluster, self.closing)
         if self.role.serve:
             self.listeners.accept()
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self.sweeper.start()
             self.idle_tunnels.start()
             self.servers.mover.start()
 
@@ -312,7 +326,7 @@ class Proxy:
             self.checker.apply(snap)
             self.discovery.apply(config, self.discovered)
         if config.cluster != old.config.cluster:
-            await self._configure_fleet(config.cluster)
+            await self.member.configure(config.cluster, self.closing)
         summary = changes.summary()
         log.info("reload (%s): applied: %s", trigger, summary)
         self._reload_counted(True, summary)
@@ -361,65 +375,6 @@ class Proxy:
         finally:
             self._counting = True
 
-    # ------------------------------------------------------------------ the fleet
-    async def _configure_fleet(self, cfg: Cluster | None) -> None:
-        """Join (or leave, or move to) the fleet ``cfg`` names."""
-        if self.fleet is not None:
-            old, self.fleet = self.fleet, None
-            await old.close()
-        if cfg is not None and not self._closing:
-            from .cluster import FleetLink  # redis is imported only with a cluster
-
-            # With workers each one is a member of the fleet (``<name>.<pid>``), publishing
-            # its counts and reconciling its limits; the supervisor applies and writes the
-            # overrides and shows the fleet.
-            worker = not self.role.check
-            self.fleet = FleetLink(
-                cfg,
-                self.servers,
-                self.describe,
-                self.ctx.edges,
-                self.holder,
-                publish=self.role.serve,
-                writes=self.role.check,
-                suffix=f".{os.getpid()}" if worker else "",
-            )
-            await self.fleet.start()
-
-    def describe(self, name: str, now: float) -> Instance:
-        """This instance's record for the fleet."""
-        from .. import __version__, buildinfo
-        from ..core.fleet import Instance
-
-        reg = self.registry
-        requests = sum(sum(ls.requests.values()) for ls in reg.listeners.values())
-        then, before = self._rate
-        mono = time.monotonic()
-        rps = (requests - before) / (mono - then) if mono > then else 0.0
-        self._rate = (mono, requests)
-        snap = self.holder.current
-        return Instance(
-            name=name,
-            address=",".join(
-                str(self.listeners.address(n)) if n in self.listeners.bound else str(lst.bind)
-                for n, lst in ((lst.name, lst) for lst in snap.config.listeners)
-            ),
-            version=__version__,
-            build=buildinfo.kind(),
-            started=self.started,
-            config=snap.config.digest,
-            connections=sum(ls.connections_active for ls in reg.listeners.values()),
-            tunnels=sum(sum(ss.ws_active.values()) for ss in reg.servers.values()),
-            rps=max(0.0, rps),
-            at=now,
-            servers={sid: s.active for sid, s in self.state.servers.items() if s.active},
-            websockets={
-                sid: n
-                for sid, s in self.state.servers.items()
-                if (n := sum(s.stats.ws_active.values()))
-            },
-        )
-
     def _reload_counted(self, ok: bool, message: str = "") -> None:
         if not self._counting:
             return
@@ -432,28 +387,9 @@ class Proxy:
         r.last_timestamp = time.time()
         self.last_reload = (r.last_timestamp, ok, message)
 
-    async def _sweep(self) -> None:
-        """Close expired idle upstream connections; forget drained removed servers."""
-        while True:
-            snap = self.holder.current
-            period = min((g.keepalive_timeout for g in snap.config.server_groups), default=1.0)
-            await asyncio.sleep(max(period / 2, 0.05))
-            now = asyncio.get_running_loop().time()
-            for g in self.holder.current.groups.values():
-                for s in g.servers:
-                    s.pool.expire(now, g.config.keepalive_timeout)
-                if g.sticky is not None:
-                    # Lookups already ignore expired pins; this returns their memory.
-                    g.pins.sids.expire(now)
-                    g.pins.cookies.expire(now)
-            self.servers.forget_idle_removed()
-
     # ------------------------------------------------------------------ shutdown
     def connections(self) -> list[ClientSocket | Tunnel]:
-        out: list[ClientSocket | Tunnel] = []
-        for ls in self.registry.listeners.values():
-            out.extend(ls.live)  # type: ignore[arg-type]
-        return out
+        return connections(self.registry)
 
     async def close(self, timeout: float | None = None) -> None:
         """The one ordered shutdown path (idempotent); ``timeout`` overrides shutdown_timeout."""
@@ -464,48 +400,15 @@ class Proxy:
             timeout = self.holder.current.config.shutdown_timeout
         self.listeners.stop_accepting()
         await self.discovery.close()  # no server set changes while connections finish
-        self.ctx.draining = True
-        for c in self.connections():
-            if isinstance(c, ClientSocket):
-                c.shutdown()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        # Poll rather than wire a completion event through every connection: shutdown is
-        # rare, and a 50 ms granularity is far below any timeout a user sets.
-        while self.connections() and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        self.servers.close()
-        left = self.connections()
-        if left:
-            log.info("shutdown: closing %d connections still open", len(left))
-        tunnels = [c for c in left if isinstance(c, Tunnel)]
-        # WebSockets end with a close frame (1001) both ways, so clients see a clean close;
-        # before the other connections are cut, as a WebSocket over HTTP/2 (RFC 8441) is a
-        # stream of one of them.
-        for t in tunnels:
-            t.go_away(GOING_AWAY, "shutdown")
-        deadline = loop.time() + WS_CLOSE_HANDSHAKE_TIMEOUT
-        while any(not t.closed for t in tunnels) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        for c in left:
-            if not isinstance(c, Tunnel):
-                c.transport.abort()
-                c.connection_lost(None)
-        for t in tunnels:
-            t.shutdown()  # no answer in time (or still mid-frame): cut
+        await end_connections(self.registry, self.ctx, timeout, self.servers.close)
         await self.stop_background()
 
     async def stop_background(self) -> None:
-        if self.fleet is not None:
-            fleet, self.fleet = self.fleet, None
-            await fleet.close()
+        await self.member.close()
         self.idle_tunnels.close()
         self.servers.close()
         self.ctx.edges.close()  # the bandwidth shapers' timers
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
+        await self.sweeper.close()
         await self.checker.close()
         await self.discovery.close()
         for s in self.state.servers.values():

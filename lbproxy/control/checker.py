@@ -35,15 +35,18 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from ..config.groups import BackendTls, HealthCheck, ServerGroup
+from ..config.backend import BackendTls, HealthCheck
 from ..config.model import Address
 from ..core import metrics
 from ..core.health import Event, Transition, codes_match
 from ..core.snapshot import ServerState, Snapshot
 from ..proxy import upstream_tls
 from ..wire import proxy_protocol
+
+if TYPE_CHECKING:  # only annotations: importing groups here would deepen the import chain
+    from ..config.groups import ServerGroup
 
 log = logging.getLogger("lbproxy.control.checker")
 

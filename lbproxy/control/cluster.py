@@ -43,10 +43,10 @@ from ..core.fleet import Entry, Instance
 from ..core.snapshot import Holder
 from ..proxy.edge import Edges
 from .cluster_limits import RATE_PERIOD, FleetLimits
-from .server_control import ServerControl
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: server_control at run time would deepen the imports
     from ..config.top import Cluster
+    from .server_control import ServerControl
 
 log = logging.getLogger("lbproxy")
 

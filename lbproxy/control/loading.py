@@ -15,7 +15,7 @@ import hashlib
 import os
 from dataclasses import replace
 
-from ..config.groups import BackendTls
+from ..config.backend import BackendTls
 from ..config.load import load_yaml, read_config_file, with_lines
 from ..config.model import ConfigError
 from ..config.sections import Certificate, Tls

@@ -14,6 +14,7 @@ from lbproxy.config import parse_config
 from lbproxy.control.ramp import Ramps
 from lbproxy.core import metrics
 from lbproxy.core.balancer import make_scheduler
+from lbproxy.core.history import EventLog
 from lbproxy.core.slow_start import SCALE, effective_weight, progress
 from lbproxy.core.snapshot import Holder, RuntimeState
 
@@ -128,7 +129,6 @@ def test_no_window_no_ramp() -> None:
 def test_ramps_begin_when_a_server_joins_comes_back_up_or_is_ready_again() -> None:
     from lbproxy.control.server_control import ServerControl
     from lbproxy.core.health import State, Transition
-    from lbproxy.core.history import EventLog
 
     state = RuntimeState(metrics.Registry())
     snap, _ = state.build(doc(servers=("127.0.0.1:5001", "127.0.0.1:5002")))
