@@ -18,11 +18,10 @@ the very header, so one client's header never carries another client's requests)
 from __future__ import annotations
 
 import asyncio
-import ssl
 from typing import TYPE_CHECKING, cast
 
-from ..wire import headers, proxy_protocol
-from . import upstream, upstream_tls
+from ..wire import headers
+from . import upstream
 from .exchange_base import (
     BUFFER_LIMIT,
     OUT_OF_RESOURCES,
@@ -37,7 +36,6 @@ from .exchange_base import (
 from .exchange_state import body_sent, can_retry
 
 if TYPE_CHECKING:
-    from ..config.groups import BackendTls
     from ..core.snapshot import ServerState
 
 
@@ -156,7 +154,7 @@ class Dispatch:
         self.tried.append(server)
         self.server = server
         server.active += 1
-        preface, key = _kind(ex)
+        preface, key = upstream.preface_and_key(group.config, ex.down.addresses)
         self.conn_key = key
         # The pool holds only what ``release`` put there: this server's upstream connections.
         conn = cast(
@@ -183,20 +181,11 @@ class Dispatch:
     async def _connect(
         self, ex: ExchangeBase, server: ServerState, timeout: float, preface: bytes
     ) -> None:
-        tls = ex.group.config.tls
         try:
-            conn = await _open(server, tls, timeout, preface)
-        except (ssl.SSLError, upstream_tls.TlsError, ConnectionResetError) as exc:
+            conn = await upstream.open_to(server, ex.group.config.tls, timeout, preface)
+        except upstream.ConnectFailed as exc:
             self.connect_task = None
-            if tls is None:  # a plain connect reset: as any failed connect
-                self.failed(ex, server, "connect", describe(exc), True)
-            else:  # with TLS a reset comes from the handshake (a TCP connect is refused)
-                server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
-                why = upstream_tls.describe(exc)
-                self.failed(ex, server, "connect", f"TLS handshake failed: {why}", True)
-        except TimeoutError:
-            self.connect_task = None
-            self.failed(ex, server, "timeout", f"connect timeout after {timeout:g}s", True)
+            self.failed(ex, server, exc.kind, exc.reason, True)
         except OSError as exc:
             self.connect_task = None
             if exc.errno in OUT_OF_RESOURCES:
@@ -351,36 +340,3 @@ class Dispatch:
             last.pool.put(up, ex.loop.time(), ex.group.config.keepalive_connections)
         else:
             up.close()
-
-
-def _kind(ex: ExchangeBase) -> tuple[bytes, str]:
-    """The PROXY header a new connection for ``ex`` starts with (b"": none), and the pool key
-    a reused one must have: the group's TLS settings and that very header ("" for a group
-    with neither)."""
-    cfg = ex.group.config
-    version = cfg.proxy_protocol
-    if cfg.tls is None and version is None:
-        return b"", ""
-    preface = b""
-    if version is not None:
-        client, dest = ex.down.addresses()
-        build = proxy_protocol.build_v2 if version == "v2" else proxy_protocol.build_v1
-        preface = build(client, dest)
-    return preface, f"{hash(cfg.tls)}:{preface.hex()}"
-
-
-async def _open(
-    server: ServerState, tls: BackendTls | None, timeout: float, preface: bytes
-) -> upstream.UpstreamConnection:
-    """A new connection to ``server``: ``preface`` first, then with ``tls`` the handshake."""
-    if tls is None:
-        return await upstream.connect(server.connect_to, timeout, preface=preface)
-    upstream_tls.for_server(server.label)  # this task's handshakes: the server's
-    return await upstream.connect(
-        server.connect_to,
-        timeout,
-        upstream_tls.context(tls),
-        tls.server_name or server.address.host,
-        preface,
-        server.label,
-    )
