@@ -11,32 +11,8 @@ from typing import Annotated, Any
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
+from .addresses import Address_, DnsName, DnsName_, _dns_name, parse_address
 from .declare import Items, Problem, declared, given
-from .leaves import (
-    Address_,
-    Bool,
-    CheckHost,
-    Codes,
-    CookieName,
-    DnsName,
-    DnsName_,
-    DrainCode,
-    Duration,
-    DurationOrZero,
-    FilePath_,
-    Port,
-    Prefix,
-    Secret,
-    String_,
-    UrlPath,
-    Weight,
-    Weight_,
-    _dns_name,
-    choice,
-    integer,
-    parse_address,
-    parse_duration,
-)
 from .model import (
     DEFAULT_DISCOVERY_INTERVAL,
     DEFAULT_DNS_TIMEOUT,
@@ -46,6 +22,20 @@ from .model import (
     DEFAULT_WEIGHT,
     MIN_DISCOVERY_INTERVAL,
     SCHEDULERS,
+)
+from .quantities import Duration, DurationOrZero, Port, Weight, Weight_, integer, parse_duration
+from .words import (
+    Bool,
+    CheckHost,
+    Codes,
+    CookieName,
+    DrainCode,
+    FilePath_,
+    Prefix,
+    Secret,
+    String_,
+    UrlPath,
+    choice,
 )
 
 

@@ -28,9 +28,9 @@ PURE = ("core", "config", "wire")
 IO_LIBRARIES = ("asyncio", "ssl", "uvloop", "aiohttp", "selectors")
 # Modules on the longest chain of imports that run: 15 in the flat package this replaced, 14
 # after the first cut into layers, 9 now. Two chains are 9 long: the config loader's (__main__,
-# cli, app, control.loading, config.top, listeners, sections, leaves, wire.cidrs: the
-# declarations nest as the file does, over leaves and declare, which import only model and
-# wire) and the data path's (__main__, cli, app, proxy.listener, http2, http2_stream,
+# cli, app, control.loading, config.top, listeners, sections, a leaf module (quantities,
+# addresses or words), leaf or wire: the declarations nest as the file does, over the leaf
+# modules and declare, which import only leaf, model and wire) and the data path's (__main__, cli, app, proxy.listener, http2, http2_stream,
 # client_socket, tls, config.model). The core's is snapshot (3: the declarations are
 # annotations there). A ratchet: it may only go down.
 MAX_DEPTH = 9
