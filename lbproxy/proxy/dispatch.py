@@ -12,7 +12,9 @@ A group's ``tls`` makes each new connection a TLS one (a failed handshake is a f
 counted by reason in the server's ``tls_failures``, then retried like any), and its
 ``proxy_protocol`` starts each new connection with the client's PROXY header; a pooled
 connection is taken only when it was opened the same way (``conn_key``: the group's TLS and
-the very header, so one client's header never carries another client's requests).
+the very header, so one client's header never carries another client's requests). How such
+a connection is opened, and its failure said, is ``upstream``'s (``open_to``,
+``preface_and_key``); what is retried, here.
 """
 
 from __future__ import annotations
