@@ -156,7 +156,7 @@ class Dispatch:
         self.tried.append(server)
         self.server = server
         server.active += 1
-        preface, key = upstream.preface_and_key(group.config, ex.down.addresses)
+        preface, key = upstream.preface_and_key(group.config, ex.down)
         self.conn_key = key
         # The pool holds only what ``release`` put there: this server's upstream connections.
         conn = cast(

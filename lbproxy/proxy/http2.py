@@ -38,9 +38,9 @@ written here: h2's close_connection() would put its state machine in CLOSED at o
 
 WebSockets: with the listener's ``http2_websocket``, SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC
 8441) is offered and an extended CONNECT with ``:protocol: websocket`` becomes an HTTP/1.1
-Upgrade toward the backend; after its 101 the stream is a tunnel's client side
-(``http2_tunnel``). Without it, browsers open their WebSocket on a separate HTTP/1.1
-connection. No h2c.
+Upgrade toward the backend (its stream is a ``http2_stream.WebSocketStream``); after its 101
+the stream is a tunnel's client side (``http2_tunnel``). Without it, browsers open their
+WebSocket on a separate HTTP/1.1 connection. No h2c.
 """
 
 from __future__ import annotations

@@ -501,7 +501,7 @@ class WebSocketStream(Stream):
         if carrier is None:
             super().sync_upstream()
             return
-        if self.half_end and not self.out:
+        if self.half_end and not self.out and not self.closed:
             self._end_output()  # what waited for a window went out: now the half-close
         want = bool(self.out) or self.conn.write_paused
         if want != self.write_paused and not self.closed:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..config.model import Address
@@ -34,6 +34,12 @@ if TYPE_CHECKING:
     from ..core.snapshot import ServerState
 
 Addresses = tuple[tuple[str, int] | None, tuple[str, int] | None]
+
+
+class Client(Protocol):
+    """The client connection a PROXY header speaks of (``exchange_base.Downstream``)."""
+
+    def addresses(self) -> Addresses: ...
 
 
 class Handler(Protocol):
@@ -205,18 +211,18 @@ class ConnectFailed(Exception):
         self.reason = reason
 
 
-def preface_and_key(cfg: ServerGroup, addresses: Callable[[], Addresses]) -> tuple[bytes, str]:
+def preface_and_key(cfg: ServerGroup, client: Client) -> tuple[bytes, str]:
     """The PROXY header a new connection for the group ``cfg`` starts with (b"": none; made
-    from the client's ``addresses``), and the pool key a reused one must have: the group's
+    from the ``client``'s addresses), and the pool key a reused one must have: the group's
     TLS settings and that very header ("" for a group with neither)."""
     version = cfg.proxy_protocol
     if cfg.tls is None and version is None:
         return b"", ""
     preface = b""
     if version is not None:
-        client, dest = addresses()
+        source, dest = client.addresses()
         build = proxy_protocol.build_v2 if version == "v2" else proxy_protocol.build_v1
-        preface = build(client, dest)
+        preface = build(source, dest)
     return preface, f"{hash(cfg.tls)}:{preface.hex()}"
 
 
