@@ -13,17 +13,18 @@ counted by reason in the server's ``tls_failures``, then retried like any), and 
 ``proxy_protocol`` starts each new connection with the client's PROXY header; a pooled
 connection is taken only when it was opened the same way (``conn_key``: the group's TLS and
 the very header, so one client's header never carries another client's requests). How such
-a connection is opened, and its failure said, is ``upstream``'s (``open_to``,
-``preface_and_key``); what is retried, here.
+a connection is opened is ``upstream``'s (``open_to``, ``preface_and_key``); how its
+failure counts and what is retried, here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING, cast
 
 from ..wire import headers
-from . import upstream
+from . import upstream, upstream_tls
 from .exchange_base import (
     BUFFER_LIMIT,
     OUT_OF_RESOURCES,
@@ -149,7 +150,7 @@ class Dispatch:
                 if group.pinnable(pinned) and pinned not in self.tried:
                     server = pinned
             if server is None:
-                server = group.pick(self._hash_key(ex), self.tried)
+                server = group.pick(hash_key(ex), self.tried)
         if server is None:
             ex.answer(503, "no server available", (("Retry-After", "1"),))
             return
@@ -170,24 +171,23 @@ class Dispatch:
             timeout = ex.lr.config.timeouts.connect
             self.connect_task = ex.loop.create_task(self._connect(ex, server, timeout, preface))
 
-    def _hash_key(self, ex: ExchangeBase) -> str:
-        """What ``sh`` hashes: the client address, or the first X-Forwarded-For address."""
-        if ex.group.hash_xff:
-            for name, value in ex.req.headers:
-                if name.lower() == b"x-forwarded-for":
-                    first = value.split(b",", 1)[0].strip()
-                    if first:
-                        return first.decode("latin-1")
-        return ex.down.client_ip
-
     async def _connect(
         self, ex: ExchangeBase, server: ServerState, timeout: float, preface: bytes
     ) -> None:
+        tls = ex.group.config.tls
         try:
-            conn = await upstream.open_to(server, ex.group.config.tls, timeout, preface)
-        except upstream.ConnectFailed as exc:
+            conn = await upstream.open_to(server, tls, timeout, preface)
+        except (ssl.SSLError, upstream_tls.TlsError, ConnectionResetError) as exc:
             self.connect_task = None
-            self.failed(ex, server, exc.kind, exc.reason, True)
+            if tls is None:  # a plain connect reset: as any failed connect
+                self.failed(ex, server, "connect", describe(exc), True)
+            else:  # with TLS a reset comes from the handshake (a TCP connect is refused)
+                server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
+                why = upstream_tls.describe(exc)
+                self.failed(ex, server, "connect", f"TLS handshake failed: {why}", True)
+        except TimeoutError:
+            self.connect_task = None
+            self.failed(ex, server, "timeout", f"connect timeout after {timeout:g}s", True)
         except OSError as exc:
             self.connect_task = None
             if exc.errno in OUT_OF_RESOURCES:
@@ -207,31 +207,12 @@ class Dispatch:
         assert server is not None
         conn.handler = ex
         self.up = conn
-        head = self.upstream_head(ex, server)
+        head = upstream_head(ex, server)
         with_body = bool(self.pending)
         if with_body:
             head += self._take_pending()
         conn.transport.write(head)
         ex.connected(with_body)
-
-    def upstream_head(self, ex: ExchangeBase, server: ServerState) -> bytes:
-        """The request head as ``server`` gets it."""
-        config, down = ex.lr.config, ex.down
-        fwd = config.forwarding
-        extra = down.cert_headers
-        if fwd.extra:
-            extra = extra + down.forwarding_lines(fwd)
-        return headers.upstream_request_head(
-            ex.req,
-            client_ip=down.client_ip,
-            scheme=b"https" if config.tls is not None else b"http",
-            forwarded=config.x_forwarded_for,
-            default_host=server.label.encode(),
-            upgrade=ex.upgrade,
-            proto=fwd.proto,
-            extra=extra,
-            no_extensions=ex.upgrade and no_extensions(config),
-        )
 
     def _out_of_resources(self, ex: ExchangeBase, exc: OSError) -> None:
         """The proxy itself is out of descriptors or memory: not the server's fault (no
@@ -271,7 +252,7 @@ class Dispatch:
             if not fresh and group.pinnable(server):
                 nxt: ServerState | None = server  # a stale pooled entry: same server, new conn
             else:
-                nxt = group.pick(self._hash_key(ex), self.tried)
+                nxt = group.pick(hash_key(ex), self.tried)
             if nxt is not None:
                 if fresh:
                     ex.ctx.registry.count_retry(group.name)
@@ -298,7 +279,7 @@ class Dispatch:
             return False
         if not ex.req_done or self.replay is None:
             return False  # the body cannot be sent again: the 400 goes to the client
-        nxt = ex.group.pick(self._hash_key(ex), self.tried)
+        nxt = ex.group.pick(hash_key(ex), self.tried)
         if nxt is None:
             return False  # every server said no: the session is gone
         self.release(ex, reuse=False)  # the 400's body is not read: not reusable
@@ -342,3 +323,35 @@ class Dispatch:
             last.pool.put(up, ex.loop.time(), ex.group.config.keepalive_connections)
         else:
             up.close()
+
+
+def hash_key(ex: ExchangeBase) -> str:
+    """What ``sh`` hashes: the client address, or the first X-Forwarded-For address."""
+    if ex.group.hash_xff:
+        for name, value in ex.req.headers:
+            if name.lower() == b"x-forwarded-for":
+                first = value.split(b",", 1)[0].strip()
+                if first:
+                    return first.decode("latin-1")
+    return ex.down.client_ip
+
+
+def upstream_head(ex: ExchangeBase, server: ServerState) -> bytes:
+    """The request head as ``server`` gets it (a function of the exchange and the server:
+    no state of the dispatch)."""
+    config, down = ex.lr.config, ex.down
+    fwd = config.forwarding
+    extra = down.cert_headers
+    if fwd.extra:
+        extra = extra + down.forwarding_lines(fwd)
+    return headers.upstream_request_head(
+        ex.req,
+        client_ip=down.client_ip,
+        scheme=b"https" if config.tls is not None else b"http",
+        forwarded=config.x_forwarded_for,
+        default_host=server.label.encode(),
+        upgrade=ex.upgrade,
+        proto=fwd.proto,
+        extra=extra,
+        no_extensions=ex.upgrade and no_extensions(config),
+    )

@@ -6,8 +6,7 @@ Owns:
   currently using it (``handler``), or, while it sits idle in a pool, closes on anything
   the backend sends (an idle keep-alive connection has nothing legitimate to say);
 - ``open_to``: a new connection to a server as its group asks (``preface_and_key``: the
-  PROXY header it starts with and the pool key a reused one must have), each failure said
-  as one (``ConnectFailed``: its kind and reason, a TLS one counted by reason);
+  PROXY header it starts with and the pool key a reused one must have);
 - ``connect``: a TCP connect bounded by the listener's connect timeout, to a server's
   resolved addresses (IP literals: no name lookup per connect), tried in order; with the
   group's ``proxy_protocol``, its header written first, on the bare socket (before TLS, as
@@ -201,16 +200,6 @@ async def _connected(
     return sock
 
 
-class ConnectFailed(Exception):
-    """A new connection that failed as a connect: ``kind`` ("connect" or "timeout", as the
-    exchange counts it) and why."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
-
-
 def preface_and_key(cfg: ServerGroup, client: Client) -> tuple[bytes, str]:
     """The PROXY header a new connection for the group ``cfg`` starts with (b"": none; made
     from the ``client``'s addresses), and the pool key a reused one must have: the group's
@@ -230,25 +219,15 @@ async def open_to(
     server: ServerState, tls: BackendTls | None, timeout: float, preface: bytes
 ) -> UpstreamConnection:
     """A new connection to ``server``: ``preface`` first, then with ``tls`` the handshake.
-    Raises ConnectFailed for a timeout or a failed TLS handshake, OSError for the rest."""
-    try:
-        if tls is None:
-            return await connect(server.connect_to, timeout, preface=preface)
-        upstream_tls.for_server(server.label)  # this task's handshakes: the server's
-        return await connect(
-            server.connect_to,
-            timeout,
-            upstream_tls.context(tls),
-            tls.server_name or server.address.host,
-            preface,
-            server.label,
-        )
-    except (ssl.SSLError, upstream_tls.TlsError, ConnectionResetError) as exc:
-        if tls is None:  # a plain connect reset: as any failed connect
-            raise
-        # with TLS a reset comes from the handshake (a TCP connect is refused)
-        server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
-        why = upstream_tls.describe(exc)
-        raise ConnectFailed("connect", f"TLS handshake failed: {why}") from exc
-    except TimeoutError as exc:
-        raise ConnectFailed("timeout", f"connect timeout after {timeout:g}s") from exc
+    Raises as ``connect`` does."""
+    if tls is None:
+        return await connect(server.connect_to, timeout, preface=preface)
+    upstream_tls.for_server(server.label)  # this task's handshakes: the server's
+    return await connect(
+        server.connect_to,
+        timeout,
+        upstream_tls.context(tls),
+        tls.server_name or server.address.host,
+        preface,
+        server.label,
+    )
