@@ -39,6 +39,8 @@ INTERPRETED = frozenset(
         "control.discovery",  # DNS lookups on a timer (its decisions: core.dns, drain too)
         "control.drain",
         "control.history",  # the history's timer, every few seconds (its arithmetic: core.history)
+        "control.ramp",  # slow starts: a timer a few dozen times per window
+        "control.rebalance",  # a look once a second, closes spread over it
         "control.loading",
         "control.reload",
         "control.status_charts",

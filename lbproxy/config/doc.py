@@ -64,6 +64,7 @@ SECTIONS = [
     ("`server_groups.<name>.discovery`", "Discovery"),
     ("`server_groups.<name>.health_check`", "HealthCheck"),
     ("`server_groups.<name>.tls`", "BackendTls"),
+    ("`server_groups.<name>.rebalance`", "Rebalance"),
     ("`admin`", "Admin"),
     ("`access_log`", "AccessLog"),
 ]

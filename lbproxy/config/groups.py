@@ -23,7 +23,18 @@ from .model import (
     MIN_DISCOVERY_INTERVAL,
     SCHEDULERS,
 )
-from .quantities import Duration, DurationOrZero, Port, Weight, Weight_, integer, parse_duration
+from .quantities import (
+    Duration,
+    DurationOrZero,
+    DurationOrZero_,
+    Port,
+    PositiveNumber,
+    PositiveNumber_,
+    Weight,
+    Weight_,
+    integer,
+    parse_duration,
+)
 from .words import (
     Bool,
     CheckHost,
@@ -347,6 +358,47 @@ class StickySession:
 
 
 @declared
+@dataclass(frozen=True, slots=True)
+class Rebalance:
+    """Moving WebSockets off servers that hold more than their share (``rebalance``)."""
+
+    tolerance: Annotated[
+        PositiveNumber,
+        PositiveNumber_,
+        Field(
+            description=(
+                "how far from its fair share a server may be before tunnels move: more than "
+                "`tolerance` times its share, or less than its share divided by it (above 1)"
+            ),
+        ),
+    ] = 1.25
+    rate: Annotated[
+        Annotated[int, integer(1, 100000)],
+        Field(
+            description=("at most this many tunnels closed per second in the group, spread evenly"),
+        ),
+    ] = 20
+    close_code: Annotated[
+        DrainCode,
+        Field(
+            description=(
+                "the close code the moved clients get: `1012` (Service Restart: reconnect) or "
+                "`1001` (Going Away); the server gets a masked 1001"
+            ),
+        ),
+    ] = 1012
+
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        tolerance = raw.get("tolerance")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
+            return []  # the leaf says what is wrong with it
+        if 0 < tolerance <= 1:
+            return [(("tolerance",), f"must be above 1, got {tolerance}")]
+        return []
+
+
+@declared
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackendTls:
     """``server_groups.<name>.tls``: TLS from the proxy to the group's servers (requests,
@@ -488,6 +540,27 @@ class ServerGroup:
             ),
         ),
     ] = 1001
+    slow_start: Annotated[
+        DurationOrZero,
+        Field(
+            description=(
+                "a server that joins the group (file, DNS, runtime API) or comes back UP "
+                "after being down gets a weight that grows linearly from a small start to its "
+                "full weight over this window, for every scheduler (see [Slow start and "
+                "rebalance](#slow-start-and-rebalance)); `0`: off"
+            ),
+        ),
+    ] = 0.0
+    rebalance: Annotated[
+        Rebalance | None,
+        Field(
+            description=(
+                "move open WebSockets off servers holding more than their fair share (after "
+                "a scale-out), see [Slow start and rebalance](#slow-start-and-rebalance); "
+                "off when absent"
+            ),
+        ),
+    ] = None
     discovery: Annotated[
         Discovery | None,
         Field(
@@ -560,4 +633,37 @@ class ServerChange:
                     ' and/or "weight"',
                 )
             ]
+        return []
+
+
+@declared
+@dataclass(frozen=True, slots=True)
+class ShedRequest:
+    """The body of the runtime API's ``POST /-/servers/{group}/{host:port}/shed``: how many of
+    the server's WebSockets to close (a fraction or a count) and over how long."""
+
+    fraction: Annotated[
+        float | None,
+        PositiveNumber_,
+        Field(description="the share of the server's open WebSockets to close, 0..1"),
+    ] = None
+    count: Annotated[
+        int | None,
+        integer(1, 10_000_000),
+        Field(description="how many of the server's open WebSockets to close"),
+    ] = None
+    over: Annotated[
+        float,
+        DurationOrZero_,
+        Field(description="the window the closes are spread over; 0: all at once"),
+    ] = 0.0
+
+    @staticmethod
+    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
+        given_keys = [k for k in ("fraction", "count") if k in raw]
+        if len(given_keys) != 1:
+            return [((), 'expected a JSON object with "fraction" (0..1) or "count", and "over"')]
+        fraction = raw.get("fraction")
+        if isinstance(fraction, int | float) and not isinstance(fraction, bool) and fraction > 1:
+            return [(("fraction",), f"expected a number above 0 and at most 1, got {fraction}")]
         return []

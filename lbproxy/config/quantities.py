@@ -207,3 +207,5 @@ Bandwidth = Annotated[
     ),
 ]
 Weight_: Leaf = Weight.__metadata__[0]  # type: ignore[attr-defined]
+PositiveNumber_: Leaf = PositiveNumber.__metadata__[0]  # type: ignore[attr-defined]
+DurationOrZero_: Leaf = DurationOrZero.__metadata__[0]  # type: ignore[attr-defined]

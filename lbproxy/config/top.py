@@ -22,7 +22,7 @@ from pydantic_core import core_schema
 
 from .addresses import AdminHost, BindAddress, RedisUrl, Resolver, bind_is_loopback, parse_address
 from .declare import Items, Loc, Problem, declared, given, problems_of
-from .groups import ServerChange, ServerGroup
+from .groups import ServerChange, ServerGroup, ShedRequest
 from .listeners import Listener
 from .model import DEFAULT_SHUTDOWN_TIMEOUT, Address, ConfigError, _show
 from .quantities import Duration
@@ -67,7 +67,8 @@ class Admin:
                 "the admin listener (never one of the proxied listeners): `GET /` status "
                 "page, `GET /status` JSON, `GET /status/history` JSON (see "
                 "[Monitoring](#monitoring)), `GET /metrics` Prometheus, `GET /healthz`, `POST "
-                "/-/reload`, `GET /-/servers` and `PUT /-/servers/{group}/{host:port}` (see "
+                "/-/reload`, `GET /-/servers`, `PUT /-/servers/{group}/{host:port}` and `POST "
+                "/-/servers/{group}/{host:port}/shed` (see "
                 "[Runtime server state](#runtime-server-state)). Loopback unless you bind it "
                 "elsewhere; off loopback it needs a token or `insecure: true` (see [Securing "
                 "the admin listener](#securing-the-admin-listener)). A reload that changes it "
@@ -388,6 +389,7 @@ CONFIG: TypeAdapter[Config] = TypeAdapter(Config)
 
 
 SERVER_CHANGE: TypeAdapter[ServerChange] = TypeAdapter(ServerChange)
+SHED_REQUEST: TypeAdapter[ShedRequest] = TypeAdapter(ShedRequest)
 
 
 def parse_config(doc: Any) -> Config:
@@ -430,5 +432,13 @@ def parse_server_change(body: Any) -> tuple[list[str], ServerChange | None]:
     """A runtime API body (``admin``): (problems, the change); every problem at once."""
     try:
         return [], SERVER_CHANGE.validate_python(body)
+    except ValidationError as exc:
+        return [_problem(loc, message) for loc, message in problems_of(exc)], None
+
+
+def parse_shed(body: Any) -> tuple[list[str], ShedRequest | None]:
+    """A ``POST /-/servers/.../shed`` body (``admin``): (problems, the request)."""
+    try:
+        return [], SHED_REQUEST.validate_python(body)
     except ValidationError as exc:
         return [_problem(loc, message) for loc, message in problems_of(exc)], None

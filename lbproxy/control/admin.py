@@ -1,5 +1,6 @@
 """The admin listener: /metrics, /status, the status page, /healthz, POST /-/reload and the
-runtime server API (GET /-/servers, PUT /-/servers/{group}/{host:port}).
+runtime server API (GET /-/servers, PUT /-/servers/{group}/{host:port},
+POST /-/servers/{group}/{host:port}/shed).
 
 Owns the aiohttp application on ``admin.bind`` (never on a proxied listener), plain or with
 ``admin.tls``. It only reads the proxy's state and asks ``Proxy.reload`` /
@@ -22,8 +23,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__, buildinfo
 from ..config.model import Address
-from ..config.top import Admin, parse_server_change
+from ..config.top import Admin, parse_server_change, parse_shed
 from ..core.metrics import Registry, merge_registries
+from ..core.rebalance import Load, within
+from ..core.slow_start import SCALE, progress
 from ..core.snapshot import ServerState
 from ..proxy import tls
 from . import admin_guard
@@ -66,6 +69,13 @@ def server_view(
         "removed": s.removed,
         "weight": s.weight,
         "config_weight": s.config_weight,
+        "effective_weight": s.effective / SCALE,
+        # Slow start: how far the ramp is (0..1), None when the server is not ramping.
+        "slow_start": (
+            None
+            if s.ramp_since is None
+            else round(progress(s.ramp_since, s.ramp_window, time.monotonic()), 3)
+        ),
         "override": override or None,
         "active_connections": active.get(s.id, 0) if active is not None else s.active,
         "fleet_connections": s.fleet_active,  # through the other instances (cluster)
@@ -135,15 +145,34 @@ def status(
                     "last_change_reason": getattr(h, "last_change_reason", "") or None,
                     "websockets_total": sum(st.ws_total.values()),
                     "websockets_drained": st.ws_drained,
+                    "websockets_rebalanced": st.ws_rebalanced,
                     "requests_total": requests,
                     "upstream_errors": dict(st.errors),
                     "health_checks": dict(st.health_checks),
                 }
             )
+        # Tunnels being moved: a shed or a rebalance round here, or (the supervisor, whose
+        # workers move theirs) a group with rebalance whose spread is out of tolerance.
+        cfg_rb = g.config.rebalance
+        balanced = None
+        if cfg_rb is not None:
+            spread = [
+                Load(s.id, sum(reg.servers.get(s.id, s.stats).ws_active.values()), s.effective)
+                for s in g.available()
+            ]
+            balanced = within(spread, cfg_rb.tolerance)
+        rebalance = {
+            "enabled": cfg_rb is not None,
+            "tolerance": cfg_rb.tolerance if cfg_rb is not None else None,
+            "within_tolerance": balanced,
+            "in_progress": proxy.servers.mover.in_progress(g.name) or balanced is False,
+        }
         groups.append(
             {
                 "name": g.name,
                 "scheduler": g.config.scheduler,
+                "slow_start": g.config.slow_start,
+                "rebalance": rebalance,
                 "health_check": g.checks,
                 "servers_up": sum(1 for x in servers if x["state"] == "up" and not x["removed"]),
                 "servers": servers,
@@ -179,6 +208,10 @@ class Workers(Protocol):
 
     def describe(self) -> list[dict[str, Any]]: ...
 
+    async def shed(
+        self, sid: str, fraction: float | None, count: int | None, over: float
+    ) -> int: ...
+
 
 class AdminServer:
     def __init__(
@@ -205,6 +238,7 @@ class AdminServer:
         self.app.router.add_post("/-/reload", self.reload)
         self.app.router.add_get("/-/servers", self.servers)
         self.app.router.add_put("/-/servers/{group}/{server}", self.put_server)
+        self.app.router.add_post("/-/servers/{group}/{server}/shed", self.shed)
         self.app.router.add_get("/-/cluster", self.cluster)
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
@@ -331,6 +365,31 @@ class AdminServer:
         reg, active = await self._active()
         who = self.proxy.servers.who(sid)
         return web.json_response(server_view(server, g.checks, reg, active, who))
+
+    async def shed(self, request: web.Request) -> web.Response:
+        """Close a share of one server's WebSockets, spread over a window (see README)."""
+        group, address = request.match_info["group"], request.match_info["server"]
+        g = self.proxy.holder.current.groups.get(group)
+        if g is None:
+            return _error(404, f"no server group {group!r}")
+        sid = f"{group}/{address}"
+        server = g.by_id.get(sid)
+        if server is None:
+            return _error(404, f"no server {address!r} in group {group!r}")
+        try:
+            body = json.loads(await request.read() or b"null")
+        except ValueError as exc:
+            return _error(400, f"the body is not JSON: {exc}")
+        problems, req = parse_shed(body)
+        if problems or req is None:
+            return _error(400, *problems)
+        if self.workers is not None:
+            scheduled = await self.workers.shed(sid, req.fraction, req.count, req.over)
+        else:
+            scheduled = self.proxy.servers.shed(server, req.fraction, req.count, req.over)
+        return web.json_response(
+            {"result": "ok", "server": sid, "scheduled": scheduled, "over": req.over}
+        )
 
     async def reload(self, request: web.Request) -> web.Response:
         body = await request.read()

@@ -202,6 +202,7 @@ class Proxy:
         if self.role.check:
             await self.checker.warm(self.servers.to_warm(None, snap))
         self.servers.sync(snap)
+        self.servers.ramps.publish_all()
         if self.role.check:
             self.checker.apply(snap)
             self.discovery.apply(snap.config, self.discovered)
@@ -212,6 +213,7 @@ class Proxy:
             self.listeners.accept()
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
             self.idle_tunnels.start()
+            self.servers.mover.start()
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Load the config file again and swap it in, or change nothing and say why."""
@@ -304,6 +306,7 @@ class Proxy:
         self.registry.certificates = certificates(config)
         self.servers.retire(changes)
         self.servers.begin_drains(draining, old)
+        self.servers.joined(changes.added_servers)
         self.servers.sync(snap)
         if self.role.check:
             self.checker.apply(snap)
@@ -410,6 +413,11 @@ class Proxy:
             rps=max(0.0, rps),
             at=now,
             servers={sid: s.active for sid, s in self.state.servers.items() if s.active},
+            websockets={
+                sid: n
+                for sid, s in self.state.servers.items()
+                if (n := sum(s.stats.ws_active.values()))
+            },
         )
 
     def _reload_counted(self, ok: bool, message: str = "") -> None:

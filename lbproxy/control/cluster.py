@@ -7,7 +7,8 @@ override), in two round trips:
   and its name in the ``<prefix>instances`` sorted set (scored by time, old names pruned);
 - reads every live instance's record: the fleet view (``view``, for /-/cluster, /status and
   the page) and the other instances' counts per server, set on each ``ServerState`` as
-  ``fleet_active`` for ``wlc``;
+  ``fleet_active`` for ``wlc``, and their open tunnels per server, set on the rebalance's
+  ``Mover`` (``peers``) for the fleet-wide plan;
 - merges the runtime overrides with the ``<prefix>overrides`` hash (last writer by
   timestamp, ``core.fleet.merge_overrides``): the fleet's newer ones are applied here
   through ``ServerControl``, this instance's newer ones (set while Redis was unreachable,
@@ -160,6 +161,7 @@ class FleetLink:
             await asyncio.wait_for(self._leave(), TIMEOUT)
         for s in self.servers.state.servers.values():
             s.fleet_active = 0
+        self.servers.mover.peers = {}
         self.servers.registry.cluster = None
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await asyncio.wait_for(self.client.aclose(), TIMEOUT)
@@ -247,6 +249,7 @@ class FleetLink:
         if time.monotonic() - self.last_ok > EXPIRY:
             for s in self.servers.state.servers.values():
                 s.fleet_active = 0
+            self.servers.mover.peers = {}
             self.instances = [i for i in self.instances if i.name == self.name]
             self._publish()
 
@@ -307,6 +310,8 @@ class FleetLink:
         others = fleet.others_counts(live, self.name)
         for sid, s in self.servers.state.servers.items():
             s.fleet_active = others.get(sid, 0)
+        self.servers.mover.me = self.name
+        self.servers.mover.peers = fleet.others_tunnels(live, self.name)
 
     # ------------------------------------------------------------------ the view
     def view(self) -> dict[str, Any]:

@@ -125,6 +125,10 @@ def _backend_up(scrape: Scrape) -> list[Sample]:
     return [([g, srv], up) for g, srv, up in sorted(scrape.total.backend_up.values())]
 
 
+def _backend_weight(scrape: Scrape) -> list[Sample]:
+    return [([g, srv], w) for g, srv, w in sorted(scrape.total.backend_weight.values())]
+
+
 def _backend_state(scrape: Scrape) -> list[Sample]:
     out: list[Sample] = []
     for g, srv, current in sorted(scrape.total.backend_state.values()):
@@ -335,6 +339,13 @@ FAMILIES: tuple[Family, ...] = (
         PerServer("ws_drained"),
     ),
     Family(
+        "lbproxy_websockets_rebalanced",
+        "WebSocket tunnels the proxy moved off their server (rebalance, shed)",
+        COUNTER,
+        (_G, _S),
+        PerServer("ws_rebalanced"),
+    ),
+    Family(
         "lbproxy_bytes",
         "Bytes from clients (in) and to clients (out)",
         COUNTER,
@@ -354,6 +365,13 @@ FAMILIES: tuple[Family, ...] = (
         GAUGE,
         (_G, _S, "state"),
         _backend_state,
+    ),
+    Family(
+        "lbproxy_backend_effective_weight",
+        "The weight the schedulers use: the server's weight, less while it ramps (slow start)",
+        GAUGE,
+        (_G, _S),
+        _backend_weight,
     ),
     Family(
         "lbproxy_health_checks",

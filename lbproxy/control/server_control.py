@@ -7,6 +7,8 @@ building snapshots (``snapshot.RuntimeState``) and checking them (``checker``):
   which servers a new snapshot must warm first;
 - the runtime API's overrides (admin state, weight) and the drains they and reloads begin
   (``drain.Drainer``);
+- when a server's slow start begins (``ramp.Ramps``: it joined, came back UP or stopped
+  draining) and the WebSockets moved between servers (``rebalance.Mover``);
 - removed servers whose connections are still open: kept (draining) until their last one
   ends, then forgotten with their metric series.
 """
@@ -14,6 +16,7 @@ building snapshots (``snapshot.RuntimeState``) and checking them (``checker``):
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -25,6 +28,8 @@ from ..core.history import EventLog
 from ..core.snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from .checker import Probe, probe
 from .drain import Drainer
+from .ramp import Ramps
+from .rebalance import Mover, websockets
 
 log = logging.getLogger("lbproxy")
 
@@ -44,6 +49,8 @@ class ServerControl:
         self.checks = checks  # this process runs the health checks (logs transitions)
         self.events = events
         self.drainer = Drainer(registry.listeners)
+        self.ramps = Ramps(holder, registry)
+        self.mover = Mover(holder, registry.listeners, events)
         self.on_health_change: Callable[[], None] | None = None  # the supervisor's broadcast
         # The supervisor's hand-over of a runtime override to every worker: (id, state, weight)
         self.on_override: Callable[[str, str | None, int | None], None] | None = None
@@ -75,6 +82,8 @@ class ServerControl:
                 server.group,
                 server.id,
             )
+        if t.old is State.DOWN and t.new is State.UP:
+            self.slow_start(server, "back UP")
         if server.id in self.state.servers:
             self.registry.backend_up[server.id] = (
                 server.group,
@@ -94,7 +103,10 @@ class ServerControl:
         for sid, value in states.items():
             server = self.state.servers.get(sid)
             if server is not None:
-                server.health.state = State(value)
+                new = State(value)
+                if server.health.state is State.DOWN and new is State.UP:
+                    self.slow_start(server, "back UP")
+                server.health.state = new
         self.sync(self.holder.current)
 
     @staticmethod
@@ -158,6 +170,19 @@ class ServerControl:
             s.id for g in snap.groups.values() for s in g.servers if s.discovered
         }
 
+    # ------------------------------------------------------------------ slow start
+    def slow_start(self, server: ServerState, why: str) -> None:
+        """Begin ``server``'s ramp if its group has a ``slow_start`` window."""
+        group = self.holder.current.groups.get(server.group)
+        if group is not None and server.id in group.by_id:
+            self.ramps.begin(server, group.config.slow_start, why)
+
+    def joined(self, servers: tuple[ServerState, ...]) -> None:
+        """``servers`` joined their groups in a running process (reload, DNS discovery)."""
+        for s in servers:
+            self.slow_start(s, "joined")
+        self.ramps.publish_all()
+
     # ------------------------------------------------------------------ overrides and drains
     def begin_drains(self, servers: list[ServerState], old: Snapshot) -> None:
         """``servers`` just began draining: idle pooled connections go now (busy ones after
@@ -185,7 +210,11 @@ class ServerControl:
         """The runtime API: override a server's admin state and/or weight (kept across
         reloads while the server stays in the config). Raises KeyError for an unknown id.
         ``by``/``at``: who set it and when, when not this instance now (the fleet's)."""
+        was_draining = self.state.servers[sid].draining
         server, began = self.state.set_override(sid, admin_state, weight)
+        if was_draining and not server.draining and not server.removed:
+            self.slow_start(server, "ready again")
+        self.ramps.publish_all()
         who, when = by or self.me, time.time() if at is None else at
         self.set_by[sid] = (who, when)
         log.info(
@@ -210,6 +239,18 @@ class ServerControl:
         if self.on_local_change is not None and o is not None:
             self.on_local_change(sid, Entry(o.admin_state, o.weight, who, when))
         return server
+
+    def shed(
+        self, server: ServerState, fraction: float | None, count: int | None, over: float
+    ) -> int:
+        """Close ``count`` (or ``fraction``, rounded up) of ``server``'s open WebSockets over
+        ``over`` seconds; the number scheduled (0 when there are none, or no group)."""
+        group = self.holder.current.groups.get(server.group)
+        if group is None:
+            return 0
+        if count is None:
+            count = math.ceil((fraction or 0.0) * websockets(server))
+        return self.mover.shed(group, server, count, over)
 
     def removed_servers(self) -> list[ServerState]:
         """Servers a reload removed whose last connections are still open (draining)."""
@@ -244,3 +285,5 @@ class ServerControl:
 
     def close(self) -> None:
         self.drainer.close()
+        self.ramps.close()
+        self.mover.close()

@@ -19,12 +19,12 @@ from __future__ import annotations
 CHART_CSS = """
 :root{color-scheme:light dark;--fg:#222;--muted:#666;--bg:#fafafa;--card:#fff;--grid:#ddd;
 --c0:#1565c0;--c1:#c62828;--c2:#ef6c00;--c3:#2e7d32;
---ev-health:#c62828;--ev-reload:#6a1b9a;--ev-drain:#1565c0;--ev-api:#00838f;
+--ev-health:#c62828;--ev-reload:#6a1b9a;--ev-drain:#1565c0;--ev-rebalance:#2e7d32;--ev-api:#00838f;
 --ev-worker:#ef6c00;--ev-dns:#558b2f}
 @media (prefers-color-scheme: dark){
 :root{--fg:#e6e6e6;--muted:#aaa;--bg:#16181c;--card:#1f2227;--grid:#3a3f47;
 --c0:#64b5f6;--c1:#ef5350;--c2:#ffb74d;--c3:#81c784;
---ev-health:#ef5350;--ev-reload:#ce93d8;--ev-drain:#64b5f6;--ev-api:#4dd0e1;
+--ev-health:#ef5350;--ev-reload:#ce93d8;--ev-drain:#64b5f6;--ev-rebalance:#81c784;--ev-api:#4dd0e1;
 --ev-worker:#ffb74d;--ev-dns:#aed581}
 body{color:var(--fg);background:var(--bg)} table{background:var(--card)}
 th{background:#2a2e35} th,td{border-color:#3a3f47} .meta,h1 .build{color:var(--muted)}
@@ -44,8 +44,8 @@ height:.25em;margin:0 .3em .2em .6em;vertical-align:middle}
 .event{stroke-width:1.5;stroke-dasharray:3 2;vector-effect:non-scaling-stroke}
 .event:hover{stroke-width:4}
 .ev-health{stroke:var(--ev-health)} .ev-reload{stroke:var(--ev-reload)}
-.ev-drain{stroke:var(--ev-drain)} .ev-api{stroke:var(--ev-api)}
-.ev-worker{stroke:var(--ev-worker)} .ev-dns{stroke:var(--ev-dns)}
+.ev-drain{stroke:var(--ev-drain)} .ev-rebalance{stroke:var(--ev-rebalance)}
+.ev-api{stroke:var(--ev-api)} .ev-worker{stroke:var(--ev-worker)} .ev-dns{stroke:var(--ev-dns)}
 td.spark{min-width:110px;padding:0 .3em} td.spark svg{width:110px;height:22px;display:block}
 @media (max-width:700px){body{margin:.6em} table{font-size:.8em;display:block;overflow-x:auto}}
 """

@@ -161,6 +161,12 @@ def render_status_page(st: dict[str, Any], history: dict[str, Any] | None = None
             f"<h2>Server group {_e(g['name'])} <span class=meta>({_e(g['scheduler'])}, "
             f"{_e(g['servers_up'])}/{total} up)</span></h2>"
         )
+        rb = g.get("rebalance")
+        if rb is not None and rb["in_progress"]:
+            add(
+                "<p class='rebalance'>Rebalance in progress: moving WebSockets off "
+                "servers (a rebalance toward each server's fair share, or a shed)</p>"
+            )
         add("<table><tr><th>server</th><th>state</th><th>weight</th><th>last check</th>")
         add("<th>latency</th><th>open</th><th>websockets</th><th>ws total</th>")
         add("<th>requests</th><th>req/s</th><th>errors</th><th>checks ok/failed</th>")
@@ -175,6 +181,10 @@ def render_status_page(st: dict[str, Any], history: dict[str, Any] | None = None
             weight = str(s["weight"])
             if s["override"] is not None:  # the runtime API's values, and the file's
                 weight += f" (override; file: {s['config_weight']})"
+            if s.get("slow_start") is not None:  # ramping up: the weight in force, and how far
+                weight += (
+                    f" (slow start {round(100 * s['slow_start'])}%: {s['effective_weight']:.2f})"
+                )
             add(
                 f"<tr class='server {_e(shown)}' data-server='{_e(s['address'])}'>"
                 f"<td>{_e(s['address'])}{' (dns)' if s.get('discovered') else ''}</td>"

@@ -6,8 +6,9 @@ tried for this request, and it keeps ``active`` (open connections, WebSocket tun
 included) up to date. A scheduler never sees sockets or clocks.
 
 Rules every scheduler follows
-    - A candidate with weight 0 is never chosen (it is draining). If nothing is left,
-      ``pick`` returns None.
+    - Schedulers read a candidate's ``effective`` weight: ``weight * slow_start.SCALE``, less
+      while the server ramps up after joining (slow start). A candidate whose effective
+      weight is 0 is never chosen (it is draining). If nothing is left, ``pick`` returns None.
     - State is keyed by server id, never by position, so a scheduler handed over to a
       new configuration (``make_scheduler(name, previous)``) carries on where it was:
       no re-warming, no burst onto one server after a reload.
@@ -15,13 +16,15 @@ Rules every scheduler follows
 
 The schedulers
     rr   round-robin ignoring weights, continuing after the last picked server even when
-         the candidate list changed under it.
+         the candidate list changed under it; a ramping server takes its turn only in the
+         proportion its ramp has reached.
     wrr  nginx's smooth weighted round-robin.
     wlc  weighted least connections, ties taken in round-robin order. The connections
          counted are ``active + fleet_active``: with ``cluster`` the other instances'
          published counts too, so a fleet balances as one balancer would.
     sh   consistent hashing of ``key`` (the client address) on a ring of virtual nodes;
-         without a key it behaves as rr.
+         without a key it behaves as rr. A ramping server keeps the part of its keys its
+         ramp has reached (the same keys, growing), the others go where they would without it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Protocol, TypeVar
 
 from ..config.model import SCHEDULERS
+from .slow_start import SCALE
 
 __all__ = [
     "SCHEDULERS",
@@ -51,6 +55,11 @@ class Candidate(Protocol):
     def id(self) -> str: ...
     @property
     def weight(self) -> int: ...
+    @property
+    def effective(self) -> int:
+        """``weight * SCALE``, less during slow start; what the schedulers compare."""
+        ...
+
     @property
     def active(self) -> int: ...
     @property
@@ -100,23 +109,40 @@ class _Cursor:
 
 
 class RoundRobin:
-    __slots__ = ("_cursor",)
+    __slots__ = ("_credit", "_cursor")
 
     name: Final = "rr"
 
     def __init__(self) -> None:
         self._cursor = _Cursor()
+        # A ramping server's credit (slow start): it earns its effective weight each time
+        # its turn comes and is picked once the credit reaches its full weight.
+        self._credit: dict[str, int] = {}
 
     def pick(self, candidates: Sequence[C], key: str | None = None) -> C | None:
         n = len(candidates)
         start = self._cursor.start(candidates)
+        fallback: C | None = None
+        fallback_pos = -1
         for step in range(n):
             pos = (start + step) % n
             c = candidates[pos]
-            if c.weight > 0:
+            eff = c.effective
+            if eff > 0:
+                full = c.weight * SCALE
+                if eff < full:
+                    credit = self._credit.get(c.id, 0) + eff
+                    if credit < full:
+                        self._credit[c.id] = credit
+                        if fallback is None:
+                            fallback, fallback_pos = c, pos
+                        continue
+                    self._credit[c.id] = credit - full
                 self._cursor.moved_to(c, pos)
                 return c
-        return None
+        if fallback is not None:  # only ramping servers are left: one of them, still
+            self._cursor.moved_to(fallback, fallback_pos)
+        return fallback
 
 
 class SmoothWeightedRoundRobin:
@@ -142,7 +168,7 @@ class SmoothWeightedRoundRobin:
         best_weight = 0
         total = 0
         for c in candidates:
-            weight = c.weight
+            weight = c.effective
             if weight <= 0:
                 continue
             cw = current.get(c.id, 0) + weight
@@ -161,14 +187,19 @@ class SmoothWeightedRoundRobin:
 
 
 class WeightedLeastConnections:
-    """Fewest ``active + fleet_active`` per unit of weight; among equals, round-robin."""
+    """Fewest ``active + fleet_active`` (the fleet's count with ``cluster``) per unit of
+    effective weight; among equals, round-robin, in which a ramping server (slow start) takes
+    its turn only in the proportion its ramp has reached (as ``RoundRobin`` does): with short
+    requests every server often has 0 active, and a tie must not hand a fresh server a full
+    share."""
 
-    __slots__ = ("_cursor",)
+    __slots__ = ("_credit", "_cursor")
 
     name: Final = "wlc"
 
     def __init__(self) -> None:
         self._cursor = _Cursor()
+        self._credit: dict[str, int] = {}
 
     def pick(self, candidates: Sequence[C], key: str | None = None) -> C | None:
         n = len(candidates)
@@ -179,17 +210,33 @@ class WeightedLeastConnections:
         for step in range(n):
             pos = (start + step) % n
             c = candidates[pos]
-            if c.weight <= 0:
+            if c.effective <= 0:
                 continue
             load = c.active + c.fleet_active
-            # a.load/a.weight < b.load/b.weight, cross-multiplied to stay exact.
+            # a.load/a.effective < b.load/b.effective, cross-multiplied to stay exact.
             # Strict "<" makes the first equal one after the cursor win the tie.
-            if best is None or load * best.weight < best_load * c.weight:
+            if best is None or load * best.effective < best_load * c.effective:
                 best = c
                 best_pos = pos
                 best_load = load
-        if best is not None:
-            self._cursor.moved_to(best, best_pos)
+        if best is None:
+            return None
+        full = best.weight * SCALE
+        if best.effective < full:
+            credit = self._credit.get(best.id, 0) + best.effective
+            if credit < full:
+                self._credit[best.id] = credit
+                # Not its turn yet: the next one tied with it, if any, takes this pick.
+                for step in range(1, n):
+                    pos = (best_pos + step) % n
+                    c = candidates[pos]
+                    load = c.active + c.fleet_active
+                    if c.effective > 0 and load * best.effective == best_load * c.effective:
+                        best, best_pos, best_load = c, pos, load
+                        break
+            else:
+                self._credit[best.id] = credit - full
+        self._cursor.moved_to(best, best_pos)
         return best
 
 
@@ -244,9 +291,23 @@ class ConsistentHash:
     def pick(self, candidates: Sequence[C], key: str | None = None) -> C | None:
         if key is None:
             return self._fallback.pick(candidates)
-        eligible = [c for c in candidates if c.weight > 0]
+        eligible = [c for c in candidates if c.effective > 0]
         if not eligible:
             return None
+        chosen = eligible[self._ring(eligible).lookup(key)]
+        full = chosen.weight * SCALE
+        # Slow start: the key stays only if it falls in the part the ramp has reached (a
+        # hash of its own, so the kept keys are the same ones as the ramp grows).
+        if (
+            chosen.effective < full
+            and len(eligible) > 1
+            and _hash64(f"{key}#ramp") % full >= chosen.effective
+        ):
+            rest = [c for c in eligible if c is not chosen]
+            chosen = rest[self._ring(rest).lookup(key)]
+        return chosen
+
+    def _ring(self, eligible: Sequence[Candidate]) -> _Ring:
         ids = tuple(c.id for c in eligible)
         ring = self._rings.pop(ids, None)
         if ring is None:
@@ -254,7 +315,7 @@ class ConsistentHash:
             if len(self._rings) >= self._MAX_RINGS:
                 del self._rings[next(iter(self._rings))]
         self._rings[ids] = ring  # re-inserted last: the dict order is least recently used
-        return eligible[ring.lookup(key)]
+        return ring
 
 
 _FACTORIES: Final[Mapping[str, Callable[[], Scheduler]]] = {

@@ -10,6 +10,8 @@ Owns what ``control.cluster`` (the Redis I/O) decides with:
   expiry: a dead instance's counts vanish on their own);
 - ``others_counts``: the sum of the other live instances' open connections and tunnels per
   server, which ``wlc`` adds to this instance's live counts (``ServerState.fleet_active``);
+- ``others_tunnels``: the other live instances' open tunnels per server, each apart, which
+  the rebalance adds to this instance's and apportions its moves by (``core.rebalance``);
 - ``odd_configs``: the instances whose config hash differs from the fleet's most common one.
 """
 
@@ -84,6 +86,8 @@ class Instance:
     rps: float  # requests per second over the last period
     at: float  # when it wrote this record (Unix seconds)
     servers: dict[str, int] = field(default_factory=dict)  # server id -> open requests+tunnels
+    # server id -> open tunnels (absent from an older instance's record: read as none)
+    websockets: dict[str, int] = field(default_factory=dict)
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -93,6 +97,7 @@ class Instance:
         try:
             d: dict[str, Any] = json.loads(text)
             servers = d.get("servers") or {}
+            websockets = d.get("websockets") or {}
             return Instance(
                 name=str(d["name"]),
                 address=str(d.get("address", "")),
@@ -105,6 +110,7 @@ class Instance:
                 rps=float(d.get("rps", 0.0)),
                 at=float(d["at"]),
                 servers={str(k): int(v) for k, v in servers.items()},
+                websockets={str(k): int(v) for k, v in websockets.items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -125,6 +131,16 @@ def others_counts(instances: Iterable[Instance], me: str) -> dict[str, int]:
         for sid, n in inst.servers.items():
             if n > 0:
                 out[sid] = out.get(sid, 0) + n
+    return out
+
+
+def others_tunnels(instances: Iterable[Instance], me: str) -> dict[str, dict[str, int]]:
+    """Open tunnels per server id of every instance but ``me`` (those holding any), by name."""
+    out: dict[str, dict[str, int]] = {}
+    for inst in instances:
+        held = {sid: n for sid, n in inst.websockets.items() if n > 0}
+        if inst.name != me and held:
+            out[inst.name] = held
     return out
 
 

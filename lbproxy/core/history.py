@@ -229,7 +229,7 @@ class Event:
         }
 
 
-EVENT_KINDS = ("health", "reload", "drain", "api", "worker", "dns")
+EVENT_KINDS = ("health", "reload", "drain", "rebalance", "api", "worker", "dns")
 
 
 class EventLog:

@@ -38,7 +38,16 @@ WS_BUCKETS = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 
 # drain: the proxy closed it (close frames both ways) because its server was draining;
 # policy: because the client broke the listener's WebSocket message policy.
-WS_CLOSE_REASONS = ("client", "server", "idle_timeout", "shutdown", "drain", "policy", "error")
+WS_CLOSE_REASONS = (
+    "client",
+    "server",
+    "idle_timeout",
+    "shutdown",
+    "drain",
+    "rebalance",
+    "policy",
+    "error",
+)
 # Which part of listeners[].websocket a client broke; extension: a frame with RSV bits set (a
 # compressed one) under max_message_size, where no extension is negotiated.
 WS_POLICY_REASONS = ("max_message_size", "messages_per_second", "extension")
@@ -213,6 +222,7 @@ class ServerStats:
         "ws_drained",
         "ws_messages_in",
         "ws_messages_out",
+        "ws_rebalanced",
         "ws_total",
     )
 
@@ -232,6 +242,7 @@ class ServerStats:
         self.ws_messages_in = 0
         self.ws_messages_out = 0
         self.ws_close_classes = dict.fromkeys(WS_CLOSE_CLASSES, 0)
+        self.ws_rebalanced = 0  # tunnels the proxy moved off it (rebalance, shed)
 
     def ws_opened(self, listener: str) -> None:
         self.ws_active[listener] = self.ws_active.get(listener, 0) + 1
@@ -271,6 +282,8 @@ class Registry:
         self.backend_up: dict[str, tuple[str, str, int]] = {}
         # Likewise: server id -> (group, server, one of BACKEND_STATES)
         self.backend_state: dict[str, tuple[str, str, str]] = {}
+        # server id -> (group, server, effective weight): slow start (``control.ramp``)
+        self.backend_weight: dict[str, tuple[str, str, float]] = {}
         # DNS discovery (in the process that runs it): (server_group, result) -> lookups, and
         # the ids of the servers it found (for lbproxy_backend_discovered).
         self.dns_lookups: dict[tuple[str, str], int] = {}
@@ -299,6 +312,7 @@ class Registry:
         ss = self.servers.pop(server_id, None)
         self.backend_up.pop(server_id, None)
         self.backend_state.pop(server_id, None)
+        self.backend_weight.pop(server_id, None)
         if ss is None:
             return
         for ls in self.listeners.values():
@@ -433,4 +447,6 @@ def merge_registries(regs: Iterable[Registry]) -> Registry:
             out.backend_up[sid] = (g, srv, up + (prev[2] if prev else 0))
         for sid, entry in reg.backend_state.items():
             out.backend_state.setdefault(sid, entry)  # one owner of health and drain states
+        for sid, weight in reg.backend_weight.items():
+            out.backend_weight.setdefault(sid, weight)  # and of the ramps' view
     return out

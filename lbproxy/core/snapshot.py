@@ -25,6 +25,7 @@ from . import balancer, metrics
 from .health import ServerHealth, State
 from .pool import Pool
 from .rules import Router
+from .slow_start import SCALE
 from .sticky import CookieMap, SidTable, server_token
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class ServerState:
         "connect_to",
         "discovered",
         "draining",
+        "effective",
         "fleet_active",
         "group",
         "health",
@@ -67,6 +69,9 @@ class ServerState:
         "label",
         "override",
         "pool",
+        "ramp_since",
+        "ramp_window",
+        "relieved_until",
         "removed",
         "stats",
         "token",
@@ -92,6 +97,15 @@ class ServerState:
         # Takes no new requests or tunnels: removed, weight 0 or admin_state drain. Kept as a
         # field (updated by ``refresh``) because the scheduler reads it per request.
         self.draining = server.weight == 0
+        # Slow start (``core.slow_start``): the scaled weight the schedulers compare, and the
+        # ramp in force (when it began, monotonic clock; None: none) and its window. Kept up
+        # to date by ``control.ramp``; a reload that keeps the server keeps its ramp.
+        self.effective = server.weight * SCALE
+        self.ramp_since: float | None = None
+        self.ramp_window = 0.0
+        # A rebalance or shed is moving tunnels off it until then (monotonic clock): an
+        # upgrade pinned here by an insert cookie is placed anew (``sticky``).
+        self.relieved_until = 0.0
         self.active = 0  # open requests and tunnels to this server
         # The same through the other instances of the fleet (``cluster``: what they published,
         # set by control.cluster about twice a second); wlc adds it to ``active``.
@@ -113,6 +127,10 @@ class ServerState:
         w = override.weight if override is not None else None
         self.weight = self.config_weight if w is None else w
         self.draining = self.removed or self.weight == 0 or self.admin_state == "drain"
+        if self.ramp_since is None:
+            self.effective = self.weight * SCALE
+        else:  # ramping: ``control.ramp`` recomputes it; a lower weight caps it at once
+            self.effective = min(self.effective, self.weight * SCALE)
         return self.draining and not was
 
     @property

@@ -412,6 +412,15 @@ class Affinity:
                     server = by_id.get(pinned_id)
         return server
 
+    def movable(self, upgrade: bool) -> bool:
+        """Whether the pin may give way while a rebalance relieves the pinned
+        server: only the proxy's own insert cookie (re-pinned on the answer) of a WebSocket
+        upgrade or of a Socket.IO handshake (a new session); never a live sid's pin nor the
+        backend's own cookie, which name state held on that server."""
+        if self.token is None or self.config.type != "insert" or self.sid is not None:
+            return False  # no insert cookie, or an Engine.IO session living on that server
+        return upgrade or self.sio
+
     def hunt_answer(self, status: int, server_id: str, now: float, ttl: float) -> bool:
         """During a hunt: True when the server answered 400 ("not my session": try the next
         one); any other answer comes from the server holding the session, which is pinned

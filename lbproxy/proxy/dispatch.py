@@ -149,6 +149,15 @@ class Dispatch:
                 # Gone, down or already failed: choose another (an insert cookie is replaced).
                 if group.pinnable(pinned) and pinned not in self.tried:
                     server = pinned
+                    # A rebalance or shed is moving WebSockets off it: an upgrade (or a new
+                    # Socket.IO session) pinned there by the insert cookie is placed anew and
+                    # re-pinned on its answer, or the cookie would send it straight back.
+                    if (
+                        server is not None
+                        and server.relieved_until > now
+                        and aff.movable(ex.upgrade)
+                    ):
+                        server = None
             if server is None:
                 server = group.pick(hash_key(ex), self.tried)
         if server is None:

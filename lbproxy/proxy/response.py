@@ -80,6 +80,8 @@ class Response:
                         return
                     if aff is not None and aff.hunt:
                         self.dispatch.sid_hunt(ex, status)  # found the session's server: pin it
+                    if aff is not None:
+                        raw = self._pin_upgrade(ex, resp, raw)
                     self.dispatch.hand_over(ex, raw, bytes(buf))
                 else:
                     ex.bad_gateway("101 Switching Protocols to a request that asked for none")
@@ -101,6 +103,19 @@ class Response:
             elif not ex.done:
                 ex.down.flush()  # the body comes in a later read
             return
+
+    def _pin_upgrade(self, ex: ExchangeBase, resp: ResponseHead, raw: bytes) -> bytes:
+        """A 101 pins the session as any answer does: an upgrade placed anew (no insert
+        cookie yet, or its server gone, down or relieved by a rebalance) gets its cookie on
+        the 101 itself, the one answer it sees."""
+        server = self.dispatch.server
+        aff = ex.affinity
+        assert server is not None and aff is not None
+        now = ex.loop.time()
+        extra = aff.response(101, resp.headers, server.id, server.token, now)
+        if not extra:
+            return raw
+        return raw[:-2] + b"".join(line + b"\r\n" for line in extra) + b"\r\n"
 
     def _start(self, ex: ExchangeBase, resp: ResponseHead) -> None:
         server = self.dispatch.server

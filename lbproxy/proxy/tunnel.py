@@ -180,11 +180,20 @@ class Tunnel(TunnelBase):
         assert ends is not None
         ends[1].inject(close_frame(code, masked=False))
 
+    def midway(self) -> bool:
+        """A message is passing (either way): a rebalance leaves the tunnel alone for now."""
+        ends = self.ends
+        return ends is not None and (ends[0].midway or ends[1].midway)
+
     # ------------------------------------------------------------------ the proxy closes it
-    def go_away(self, code: int, reason: str) -> None:
+    def go_away(self, code: int, reason: str, client_first: bool = False) -> None:
         """Close the WebSocket cleanly: a close frame with ``code`` to each side at its next
         frame boundary, then the close handshake for at most WS_CLOSE_HANDSHAKE_TIMEOUT.
-        ``reason`` ("drain", "shutdown") is what the tunnel's end is counted as."""
+        ``reason`` ("drain", "rebalance", "shutdown") is what the tunnel's end is counted as.
+
+        ``client_first`` (a move: rebalance, shed): the close goes to the client only; the
+        client's messages keep reaching the server until the client's close frame, which the
+        server's masked 1001 replaces, so nothing the client sent before it is lost."""
         if self.closed or self.ending is not None:
             return
         self.ending = reason
@@ -202,6 +211,9 @@ class Tunnel(TunnelBase):
         self.timer = self.loop.call_later(WS_CLOSE_FRAME_WAIT, self.close, reason)
         client_end, server_end = ends
         server_end.inject(close_frame(code, masked=False))  # into the stream to the client
+        if client_first:
+            self.client_first = True
+            return
         client_end.inject(close_frame(code, masked=True))  # into the stream to the server
 
     def close_injected(self) -> None:

@@ -54,6 +54,7 @@ class TunnelBase:
         "bytes_in",
         "bytes_out",
         "client",
+        "client_first",
         "closed",
         "ends",
         "last",
@@ -85,6 +86,10 @@ class TunnelBase:
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed = False
+        # A move (rebalance, shed): the close went to the client only; what the client sends
+        # until its close frame still reaches the server, and the server's 1001 takes the
+        # place of the client's close frame (``End._frames``), so no message is lost.
+        self.client_first = False
         self.ends: tuple[End, End] | None = None  # (client side, server side)
         self.policy = policy  # limits on the client's messages (listeners[].websocket)
         self.shapers = shapers  # the listener's bandwidth cap (listeners[].bandwidth)
@@ -170,6 +175,7 @@ class End(asyncio.Protocol):
         "capped",
         "capture",
         "cmask",
+        "fragmented",
         "is_client",
         "messages",
         "mode",
@@ -194,6 +200,9 @@ class End(asyncio.Protocol):
         self.mode = _FORWARD
         self.pending = b""  # the close frame waiting for a frame boundary (_INJECT)
         self.messages = 0  # data messages passed on (a fragmented one counts once)
+        # Inside a fragmented message (its first frame had no FIN, its last has not come):
+        # a rebalance does not pick such a tunnel (``midway``).
+        self.fragmented = False
         self.replied = False  # sent its close frame after the proxy's own (_DROP)
         # Nothing in the way of the inline walk in data_received: forwarding, no close code
         # being read, no header held, no message policy to apply (kept by _frames).
@@ -234,6 +243,7 @@ class End(asyncio.Protocol):
         # key cut off by the end of the read is skipped like payload.
         pos = rem
         msgs = 0
+        frag = self.fragmented
         while pos < n:
             if pos + 2 > n:
                 self._frames(data)
@@ -249,15 +259,19 @@ class End(asyncio.Protocol):
                 size = 4
             if b1 & 0x80:
                 size += 4
-            op = data[pos] & 0x0F
+            b0 = data[pos]
+            op = b0 & 0x0F
             if op > OP_BINARY:
                 if op == OP_CLOSE:
                     self._frames(data)
                     return
-            elif op != OP_CONTINUATION:
-                msgs += 1
+            else:
+                if op != OP_CONTINUATION:
+                    msgs += 1
+                frag = not b0 & 0x80
             pos += size + length
         self.remaining = pos - n
+        self.fragmented = frag
         if msgs:
             self.messages += msgs
             if self.is_client:
@@ -322,10 +336,25 @@ class End(asyncio.Protocol):
                 if partial:
                     self.peer.write(partial)  # the held-back start of this header
             if op <= OP_BINARY:
+                self.fragmented = not buf[0] & 0x80
                 if op != OP_CONTINUATION and self.mode != _DROP:
                     self.messages += 1
                     t.count_messages(self.is_client)
             elif op == OP_CLOSE:
+                if (
+                    self.is_client
+                    and t.client_first
+                    and self.mode == _FORWARD
+                    and not partial
+                    and hstart >= start
+                ):
+                    # The client answers a move: everything before its close frame went on;
+                    # the server gets the proxy's 1001 in its place (and it is the reply).
+                    if hstart > start:
+                        self.peer.write(data[start:hstart])
+                    start = n
+                    self.pending = close_frame(GOING_AWAY, masked=True)
+                    self._inject_now()
                 if hdr.length >= 2:
                     self.capture = b""
                     self.cmask = hdr.mask
@@ -356,6 +385,11 @@ class End(asyncio.Protocol):
             self.tunnel.close_replied()
         else:
             self.tunnel.count_close("client" if self.is_client else "server", code)
+
+    @property
+    def midway(self) -> bool:
+        """Inside a frame or a fragmented message: closing now would cut a message short."""
+        return self.remaining > 0 or bool(self.partial) or self.fragmented
 
     def inject(self, frame: bytes) -> None:
         """Send ``frame`` to the peer at the next frame boundary of this side's stream."""

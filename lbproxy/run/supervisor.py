@@ -129,6 +129,7 @@ class Supervisor:
             "raw": base64.b64encode(raw).decode(),
             "path": self.proxy.config_path,
             "discovered": encode(self.proxy.discovered),
+            "workers": self.count,  # they share a rebalance's rate
         }
         if with_health:
             msg["health"] = self.proxy.servers.health_map()
@@ -152,7 +153,7 @@ class Supervisor:
                 w.ready.set()
                 # Health may have changed between the spawn and now.
                 w.send({"op": "health", "states": self.proxy.servers.health_map()})
-            elif op == "stats":
+            elif op in ("stats", "shed"):
                 fut = w.waiters.pop(msg.get("id"), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -269,6 +270,30 @@ class Supervisor:
             for sid, n in msg.get("active", {}).items():
                 active[sid] = active.get(sid, 0) + n
         return regs, active
+
+    async def shed(self, sid: str, fraction: float | None, count: int | None, over: float) -> int:
+        """Each serving worker sheds its share of ``sid``'s WebSockets (the same fraction of
+        its own, or its part of ``count``); the number they scheduled in all."""
+        serving = [w for w in self.workers if w.alive and w.ready.is_set()]
+        futures = []
+        for i, w in enumerate(serving):
+            part = None
+            if count is not None:
+                part = count // len(serving) + (1 if i < count % len(serving) else 0)
+                if part == 0:
+                    continue
+            n = next(self._ids)
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            w.waiters[n] = fut
+            msg = {"op": "shed", "id": n, "server": sid, "fraction": fraction, "count": part}
+            w.send({**msg, "over": over})
+            futures.append(fut)
+        if not futures:
+            return 0
+        done, pending = await asyncio.wait(futures, timeout=WORKER_STATS_TIMEOUT)
+        for fut in pending:
+            fut.cancel()
+        return sum(int(f.result().get("scheduled", 0)) for f in done if not f.cancelled())
 
     def describe(self) -> list[dict[str, Any]]:
         now = time.monotonic()

@@ -5,16 +5,18 @@ reports on stdout (logs go to stderr, so stdout carries nothing else).
 
 Orders:   {"op": "config", "raw": <base64 file bytes>, "path": ..., "health": {id: state},
            "overrides": {id: {"admin_state": ..., "weight": ...}},
-           "discovered": <dnsstate.encode>}
+           "discovered": <dnsstate.encode>, "workers": n}
           (health: the supervisor's, its new servers already warmed, taken before the swap)
           {"op": "discovered", "groups": <dnsstate.encode>}
           {"op": "health", "states": {id: state}}
           {"op": "override", "server": id, "admin_state": ..., "weight": ...}
           {"op": "stats", "id": n}
+          {"op": "shed", "id": n, "server": id, "fraction": f, "count": n, "over": seconds}
 Reports:  {"op": "ready", "pid": n}
           {"op": "passive", "server": id, "reason": text}
           {"op": "stats", "id": n, "data": <metrics.dump_registry>, "active": {id: n}}
           {"op": "applied", "ok": bool, "message": text}
+          {"op": "shed", "id": n, "scheduled": n}
 
 The first order is always a config (already validated by the supervisor). Health comes only
 from the supervisor, which runs the checks once for all workers; a failure seen while
@@ -101,6 +103,7 @@ async def serve(signals: Signals) -> int:
     discovered = decode(first.get("discovered"))
     proxy = Proxy(config, None, Role(serve=True, check=False, reuse_port=True), discovered)
     proxy.config_raw = raw
+    proxy.servers.mover.share = max(int(first.get("workers", 1)), 1)  # rebalance rate: a share
 
     def report(server: ServerState, reason: str) -> None:
         ch.send({"op": "passive", "server": server.id, "reason": reason})
@@ -137,6 +140,12 @@ async def serve(signals: Signals) -> int:
             elif op == "override":
                 if msg["server"] in proxy.state.servers:
                     proxy.servers.set_server_state(msg["server"], msg["admin_state"], msg["weight"])
+            elif op == "shed":
+                server = proxy.state.servers.get(msg["server"])
+                n = 0
+                if server is not None:
+                    n = proxy.servers.shed(server, msg["fraction"], msg["count"], msg["over"])
+                ch.send({"op": "shed", "id": msg["id"], "scheduled": n})
             elif op == "stats":
                 active = {sid: s.active for sid, s in proxy.state.servers.items()}
                 data = dump_registry(proxy.registry)

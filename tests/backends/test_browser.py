@@ -126,6 +126,64 @@ async def test_page_reconnects_after_its_backend_restarts(browser: Browser, bus:
         system = await page.eval(
             "Array.from(document.querySelectorAll('#messages li.system')).map(li => li.textContent)"
         )
-        assert system == ["connected to ECS01", "disconnected from ECS01", "connected to ECS01-new"]
+        # The backend closed with 1001 as it stopped: a move, so the page tried again at once,
+        # and fell back to its backoff (the countdown above) while nothing answered.
+        assert system == [
+            "connected to ECS01",
+            "moved off ECS01 (1001): reconnecting",
+            "connected to ECS01-new",
+        ]
     finally:
         await second.close()
+
+
+async def test_page_reconnects_at_once_when_moved_by_the_proxy(
+    browser: Browser, bus: MemoryBus
+) -> None:
+    """Through lbproxy: a shed (as a rebalance does) closes the page's WebSocket with 1012;
+    the page says it was moved and reconnects within its short jitter, not its backoff."""
+    from lbproxy.control.app import Proxy
+    from tests.support import config_doc, proxy_url, start_proxy
+
+    a = ChatServer("ECS01", bus)
+    b = ChatServer("ECS02", bus)
+    await a.start()
+    await b.start()
+    proxy: Proxy | None = None
+    try:
+        doc = config_doc(
+            [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"],
+            group={"scheduler": "wlc", "health_check": {"enabled": False}},
+        )
+        proxy = await start_proxy(doc)
+        page = await browser.new_page(proxy_url(proxy, path="/"))
+        text = await page.wait_for(
+            "(s => s.textContent.startsWith('connected to ') && s.textContent)"
+            "(document.getElementById('status'))"
+        )
+        first = text.removeprefix("connected to ")
+        group = proxy.holder.current.groups["rs1"]
+        server = next(s for s in group.servers if sum(s.stats.ws_active.values()) == 1)
+        assert proxy.servers.shed(server, 1.0, None, 0.0) == 1
+        await page.wait_for(
+            "Array.from(document.querySelectorAll('#messages li.system'))"
+            ".some(li => li.textContent.startsWith('moved off '))"
+        )
+        await page.wait_for(
+            "document.querySelectorAll('#messages li.system').length === 3"
+            " && document.getElementById('status').dataset.state === 'connected'"
+        )
+        system = await page.eval(
+            "Array.from(document.querySelectorAll('#messages li.system')).map(li => li.textContent)"
+        )
+        assert system[:2] == [f"connected to {first}", f"moved off {first} (1012): reconnecting"]
+        assert system[2].startswith("connected to ")
+        # Never the failure path: no "reconnecting in Ns" countdown was shown.
+        assert await page.eval("document.getElementById('status').dataset.state") == "connected"
+        await send(page, "alice", "still here")
+        await page.wait_for("document.querySelectorAll('#messages li.msg').length === 1")
+    finally:
+        if proxy is not None:
+            await proxy.close(timeout=0.5)
+        await a.close()
+        await b.close()

@@ -329,7 +329,16 @@ async def test_websocket_counts_durations_and_close_reasons(make_backend, make_p
         assert (last.type, last.data) == (aiohttp.WSMsgType.CLOSE, 1001)
         await ws[2].close()
     m = await scrape(admin)
-    reasons = ("client", "server", "idle_timeout", "shutdown", "drain", "policy", "error")
+    reasons = (
+        "client",
+        "server",
+        "idle_timeout",
+        "shutdown",
+        "drain",
+        "rebalance",
+        "policy",
+        "error",
+    )
     # Data messages each way: three pings and the "close:1000" order in, three echoes out.
     assert m.series("lbproxy_websocket_messages_total", "listener", "direction") == {
         ("web", "in"): 4,

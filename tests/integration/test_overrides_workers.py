@@ -162,3 +162,42 @@ async def test_overrides_survive_a_reload_and_a_killed_worker(make_backend, tmp_
     finally:
         with contextlib.suppress(Exception):
             await lb.stop()
+
+
+async def test_shed_reaches_every_worker(make_backend, tmp_path):
+    """``POST .../shed`` under --workers: each worker sheds its share of its own tunnels, and
+    the answer sums what they scheduled."""
+    a = await make_backend("A")
+    lb = await start(tmp_path / "lb.yaml", [a.address])
+    try:
+        url = f"ws://127.0.0.1:{lb.port}/ws"
+        tunnels = [await lb.session.ws_connect(url) for _ in range(16)]
+        for ws in tunnels:  # each one established through its worker
+            await ws.send_str("hi")
+            assert (await ws.receive()).data == "hi"
+        await wait_for(
+            lambda: _ws_active(lb, a.address, 16), 10, "16 tunnels in the workers' stats"
+        )
+        shed = f"{lb.admin}/-/servers/rs1/{a.address}/shed"
+        async with lb.session.post(shed, json={"count": 1, "over": "0s"}) as r:
+            assert r.status == 401  # a write, like PUT: the token is needed
+        async with lb.session.post(shed, json={"fraction": 1.0}, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["scheduled"] == 16  # both workers' tunnels
+        for ws in tunnels:
+            msg = await ws.receive(timeout=20)
+            assert msg.data == 1012, msg
+            await ws.close()
+        metrics = await lb.metrics()
+        assert (
+            metrics.total(
+                "lbproxy_websockets_rebalanced_total", server_group="rs1", server=a.address
+            )
+            == 16
+        )
+    finally:
+        await lb.stop()
+
+
+async def _ws_active(lb: Cluster, address: str, n: int) -> bool:
+    return (await servers(lb))[address]["websockets_active"] == n

@@ -231,6 +231,7 @@ async def test_200_tunnels_survive_50_reloads(make_backend, make_proxy, tmp_path
         "idle_timeout": 0,
         "shutdown": 0,
         "drain": 0,
+        "rebalance": 0,
         "policy": 0,
         "error": 0,
     }

@@ -18,6 +18,7 @@ from lbproxy.core.balancer import (
     WeightedLeastConnections,
     make_scheduler,
 )
+from lbproxy.core.slow_start import SCALE
 
 
 @dataclass(slots=True)
@@ -26,6 +27,11 @@ class Srv:
     weight: int = 100
     active: int = 0
     fleet_active: int = 0
+    ramp: int | None = None  # slow start: the effective weight in force, None: full
+
+    @property
+    def effective(self) -> int:
+        return self.weight * SCALE if self.ramp is None else min(self.ramp, self.weight * SCALE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +40,10 @@ class FrozenSrv:
     weight: int
     active: int
     fleet_active: int = 0
+
+    @property
+    def effective(self) -> int:
+        return self.weight * SCALE
 
 
 def servers(*names: str, weight: int = 100) -> list[Srv]:

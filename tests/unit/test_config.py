@@ -30,6 +30,7 @@ from lbproxy.config import (
     parse_duration,
 )
 from lbproxy.config import load as config_load
+from lbproxy.config.top import parse_shed
 from lbproxy.control.loading import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -424,6 +425,8 @@ GROUP_KEYS = (
     "sticky_session",
     "drain_timeout",
     "drain_close_code",
+    "slow_start",
+    "rebalance",
     "discovery",
     "proxy_protocol",
     "tls",
@@ -700,12 +703,72 @@ def test_unknown_scheduler(scheduler, shown):
             "1001",
             "expected 1001 (Going Away) or 1012 (Service Restart), got '1001'",
         ),
+        ("slow_start", "-1s", "expected a duration like 60s, 500ms or 2m, got '-1s'"),
     ],
 )
 def test_group_bad_values(key, value, message):
     assert problems(with_(f"server_groups.rs1.{key}", value)) == [
         f"server_groups.rs1.{key}: {message}"
     ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("tolerance", 1, "must be above 1, got 1"),
+        ("tolerance", 0, "expected a positive number, got 0"),
+        ("rate", 0, "expected an integer 1..100000, got 0"),
+        ("close_code", 1000, "expected 1001 (Going Away) or 1012 (Service Restart), got 1000"),
+        ("bogus", 1, "unknown key (allowed: tolerance, rate, close_code)"),
+    ],
+)
+def test_rebalance_bad_values(key, value, message):
+    assert problems(with_("server_groups.rs1.rebalance", {key: value})) == [
+        f"server_groups.rs1.rebalance.{key}: {message}"
+    ]
+
+
+def test_slow_start_and_rebalance_defaults():
+    g = parse_config(minimal()).server_groups[0]
+    assert (g.slow_start, g.rebalance) == (0.0, None)
+    g = parse_config(with_("server_groups.rs1.rebalance", {})).server_groups[0]
+    assert g.rebalance is not None
+    assert (g.rebalance.tolerance, g.rebalance.rate, g.rebalance.close_code) == (1.25, 20, 1012)
+    g = parse_config(with_("server_groups.rs1.slow_start", "30s")).server_groups[0]
+    assert g.slow_start == 30.0
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"fraction": 0.5, "over": "60s"}, (0.5, None, 60.0)),
+        ({"count": 3}, (None, 3, 0.0)),
+        ({"fraction": 1}, (1.0, None, 0.0)),
+    ],
+)
+def test_shed_body(body, expected):
+    problems_, req = parse_shed(body)
+    assert problems_ == [] and req is not None
+    assert (req.fraction, req.count, req.over) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, 'expected a JSON object with "fraction" (0..1) or "count", and "over"'),
+        ({"fraction": 0.5, "count": 2}, 'expected a JSON object with "fraction" (0..1) or'),
+        ({"fraction": 2}, "fraction: expected a number above 0 and at most 1, got 2"),
+        ({"fraction": 0}, "fraction: expected a positive number, got 0"),
+        ({"count": 0}, "count: expected an integer 1..10000000, got 0"),
+        ({"count": 1, "over": "soon"}, "over: expected a duration"),
+        ({"count": 1, "bogus": 1}, "bogus: unknown key"),
+        (None, "expected"),
+    ],
+)
+def test_shed_body_errors(body, message):
+    problems_, req = parse_shed(body)
+    assert req is None
+    assert any(message in p for p in problems_), problems_
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from lbproxy.core.fleet import (
     merge_overrides,
     odd_configs,
     others_counts,
+    others_tunnels,
 )
 
 
@@ -74,6 +75,19 @@ def test_others_counts_sum_the_other_instances_per_server() -> None:
     fleet = [inst("a", 0, s1=5, s2=1), inst("b", 0, s1=3), inst("c", 0, s2=4, s3=0)]
     assert others_counts(fleet, "a") == {"s1": 3, "s2": 4}
     assert others_counts(fleet, "z") == {"s1": 8, "s2": 5}
+
+
+def test_others_tunnels_per_instance_and_records_without_them() -> None:
+    a = Instance("a", "", "0.1", "pure", 0.0, "h", 0, 0, 0.0, 1.0, {"s1": 9}, {"s1": 4, "s2": 0})
+    assert Instance.loads(a.dumps()) == a
+    # An older instance's record has no ``websockets``: read, with none.
+    old = a.dumps().replace(',"websockets":{"s1":4,"s2":0}', "")
+    assert "websockets" not in old
+    b = Instance.loads(old.replace('"name":"a"', '"name":"b"'))
+    assert b is not None and b.websockets == {} and b.servers == {"s1": 9}
+    assert others_tunnels([a, b], "z") == {"a": {"s1": 4}}
+    assert others_tunnels([a, b], "a") == {}
+    assert Instance.loads(a.dumps().replace('"s1":4', '"s1":"x"')) is None
 
 
 def test_odd_configs_flag_the_minority_hash() -> None:

@@ -44,9 +44,11 @@ FAMILIES = {
     "lbproxy_websocket_close_codes": "counter",
     "lbproxy_websocket_policy_closes": "counter",
     "lbproxy_websockets_drained": "counter",
+    "lbproxy_websockets_rebalanced": "counter",
     "lbproxy_bytes": "counter",
     "lbproxy_backend_up": "gauge",
     "lbproxy_backend_state": "gauge",
+    "lbproxy_backend_effective_weight": "gauge",
     "lbproxy_health_checks": "counter",
     "lbproxy_upstream_errors": "counter",
     "lbproxy_retries": "counter",
@@ -216,6 +218,7 @@ def _fill(reg: Registry, scale: int) -> None:
     web.count_ws_policy("max_message_size")
     ss = reg.server("g/s:1", "g", "s:1")
     ss.ws_drained += scale
+    ss.ws_rebalanced += 2 * scale
     ss.upstream_response.observe(0.002)
     ss.ws_opened("web")
     ss.errors["connect"] += scale
@@ -224,6 +227,7 @@ def _fill(reg: Registry, scale: int) -> None:
     ss.health_checks["failure"] += scale
     reg.backend_up["g/s:1"] = ("g", "s:1", 1)
     reg.backend_state["g/s:1"] = ("g", "s:1", "draining")
+    reg.backend_weight["g/s:1"] = ("g", "s:1", 0.25 * scale)
     reg.count_retry("g")
 
 
@@ -270,7 +274,7 @@ def test_collector_sums_over_registries():
     assert closes[labels(listener="web", reason="client")] == 2
     assert closes[labels(listener="web", reason="shutdown")] == 3
     assert closes[labels(listener="web", reason="error")] == 0
-    assert len(closes) == 7
+    assert len(closes) == 8
     assert m["lbproxy_websocket_policy_closes_total"] == {
         labels(listener="web", reason="max_message_size"): 2,
         labels(listener="web", reason="messages_per_second"): 0,
@@ -285,6 +289,9 @@ def test_collector_sums_over_registries():
         labels(listener="web", side="client", code="none"): 2,
     }
     assert m["lbproxy_websockets_drained_total"] == {labels(server_group="g", server="s:1"): 3}
+    assert m["lbproxy_websockets_rebalanced_total"] == {labels(server_group="g", server="s:1"): 6}
+    # One owner of the ramps (the first registry's, not a sum over processes).
+    assert m["lbproxy_backend_effective_weight"] == {labels(server_group="g", server="s:1"): 0.25}
     # One owner of the state (not a sum over processes): 1 for the current one only.
     assert m["lbproxy_backend_state"] == {
         labels(server_group="g", server="s:1", state=st): 1 if st == "draining" else 0

@@ -1,6 +1,8 @@
 // Chat page logic: one WebSocket to the backend that served the page (through the
 // load balancer), app-level pings below the proxy's idle timeout, reconnection with
-// capped exponential backoff and jitter. Everything received is rendered with
+// capped exponential backoff and jitter after failures, and promptly (with a short jitter)
+// when the server or the load balancer says it is moving the connection: close code 1012
+// (Service Restart, a rebalance) or 1001 (Going Away, a drain or a restart). Everything received is rendered with
 // textContent, never parsed as HTML.
 "use strict";
 
@@ -9,6 +11,10 @@
   const PONG_TIMEOUT_MS = 10000; // no reply to a ping in this long: connection is dead
   const BACKOFF_BASE_MS = 500; // first retry after 0.25-0.5 s
   const BACKOFF_MAX_MS = 15000; // retries never wait more than 15 s
+  // 1012/1001: not a failure but a move; reconnect within this jitter (spread so that the
+  // clients of one server do not all come back in the same instant) and keep no backoff.
+  const MOVED_CODES = [1012, 1001];
+  const MOVED_JITTER_MS = 500;
   const MAX_MESSAGE_BYTES = 65536; // the server's limit on one frame
   const MAX_RENDERED = 500; // older messages are dropped from the page
 
@@ -148,12 +154,15 @@
     sock.onmessage = (ev) => {
       if (sock === ws) onFrame(ev.data);
     };
-    sock.onclose = () => {
+    sock.onclose = (ev) => {
       if (sock !== ws) return;
       ws = null;
-      if (backend) appendSystem(`disconnected from ${backend}`);
+      const moved = backend !== null && MOVED_CODES.includes(ev.code);
+      if (moved) appendSystem(`moved off ${backend} (${ev.code}): reconnecting`);
+      else if (backend) appendSystem(`disconnected from ${backend}`);
       backend = null;
-      scheduleReconnect();
+      if (moved) reconnectSoon();
+      else scheduleReconnect();
     };
     sock.onerror = () => {}; // a close event always follows
   }
@@ -194,6 +203,14 @@
     tick();
     countdownTimer = setInterval(tick, 250);
     retryTimer = setTimeout(connect, delay);
+  }
+
+  // The connection was moved (1012/1001), not lost: back within a short random delay.
+  function reconnectSoon() {
+    clearTimers();
+    attempt = 0;
+    setStatus("reconnecting…", "moving");
+    retryTimer = setTimeout(connect, Math.random() * MOVED_JITTER_MS);
   }
 
   function onFrame(data) {
