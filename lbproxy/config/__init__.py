@@ -1,6 +1,7 @@
 """lbproxy's configuration: every key declared once (``top``, ``listeners``, ``sections``,
 ``groups``, ``backend``: type, default, bounds, unit and description, validated by pydantic
-through ``declare``), the leaf values (``leaves``), constants (``model``), validation of a
+through ``declare``), the leaf values (``leaf``: how one is declared; by kind ``quantities``,
+``addresses``, ``words``), constants (``model``), validation of a
 document (``top.parse_config``), reading the file (``load``), the JSON schema and README
 reference (``doc``).
 
@@ -13,9 +14,9 @@ declaration modules directly.
 from __future__ import annotations
 
 from ..wire.cidrs import IPNetwork
+from .addresses import parse_address
 from .backend import HealthCheck
 from .groups import Discovery, Server, ServerGroup, StickySession
-from .leaves import parse_address, parse_bandwidth, parse_duration, parse_size
 from .listeners import Listener
 from .model import (
     ACCEPT_RETRY_DELAY,
@@ -56,6 +57,7 @@ from .model import (
     Gzip,
     Timeouts,
 )
+from .quantities import parse_bandwidth, parse_duration, parse_size
 from .sections import Acl, Certificate, ClientLimits, Rule, Tls, WebSocketPolicy
 from .top import AccessLog, Admin, Config, parse_config
 

@@ -12,19 +12,10 @@ from typing import Annotated, Any
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
+from .addresses import DnsName_
 from .declare import Problem, declared
-from .leaves import (
-    Bool,
-    CheckHost,
-    Codes,
-    DnsName_,
-    Duration,
-    FilePath_,
-    String_,
-    UrlPath,
-    choice,
-    integer,
-)
+from .quantities import Duration, integer
+from .words import Bool, CheckHost, Codes, FilePath_, String_, UrlPath, choice
 
 
 @declared

@@ -2,7 +2,7 @@
 
 A key is one field of a frozen slotted dataclass (``sections``, ``listeners``, ``groups``,
 ``top``): its type, default and one-line description (``Field(description=...)``) are written
-there, and its parsing, bounds and unit come from a ``leaves.Leaf`` (a parser that raises
+there, and its parsing, bounds and unit come from a ``leaf.Leaf`` (a parser that raises
 ValueError with the message for the person editing the file, plus the JSON schema of what it
 accepts). pydantic
 validates the whole document against those declarations (one ``TypeAdapter``) and reports every

@@ -12,31 +12,10 @@ from typing import Annotated, Any
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
+from .addresses import Address_, DnsName, _dns_name, parse_address
 from .backend import BackendTls as BackendTls  # re-exported: proxy.dispatch reads it here
 from .backend import HealthCheck
 from .declare import Items, Problem, declared, given
-from .leaves import (
-    Address_,
-    Bool,
-    CookieName,
-    DnsName,
-    DrainCode,
-    Duration,
-    DurationOrZero,
-    DurationOrZero_,
-    Port,
-    PositiveNumber,
-    PositiveNumber_,
-    Prefix,
-    Secret,
-    Weight,
-    Weight_,
-    _dns_name,
-    choice,
-    integer,
-    parse_address,
-    parse_duration,
-)
 from .model import (
     DEFAULT_DISCOVERY_INTERVAL,
     DEFAULT_DNS_TIMEOUT,
@@ -46,6 +25,26 @@ from .model import (
     DEFAULT_WEIGHT,
     MIN_DISCOVERY_INTERVAL,
     SCHEDULERS,
+)
+from .quantities import (
+    Duration,
+    DurationOrZero,
+    DurationOrZero_,
+    Port,
+    PositiveNumber,
+    PositiveNumber_,
+    Weight,
+    Weight_,
+    integer,
+    parse_duration,
+)
+from .words import (
+    Bool,
+    CookieName,
+    DrainCode,
+    Prefix,
+    Secret,
+    choice,
 )
 
 

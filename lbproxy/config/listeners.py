@@ -19,25 +19,8 @@ from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
 from ..wire.cidrs import Cidrs
+from .addresses import BindAddress, Cidr, _rule_host
 from .declare import Items, Problem, declared, given
-from .leaves import (
-    Bandwidth,
-    BindAddress,
-    Bool,
-    Bool_,
-    Cidr,
-    Duration,
-    MediaTypes,
-    Name,
-    Port,
-    SlbId,
-    _prefix,
-    _rule_host,
-    _size,
-    choice,
-    integer,
-    size,
-)
 from .model import (
     DEFAULT_CLIENT_HEADER_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
@@ -52,7 +35,9 @@ from .model import (
     Gzip,
     Timeouts,
 )
+from .quantities import Bandwidth, Duration, Port, _size, integer, size
 from .sections import Acl, ClientLimits, ProxyProtocol, Rule, Tls, WebSocketPolicy
+from .words import Bool, Bool_, MediaTypes, Name, SlbId, _prefix, choice
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

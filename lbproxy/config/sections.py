@@ -13,27 +13,16 @@ from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
 from ..wire.cidrs import Cidrs
+from .addresses import Cidr, RuleHost_
 from .declare import Items, Problem, declared
-from .leaves import (
-    Cidr,
-    Duration,
-    FilePath,
-    FilePath_,
-    Name,
-    PositiveNumber,
-    Prefix,
-    Rate,
-    RuleHost_,
-    choice,
-    integer,
-    size,
-)
 from .model import (
     DEFAULT_CLIENT_TABLE_SIZE,
     DEFAULT_PROXY_PROTOCOL_TIMEOUT,
     TLS_CLIENT_AUTH,
     TLS_POLICIES,
 )
+from .quantities import Duration, PositiveNumber, Rate, integer, size
+from .words import FilePath, FilePath_, Name, Prefix, choice
 
 
 @declared

@@ -20,29 +20,14 @@ from pydantic import Field, GetCoreSchemaHandler, TypeAdapter, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import core_schema
 
+from .addresses import AdminHost, BindAddress, RedisUrl, Resolver, bind_is_loopback, parse_address
 from .declare import Items, Loc, Problem, declared, given, problems_of
 from .groups import ServerChange, ServerGroup, ShedRequest
-from .leaves import (
-    AdminHost,
-    BindAddress,
-    Bool,
-    Duration,
-    EnvName,
-    FilePath,
-    KeyPrefix,
-    Name,
-    RedisUrl,
-    Resolver,
-    String,
-    Token,
-    _name,
-    bind_is_loopback,
-    choice,
-    parse_address,
-)
 from .listeners import Listener
 from .model import DEFAULT_SHUTDOWN_TIMEOUT, Address, ConfigError, _show
+from .quantities import Duration
 from .sections import Tls
+from .words import Bool, EnvName, FilePath, KeyPrefix, Name, String, Token, _name, choice
 
 
 class GroupMap:

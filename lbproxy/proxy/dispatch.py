@@ -12,7 +12,9 @@ A group's ``tls`` makes each new connection a TLS one (a failed handshake is a f
 counted by reason in the server's ``tls_failures``, then retried like any), and its
 ``proxy_protocol`` starts each new connection with the client's PROXY header; a pooled
 connection is taken only when it was opened the same way (``conn_key``: the group's TLS and
-the very header, so one client's header never carries another client's requests).
+the very header, so one client's header never carries another client's requests). How such
+a connection is opened is ``upstream``'s (``open_to``, ``preface_and_key``); how its
+failure counts and what is retried, here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import asyncio
 import ssl
 from typing import TYPE_CHECKING, cast
 
-from ..wire import headers, proxy_protocol
+from ..wire import headers
 from . import upstream, upstream_tls
 from .exchange_base import (
     BUFFER_LIMIT,
@@ -37,7 +39,6 @@ from .exchange_base import (
 from .exchange_state import body_sent, can_retry
 
 if TYPE_CHECKING:
-    from ..config.groups import BackendTls
     from ..core.snapshot import ServerState
 
 
@@ -158,14 +159,14 @@ class Dispatch:
                     ):
                         server = None
             if server is None:
-                server = group.pick(self._hash_key(ex), self.tried)
+                server = group.pick(hash_key(ex), self.tried)
         if server is None:
             ex.answer(503, "no server available", (("Retry-After", "1"),))
             return
         self.tried.append(server)
         self.server = server
         server.active += 1
-        preface, key = _kind(ex)
+        preface, key = upstream.preface_and_key(group.config, ex.down)
         self.conn_key = key
         # The pool holds only what ``release`` put there: this server's upstream connections.
         conn = cast(
@@ -179,22 +180,12 @@ class Dispatch:
             timeout = ex.lr.config.timeouts.connect
             self.connect_task = ex.loop.create_task(self._connect(ex, server, timeout, preface))
 
-    def _hash_key(self, ex: ExchangeBase) -> str:
-        """What ``sh`` hashes: the client address, or the first X-Forwarded-For address."""
-        if ex.group.hash_xff:
-            for name, value in ex.req.headers:
-                if name.lower() == b"x-forwarded-for":
-                    first = value.split(b",", 1)[0].strip()
-                    if first:
-                        return first.decode("latin-1")
-        return ex.down.client_ip
-
     async def _connect(
         self, ex: ExchangeBase, server: ServerState, timeout: float, preface: bytes
     ) -> None:
         tls = ex.group.config.tls
         try:
-            conn = await _open(server, tls, timeout, preface)
+            conn = await upstream.open_to(server, tls, timeout, preface)
         except (ssl.SSLError, upstream_tls.TlsError, ConnectionResetError) as exc:
             self.connect_task = None
             if tls is None:  # a plain connect reset: as any failed connect
@@ -225,31 +216,12 @@ class Dispatch:
         assert server is not None
         conn.handler = ex
         self.up = conn
-        head = self.upstream_head(ex, server)
+        head = upstream_head(ex, server)
         with_body = bool(self.pending)
         if with_body:
             head += self._take_pending()
         conn.transport.write(head)
         ex.connected(with_body)
-
-    def upstream_head(self, ex: ExchangeBase, server: ServerState) -> bytes:
-        """The request head as ``server`` gets it."""
-        config, down = ex.lr.config, ex.down
-        fwd = config.forwarding
-        extra = down.cert_headers
-        if fwd.extra:
-            extra = extra + down.forwarding_lines(fwd)
-        return headers.upstream_request_head(
-            ex.req,
-            client_ip=down.client_ip,
-            scheme=b"https" if config.tls is not None else b"http",
-            forwarded=config.x_forwarded_for,
-            default_host=server.label.encode(),
-            upgrade=ex.upgrade,
-            proto=fwd.proto,
-            extra=extra,
-            no_extensions=ex.upgrade and no_extensions(config),
-        )
 
     def _out_of_resources(self, ex: ExchangeBase, exc: OSError) -> None:
         """The proxy itself is out of descriptors or memory: not the server's fault (no
@@ -289,7 +261,7 @@ class Dispatch:
             if not fresh and group.pinnable(server):
                 nxt: ServerState | None = server  # a stale pooled entry: same server, new conn
             else:
-                nxt = group.pick(self._hash_key(ex), self.tried)
+                nxt = group.pick(hash_key(ex), self.tried)
             if nxt is not None:
                 if fresh:
                     ex.ctx.registry.count_retry(group.name)
@@ -316,7 +288,7 @@ class Dispatch:
             return False
         if not ex.req_done or self.replay is None:
             return False  # the body cannot be sent again: the 400 goes to the client
-        nxt = ex.group.pick(self._hash_key(ex), self.tried)
+        nxt = ex.group.pick(hash_key(ex), self.tried)
         if nxt is None:
             return False  # every server said no: the session is gone
         self.release(ex, reuse=False)  # the 400's body is not read: not reusable
@@ -362,34 +334,33 @@ class Dispatch:
             up.close()
 
 
-def _kind(ex: ExchangeBase) -> tuple[bytes, str]:
-    """The PROXY header a new connection for ``ex`` starts with (b"": none), and the pool key
-    a reused one must have: the group's TLS settings and that very header ("" for a group
-    with neither)."""
-    cfg = ex.group.config
-    version = cfg.proxy_protocol
-    if cfg.tls is None and version is None:
-        return b"", ""
-    preface = b""
-    if version is not None:
-        client, dest = ex.down.addresses()
-        build = proxy_protocol.build_v2 if version == "v2" else proxy_protocol.build_v1
-        preface = build(client, dest)
-    return preface, f"{hash(cfg.tls)}:{preface.hex()}"
+def hash_key(ex: ExchangeBase) -> str:
+    """What ``sh`` hashes: the client address, or the first X-Forwarded-For address."""
+    if ex.group.hash_xff:
+        for name, value in ex.req.headers:
+            if name.lower() == b"x-forwarded-for":
+                first = value.split(b",", 1)[0].strip()
+                if first:
+                    return first.decode("latin-1")
+    return ex.down.client_ip
 
 
-async def _open(
-    server: ServerState, tls: BackendTls | None, timeout: float, preface: bytes
-) -> upstream.UpstreamConnection:
-    """A new connection to ``server``: ``preface`` first, then with ``tls`` the handshake."""
-    if tls is None:
-        return await upstream.connect(server.connect_to, timeout, preface=preface)
-    upstream_tls.for_server(server.label)  # this task's handshakes: the server's
-    return await upstream.connect(
-        server.connect_to,
-        timeout,
-        upstream_tls.context(tls),
-        tls.server_name or server.address.host,
-        preface,
-        server.label,
+def upstream_head(ex: ExchangeBase, server: ServerState) -> bytes:
+    """The request head as ``server`` gets it (a function of the exchange and the server:
+    no state of the dispatch)."""
+    config, down = ex.lr.config, ex.down
+    fwd = config.forwarding
+    extra = down.cert_headers
+    if fwd.extra:
+        extra = extra + down.forwarding_lines(fwd)
+    return headers.upstream_request_head(
+        ex.req,
+        client_ip=down.client_ip,
+        scheme=b"https" if config.tls is not None else b"http",
+        forwarded=config.x_forwarded_for,
+        default_host=server.label.encode(),
+        upgrade=ex.upgrade,
+        proto=fwd.proto,
+        extra=extra,
+        no_extensions=ex.upgrade and no_extensions(config),
     )

@@ -20,7 +20,7 @@ are ``exchange_base.ExchangeBase``'s), ``dispatch.Dispatch`` (the server, the co
 it, the body on its way there, retries), ``response.Response`` (the backend's answer). Each
 writes only its own fields. One place each: the state and its moves ``exchange_state``
 (drawn there), choosing a server ``Dispatch.choose``, the upstream request head
-``Dispatch.upstream_head``, letting the server's connection go to a tunnel
+``dispatch.upstream_head``, letting the server's connection go to a tunnel
 ``Dispatch.hand_over`` and the tunnel itself ``Exchange.start_tunnel``, releasing the server
 and its connection ``Dispatch.release``, whether to retry ``exchange_state.can_retry``, the
 response head ``Response._start``, giving up ``Exchange.fail``/``cut``, accounting

@@ -38,9 +38,9 @@ written here: h2's close_connection() would put its state machine in CLOSED at o
 
 WebSockets: with the listener's ``http2_websocket``, SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC
 8441) is offered and an extended CONNECT with ``:protocol: websocket`` becomes an HTTP/1.1
-Upgrade toward the backend; after its 101 the stream is a tunnel's client side
-(``http2_tunnel``). Without it, browsers open their WebSocket on a separate HTTP/1.1
-connection. No h2c.
+Upgrade toward the backend (its stream is a ``http2_stream.WebSocketStream``); after its 101
+the stream is a tunnel's client side (``http2_tunnel``). Without it, browsers open their
+WebSocket on a separate HTTP/1.1 connection. No h2c.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ from hyperframe.frame import GoAwayFrame
 
 from .client_socket import CLOSED
 from .exchange import Exchange
-from .http2_stream import H2Socket, Stream
+from .http2_fields import extended_connect
+from .http2_stream import H2Socket, Stream, WebSocketStream
 
 if TYPE_CHECKING:
     from .client_socket import ListenerHandle
@@ -226,7 +227,10 @@ class Http2Connection(H2Socket):
         self.lr = self.handle.runtime  # each request sees the latest reload
         self.last = self.loop.time()
         self.opened += 1
-        stream = Stream(self, sid)
+        if self.lr.config.http2_websocket and extended_connect(raw):
+            stream: Stream = WebSocketStream(self, sid)
+        else:
+            stream = Stream(self, sid)
         self.streams[sid] = stream
         req = stream.request(raw, ended)
         if req is not None:
@@ -335,9 +339,31 @@ class Http2Connection(H2Socket):
                 return
             deadline = min(deadline, limit)
         for stream in list(self.streams.values()):
-            when = stream.check_timeouts(now, t.idle, t.request)
+            when = self._stream_timeouts(stream, now, t.idle, t.request)
             if when:
                 deadline = min(deadline, when)
         self.send()
         if self.phase != CLOSED:
             self._arm(deadline)
+
+    def _stream_timeouts(self, stream: Stream, now: float, idle: float, request: float) -> float:
+        """Apply ``stream``'s timeouts at ``now``; the next time to look again (0: none)."""
+        if stream.tunneling():
+            return 0.0  # its idle timeout is the tunnel's (tunnel.IdleSweeper)
+        ex = stream.exchange
+        if ex is None or ex.done:
+            if stream.out and now >= stream.last + idle:  # the client stopped reading the answer
+                stream.cut()
+                return 0.0
+            return stream.last + idle if stream.out else 0.0
+        if ex.awaiting_head():
+            deadline = ex.sent_at + request
+            if now >= deadline:
+                ex.request_timed_out(request)
+                return 0.0
+            return deadline
+        deadline = stream.last + idle
+        if now >= deadline:
+            ex.idle_timed_out()
+            return 0.0
+        return deadline

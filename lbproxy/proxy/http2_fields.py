@@ -1,11 +1,14 @@
 """An HTTP/2 request's fields as the HTTP/1.1 request head the exchange sends
-(``request_head``, RFC 8441's extended CONNECT too), a backend's response head as HTTP/2
-fields (``response_fields``, ``websocket_fields``), and the proxy's own short answers
+(``request_head``; RFC 8441's extended CONNECT too, with the key it is sent with:
+``extended_connect``, ``websocket_key``), a backend's response head as HTTP/2 fields
+(``response_fields``, ``websocket_fields``), and the proxy's own short answers
 (``error_response``): pure conversions, no connection state (``http2_stream`` uses them).
 """
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import Iterable
 
 from ..wire import headers
@@ -14,6 +17,11 @@ from ..wire.http1 import Limits, ParseError, RequestHead, ResponseHead, parse_re
 _NEVER_DROPPED = frozenset({b"content-length", b"host"})
 # What of a backend's 101 goes into the stream's 200 (RFC 8441 5: no Upgrade, no Accept).
 _WS_FIELDS = frozenset({b"sec-websocket-protocol", b"sec-websocket-extensions"})
+
+
+def websocket_key() -> bytes:
+    """A fresh Sec-WebSocket-Key for the HTTP/1.1 Upgrade an extended CONNECT becomes."""
+    return base64.b64encode(os.urandom(16))
 
 
 def websocket_fields(resp: ResponseHead) -> list[tuple[bytes, bytes]]:

@@ -11,18 +11,19 @@ timer, GOAWAY, abuse limits) is ``http2.Http2Connection``, a subclass of ``H2Soc
 stream names only this base, so this module does not import ``http2`` back, and its calls
 stay native under mypyc.
 
-An RFC 8441 extended CONNECT (``http2_websocket``) goes to the backend as an HTTP/1.1
-Upgrade with a key made here; after its 101 the stream answers 200 and is the client side
-of the tunnel (``upgrade``: ``http2_tunnel.StreamTransport`` over it, DATA both ways).
+An RFC 8441 extended CONNECT (``http2_websocket``) has its own stream (``WebSocketStream``,
+a subclass, so an ordinary stream's calls test for no tunnel): it goes to the backend as an
+HTTP/1.1 Upgrade; after the 101 the stream answers 200 and is the client side of the tunnel
+(``upgrade``: ``http2_tunnel.StreamTransport`` over it, DATA both ways). Both classes live
+here beside ``H2Socket``, which they name: a module above this one would deepen the import
+stack (``tests/unit/test_layers.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -38,10 +39,10 @@ from .client_socket import CLOSED, ClientSocket
 from .exchange_base import record
 from .http2_fields import (
     error_response,
-    extended_connect,
     request_head,
     response_fields,
     websocket_fields,
+    websocket_key,
 )
 from .http2_tunnel import CarriedStream, StreamTransport
 
@@ -117,22 +118,20 @@ class H2Socket(ClientSocket):
 
 
 class Stream(CarriedStream):
-    """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange;
-    after an RFC 8441 101, a tunnel's client side (``CarriedStream``)."""
+    """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange.
+    ``CarriedStream`` is its base so that the tunnel transport's calls on a
+    ``WebSocketStream`` stay native; only that subclass carries a tunnel."""
 
     __slots__ = (
-        "carrier",
         "cert_headers",
         "chunked",
         "client_addr",
         "client_ip",
         "closed",
         "conn",
-        "early",
         "end_sent",
         "ending",
         "exchange",
-        "half_end",
         "head_sent",
         "last",
         "out",
@@ -175,12 +174,7 @@ class Stream(CarriedStream):
         self.cert_headers = conn.cert_headers
         self.slot = conn.slot
         self.shapers = conn.shapers
-        # A WebSocket over HTTP/2 (RFC 8441): the key sent to the backend for it, the client
-        # bytes that came before the 101 (held unacknowledged), then the tunnel's side.
-        self.ws_key = b""
-        self.early: list[bytes] = []
-        self.carrier: StreamTransport | None = None
-        self.half_end = False  # END_STREAM waits for ``out`` to drain, the stream stays open
+        self.ws_key = b""  # an extended CONNECT's (``WebSocketStream``)
 
     # ------------------------------------------------------------------ request
     def request(self, raw: Iterable[tuple[bytes, bytes]], ended: bool) -> RequestHead | None:
@@ -189,8 +183,6 @@ class Stream(CarriedStream):
         t_start = _clock()
         self.request_complete = ended
         lr = self.conn.lr
-        if lr.config.http2_websocket and extended_connect(raw):
-            self.ws_key = base64.b64encode(os.urandom(16))
         try:
             req = request_head(raw, ended, lr.limits, self.ws_key)
         except ParseError as exc:
@@ -198,8 +190,6 @@ class Stream(CarriedStream):
             self._refuse(t_start, exc.status, exc.reason)
             return None
         self.chunked = req.chunked
-        if req.upgrade is None:
-            self.ws_key = b""
         return req
 
     def _refuse(self, t_start: float, status: int, reason: str) -> None:
@@ -213,16 +203,7 @@ class Stream(CarriedStream):
 
     def data(self, data: bytes, size: int) -> None:
         self.last = self.conn.loop.time()
-        carrier = self.carrier
-        if carrier is not None:
-            carrier.received(data, size)
-            return
         ex = self.exchange
-        if self.ws_key and ex is not None and not ex.done:
-            # Before the 101: held (unacknowledged, so a stream window at most) for the tunnel.
-            self.early.append(data)
-            self.unacked += size
-            return
         if ex is None or ex.done or ex.req_done:
             self.conn.ack(self.sid, size)  # body after the answer: dropped
             return
@@ -235,9 +216,6 @@ class Stream(CarriedStream):
 
     def request_ended(self) -> None:
         self.request_complete = True
-        if self.carrier is not None:
-            self.carrier.ended()
-            return
         ex = self.exchange
         if ex is None or ex.done:
             return
@@ -343,19 +321,10 @@ class Stream(CarriedStream):
         if self.ending:
             self._end_stream()
             return
-        if self.half_end:
-            self._end_output()
         self.sync_upstream()
 
     def sync_upstream(self) -> None:
         """Pause the backend while this stream's bytes wait for a window or the socket."""
-        carrier = self.carrier
-        if carrier is not None:
-            want = bool(self.out) or self.conn.write_paused
-            if want != self.write_paused and not self.closed:
-                self.write_paused = want
-                carrier.writable(not want)
-            return
         ex = self.exchange
         if ex is None or ex.done:
             return
@@ -392,25 +361,6 @@ class Stream(CarriedStream):
         else:
             self._end_stream()
         self.conn.send()
-
-    def end_output(self) -> None:
-        """A tunnel's half-close toward the client: END_STREAM once ``out`` is sent; the
-        stream stays open for what the client still sends."""
-        if self.closed or self.end_sent:
-            return
-        self.push_tail()
-        if self.out:
-            self.half_end = True
-        else:
-            self._end_output()
-        self.conn.send()
-
-    def _end_output(self) -> None:
-        self.half_end = False
-        if not self.end_sent:
-            self.end_sent = True
-            with contextlib.suppress(ProtocolError):
-                self.conn.h2.end_stream(self.sid)
 
     def _end_stream(self, last: bytes = b"") -> None:
         h2 = self.conn.h2
@@ -471,9 +421,6 @@ class Stream(CarriedStream):
         self.exchange = None
         if ex is not None and not ex.done:
             ex.client_gone()
-        carrier = self.carrier
-        if carrier is not None:
-            carrier.lost()
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -487,6 +434,89 @@ class Stream(CarriedStream):
 
     def wake_at(self, when: float) -> None:
         self.conn.wake_at(when)
+
+    def upgrade(self, head: bytes) -> tuple[asyncio.Transport, bytes]:
+        # A plain stream's request asks for no upgrade (the response side checks it first).
+        raise NotImplementedError("only an extended CONNECT's stream is upgraded")
+
+    def local_host(self) -> bytes:
+        return self.conn.local_host()
+
+    def forwarding_lines(self, fwd: Forwarding) -> tuple[bytes, ...]:
+        return self.conn.forwarding_lines(fwd)
+
+    def addresses(self) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        return self.conn.addresses()
+
+    def tunneling(self) -> bool:
+        """Whether the stream carries an open tunnel (whose idle timeout is the tunnel's)."""
+        return False
+
+
+class WebSocketStream(Stream):
+    """The stream of an RFC 8441 extended CONNECT (``http2_websocket``): an exchange's
+    ``Downstream`` up to the backend's 101, then the client side of its tunnel, carried in
+    DATA frames both ways (``CarriedStream`` for its ``http2_tunnel.StreamTransport``).
+    Before the 101 the client's bytes are held, unacknowledged (a stream window at most)."""
+
+    __slots__ = ("carrier", "early", "half_end")
+
+    def __init__(self, conn: H2Socket, sid: int) -> None:
+        super().__init__(conn, sid)
+        self.ws_key = websocket_key()  # the Sec-WebSocket-Key the backend gets (HTTP/2 has none)
+        self.early: list[bytes] = []  # the client's bytes before the 101
+        self.carrier: StreamTransport | None = None  # after the 101: the tunnel's side
+        self.half_end = False  # END_STREAM waits for ``out`` to drain, the stream stays open
+
+    def request(self, raw: Iterable[tuple[bytes, bytes]], ended: bool) -> RequestHead | None:
+        req = super().request(raw, ended)
+        if req is not None and req.upgrade is None:
+            self.ws_key = b""  # not a WebSocket after all: an ordinary request
+        return req
+
+    def data(self, data: bytes, size: int) -> None:
+        carrier = self.carrier
+        if carrier is not None:
+            self.last = self.conn.loop.time()
+            carrier.received(data, size)
+            return
+        ex = self.exchange
+        if self.ws_key and ex is not None and not ex.done:
+            self.last = self.conn.loop.time()
+            self.early.append(data)
+            self.unacked += size
+            return
+        super().data(data, size)
+
+    def request_ended(self) -> None:
+        carrier = self.carrier
+        if carrier is None:
+            super().request_ended()
+            return
+        self.request_complete = True
+        carrier.ended()
+
+    def sync_upstream(self) -> None:
+        carrier = self.carrier
+        if carrier is None:
+            super().sync_upstream()
+            return
+        if self.half_end and not self.out and not self.closed:
+            self._end_output()  # what waited for a window went out: now the half-close
+        want = bool(self.out) or self.conn.write_paused
+        if want != self.write_paused and not self.closed:
+            self.write_paused = want
+            carrier.writable(not want)
+
+    def client_reset(self) -> None:
+        super().client_reset()
+        carrier = self.carrier
+        if carrier is not None:
+            carrier.lost()
+
+    def tunneling(self) -> bool:
+        carrier = self.carrier
+        return carrier is not None and not carrier.closing
 
     def upgrade(self, head: bytes) -> tuple[asyncio.Transport, bytes]:
         """The backend's 101 to an extended CONNECT (RFC 8441): the stream answers 200 with
@@ -511,14 +541,24 @@ class Stream(CarriedStream):
         self.conn.send()
         return carrier, pending
 
-    def local_host(self) -> bytes:
-        return self.conn.local_host()
+    def end_output(self) -> None:
+        """A tunnel's half-close toward the client: END_STREAM once ``out`` is sent; the
+        stream stays open for what the client still sends."""
+        if self.closed or self.end_sent:
+            return
+        self.push_tail()
+        if self.out:
+            self.half_end = True
+        else:
+            self._end_output()
+        self.conn.send()
 
-    def forwarding_lines(self, fwd: Forwarding) -> tuple[bytes, ...]:
-        return self.conn.forwarding_lines(fwd)
-
-    def addresses(self) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
-        return self.conn.addresses()
+    def _end_output(self) -> None:
+        self.half_end = False
+        if not self.end_sent:
+            self.end_sent = True
+            with contextlib.suppress(ProtocolError):
+                self.conn.h2.end_stream(self.sid)
 
     # ------------------------------------------------------------------ CarriedStream
     def gone(self) -> bool:
@@ -547,30 +587,6 @@ class Stream(CarriedStream):
 
     def extra_info(self, name: str, default: Any) -> Any:
         return self.conn.transport.get_extra_info(name, default)
-
-    # ------------------------------------------------------------------ timeouts
-    def check_timeouts(self, now: float, idle: float, request: float) -> float:
-        """Apply this stream's timeouts at ``now``; the next time to look again (0: none)."""
-        carrier = self.carrier
-        if carrier is not None and not carrier.closing:
-            return 0.0  # a tunnel: its idle timeout is the tunnel's (tunnel.IdleSweeper)
-        ex = self.exchange
-        if ex is None or ex.done:
-            if self.out and now >= self.last + idle:  # the client stopped reading the answer
-                self.cut()
-                return 0.0
-            return self.last + idle if self.out else 0.0
-        if ex.awaiting_head():
-            deadline = ex.sent_at + request
-            if now >= deadline:
-                ex.request_timed_out(request)
-                return 0.0
-            return deadline
-        deadline = self.last + idle
-        if now >= deadline:
-            ex.idle_timed_out()
-            return 0.0
-        return deadline
 
 
 def _cut(ex: Exchange) -> None:

@@ -21,8 +21,9 @@ differs is only how bytes move on the client side:
 Bytes are counted once: the tunnel counts the payloads, so the connection's own counters
 keep only the HTTP/2 framing around them.
 
-What the transport needs of its stream is ``CarriedStream`` (``http2_stream.Stream`` is its
-subclass), so this module does not import ``http2_stream`` back.
+What the transport needs of its stream is ``CarriedStream`` (the base of
+``http2_stream.Stream``; ``WebSocketStream``, its subclass, is the one that carries), so this
+module does not import ``http2_stream`` back.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 
 class CarriedStream:
-    """An HTTP/2 stream as its ``StreamTransport`` sees it (``http2_stream.Stream``'s)."""
+    """An HTTP/2 stream as its ``StreamTransport`` sees it (``http2_stream.WebSocketStream``)."""
 
     def gone(self) -> bool:
         """Reset, cut or ended: nothing more goes out on it."""
@@ -70,7 +71,7 @@ class CarriedStream:
 
 class StreamTransport(asyncio.Transport):
     """An HTTP/2 stream carrying a WebSocket, as an ``asyncio.Transport`` (see the module
-    docstring). Made by ``Stream.upgrade``; the stream reports to it (``received``,
+    docstring). Made by ``WebSocketStream.upgrade``; the stream reports to it (``received``,
     ``ended``, ``lost``, ``writable``)."""
 
     def __init__(self, stream: CarriedStream) -> None:

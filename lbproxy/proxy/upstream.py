@@ -5,6 +5,8 @@ Owns:
 - ``UpstreamConnection``: a Protocol that hands every event to the client-side handler
   currently using it (``handler``), or, while it sits idle in a pool, closes on anything
   the backend sends (an idle keep-alive connection has nothing legitimate to say);
+- ``open_to``: a new connection to a server as its group asks (``preface_and_key``: the
+  PROXY header it starts with and the pool key a reused one must have);
 - ``connect``: a TCP connect bounded by the listener's connect timeout, to a server's
   resolved addresses (IP literals: no name lookup per connect), tried in order; with the
   group's ``proxy_protocol``, its header written first, on the bare socket (before TLS, as
@@ -23,9 +25,20 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..config.model import Address
+from ..wire import proxy_protocol
+from . import upstream_tls
 
 if TYPE_CHECKING:
-    from . import upstream_tls
+    from ..config.groups import BackendTls, ServerGroup
+    from ..core.snapshot import ServerState
+
+Addresses = tuple[tuple[str, int] | None, tuple[str, int] | None]
+
+
+class Client(Protocol):
+    """The client connection a PROXY header speaks of (``exchange_base.Downstream``)."""
+
+    def addresses(self) -> Addresses: ...
 
 
 class Handler(Protocol):
@@ -185,3 +198,36 @@ async def _connected(
         sock.close()
         raise
     return sock
+
+
+def preface_and_key(cfg: ServerGroup, client: Client) -> tuple[bytes, str]:
+    """The PROXY header a new connection for the group ``cfg`` starts with (b"": none; made
+    from the ``client``'s addresses), and the pool key a reused one must have: the group's
+    TLS settings and that very header ("" for a group with neither)."""
+    version = cfg.proxy_protocol
+    if cfg.tls is None and version is None:
+        return b"", ""
+    preface = b""
+    if version is not None:
+        source, dest = client.addresses()
+        build = proxy_protocol.build_v2 if version == "v2" else proxy_protocol.build_v1
+        preface = build(source, dest)
+    return preface, f"{hash(cfg.tls)}:{preface.hex()}"
+
+
+async def open_to(
+    server: ServerState, tls: BackendTls | None, timeout: float, preface: bytes
+) -> UpstreamConnection:
+    """A new connection to ``server``: ``preface`` first, then with ``tls`` the handshake.
+    Raises as ``connect`` does."""
+    if tls is None:
+        return await connect(server.connect_to, timeout, preface=preface)
+    upstream_tls.for_server(server.label)  # this task's handshakes: the server's
+    return await connect(
+        server.connect_to,
+        timeout,
+        upstream_tls.context(tls),
+        tls.server_name or server.address.host,
+        preface,
+        server.label,
+    )
