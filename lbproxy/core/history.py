@@ -214,7 +214,7 @@ def _row(r: Reading, prev: Reading | None, dt: float) -> array[float]:
 @dataclass(frozen=True, slots=True)
 class Event:
     time: float
-    kind: str  # health, reload, drain, api, worker, dns
+    kind: str  # one of EVENT_KINDS
     text: str
     group: str | None = None
     server: str | None = None
@@ -238,13 +238,18 @@ class EventLog:
     def __init__(self, clock: Callable[[], float], capacity: int = 1000) -> None:
         self.clock = clock
         self.events: deque[Event] = deque(maxlen=capacity)
+        # A worker's: each event also handed to the supervisor, whose history is the one shown.
+        self.forward: Callable[[Event], None] | None = None
 
     def record(
         self, kind: str, text: str, group: str | None = None, server: str | None = None
     ) -> None:
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
-        self.events.append(Event(self.clock(), kind, text, group, server))
+        event = Event(self.clock(), kind, text, group, server)
+        self.events.append(event)
+        if self.forward is not None:
+            self.forward(event)
 
     def since(self, start: float) -> list[dict[str, object]]:
         return [e.view() for e in self.events if e.time >= start]

@@ -159,6 +159,13 @@ class Supervisor:
                     fut.set_result(msg)
             elif op == "passive":
                 self._passive(msg["server"], msg.get("reason", ""))
+            elif op == "event" and msg.get("kind") == "rebalance":
+                self.proxy.events.record(
+                    "rebalance",
+                    f"worker {w.index}: {msg.get('text', '')}",
+                    msg.get("group"),
+                    msg.get("server"),
+                )
             elif op == "applied" and not msg.get("ok"):
                 log.error("worker %d could not apply the config: %s", w.index, msg.get("message"))
 

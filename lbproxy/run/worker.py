@@ -17,6 +17,7 @@ Reports:  {"op": "ready", "pid": n}
           {"op": "stats", "id": n, "data": <metrics.dump_registry>, "active": {id: n}}
           {"op": "applied", "ok": bool, "message": text}
           {"op": "shed", "id": n, "scheduled": n}
+          {"op": "event", "kind": "rebalance", "text": ..., "group": ..., "server": ...}
 
 The first order is always a config (already validated by the supervisor). Health comes only
 from the supervisor, which runs the checks once for all workers; a failure seen while
@@ -49,6 +50,7 @@ from ..config.model import CONTROL_LINE_LIMIT
 from ..control.app import Proxy, Role
 from ..control.loading import loads_config
 from ..core.dns import decode
+from ..core.history import Event
 from ..core.metrics import dump_registry
 from ..core.snapshot import ServerState
 from ..proxy.listener import BindError, raise_fd_limit
@@ -109,6 +111,22 @@ async def serve(signals: Signals) -> int:
         ch.send({"op": "passive", "server": server.id, "reason": reason})
 
     proxy.ctx.report_health.report = report  # type: ignore[attr-defined]
+
+    def forward(event: Event) -> None:
+        # Only what happens in the workers alone: each moves its own tunnels (rebalance
+        # rounds, sheds). Health, reloads, drains and API calls the supervisor records itself.
+        if event.kind == "rebalance":
+            ch.send(
+                {
+                    "op": "event",
+                    "kind": event.kind,
+                    "text": event.text,
+                    "group": event.group,
+                    "server": event.server,
+                }
+            )
+
+    proxy.events.forward = forward
     # Before binding: a connection accepted on the first listener while the next one binds
     # must not find every server still "unknown" (a 503).
     proxy.servers.set_health(first.get("health", {}))

@@ -195,6 +195,11 @@ async def test_shed_reaches_every_worker(make_backend, tmp_path):
             )
             == 16
         )
+        # Each worker's shed is an event in the supervisor's history (the one served).
+        async with lb.session.get(f"{lb.admin}/status/history", headers=AUTH) as r:
+            events = [e for e in (await r.json())["events"] if e["kind"] == "rebalance"]
+        assert events and all(e["text"].startswith("worker ") for e in events), events
+        assert sum(int(e["text"].split("shedding ")[1].split()[0]) for e in events) == 16
     finally:
         await lb.stop()
 
