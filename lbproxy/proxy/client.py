@@ -169,7 +169,7 @@ class ClientConnection(ClientSocket):
         self.protocol = "HTTP/1.1" if req.version else "HTTP/1.0"
         self.chunked_ok = req.version >= 1
         self.keep_alive = req.keep_alive and not self.client_eof and not self.ctx.draining
-        self.exchange = ex = Exchange(self.ctx, lr, req, self)
+        self.exchange = ex = Exchange(self.ctx, lr, req, self, self.loop)
         if not ex.begin():
             return
         if self.buf and not ex.req_done:

@@ -82,10 +82,15 @@ class Exchange(ExchangeBase):
     __slots__ = ("dispatch", "kind", "remaining", "response", "tracker")
 
     def __init__(
-        self, ctx: Context, lr: ListenerRuntime, req: RequestHead, down: Downstream
+        self,
+        ctx: Context,
+        lr: ListenerRuntime,
+        req: RequestHead,
+        down: Downstream,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         kind = request_body_kind(req)
-        super().__init__(ctx, lr, req, down, kind)
+        super().__init__(ctx, lr, req, down, kind, loop)
         self.kind = kind
         self.remaining = 0
         self.tracker: ChunkedTracker | None = None

@@ -194,11 +194,19 @@ class ExchangeBase:
     )
 
     def __init__(
-        self, ctx: Context, lr: ListenerRuntime, req: RequestHead, down: Downstream, kind: int
+        self,
+        ctx: Context,
+        lr: ListenerRuntime,
+        req: RequestHead,
+        down: Downstream,
+        kind: int,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.ctx = ctx
         self.lr = lr
-        self.loop = asyncio.get_running_loop()
+        # Handed down by the connection: asyncio.get_running_loop() costs a getpid system
+        # call per call (it checks for a fork), i.e. one per request.
+        self.loop = loop
         self.down = down
         self.req = req
         complete = kind == BODY_NONE or (kind == BODY_LENGTH and req.content_length == 0)

@@ -234,7 +234,7 @@ class Http2Connection(H2Socket):
         self.streams[sid] = stream
         req = stream.request(raw, ended)
         if req is not None:
-            stream.exchange = ex = Exchange(self.ctx, self.lr, req, stream)
+            stream.exchange = ex = Exchange(self.ctx, self.lr, req, stream, self.loop)
             if ex.begin():
                 ex.send()
 

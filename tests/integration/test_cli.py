@@ -382,3 +382,65 @@ def test_schema_flag_prints_the_json_schema() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == doc.schema()
+
+
+# ------------------------------------------------------------------------- system calls
+
+
+def strace_binary() -> str:
+    import shutil
+
+    found = shutil.which("strace")
+    if found is None:
+        pytest.fail(
+            "strace is not installed: this test counts lbproxy's system calls with it "
+            "(apt-get install strace; scripts/test installs it)"
+        )
+    return found
+
+
+async def test_a_keep_alive_request_makes_no_getpid_call(make_backend, tmp_path):
+    """asyncio.get_running_loop() checks for a fork with a getpid system call on every call;
+    an exchange once asked for the loop that way, one system call per request for nothing.
+    Counted with strace on a real process: far fewer getpid calls than requests (the few
+    left are the timers' and the health checks', not the requests')."""
+    backend = await make_backend("A")
+    listen, admin = free_port(), free_port()
+    path = write(tmp_path, config_text(listen, admin, [backend.address]))
+    requests = 1000
+    async with lbproxy(path) as lb, aiohttp.ClientSession() as session:
+        await wait_for(
+            lambda: serving(session, f"http://127.0.0.1:{listen}/whoami", "A"),
+            timeout=15,
+            what="lbproxy to serve a request through its listener",
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+        tracer = await asyncio.create_subprocess_exec(
+            strace_binary(),
+            "-f",
+            "-c",
+            "-e",
+            "trace=getpid",
+            "-p",
+            str(lb.proc.pid),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert tracer.stderr is not None
+        # strace says so once it is attached to the process (then to its threads).
+        line = await asyncio.wait_for(tracer.stderr.readline(), 30)
+        assert b"attached" in line, line
+        request = b"GET /whoami HTTP/1.1\r\nHost: lb\r\n\r\n"
+        for _ in range(requests):
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            await reader.readexactly(length)
+        writer.close()
+        tracer.send_signal(signal.SIGINT)
+        report = (await asyncio.wait_for(tracer.stderr.read(), 30)).decode()
+        await tracer.wait()
+    calls = [int(row.split()[3]) for row in report.splitlines() if row.endswith(" getpid")]
+    counted = calls[0] if calls else 0
+    assert counted < requests // 4, report

@@ -87,7 +87,7 @@ def exchange(proxy: Proxy, head: bytes) -> tuple[Exchange, RecordingDownstream]:
     req = parse_request_head(bytearray(head), lr.limits)
     assert req is not None
     down = RecordingDownstream()
-    ex = Exchange(proxy.ctx, lr, req, down)
+    ex = Exchange(proxy.ctx, lr, req, down, asyncio.get_running_loop())
     assert ex.begin()
     return ex, down
 
