@@ -59,7 +59,7 @@ def run(*args: str) -> str:
 
 def test_alert_rules_pass_promtool_check_and_their_unit_tests() -> None:
     tool = promtool()
-    assert "SUCCESS: 8 rules found" in run(tool, "check", "rules", str(ALERTS))
+    assert "SUCCESS: 9 rules found" in run(tool, "check", "rules", str(ALERTS))
     assert "SUCCESS" in run(tool, "test", "rules", str(ALERTS_TEST))
 
 
@@ -92,6 +92,7 @@ def test_the_rules_cover_what_the_issue_asks() -> None:
         "LbproxyCertificateExpiresSoon",
         "LbproxyCertificateExpired",
         "LbproxyFleetDegraded",
+        "LbproxyClusterRedisDown",
     }
     tested = set(re.findall(r"alertname: (\w+)", ALERTS_TEST.read_text()))
     assert tested == names  # every rule has unit tests
