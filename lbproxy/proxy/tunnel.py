@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..config.model import WS_CLOSE_FRAME_WAIT, WS_CLOSE_HANDSHAKE_TIMEOUT
@@ -110,7 +111,10 @@ class Tunnel(TunnelBase):
         self.access = access
         self.slot = slot  # the client's place in connections_per_client, given back at close
         self.on_close = on_close
-        self.started = self.last
+        # From the monotonic clock, not the loop's (uvloop's moves in whole milliseconds):
+        # a drain closes the oldest first, and tunnels opened within one millisecond would
+        # tie and go in the order of a set.
+        self.started = time.monotonic()
         self.eofs = 0
         self.first_closer: str | None = None
         self.reason: str | None = None
@@ -275,7 +279,7 @@ class Tunnel(TunnelBase):
         )
         self.client.close()
         self.upstream.close()
-        now = self.loop.time()
+        now = time.monotonic()  # the clock of ``started``
         ls = self.listener
         ls.live.discard(self)
         ls.bytes_in += self.bytes_in
