@@ -181,6 +181,10 @@ class FleetLimits:
             fleet = {k: int(n) for k, n in zip(order, others, strict=True) if int(n) > 0}
             # A client at its limit through other instances and with nothing open here: its
             # count there is not fetched (only the clients open here are), but it is full.
+            # A client sent in this batch has its exact count from the others above: "full"
+            # may be this instance's own connections (one closed here, one opened again).
+            sent = set(order)
             for k in full:
-                fleet.setdefault(k, limit)
+                if k not in sent:
+                    fleet.setdefault(k, limit)
             counts.fleet = fleet

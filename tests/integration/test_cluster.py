@@ -452,6 +452,31 @@ async def test_cluster_scope_connections_per_client_count_across_the_fleet(fleet
             await ws.close()
 
 
+async def test_a_client_at_its_limit_through_this_instance_alone_may_reconnect_here(
+    fleet: Fleet,
+) -> None:
+    """A client whose connections are all through this instance is "full" in the fleet's
+    set; that must not count as connections elsewhere: one closed here and one opened again
+    at once (a browser, a pool) is let in, without waiting for the next batch."""
+    (p0,) = await start_limited(fleet, {"connections_per_client": 2, "scope": "cluster"}, 1)
+    await wait_for(lambda: p0.fleet is not None, 5.0, "the fleet link")
+    link = p0.fleet
+    assert link is not None
+    counts = p0.ctx.edges.of("web").connections
+    async with aiohttp.ClientSession() as s:
+        first, _ = await open_tunnels(s, p0, 2)
+        # Two batches after both are open: one of them saw the client at its limit here.
+        seen = link.limits.commands
+        await wait_for(lambda: link.limits.commands >= seen + 2, 5.0, "two connection batches")
+        assert (counts.fleet or {}).get("127.0.0.1", 0) == 0  # nothing of it elsewhere
+        await first[0].close()
+        await wait_for(lambda: counts.open.get("127.0.0.1", 0) == 1, 5.0, "one closed here")
+        again, _ = await open_tunnels(s, p0, 1)
+        assert p0.registry.listener("web").connections_refused["connections_per_client"] == 0
+        for ws in [first[1], *again]:
+            await ws.close()
+
+
 async def test_an_instance_with_workers_is_part_of_the_fleet(
     fleet: Fleet, start_lbproxy: Any
 ) -> None:
