@@ -346,6 +346,14 @@ FAMILIES: tuple[Family, ...] = (
         PerServer("ws_rebalanced"),
     ),
     Family(
+        "lbproxy_websocket_ends",
+        "WebSocket tunnels to a server ended, by the first close frame's code: 1000, 1001, "
+        "other, or 1006 when no close frame passed (the connection was dropped)",
+        COUNTER,
+        (_G, _S, "class"),
+        PerServer("ws_close_classes"),
+    ),
+    Family(
         "lbproxy_bytes",
         "Bytes from clients (in) and to clients (out)",
         COUNTER,

@@ -271,6 +271,17 @@ async def test_a_servers_websocket_messages_and_closes_by_code_are_in_its_histor
     group = fine["groups"]["rs1"]["series"]
     assert round(sum(total(fine, sid[n], "closes_1006") for n in sid)) == 1
     assert any(v and v > 0 for v in group["ws_messages_in"])
+    # The same ends in /metrics, for the alert on dropped tunnels (deploy/prometheus).
+    async with aiohttp.ClientSession() as s, s.get(f"http://{admin.address}/metrics") as r:
+        text = await r.text()
+    address = {"A": a.address, "B": b.address}
+    for name, codes in want.items():
+        for code, n in codes.items():
+            line = (
+                f'lbproxy_websocket_ends_total{{class="{code}",server="{address[name]}",'
+                f'server_group="rs1"}} {float(n)}'
+            )
+            assert line in text, (line, [x for x in text.splitlines() if "ends_total" in x])
 
 
 CHARTS_JS = """
