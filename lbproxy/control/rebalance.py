@@ -55,6 +55,17 @@ def loads(group: GroupRuntime) -> list[Load]:
     return [Load(s.id, websockets(s), s.effective) for s in group.available()]
 
 
+def _still_open(leaving: dict[str, list[Tunnel]], sid: str) -> int:
+    """How many of the tunnels told to leave ``sid`` are still open (the closed ones dropped)."""
+    told = leaving.get(sid)
+    if not told:
+        return 0
+    told[:] = [t for t in told if not t.closed]
+    if not told:
+        del leaving[sid]
+    return len(told)
+
+
 class _Job:
     """Closes planned in one go: the k-th of n at ``window * (k + 0.5) / n``; each takes the
     first tunnel of its server's queue (idle longest first) that is open and not midway."""
@@ -96,9 +107,20 @@ class _Job:
 
     def _fire(self) -> None:
         self.timer = None
-        if self.done is not None and self.done():
+        try:
+            if self.done is not None and self.done():
+                self.owner.finished(self)
+                return
+            self._close_next()
+        except Exception:
+            # A timer callback: an exception here would leave the job registered and the
+            # group's rebalance stopped for good. This round ends; the next look plans anew.
+            log.exception("rebalance: a round stopped on an error")
             self.owner.finished(self)
             return
+        self.arm()
+
+    def _close_next(self) -> None:
         server = self.order[self.step]
         self.step += 1
         queue = self.queues[server.id]
@@ -109,8 +131,9 @@ class _Job:
             server.stats.ws_rebalanced += 1
             self.moved += 1
             t.go_away(self.code, "rebalance", client_first=True)
+            # Open until its client answers (up to WS_CLOSE_FRAME_WAIT): not load to plan on.
+            self.owner.leaving.setdefault(server.id, []).append(t)
             break
-        self.arm()
 
     def cancel(self) -> None:
         if self.timer is not None:
@@ -132,6 +155,11 @@ class Mover:
         self.rounds: dict[str, _Job] = {}  # group -> its rebalance round in progress
         self.sheds: list[_Job] = []
         self.moving: dict[str, int] = {}  # group -> tunnels the last round set out to move
+        # server id -> tunnels told to go and maybe still open: their client has not answered
+        # the close frame yet (up to WS_CLOSE_FRAME_WAIT on a slow network) nor reconnected.
+        # They still count where they were, so no round is planned for their group until they
+        # have gone: it would move the same excess again.
+        self.leaving: dict[str, list[Tunnel]] = {}
         # The fleet (set by ``control.cluster``): this instance's name in it, and the other
         # instances' open tunnels (instance -> server id -> tunnels); empty: on its own.
         self.me = ""
@@ -142,8 +170,14 @@ class Mover:
 
     def _look(self) -> None:
         self.timer = asyncio.get_running_loop().call_later(PERIOD, self._look)
+        for sid in list(self.leaving):  # the closed ones out, of removed servers too
+            _still_open(self.leaving, sid)
         for g in self.holder.current.groups.values():
-            if g.config.rebalance is not None and g.name not in self.rounds:
+            if (
+                g.config.rebalance is not None
+                and g.name not in self.rounds
+                and not any(sid in self.leaving for sid in g.by_id)
+            ):
                 self.round(g)
 
     def round(self, g: GroupRuntime) -> int:

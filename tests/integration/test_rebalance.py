@@ -305,3 +305,62 @@ async def test_a_move_loses_no_message_the_client_sent_before_its_close(
     )
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert {(x["close_reason"], x["close_code"]) for x in lines} == {("rebalance", "1012")}
+
+
+async def raw_tunnel(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket through the proxy by hand that never answers a close frame (a client on a
+    slow network, or one that stopped reading)."""
+    address = proxy.listeners.address("web")
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def test_tunnels_told_to_go_are_not_moved_again_while_their_clients_answer(
+    make_backend, make_proxy
+):
+    """A moved tunnel stays open until its client answers the close frame (up to
+    WS_CLOSE_FRAME_WAIT, 10 s): the next rounds must not count it as load still to move, or
+    a slow network makes the rebalance move far more than the excess."""
+    a, b = [await make_backend(n, app=recording_app) for n in ("A", "B")]
+    group: dict[str, Any] = {
+        "scheduler": "wlc",
+        "health_check": {"enabled": False},
+        "rebalance": {"tolerance": 1.25, "rate": 100},
+    }
+    doc = config_doc([a.address], group=group)
+    proxy = await make_proxy(doc)
+    tunnels = [await raw_tunnel(proxy) for _ in range(20)]
+    try:
+        doc["server_groups"]["rs1"]["servers"].append({"address": b.address})
+        assert (await proxy.apply_config(parse_config(doc), "test")).ok
+        first = server(proxy, a)
+        mover = proxy.servers.mover
+        # 20 on A, none on B: the first round moves A's excess (to about the fair 10).
+        await wait_for(
+            lambda: first.stats.ws_rebalanced > 0 and "rs1" not in mover.rounds,
+            10,
+            "the first round's moves",
+        )
+        moved = first.stats.ws_rebalanced
+        assert 5 <= moved <= 10, moved
+        # Two more looks of the mover (its timer is re-armed at each), within the clients'
+        # 10 s: the tunnels told to go are still open on A, and none is moved again.
+        looks: list[object] = [mover.timer]
+
+        def looked() -> bool:
+            if mover.timer is not looks[-1]:
+                looks.append(mover.timer)
+            return len(looks) >= 3
+
+        await wait_for(looked, 6, "two more looks")
+        assert open_on(first) == 20  # none of the clients has answered: still in transit
+        assert first.stats.ws_rebalanced == moved, (moved, first.stats.ws_rebalanced)
+    finally:
+        for _, writer in tunnels:
+            writer.close()
