@@ -288,6 +288,29 @@ async def test_sticky_cookie_pins_the_websocket_stream(make_backend, make_proxy,
     await c.close()
 
 
+async def test_a_new_websocket_gets_the_insert_cookie_on_its_200(make_backend, make_proxy, cert):
+    """A WebSocket placed anew is pinned by the 200 as by an HTTP/1.1 101: the proxy's
+    Set-Cookie names the server it went to (a reconnect with it lands there again)."""
+    a = await make_backend("A")
+    b = await make_backend("B")
+    doc = doc_for([a.address, b.address], cert)
+    doc["server_groups"]["rs1"]["sticky_session"] = {"type": "insert"}
+    proxy = await make_proxy(doc)
+    names = {proxy.state.servers[f"rs1/{y.address}"].token: x for x, y in (("A", a), ("B", b))}
+    c = await client(proxy, cert)
+    for _ in range(2):  # round robin: one on each server, each pinned to its own
+        ws = c.open("/ws")
+        head = await asyncio.wait_for(ws.head, 10)
+        assert head[":status"] == "200", head
+        cookie = head.get("set-cookie", "")
+        assert cookie.startswith("SERVERID="), head
+        token = cookie.split(";")[0].partition("=")[2]
+        codec = FrameProtocol(client=True, extensions=[])
+        await c.send(ws, codec.send_data("whoami", fin=True))
+        assert (await messages(c, ws, codec, 1))[0][1] == names[token]
+    await c.close()
+
+
 # ------------------------------------------------------------------ endings
 
 
