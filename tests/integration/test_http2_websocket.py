@@ -148,6 +148,29 @@ async def test_setting_advertised_only_with_the_option(make_backend, make_proxy,
     await c.close()
 
 
+async def test_a_reload_turning_it_off_keeps_it_on_the_connections_that_offered_it(
+    make_backend, make_proxy, cert
+):
+    """The setting is the connection's (advertised once, RFC 8441 3): after a reload turns
+    ``http2_websocket`` off, a connection that offered it still takes WebSockets; a new one
+    is not offered it."""
+    a = await make_backend("A")
+    proxy = await make_proxy(doc_for([a.address], cert))
+    old = await client(proxy, cert)
+    assert old.connect_protocol
+    result = await proxy.apply_config(parse_config(doc_for([a.address], cert, on=False)), "test")
+    assert result.ok and result.changed
+    ws = await old.websocket("/ws")  # not 501
+    codec = FrameProtocol(client=True, extensions=[])
+    await old.send(ws, codec.send_data("whoami", fin=True))
+    assert (await messages(old, ws, codec, 1))[0][1] == "A"
+    new = await client(proxy, cert)
+    assert not new.connect_protocol
+    assert (await asyncio.wait_for(new.open("/ws").head, 10))[":status"] == "501"
+    await old.close()
+    await new.close()
+
+
 async def test_backend_sees_an_http1_upgrade_and_bytes_pass_exactly(make_proxy, cert, tmp_path):
     backend = RawWsBackend()
     await backend.server.start()
