@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import ssl
 from typing import Any
 
 import aiohttp
 import pytest
+from h2.settings import SettingCodes
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from lbproxy.config import parse_config
@@ -573,6 +575,108 @@ async def test_a_client_that_stops_reading_pauses_the_backend(make_proxy, cert):
     assert got == data
     await c.close()
     await backend.server.stop()
+
+
+async def test_a_client_paused_during_the_connect_pauses_the_tunnel(make_proxy, cert):
+    """A client that stopped reading while its WebSocket's backend connect was under way (the
+    backend's TLS handshake held here) had its stream marked paused with no backend to pause;
+    once the 101 came the tunnel must still pause the backend, not read it into the proxy."""
+    from lbproxy.proxy.http2 import Http2Connection
+    from lbproxy.proxy.http2_stream import WebSocketStream
+
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(*cert)
+    release = asyncio.Event()
+    accepted: list[asyncio.Transport] = []
+    data = frame(0x2, os.urandom(16 * MiB), mask=None)
+    loop = asyncio.get_running_loop()
+
+    async def handle(sock: socket.socket, first: bool) -> None:
+        if first:  # the WebSocket's connect: its TLS handshake waits (the hello in the kernel)
+            await release.wait()
+        reader = asyncio.StreamReader()
+        proto = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_accepted_socket(lambda: proto, sock, ssl=sctx)
+        accepted.append(transport)
+        writer = asyncio.StreamWriter(transport, proto, reader, loop)
+        _, fields = await read_request_head(reader)
+        if first:
+            key = {k.lower(): v for k, v in fields}["sec-websocket-key"]
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %b\r\n\r\n"
+                % accept_for(key).encode()
+            )
+            writer.write(data)
+        else:  # the download that fills the client's connection
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 * MiB))
+            chunk = bytes(MiB)
+            for _ in range(64):
+                writer.write(chunk)
+                await writer.drain()
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.setblocking(False)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def accept() -> None:
+        while True:
+            sock, _ = await loop.sock_accept(listening)
+            tasks.append(asyncio.create_task(handle(sock, not tasks)))
+
+    acceptor = asyncio.create_task(accept())
+    address = f"127.0.0.1:{listening.getsockname()[1]}"
+    doc = doc_for([address], cert, connect_timeout="60s")
+    doc["server_groups"]["rs1"]["tls"] = {"verify": False}
+    proxy = await make_proxy(doc)
+    c = await client(proxy, cert, rcvbuf=65536)
+    c.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    c.h2.increment_flow_control_window(2**31 - 1 - 65535)  # only the socket holds it back
+    ws = c.open("/ws")
+    await wait_for(lambda: len(tasks) == 1, what="the WebSocket's connect")
+    transport: Any = c.writer.transport  # uvloop's TLS transport: no asyncio.ReadTransport
+    transport.pause_reading()  # the client stops reading
+    sid = c.h2.get_next_available_stream_id()
+    c.streams[sid] = WsStream(sid)
+    c.h2.send_headers(
+        sid,
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/big"),
+         (b":authority", b"localhost")],
+        end_stream=True,
+    )  # fmt: skip
+    c.flush()
+    conn = next(x for x in proxy.connections() if isinstance(x, Http2Connection))
+    await wait_for(lambda: conn.write_paused, timeout=30, what="the client's socket full")
+    stream = conn.streams[ws.sid]
+    assert stream.write_paused and not tunnels(proxy)  # paused, with no backend yet
+
+    def buffered() -> int:
+        return conn.transport.get_write_buffer_size() + sum(
+            s.waiting_out() for s in conn.streams.values() if isinstance(s, WebSocketStream)
+        )
+
+    def backend_paused() -> bool:
+        t = tunnels(proxy)
+        return bool(t) and not t[0].upstream.is_reading()
+
+    before = buffered()
+    release.set()
+
+    await wait_for(
+        lambda: backend_paused() or buffered() - before > 8 * MiB,
+        timeout=30,
+        what="the tunnel's backend paused (or read into the proxy)",
+    )
+    assert backend_paused()
+    # What the download left buffered aside, at most a read or two of the 16 MiB frame.
+    assert buffered() - before <= MiB
+    await c.close()
+    acceptor.cancel()
+    for task in tasks:
+        task.cancel()
+    for t in accepted:
+        t.abort()
+    listening.close()
 
 
 def proxy_streams(proxy: Proxy) -> list[Any]:
