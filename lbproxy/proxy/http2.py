@@ -36,8 +36,9 @@ back (or after GOAWAY_GRACE) GOAWAY with the highest stream id seen: streams up 
 later ones are refused, and the connection closes once they are done. The GOAWAY frames are
 written here: h2's close_connection() would put its state machine in CLOSED at once.
 
-WebSockets: with the listener's ``http2_websocket``, SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC
-8441) is offered and an extended CONNECT with ``:protocol: websocket`` becomes an HTTP/1.1
+WebSockets: with the listener's ``http2_websocket`` (as it was when the connection opened: a
+reload changes it for new connections), SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441) is
+offered and an extended CONNECT with ``:protocol: websocket`` becomes an HTTP/1.1
 Upgrade toward the backend (its stream is a ``http2_stream.WebSocketStream``); after its 101
 the stream is a tunnel's client side (``http2_tunnel``). Without it, browsers open their
 WebSocket on a separate HTTP/1.1 connection. No h2c.
@@ -101,6 +102,9 @@ class Http2Connection(H2Socket):
         self.goaway_at = 0.0  # when the final GOAWAY goes even if the PING never comes back
         self.last_stream = _LAST_STREAM_ID  # streams above it are refused
         self.opened = 0  # streams opened (client_header_timeout applies before the first)
+        # Whether SETTINGS_ENABLE_CONNECT_PROTOCOL was advertised (``http2_websocket`` at
+        # connection_made): a reload changing it must not refuse what this connection offered.
+        self.websocket = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -113,7 +117,8 @@ class Http2Connection(H2Socket):
             SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
             SettingCodes.MAX_HEADER_LIST_SIZE: list_size,
         }
-        if self.lr.config.http2_websocket:
+        self.websocket = self.lr.config.http2_websocket
+        if self.websocket:
             settings[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1  # RFC 8441: WebSockets here
         h2.local_settings = Settings(client=False, initial_values=settings)
         h2.decoder.max_header_list_size = list_size  # h2 applies it only once acknowledged
@@ -227,7 +232,7 @@ class Http2Connection(H2Socket):
         self.lr = self.handle.runtime  # each request sees the latest reload
         self.last = self.loop.time()
         self.opened += 1
-        if self.lr.config.http2_websocket and extended_connect(raw):
+        if self.websocket and extended_connect(raw):
             stream: Stream = WebSocketStream(self, sid)
         else:
             stream = Stream(self, sid)

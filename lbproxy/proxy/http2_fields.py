@@ -15,8 +15,10 @@ from ..wire import headers
 from ..wire.http1 import Limits, ParseError, RequestHead, ResponseHead, parse_request_head
 
 _NEVER_DROPPED = frozenset({b"content-length", b"host"})
-# What of a backend's 101 goes into the stream's 200 (RFC 8441 5: no Upgrade, no Accept).
-_WS_FIELDS = frozenset({b"sec-websocket-protocol", b"sec-websocket-extensions"})
+# What of a backend's 101 stays out of the stream's 200: the connection-specific fields HTTP/2
+# forbids (RFC 9113 8.2.2: Upgrade, Connection, the hop-by-hop ones), the handshake's Accept
+# (RFC 8441 5: the stream has no key) and a length (none on a 2xx to CONNECT, RFC 9110 9.3.6).
+_WS_DROPPED = headers.HOP_BY_HOP | {b"sec-websocket-accept", b"content-length"}
 
 
 def websocket_key() -> bytes:
@@ -25,10 +27,12 @@ def websocket_key() -> bytes:
 
 
 def websocket_fields(resp: ResponseHead) -> list[tuple[bytes, bytes]]:
-    """The 200 an extended CONNECT gets for a backend's 101 ``resp``: the subprotocol and
-    extensions the backend chose."""
+    """The 200 an extended CONNECT gets for a backend's 101 ``resp``: every field of it (the
+    subprotocol and extensions the backend chose, its Set-Cookie and the proxy's sticky one)
+    but the connection-specific ones, those its Connection names too, and the Accept."""
+    drop = _WS_DROPPED | resp.connection if resp.connection else _WS_DROPPED
     fields = [(b":status", b"200")]
-    fields += [(k.lower(), v) for k, v in resp.headers if k.lower() in _WS_FIELDS]
+    fields += [(k.lower(), v) for k, v in resp.headers if k.lower() not in drop]
     return fields
 
 

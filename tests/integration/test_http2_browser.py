@@ -127,4 +127,4 @@ async def test_chat_page_loads_over_http2_and_its_websocket_works(
     proxy.access.close()
     lines = [json.loads(x) for x in log_path.read_text().splitlines()]
     ws = [(x["protocol"], x["status"]) for x in lines if x["type"] == "websocket"]
-    assert ws == [("HTTP/2", 200)] * 2 if h2_websocket else [("HTTP/1.1", 101)] * 2
+    assert ws == ([("HTTP/2", 200)] * 2 if h2_websocket else [("HTTP/1.1", 101)] * 2)

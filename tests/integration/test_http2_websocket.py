@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import ssl
 from typing import Any
 
 import aiohttp
 import pytest
+from h2.settings import SettingCodes
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from lbproxy.config import parse_config
@@ -146,6 +148,29 @@ async def test_setting_advertised_only_with_the_option(make_backend, make_proxy,
     await c.send(ws, frame(0x1, b"hi"))
     assert await c.recv(ws, 4) == b"\x81\x02hi"
     await c.close()
+
+
+async def test_a_reload_turning_it_off_keeps_it_on_the_connections_that_offered_it(
+    make_backend, make_proxy, cert
+):
+    """The setting is the connection's (advertised once, RFC 8441 3): after a reload turns
+    ``http2_websocket`` off, a connection that offered it still takes WebSockets; a new one
+    is not offered it."""
+    a = await make_backend("A")
+    proxy = await make_proxy(doc_for([a.address], cert))
+    old = await client(proxy, cert)
+    assert old.connect_protocol
+    result = await proxy.apply_config(parse_config(doc_for([a.address], cert, on=False)), "test")
+    assert result.ok and result.changed
+    ws = await old.websocket("/ws")  # not 501
+    codec = FrameProtocol(client=True, extensions=[])
+    await old.send(ws, codec.send_data("whoami", fin=True))
+    assert (await messages(old, ws, codec, 1))[0][1] == "A"
+    new = await client(proxy, cert)
+    assert not new.connect_protocol
+    assert (await asyncio.wait_for(new.open("/ws").head, 10))[":status"] == "501"
+    await old.close()
+    await new.close()
 
 
 async def test_backend_sees_an_http1_upgrade_and_bytes_pass_exactly(make_proxy, cert, tmp_path):
@@ -285,6 +310,29 @@ async def test_sticky_cookie_pins_the_websocket_stream(make_backend, make_proxy,
         await c.send(ws, codec.send_data("whoami", fin=True))
         seen.append((name, (await messages(c, ws, codec, 1))[0][1]))
     assert seen == [(x, x) for x in order]
+    await c.close()
+
+
+async def test_a_new_websocket_gets_the_insert_cookie_on_its_200(make_backend, make_proxy, cert):
+    """A WebSocket placed anew is pinned by the 200 as by an HTTP/1.1 101: the proxy's
+    Set-Cookie names the server it went to (a reconnect with it lands there again)."""
+    a = await make_backend("A")
+    b = await make_backend("B")
+    doc = doc_for([a.address, b.address], cert)
+    doc["server_groups"]["rs1"]["sticky_session"] = {"type": "insert"}
+    proxy = await make_proxy(doc)
+    names = {proxy.state.servers[f"rs1/{y.address}"].token: x for x, y in (("A", a), ("B", b))}
+    c = await client(proxy, cert)
+    for _ in range(2):  # round robin: one on each server, each pinned to its own
+        ws = c.open("/ws")
+        head = await asyncio.wait_for(ws.head, 10)
+        assert head[":status"] == "200", head
+        cookie = head.get("set-cookie", "")
+        assert cookie.startswith("SERVERID="), head
+        token = cookie.split(";")[0].partition("=")[2]
+        codec = FrameProtocol(client=True, extensions=[])
+        await c.send(ws, codec.send_data("whoami", fin=True))
+        assert (await messages(c, ws, codec, 1))[0][1] == names[token]
     await c.close()
 
 
@@ -527,6 +575,108 @@ async def test_a_client_that_stops_reading_pauses_the_backend(make_proxy, cert):
     assert got == data
     await c.close()
     await backend.server.stop()
+
+
+async def test_a_client_paused_during_the_connect_pauses_the_tunnel(make_proxy, cert):
+    """A client that stopped reading while its WebSocket's backend connect was under way (the
+    backend's TLS handshake held here) had its stream marked paused with no backend to pause;
+    once the 101 came the tunnel must still pause the backend, not read it into the proxy."""
+    from lbproxy.proxy.http2 import Http2Connection
+    from lbproxy.proxy.http2_stream import WebSocketStream
+
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(*cert)
+    release = asyncio.Event()
+    accepted: list[asyncio.Transport] = []
+    data = frame(0x2, os.urandom(16 * MiB), mask=None)
+    loop = asyncio.get_running_loop()
+
+    async def handle(sock: socket.socket, first: bool) -> None:
+        if first:  # the WebSocket's connect: its TLS handshake waits (the hello in the kernel)
+            await release.wait()
+        reader = asyncio.StreamReader()
+        proto = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_accepted_socket(lambda: proto, sock, ssl=sctx)
+        accepted.append(transport)
+        writer = asyncio.StreamWriter(transport, proto, reader, loop)
+        _, fields = await read_request_head(reader)
+        if first:
+            key = {k.lower(): v for k, v in fields}["sec-websocket-key"]
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %b\r\n\r\n"
+                % accept_for(key).encode()
+            )
+            writer.write(data)
+        else:  # the download that fills the client's connection
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 * MiB))
+            chunk = bytes(MiB)
+            for _ in range(64):
+                writer.write(chunk)
+                await writer.drain()
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.setblocking(False)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def accept() -> None:
+        while True:
+            sock, _ = await loop.sock_accept(listening)
+            tasks.append(asyncio.create_task(handle(sock, not tasks)))
+
+    acceptor = asyncio.create_task(accept())
+    address = f"127.0.0.1:{listening.getsockname()[1]}"
+    doc = doc_for([address], cert, connect_timeout="60s")
+    doc["server_groups"]["rs1"]["tls"] = {"verify": False}
+    proxy = await make_proxy(doc)
+    c = await client(proxy, cert, rcvbuf=65536)
+    c.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    c.h2.increment_flow_control_window(2**31 - 1 - 65535)  # only the socket holds it back
+    ws = c.open("/ws")
+    await wait_for(lambda: len(tasks) == 1, what="the WebSocket's connect")
+    transport: Any = c.writer.transport  # uvloop's TLS transport: no asyncio.ReadTransport
+    transport.pause_reading()  # the client stops reading
+    sid = c.h2.get_next_available_stream_id()
+    c.streams[sid] = WsStream(sid)
+    c.h2.send_headers(
+        sid,
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/big"),
+         (b":authority", b"localhost")],
+        end_stream=True,
+    )  # fmt: skip
+    c.flush()
+    conn = next(x for x in proxy.connections() if isinstance(x, Http2Connection))
+    await wait_for(lambda: conn.write_paused, timeout=30, what="the client's socket full")
+    stream = conn.streams[ws.sid]
+    assert stream.write_paused and not tunnels(proxy)  # paused, with no backend yet
+
+    def buffered() -> int:
+        return conn.transport.get_write_buffer_size() + sum(
+            s.waiting_out() for s in conn.streams.values() if isinstance(s, WebSocketStream)
+        )
+
+    def backend_paused() -> bool:
+        t = tunnels(proxy)
+        return bool(t) and not t[0].upstream.is_reading()
+
+    before = buffered()
+    release.set()
+
+    await wait_for(
+        lambda: backend_paused() or buffered() - before > 8 * MiB,
+        timeout=30,
+        what="the tunnel's backend paused (or read into the proxy)",
+    )
+    assert backend_paused()
+    # What the download left buffered aside, at most a read or two of the 16 MiB frame.
+    assert buffered() - before <= MiB
+    await c.close()
+    acceptor.cancel()
+    for task in tasks:
+        task.cancel()
+    for t in accepted:
+        t.abort()
+    listening.close()
 
 
 def proxy_streams(proxy: Proxy) -> list[Any]:

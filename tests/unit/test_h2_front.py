@@ -95,15 +95,19 @@ def test_extended_connect_refused_without_the_option_or_for_another_protocol() -
     assert e.value.status == 501
 
 
-def test_the_200_keeps_only_the_chosen_subprotocol_and_extensions() -> None:
+def test_the_200_keeps_the_101s_fields_but_the_connection_specific_ones() -> None:
     resp = parse_response_head(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\n"
         b"Sec-WebSocket-Accept: abc\r\nSec-WebSocket-Protocol: chat\r\n"
-        b"Sec-WebSocket-Extensions: permessage-deflate\r\nX-Other: 1\r\n\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate\r\nX-Other: 1\r\n"
+        b"Set-Cookie: SERVERID=t1; Path=/\r\nContent-Length: 0\r\n\r\n"
     )
     assert resp is not None
     assert websocket_fields(resp) == [
         (b":status", b"200"),
         (b"sec-websocket-protocol", b"chat"),
         (b"sec-websocket-extensions", b"permessage-deflate"),
+        (b"x-other", b"1"),
+        (b"set-cookie", b"SERVERID=t1; Path=/"),
     ]
