@@ -5,6 +5,8 @@ instances on 127.0.0.2, 127.0.0.3 and 127.0.0.4, in front of two real backends A
 - /-/cluster, /status, the page and the metrics show the fleet, a differing config flagged;
 - wlc counts the tunnels the other instances carry;
 - the rebalance evens out the fleet's spread, each instance moving its part of the excess;
+- a shed asked through one instance reaches the others: the same fraction of each one's
+  tunnels, or a count split by the tunnels each holds;
 - Redis stopped (frozen, then killed and restarted empty) under load: no request fails or
   waits on it, the instances say ``degraded``, and overrides and counts come back.
 """
@@ -674,3 +676,69 @@ async def test_the_rebalance_evens_out_the_fleet_s_spread(
     for cl in clients:
         assert cl.task.exception() is None, cl.task.exception()
         assert set(cl.codes) <= {1012}
+
+
+async def test_a_shed_through_one_instance_reaches_the_others(fleet: Fleet) -> None:
+    """lb-0 and lb-1 each hold 10 tunnels on A. ``fraction: 0.5`` through lb-0: lb-1 closes
+    5 of its own too (1012, the shed's code). Then lb-0 holds 15 and lb-1 5: ``count: 8``
+    through lb-0 is split 6 and 2 by those counts. Without the fleet lb-1 would close none."""
+    p0 = await fleet.start(0)
+    p1 = await fleet.start(1)
+    a, b = sid(fleet, "A"), sid(fleet, "B")
+    await put(fleet.admins[0], b, {"admin_state": "drain"})
+    await wait_for(lambda: server(p1, b).draining, 3.0, "B draining on lb-1")
+    link0 = p0.fleet
+    assert link0 is not None
+
+    def seen_by_lb0(name: str, n: int) -> bool:
+        return any(i.name == name and i.websockets.get(a, 0) == n for i in link0.instances)
+
+    async def shed(body: dict[str, Any]) -> dict[str, Any]:
+        url = f"{fleet.admins[0].url}/-/servers/{a}/shed"
+        async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+            assert r.status == 200, await r.text()
+            out: dict[str, Any] = await r.json()
+            return out
+
+    def closed(tasks: list[asyncio.Task[aiohttp.WSMessage]]) -> list[Any]:
+        return [t.result().data for t in tasks if t.done()]
+
+    async with aiohttp.ClientSession() as s:
+        ws0, where0 = await open_tunnels(s, p0, 10)
+        ws1, where1 = await open_tunnels(s, p1, 10)
+        assert where0 == where1 == {"A": 10}
+        ends0 = [asyncio.ensure_future(ws.receive()) for ws in ws0]
+        ends1 = [asyncio.ensure_future(ws.receive()) for ws in ws1]
+
+        got = await shed({"fraction": 0.5, "over": "1s"})
+        assert got == {
+            "result": "ok",
+            "server": a,
+            "fraction": 0.5,
+            "scheduled": 5,
+            "over": 1.0,
+            "fleet": True,
+        }
+        await wait_for(lambda: len(closed(ends1)) == 5, 10.0, "lb-1 to shed 5 of its own")
+        await wait_for(lambda: len(closed(ends0)) == 5, 10.0, "lb-0 to shed 5")
+        assert closed(ends0) + closed(ends1) == [1012] * 10
+        await wait_for(lambda: not p1.servers.mover.sheds, 10.0, "lb-1's shed finished")
+        assert server(p1, a).stats.ws_rebalanced == 5  # once, not again on a later exchange
+
+        more, _ = await open_tunnels(s, p0, 10)
+        ends0 += [asyncio.ensure_future(ws.receive()) for ws in more]
+        await wait_for(
+            lambda: seen_by_lb0("lb-1", 5) and seen_by_lb0("lb-0", 15), 5.0, "the fleet's counts"
+        )
+        got = await shed({"count": 8})
+        assert got["parts"] == {"lb-0": 6, "lb-1": 2}, got
+        assert (got["count"], got["scheduled"], got["fleet"]) == (8, 6, True)
+        await wait_for(lambda: len(closed(ends1)) == 7, 10.0, "lb-1 to shed its 2")
+        await wait_for(lambda: len(closed(ends0)) == 11, 10.0, "lb-0 to shed its 6")
+        await wait_for(lambda: not p1.servers.mover.sheds, 10.0, "lb-1's shed finished")
+        assert server(p1, a).stats.ws_rebalanced == 7
+        assert server(p0, a).stats.ws_rebalanced == 11
+        for t in ends0 + ends1:
+            t.cancel()
+        for ws in ws0 + ws1 + more:
+            await ws.close()
