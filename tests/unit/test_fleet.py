@@ -10,17 +10,17 @@ from lbproxy.config.model import ConfigError
 from lbproxy.config.top import parse_config
 from lbproxy.control.cluster import redacted
 from lbproxy.core.fleet import (
-    Shed,
-    due_sheds,
-    member_of,
-    shed_parts,
     Entry,
     Instance,
+    Shed,
+    due_sheds,
     live_instances,
+    member_of,
     merge_overrides,
     odd_configs,
     others_counts,
     others_tunnels,
+    shed_parts,
 )
 
 
