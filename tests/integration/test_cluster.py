@@ -522,6 +522,44 @@ async def test_an_instance_with_workers_is_part_of_the_fleet(
     assert {r.body for r in replies} == {"A"}, replies
     assert server(p0, b).draining
 
+    # Sheds both ways: a count through lb-0 (which holds none) is split over the workers by
+    # their tunnels, each worker shedding its part; a fraction through the supervisor reaches
+    # lb-0.
+    a = sid(fleet, "A")
+    link0 = p0.fleet
+    assert link0 is not None
+
+    def workers_hold(n: int) -> bool:
+        held = [i.websockets.get(a, 0) for i in link0.instances if i.name.startswith("lbw.")]
+        return sum(held) == n
+
+    async def shed(base: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with c.session.post(f"{base}/-/servers/{a}/shed", json=body) as r:
+            assert r.status == 200, await r.text()
+            out: dict[str, Any] = await r.json()
+            return out
+
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{c.port}/ws"
+        through_c = [await s.ws_connect(url) for _ in range(8)]
+        ends = [asyncio.ensure_future(ws.receive()) for ws in through_c]
+        await wait_for(lambda: workers_hold(8), 5.0, "lb-0 to see the workers' 8 tunnels on A")
+        got = await shed(fleet.admins[0].url, {"count": 4})
+        assert (got["scheduled"], got["fleet"], sum(got["parts"].values())) == (0, True, 4), got
+        assert set(got["parts"]) <= {f"lbw.{pid}" for pid in pids}, got
+        await wait_for(lambda: sum(t.done() for t in ends) == 4, 10.0, "the workers' 4 closes")
+        assert [t.result().data for t in ends if t.done()] == [1012] * 4
+        mine, _ = await open_tunnels(s, p0, 4)
+        mine_ends = [asyncio.ensure_future(ws.receive()) for ws in mine]
+        got = await shed(c.admin, {"fraction": 0.5})
+        assert got["fleet"] is True, got
+        await wait_for(lambda: sum(t.done() for t in mine_ends) == 2, 10.0, "lb-0's 2 closes")
+        assert server(p0, a).stats.ws_rebalanced == 2
+        for t in ends + mine_ends:
+            t.cancel()
+        for ws in through_c + mine:
+            await ws.close()
+
 
 async def test_a_redis_password_works_and_is_never_shown(
     tmp_path: Path, make_backend: Any, caplog: pytest.LogCaptureFixture
