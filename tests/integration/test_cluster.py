@@ -6,7 +6,7 @@ instances on 127.0.0.2, 127.0.0.3 and 127.0.0.4, in front of two real backends A
 - wlc counts the tunnels the other instances carry;
 - the rebalance evens out the fleet's spread, each instance moving its part of the excess;
 - a shed asked through one instance reaches the others: the same fraction of each one's
-  tunnels, or a count split by the tunnels each holds;
+  tunnels, or a count split by the tunnels each holds (with --workers: each worker its part);
 - Redis stopped (frozen, then killed and restarted empty) under load: no request fails or
   waits on it, the instances say ``degraded``, and overrides and counts come back.
 """
@@ -719,7 +719,8 @@ async def test_the_rebalance_evens_out_the_fleet_s_spread(
 async def test_a_shed_through_one_instance_reaches_the_others(fleet: Fleet) -> None:
     """lb-0 and lb-1 each hold 10 tunnels on A. ``fraction: 0.5`` through lb-0: lb-1 closes
     5 of its own too (1012, the shed's code). Then lb-0 holds 15 and lb-1 5: ``count: 8``
-    through lb-0 is split 6 and 2 by those counts. Without the fleet lb-1 would close none."""
+    through lb-0 is split 6 and 2 by those counts. Without the fleet lb-1 would close none.
+    With Redis frozen a shed applies on the instance asked alone, and says so."""
     p0 = await fleet.start(0)
     p1 = await fleet.start(1)
     a, b = sid(fleet, "A"), sid(fleet, "B")
@@ -776,6 +777,17 @@ async def test_a_shed_through_one_instance_reaches_the_others(fleet: Fleet) -> N
         await wait_for(lambda: not p1.servers.mover.sheds, 10.0, "lb-1's shed finished")
         assert server(p1, a).stats.ws_rebalanced == 7
         assert server(p0, a).stats.ws_rebalanced == 11
+
+        # Redis frozen: the shed applies on the instance asked only, all of it.
+        assert fleet.redis.proc is not None
+        fleet.redis.proc.send_signal(signal.SIGSTOP)
+        await wait_for(lambda: not link0.up, 10.0, "lb-0 to see Redis down")
+        got = await shed({"count": 2})
+        assert (got["scheduled"], got["fleet"]) == (2, False), got
+        assert "parts" not in got
+        await wait_for(lambda: len(closed(ends0)) == 13, 10.0, "lb-0 to shed 2 more")
+        fleet.redis.proc.send_signal(signal.SIGCONT)
+        assert server(p1, a).stats.ws_rebalanced == 7
         for t in ends0 + ends1:
             t.cancel()
         for ws in ws0 + ws1 + more:
