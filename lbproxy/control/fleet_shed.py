@@ -63,7 +63,6 @@ class FleetSheds:
         self.performs = performs  # a member with tunnels (not a supervisor)
         self.seen: dict[str, float] = {}  # id -> asked at: performed, or there when it came
         self.primed = False
-        self.performed = 0  # sheds of other instances performed here
 
     # ------------------------------------------------------------------ asked here
     def plan(
@@ -145,5 +144,4 @@ class FleetSheds:
         if count == 0:
             return  # this member held none of it when asked
         n = self.servers.shed(server, r.fraction, count, r.over)
-        self.performed += 1
         log.info("cluster: shed of %s asked through %s: %d WebSockets here", r.server, r.by, n)
