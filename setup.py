@@ -39,6 +39,7 @@ INTERPRETED = frozenset(
         "control.discovery",  # DNS lookups on a timer (its decisions: core.dns, drain too)
         "control.drain",
         "control.fleet_member",  # at start and reload; its record, twice a second
+        "control.fleet_shed",  # a shed asked (the operator), the young ones read twice a second
         "control.history",  # the history's timer, every few seconds (its arithmetic: core.history)
         "control.ramp",  # slow starts: a timer a few dozen times per window
         "control.rebalance",  # a look once a second, closes spread over it

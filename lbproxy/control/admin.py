@@ -383,13 +383,36 @@ class AdminServer:
         problems, req = parse_shed(body)
         if problems or req is None:
             return _error(400, *problems)
-        if self.workers is not None:
-            scheduled = await self.workers.shed(sid, req.fraction, req.count, req.over)
-        else:
-            scheduled = self.proxy.servers.shed(server, req.fraction, req.count, req.over)
-        return web.json_response(
-            {"result": "ok", "server": sid, "scheduled": scheduled, "over": req.over}
-        )
+        # In a fleet whose Redis answers, every instance sheds its part (a count split by
+        # the tunnels each holds there): the others once told, this one its own at once.
+        # Not told (Redis down or slow): the whole shed here, as without a fleet.
+        link, count, told = self.proxy.fleet, req.count, False
+        parts: dict[str, int] | None = None  # with a count told the fleet: each one's part
+        if link is not None and link.up:
+            own = None if self.workers is not None else sum(server.stats.ws_active.values())
+            shed = link.sheds.plan(sid, req.fraction, req.count, req.over, own)
+            told = await link.sheds.tell(shed)
+            if told:
+                count = link.sheds.local(shed)
+                parts = shed.parts if req.count is not None else None
+        scheduled = 0
+        if count is None or count > 0:
+            if self.workers is not None:
+                scheduled = await self.workers.shed(sid, req.fraction, count, req.over)
+            else:
+                scheduled = self.proxy.servers.shed(server, req.fraction, count, req.over)
+        asked = {"fraction": req.fraction} if req.count is None else {"count": req.count}
+        answer: dict[str, Any] = {
+            "result": "ok",
+            "server": sid,
+            **asked,
+            "scheduled": scheduled,
+            "over": req.over,
+            "fleet": told,
+        }
+        if parts is not None:
+            answer["parts"] = parts
+        return web.json_response(answer)
 
     async def reload(self, request: web.Request) -> web.Response:
         body = await request.read()

@@ -12,7 +12,9 @@ override), in two round trips:
 - merges the runtime overrides with the ``<prefix>overrides`` hash (last writer by
   timestamp, ``core.fleet.merge_overrides``): the fleet's newer ones are applied here
   through ``ServerControl``, this instance's newer ones (set while Redis was unreachable,
-  or lost by a Redis restart) are written with an atomic compare-and-set script.
+  or lost by a Redis restart) are written with an atomic compare-and-set script;
+- reads the young sheds (``<prefix>sheds``) and performs the ones asked through other
+  instances, once each (``fleet_shed.FleetSheds``, which also writes the sheds asked here).
 
 Nothing on the request path waits on Redis: the data path reads ``fleet_active`` and the
 override already applied. Every Redis call has a short timeout; a failure marks Redis down
@@ -43,6 +45,7 @@ from ..core.fleet import Entry, Instance
 from ..core.snapshot import Holder
 from ..proxy.edge import Edges
 from .cluster_limits import RATE_PERIOD, FleetLimits
+from .fleet_shed import FleetSheds
 
 if TYPE_CHECKING:  # annotations only: server_control at run time would deepen the imports
     from ..config.top import Cluster
@@ -94,7 +97,8 @@ class FleetLink:
         suffix: str = "",
     ) -> None:
         self.cfg = cfg
-        self.name = (cfg.name or socket.gethostname()) + suffix
+        instance = cfg.name or socket.gethostname()
+        self.name = instance + suffix
         # With --workers the supervisor (no traffic) does not publish a record and each
         # worker (no admin API) writes no override: each worker is a member of the fleet.
         self.publish = publish
@@ -115,6 +119,10 @@ class FleetLink:
         )
         self.cas = self.client.register_script(_CAS)
         self.limits = FleetLimits(self.client, p, self.name, edges, holder)
+        # Sheds: members with tunnels (``publish``) perform the other instances' sheds.
+        self.sheds = FleetSheds(
+            self.client, p, self.name, instance, servers, lambda: self.instances, publish
+        )
         self._limits_task: asyncio.Task[None] | None = None
         self.up = False
         self.outages = 0
@@ -282,10 +290,14 @@ class FleetLink:
             pipe.zremrangebyscore(self.k_instances, "-inf", now - FORGET)
         pipe.zrange(self.k_instances, 0, -1)
         pipe.hgetall(self.k_overrides)
+        if self.publish:
+            pipe.zrangebyscore(self.sheds.key, *self.sheds.read_from(now))
         res: list[Any] = await pipe.execute()
         self.commands += len(res)
-        names: list[str] = res[-2]
-        raw: dict[str, str] = res[-1]
+        at = 3 if self.publish else 0
+        names: list[str] = res[at]
+        raw: dict[str, str] = res[at + 1]
+        sheds: list[str] = res[at + 2] if self.publish else []
         records: list[bytes | str | None] = []
         if names:
             records = await self.client.mget([self.k_instance + n for n in names])
@@ -312,6 +324,8 @@ class FleetLink:
             s.fleet_active = others.get(sid, 0)
         self.servers.mover.me = self.name
         self.servers.mover.peers = fleet.others_tunnels(live, self.name)
+        if self.publish:
+            self.sheds.perform(sheds, now)
 
     # ------------------------------------------------------------------ the view
     def view(self) -> dict[str, Any]:

@@ -12,7 +12,11 @@ Owns what ``control.cluster`` (the Redis I/O) decides with:
   server, which ``wlc`` adds to this instance's live counts (``ServerState.fleet_active``);
 - ``others_tunnels``: the other live instances' open tunnels per server, each apart, which
   the rebalance adds to this instance's and apportions its moves by (``core.rebalance``);
-- ``odd_configs``: the instances whose config hash differs from the fleet's most common one.
+- ``odd_configs``: the instances whose config hash differs from the fleet's most common one;
+- ``Shed``, ``shed_parts`` and ``due_sheds``: a shed asked for through one instance as the
+  fleet keeps it (a short-lived record), a count split over the instances by the tunnels
+  each holds on the server (``core.rebalance.apportion``, the rebalance's arithmetic), and
+  which records an instance has still to perform (new to it, young, not its own).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .rebalance import apportion
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,3 +161,73 @@ def odd_configs(instances: Iterable[Instance]) -> set[str]:
     best = max(counts.values())
     common = next(i.config for i in listed if counts[i.config] == best)
     return {i.name for i in listed if i.config != common}
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    """A shed asked for through one instance (``by``), as it tells the fleet: every other
+    instance sheds its part of its own tunnels on ``server`` over ``over`` seconds, the same
+    ``fraction`` of its own, or its entry in ``parts`` (a ``count`` split by ``held``: the
+    tunnels each instance held there, as the asking instance knew them)."""
+
+    id: str
+    by: str
+    at: float  # Unix seconds
+    server: str
+    fraction: float | None
+    count: int | None
+    over: float
+    held: dict[str, int] = field(default_factory=dict)
+    parts: dict[str, int] = field(default_factory=dict)
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @staticmethod
+    def loads(text: str | bytes) -> Shed | None:
+        """The record, or None when it is not one (ignored, never performed)."""
+        try:
+            d: dict[str, Any] = json.loads(text)
+            fraction, count = d.get("fraction"), d.get("count")
+            if (fraction is None) == (count is None):
+                return None
+            return Shed(
+                id=str(d["id"]),
+                by=str(d["by"]),
+                at=float(d["at"]),
+                server=str(d["server"]),
+                fraction=None if fraction is None else min(1.0, max(0.0, float(fraction))),
+                count=None if count is None else max(0, int(count)),
+                over=max(0.0, float(d.get("over", 0.0))),
+                held={str(k): int(v) for k, v in (d.get("held") or {}).items()},
+                parts={str(k): int(v) for k, v in (d.get("parts") or {}).items()},
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+
+def member_of(name: str, instance: str) -> bool:
+    """Whether the member ``name`` is ``instance`` or one of its workers (``<instance>.<pid>``)."""
+    return name == instance or name.startswith(instance + ".")
+
+
+def shed_parts(count: int, held: Mapping[str, int]) -> dict[str, int]:
+    """``count`` tunnels of one server split over the instances by the tunnels each holds
+    there (``held``), as the rebalance splits a server's excess: the parts add up to
+    ``count`` (or to all held, when fewer) and none exceeds what its instance holds."""
+    return apportion(count, held)
+
+
+def due_sheds(
+    records: Iterable[Shed], seen: Mapping[str, float], member: str, now: float, max_age: float
+) -> list[Shed]:
+    """The sheds ``member`` has still to perform, oldest first: not yet seen (by id), asked
+    for within ``max_age`` seconds of ``now`` (an instance that comes later, or back after an
+    outage, does not replay an old one), and not asked through its own instance (which
+    performed its part when asked)."""
+    out = [
+        r
+        for r in records
+        if r.id not in seen and now - r.at <= max_age and not member_of(member, r.by)
+    ]
+    return sorted(out, key=lambda r: (r.at, r.id))

@@ -5,6 +5,8 @@ instances on 127.0.0.2, 127.0.0.3 and 127.0.0.4, in front of two real backends A
 - /-/cluster, /status, the page and the metrics show the fleet, a differing config flagged;
 - wlc counts the tunnels the other instances carry;
 - the rebalance evens out the fleet's spread, each instance moving its part of the excess;
+- a shed asked through one instance reaches the others: the same fraction of each one's
+  tunnels, or a count split by the tunnels each holds (with --workers: each worker its part);
 - Redis stopped (frozen, then killed and restarted empty) under load: no request fails or
   waits on it, the instances say ``degraded``, and overrides and counts come back.
 """
@@ -520,6 +522,44 @@ async def test_an_instance_with_workers_is_part_of_the_fleet(
     assert {r.body for r in replies} == {"A"}, replies
     assert server(p0, b).draining
 
+    # Sheds both ways: a count through lb-0 (which holds none) is split over the workers by
+    # their tunnels, each worker shedding its part; a fraction through the supervisor reaches
+    # lb-0.
+    a = sid(fleet, "A")
+    link0 = p0.fleet
+    assert link0 is not None
+
+    def workers_hold(n: int) -> bool:
+        held = [i.websockets.get(a, 0) for i in link0.instances if i.name.startswith("lbw.")]
+        return sum(held) == n
+
+    async def shed(base: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with c.session.post(f"{base}/-/servers/{a}/shed", json=body) as r:
+            assert r.status == 200, await r.text()
+            out: dict[str, Any] = await r.json()
+            return out
+
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{c.port}/ws"
+        through_c = [await s.ws_connect(url) for _ in range(8)]
+        ends = [asyncio.ensure_future(ws.receive()) for ws in through_c]
+        await wait_for(lambda: workers_hold(8), 5.0, "lb-0 to see the workers' 8 tunnels on A")
+        got = await shed(fleet.admins[0].url, {"count": 4})
+        assert (got["scheduled"], got["fleet"], sum(got["parts"].values())) == (0, True, 4), got
+        assert set(got["parts"]) <= {f"lbw.{pid}" for pid in pids}, got
+        await wait_for(lambda: sum(t.done() for t in ends) == 4, 10.0, "the workers' 4 closes")
+        assert [t.result().data for t in ends if t.done()] == [1012] * 4
+        mine, _ = await open_tunnels(s, p0, 4)
+        mine_ends = [asyncio.ensure_future(ws.receive()) for ws in mine]
+        got = await shed(c.admin, {"fraction": 0.5})
+        assert got["fleet"] is True, got
+        await wait_for(lambda: sum(t.done() for t in mine_ends) == 2, 10.0, "lb-0's 2 closes")
+        assert server(p0, a).stats.ws_rebalanced == 2
+        for t in ends + mine_ends:
+            t.cancel()
+        for ws in through_c + mine:
+            await ws.close()
+
 
 async def test_a_redis_password_works_and_is_never_shown(
     tmp_path: Path, make_backend: Any, caplog: pytest.LogCaptureFixture
@@ -674,3 +714,81 @@ async def test_the_rebalance_evens_out_the_fleet_s_spread(
     for cl in clients:
         assert cl.task.exception() is None, cl.task.exception()
         assert set(cl.codes) <= {1012}
+
+
+async def test_a_shed_through_one_instance_reaches_the_others(fleet: Fleet) -> None:
+    """lb-0 and lb-1 each hold 10 tunnels on A. ``fraction: 0.5`` through lb-0: lb-1 closes
+    5 of its own too (1012, the shed's code). Then lb-0 holds 15 and lb-1 5: ``count: 8``
+    through lb-0 is split 6 and 2 by those counts. Without the fleet lb-1 would close none.
+    With Redis frozen a shed applies on the instance asked alone, and says so."""
+    p0 = await fleet.start(0)
+    p1 = await fleet.start(1)
+    a, b = sid(fleet, "A"), sid(fleet, "B")
+    await put(fleet.admins[0], b, {"admin_state": "drain"})
+    await wait_for(lambda: server(p1, b).draining, 3.0, "B draining on lb-1")
+    link0 = p0.fleet
+    assert link0 is not None
+
+    def seen_by_lb0(name: str, n: int) -> bool:
+        return any(i.name == name and i.websockets.get(a, 0) == n for i in link0.instances)
+
+    async def shed(body: dict[str, Any]) -> dict[str, Any]:
+        url = f"{fleet.admins[0].url}/-/servers/{a}/shed"
+        async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+            assert r.status == 200, await r.text()
+            out: dict[str, Any] = await r.json()
+            return out
+
+    def closed(tasks: list[asyncio.Task[aiohttp.WSMessage]]) -> list[Any]:
+        return [t.result().data for t in tasks if t.done()]
+
+    async with aiohttp.ClientSession() as s:
+        ws0, where0 = await open_tunnels(s, p0, 10)
+        ws1, where1 = await open_tunnels(s, p1, 10)
+        assert where0 == where1 == {"A": 10}
+        ends0 = [asyncio.ensure_future(ws.receive()) for ws in ws0]
+        ends1 = [asyncio.ensure_future(ws.receive()) for ws in ws1]
+
+        got = await shed({"fraction": 0.5, "over": "1s"})
+        assert got == {
+            "result": "ok",
+            "server": a,
+            "fraction": 0.5,
+            "scheduled": 5,
+            "over": 1.0,
+            "fleet": True,
+        }
+        await wait_for(lambda: len(closed(ends1)) == 5, 10.0, "lb-1 to shed 5 of its own")
+        await wait_for(lambda: len(closed(ends0)) == 5, 10.0, "lb-0 to shed 5")
+        assert closed(ends0) + closed(ends1) == [1012] * 10
+        await wait_for(lambda: not p1.servers.mover.sheds, 10.0, "lb-1's shed finished")
+        assert server(p1, a).stats.ws_rebalanced == 5  # once, not again on a later exchange
+
+        more, _ = await open_tunnels(s, p0, 10)
+        ends0 += [asyncio.ensure_future(ws.receive()) for ws in more]
+        await wait_for(
+            lambda: seen_by_lb0("lb-1", 5) and seen_by_lb0("lb-0", 15), 5.0, "the fleet's counts"
+        )
+        got = await shed({"count": 8})
+        assert got["parts"] == {"lb-0": 6, "lb-1": 2}, got
+        assert (got["count"], got["scheduled"], got["fleet"]) == (8, 6, True)
+        await wait_for(lambda: len(closed(ends1)) == 7, 10.0, "lb-1 to shed its 2")
+        await wait_for(lambda: len(closed(ends0)) == 11, 10.0, "lb-0 to shed its 6")
+        await wait_for(lambda: not p1.servers.mover.sheds, 10.0, "lb-1's shed finished")
+        assert server(p1, a).stats.ws_rebalanced == 7
+        assert server(p0, a).stats.ws_rebalanced == 11
+
+        # Redis frozen: the shed applies on the instance asked only, all of it.
+        assert fleet.redis.proc is not None
+        fleet.redis.proc.send_signal(signal.SIGSTOP)
+        await wait_for(lambda: not link0.up, 10.0, "lb-0 to see Redis down")
+        got = await shed({"count": 2})
+        assert (got["scheduled"], got["fleet"]) == (2, False), got
+        assert "parts" not in got
+        await wait_for(lambda: len(closed(ends0)) == 13, 10.0, "lb-0 to shed 2 more")
+        fleet.redis.proc.send_signal(signal.SIGCONT)
+        assert server(p1, a).stats.ws_rebalanced == 7
+        for t in ends0 + ends1:
+            t.cancel()
+        for ws in ws0 + ws1 + more:
+            await ws.close()

@@ -222,7 +222,14 @@ async def test_shed_api_closes_a_share_over_a_window(make_backend, make_proxy, m
             assert (await r.json())["errors"][0].startswith("the body is not JSON")
 
         got = await post(f"rs1/{a.address}", {"fraction": 0.5, "over": "3s"}, 200)
-        assert got == {"result": "ok", "server": f"rs1/{a.address}", "scheduled": 5, "over": 3.0}
+        assert got == {
+            "result": "ok",
+            "server": f"rs1/{a.address}",
+            "fraction": 0.5,
+            "scheduled": 5,
+            "over": 3.0,
+            "fleet": False,  # no cluster: this instance alone
+        }
         async with s.get(f"http://{admin.address}/status") as r:
             (group,) = (await r.json())["server_groups"]
         assert group["rebalance"]["in_progress"] is True

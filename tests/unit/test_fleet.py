@@ -12,11 +12,15 @@ from lbproxy.control.cluster import redacted
 from lbproxy.core.fleet import (
     Entry,
     Instance,
+    Shed,
+    due_sheds,
     live_instances,
+    member_of,
     merge_overrides,
     odd_configs,
     others_counts,
     others_tunnels,
+    shed_parts,
 )
 
 
@@ -135,3 +139,31 @@ def test_the_password_is_redacted_in_logs_and_views() -> None:
     assert redacted("redis://:s3cret@r:6379/0") == "redis://***@r:6379/0"
     assert redacted("rediss://user:s3cret@r:6380/0") == "rediss://user:***@r:6380/0"
     assert redacted("redis://r:6379/0") == "redis://r:6379/0"
+
+
+def test_a_shed_count_is_split_by_the_tunnels_each_instance_holds() -> None:
+    assert shed_parts(8, {"lb-0": 15, "lb-1": 5}) == {"lb-0": 6, "lb-1": 2}
+    assert shed_parts(3, {"lb-0": 1, "lb-1": 1, "lb-2": 1}) == {"lb-0": 1, "lb-1": 1, "lb-2": 1}
+    assert shed_parts(50, {"lb-0": 4, "lb-1": 0}) == {"lb-0": 4}  # never more than held
+    assert shed_parts(5, {}) == {}
+
+
+def test_a_shed_record_round_trips_and_a_damaged_one_is_ignored() -> None:
+    shed = Shed("x", "lb-0", 10.0, "rs1/a:1", None, 8, 60.0, {"lb-0": 15}, {"lb-0": 8})
+    assert Shed.loads(shed.dumps()) == shed
+    assert Shed.loads(b"{") is None
+    assert Shed.loads(b'{"id":"x","by":"a","at":1,"server":"s","over":1}') is None  # neither
+    both = b'{"id":"x","by":"a","at":1,"server":"s","fraction":0.5,"count":2}'
+    assert Shed.loads(both) is None
+
+
+def test_due_sheds_are_new_young_and_asked_elsewhere() -> None:
+    def shed(i: str, by: str, at: float) -> Shed:
+        return Shed(i, by, at, "rs1/a:1", 0.5, None, 1.0)
+
+    records = [shed("new", "lb-0", 99.0), shed("old", "lb-0", 90.0), shed("seen", "lb-0", 99.0)]
+    records += [shed("mine", "lb-1", 99.0), shed("first", "lb-2", 98.0)]
+    due = due_sheds(records, {"seen": 99.0}, "lb-1.123", 100.0, 5.0)
+    assert [r.id for r in due] == ["first", "new"]  # oldest first; lb-1's own worker skips
+    assert member_of("lb-1.123", "lb-1") and member_of("lb-1", "lb-1")
+    assert not member_of("lb-10", "lb-1")
