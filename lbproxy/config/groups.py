@@ -27,11 +27,12 @@ from .model import (
     SCHEDULERS,
 )
 from .quantities import (
+    AboveOne,
+    AboveOne_,
     Duration,
     DurationOrZero,
     DurationOrZero_,
     Port,
-    PositiveNumber,
     PositiveNumber_,
     Weight,
     Weight_,
@@ -257,8 +258,8 @@ class Rebalance:
     """Moving WebSockets off servers that hold more than their share (``rebalance``)."""
 
     tolerance: Annotated[
-        PositiveNumber,
-        PositiveNumber_,
+        AboveOne,
+        AboveOne_,
         Field(
             description=(
                 "how far from its fair share a server may be before tunnels move: more than "
@@ -281,15 +282,6 @@ class Rebalance:
             ),
         ),
     ] = 1012
-
-    @staticmethod
-    def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
-        tolerance = raw.get("tolerance")
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
-            return []  # the leaf says what is wrong with it
-        if 0 < tolerance <= 1:
-            return [(("tolerance",), f"must be above 1, got {tolerance}")]
-        return []
 
 
 @declared

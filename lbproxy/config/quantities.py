@@ -65,6 +65,14 @@ def _positive_number(value: Any) -> float:
     return float(value)
 
 
+def _above_one(value: Any) -> float:
+    """A factor over 1 (a rebalance's tolerance: 1 would move tunnels forever)."""
+    number = _positive_number(value)
+    if number <= 1:
+        raise ValueError(f"must be above 1, got {_show(value)}")
+    return number
+
+
 def _rate(value: Any) -> float:
     """Requests per second: a positive number (``0.5`` is one every two seconds)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -190,6 +198,9 @@ Port = Annotated[int, integer(1, 65535)]
 PositiveNumber = Annotated[
     float, Leaf(_positive_number, "number > 0", {"type": "number", "exclusiveMinimum": 0})
 ]
+AboveOne = Annotated[
+    float, Leaf(_above_one, "number > 1", {"type": "number", "exclusiveMinimum": 1})
+]
 Rate = Annotated[
     float,
     Leaf(
@@ -208,4 +219,5 @@ Bandwidth = Annotated[
 ]
 Weight_: Leaf = Weight.__metadata__[0]  # type: ignore[attr-defined]
 PositiveNumber_: Leaf = PositiveNumber.__metadata__[0]  # type: ignore[attr-defined]
+AboveOne_: Leaf = AboveOne.__metadata__[0]  # type: ignore[attr-defined]
 DurationOrZero_: Leaf = DurationOrZero.__metadata__[0]  # type: ignore[attr-defined]

@@ -45,6 +45,7 @@ FAMILIES = {
     "lbproxy_websocket_policy_closes": "counter",
     "lbproxy_websockets_drained": "counter",
     "lbproxy_websockets_rebalanced": "counter",
+    "lbproxy_websocket_ends": "counter",
     "lbproxy_bytes": "counter",
     "lbproxy_backend_up": "gauge",
     "lbproxy_backend_state": "gauge",
