@@ -189,6 +189,7 @@ class FleetLink:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
+            outages = self.outages
             try:
                 # Each call has its own timeout; this bounds the whole (a connection being
                 # opened, a pool waited on): no state of the link can stall it for good.
@@ -202,6 +203,11 @@ class FleetLink:
                 log.exception("cluster: exchange with Redis failed")
                 continue
             backoff = PERIOD
+            if self.outages != outages:
+                # Redis went away while this exchange was under way (the rate batch saw it):
+                # an answer from before does not prove it back.
+                self._wake.set()
+                continue
             self._went_up()
 
     async def _run_limits(self) -> None:
