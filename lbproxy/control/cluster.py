@@ -279,6 +279,11 @@ class FleetLink:
         self._applying = True
         try:
             for sid, e in entries.items():
+                mine = self.local.get(sid)
+                if mine is not None and mine.at > e.at:
+                    # Set here while the exchange was waiting on Redis: the newer one holds
+                    # (and is written at the next exchange).
+                    continue
                 self.local[sid] = e
                 if sid in self.servers.state.servers:
                     self.servers.set_server_state(sid, e.admin_state, e.weight, by=e.by, at=e.at)

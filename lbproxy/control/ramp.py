@@ -55,7 +55,13 @@ class Ramps:
         self.timer = None
         if now is None:
             now = time.monotonic()
+        groups = self.holder.current.groups
         for sid, s in list(self.ramping.items()):
+            g = groups.get(s.group)
+            if g is None or g.by_id.get(sid) is not s:
+                # Removed by a reload while ramping: its series went with it (publish_all).
+                del self.ramping[sid]
+                continue
             eff = effective_weight(s.weight, s.ramp_since, s.ramp_window, now)
             if s.ramp_since is None or eff >= s.weight * SCALE:
                 s.ramp_since = None

@@ -116,6 +116,29 @@ def test_ramp_survives_a_reload_that_keeps_the_server() -> None:
     assert server.effective == full and server.ramp_since is None and not ramps.ramping
 
 
+def test_a_server_removed_while_ramping_leaves_no_weight_series() -> None:
+    state = RuntimeState(metrics.Registry())
+    snap, _ = state.build(doc(servers=("127.0.0.1:5001", "127.0.0.1:5002")))
+    state.commit(snap)
+    holder = Holder(snap)
+    ramps = Ramps(holder, state.registry)
+    gone = snap.groups["g"].servers[1]
+    ramps.begin(gone, 10.0, "joined")
+    since = gone.ramp_since
+    assert since is not None and gone.id in state.registry.backend_weight
+    # A reload removes it mid-ramp: the series goes with it, and the next tick (the ramp's
+    # timer still armed) must not bring it back.
+    snap2, changes = state.build(doc(servers=("127.0.0.1:5001",)))
+    state.commit(snap2)
+    holder.current = snap2
+    assert [s.id for s in changes.removed_servers] == [gone.id]
+    ramps.publish_all()
+    assert gone.id not in state.registry.backend_weight
+    ramps.tick(since + 5.0)
+    assert gone.id not in state.registry.backend_weight
+    assert not ramps.ramping
+
+
 def test_no_window_no_ramp() -> None:
     state = RuntimeState(metrics.Registry())
     snap, _ = state.build(doc("0s"))
