@@ -20,7 +20,7 @@ from lbproxy.config import parse_config
 from lbproxy.control.app import Proxy
 from lbproxy.core.rebalance import Load, within
 from lbproxy.core.snapshot import ServerState
-from tests.support import config_doc, proxy_url, wait_for
+from tests.support import config_doc, proxy_url, raw_websocket, wait_for
 
 RECEIVED = web.AppKey("received", set)
 
@@ -314,20 +314,6 @@ async def test_a_move_loses_no_message_the_client_sent_before_its_close(
     assert {(x["close_reason"], x["close_code"]) for x in lines} == {("rebalance", "1012")}
 
 
-async def raw_tunnel(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A WebSocket through the proxy by hand that never answers a close frame (a client on a
-    slow network, or one that stopped reading)."""
-    address = proxy.listeners.address("web")
-    reader, writer = await asyncio.open_connection(address.host, address.port)
-    writer.write(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return reader, writer
-
-
 async def test_tunnels_told_to_go_are_not_moved_again_while_their_clients_answer(
     make_backend, make_proxy
 ):
@@ -342,7 +328,7 @@ async def test_tunnels_told_to_go_are_not_moved_again_while_their_clients_answer
     }
     doc = config_doc([a.address], group=group)
     proxy = await make_proxy(doc)
-    tunnels = [await raw_tunnel(proxy) for _ in range(20)]
+    tunnels = [await raw_websocket(proxy) for _ in range(20)]
     try:
         doc["server_groups"]["rs1"]["servers"].append({"address": b.address})
         assert (await proxy.apply_config(parse_config(doc), "test")).ok

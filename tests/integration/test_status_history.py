@@ -21,7 +21,7 @@ import yaml
 from lbproxy.control.admin import AdminServer
 from lbproxy.control.loading import load_config
 from tests.cdp import Chromium
-from tests.support import Backend, config_doc, proxy_url, wait_for
+from tests.support import Backend, config_doc, proxy_url, raw_websocket, wait_for
 
 FAST = ((0.25, 240), (1.0, 60))
 CHECKS = {
@@ -180,14 +180,7 @@ async def test_history_json_has_series_events_and_a_gap_for_a_killed_server(
 async def raw_tunnel(proxy: Any) -> tuple[asyncio.StreamWriter, str]:
     """A WebSocket through the proxy by hand, to end it without a close frame: the writer,
     and the name of the backend it reached."""
-    address = proxy.listeners.address("web")
-    reader, writer = await asyncio.open_connection(address.host, address.port)
-    writer.write(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert head.startswith(b"HTTP/1.1 101"), head
+    reader, writer = await raw_websocket(proxy)
     writer.write(b"\x81\x86\x00\x00\x00\x00whoami")  # masked with a zero key
     first, length = await asyncio.wait_for(reader.readexactly(2), 10)
     assert first == 0x81 and length < 126
