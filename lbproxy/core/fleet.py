@@ -30,6 +30,17 @@ from typing import Any
 from .rebalance import apportion
 
 
+def _dumps(record: object) -> str:
+    """A record as the compact JSON every instance writes (one shape for all three kinds)."""
+    return json.dumps(asdict(record), separators=(",", ":"))  # type: ignore[call-overload]
+
+
+def _counts(value: Any) -> dict[str, int]:
+    """A record's name -> count mapping as read back (absent or null: empty); a value that
+    is not one raises, and the record is ignored."""
+    return {str(k): int(v) for k, v in (value or {}).items()}
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """A runtime override as the fleet keeps it: the values in force (None: the config's),
@@ -41,7 +52,7 @@ class Entry:
     at: float
 
     def dumps(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return _dumps(self)
 
     @staticmethod
     def loads(text: str | bytes) -> Entry | None:
@@ -96,14 +107,12 @@ class Instance:
     websockets: dict[str, int] = field(default_factory=dict)
 
     def dumps(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return _dumps(self)
 
     @staticmethod
     def loads(text: str | bytes) -> Instance | None:
         try:
             d: dict[str, Any] = json.loads(text)
-            servers = d.get("servers") or {}
-            websockets = d.get("websockets") or {}
             return Instance(
                 name=str(d["name"]),
                 address=str(d.get("address", "")),
@@ -115,8 +124,8 @@ class Instance:
                 tunnels=int(d.get("tunnels", 0)),
                 rps=float(d.get("rps", 0.0)),
                 at=float(d["at"]),
-                servers={str(k): int(v) for k, v in servers.items()},
-                websockets={str(k): int(v) for k, v in websockets.items()},
+                servers=_counts(d.get("servers")),
+                websockets=_counts(d.get("websockets")),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -181,7 +190,7 @@ class Shed:
     parts: dict[str, int] = field(default_factory=dict)
 
     def dumps(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return _dumps(self)
 
     @staticmethod
     def loads(text: str | bytes) -> Shed | None:
@@ -199,8 +208,8 @@ class Shed:
                 fraction=None if fraction is None else min(1.0, max(0.0, float(fraction))),
                 count=None if count is None else max(0, int(count)),
                 over=max(0.0, float(d.get("over", 0.0))),
-                held={str(k): int(v) for k, v in (d.get("held") or {}).items()},
-                parts={str(k): int(v) for k, v in (d.get("parts") or {}).items()},
+                held=_counts(d.get("held")),
+                parts=_counts(d.get("parts")),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
