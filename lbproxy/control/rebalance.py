@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 from ..core.history import EventLog
 from ..core.metrics import ListenerStats
-from ..core.rebalance import Load, fleet_loads, plan, portion, within
+from ..core.rebalance import Load, fleet_loads, idlest_last, plan, portion, within
 from ..core.snapshot import GroupRuntime, Holder, ServerState
 from ..proxy.tunnel import Tunnel, open_tunnels
 
@@ -88,10 +88,7 @@ class _Job:
         self.queues: dict[str, list[Tunnel]] = {}
         for s in order:
             if s.id not in self.queues:
-                tunnels = open_tunnels(owner.listeners, s)
-                # Newest last activity at the end: ``pop`` from the front is the idlest.
-                tunnels.sort(key=lambda t: t.last, reverse=True)
-                self.queues[s.id] = tunnels
+                self.queues[s.id] = idlest_last(open_tunnels(owner.listeners, s))
                 s.relieved_until = max(s.relieved_until, self.start + window + RELIEF_GRACE)
         self.step = 0
         self.moved = 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,27 @@ class Load:
     id: str
     tunnels: int
     weight: int
+
+
+class Idles(Protocol):
+    """What the order of moves reads of a tunnel: its last activity (loop time, whole
+    milliseconds under uvloop) and its start (monotonic, finer)."""
+
+    @property
+    def last(self) -> float: ...
+
+    @property
+    def started(self) -> float: ...
+
+
+T = TypeVar("T", bound=Idles)
+
+
+def idlest_last(tunnels: Sequence[T]) -> list[T]:
+    """The tunnels in the order a move takes them from the end (``pop``): the one idle
+    longest last, and among those idle since the same tick (tunnels opened within one
+    millisecond, nothing sent since) the oldest, never the order of the set they came from."""
+    return sorted(tunnels, key=lambda t: (t.last, t.started), reverse=True)
 
 
 def shares(loads: Sequence[Load]) -> dict[str, float]:

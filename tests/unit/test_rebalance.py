@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import dataclass
 
 from lbproxy.core.rebalance import (
     Load,
     apportion,
     fleet_loads,
+    idlest_last,
     plan,
     portion,
     shares,
@@ -127,3 +129,23 @@ def test_apportion_rounds_by_the_largest_remainder() -> None:
     for n, counts in itertools.product(range(12), [(1, 2, 3), (5, 0, 5), (7, 7, 7)]):
         got = apportion(n, dict(zip("xyz", counts, strict=True)))
         assert sum(got.values()) == min(n, sum(counts))
+
+
+@dataclass
+class _Tunnel:
+    name: str
+    last: float
+    started: float
+
+
+def test_moves_take_the_idlest_first_and_the_oldest_of_a_tie() -> None:
+    # uvloop's clock moves in whole milliseconds: tunnels opened within one tick and silent
+    # since share ``last``; the oldest of them goes first, whatever order they came in.
+    tick = [_Tunnel(n, 5.0, s) for n, s in (("t3", 0.3), ("t1", 0.1), ("t2", 0.2))]
+    busy = _Tunnel("busy", 9.0, 0.05)
+    idle = _Tunnel("idle", 1.0, 0.9)
+    queue = idlest_last([*tick, busy, idle])
+    taken = [queue.pop().name for _ in range(5)]
+    assert taken == ["idle", "t1", "t2", "t3", "busy"]
+    for order in itertools.permutations(tick):
+        assert idlest_last(list(order))[-1].name == "t1"
