@@ -153,6 +153,9 @@ class Acceptor:
         self.bound = bound
         self.sockets = sockets
         self.pending = 0  # accepted, not yet a connection (transport or TLS handshake to come)
+        # Sockets whose PROXY header is awaited (``listeners[].proxy_protocol``): a close
+        # drops them, rather than handing them to a listener that has stopped.
+        self.readers: dict[socket.socket, HeaderReader] = {}
         self.retry: asyncio.TimerHandle | None = None
         self.closed = False
         # Held: listening (clients wait in the backlog) but not accepting yet, until
@@ -189,6 +192,10 @@ class Acceptor:
             self._remove_readers()
         for sock in self.sockets:
             sock.close()
+        for reader in self.readers.values():
+            reader.cancel()
+        self.pending -= len(self.readers)
+        self.readers.clear()
 
     def _on_readable(self, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -251,12 +258,13 @@ class Acceptor:
             return
         self.pending += 1
         if pp is not None:
-            HeaderReader(conn, pp.versions, pp.timeout, self._proxied)
+            self.readers[conn] = HeaderReader(conn, pp.versions, pp.timeout, self._proxied)
         else:
             self._hand(conn, None)
 
     def _proxied(self, conn: socket.socket, header: ProxyHeader | None, why: str) -> None:
         """The PROXY header read (or not: ``why``); the ACL then sees the real client."""
+        del self.readers[conn]
         lr = self.bound.handle.runtime
         stats = lr.stats
         if header is None:

@@ -80,6 +80,14 @@ class HeaderReader:
             return
         self._finish(header, "")
 
+    def cancel(self) -> None:
+        """The listener closed before the header came: drop the socket, ``done`` not called."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.loop.remove_reader(self.fd)
+        self.conn.close()
+
     def _late(self) -> None:
         self.timer = None
         self._finish(None, "no whole PROXY header in time")

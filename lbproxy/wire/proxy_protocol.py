@@ -58,6 +58,9 @@ def header_length(data: bytes, v1: bool = True, v2: bool = True) -> int:
     if not data:
         return MORE
     if v2 and data[:12] == V2_SIGNATURE[: len(data)]:
+        # Version, command, family and protocol checked as soon as they arrive: a bad one
+        # fails now rather than after waiting for as many bytes as its length field says.
+        _check_v2_fixed(data)
         if len(data) < V2_FIXED:
             return MORE
         return V2_FIXED + int.from_bytes(data[14:16], "big")
@@ -122,15 +125,9 @@ _V2_ADDRESS_SIZES = {0x1: 12, 0x2: 36, 0x3: 216}  # INET, INET6, UNIX: the addre
 def _parse_v2(header: bytes) -> ProxyHeader:
     if len(header) < V2_FIXED or len(header) != V2_FIXED + int.from_bytes(header[14:16], "big"):
         raise ProxyProtocolError("PROXY v2: length does not match")
-    ver_cmd, fam = header[12], header[13]
-    if ver_cmd >> 4 != 2:
-        raise ProxyProtocolError(f"PROXY v2: unknown version {ver_cmd >> 4}")
-    command = ver_cmd & 0xF
-    if command not in (0, 1):
-        raise ProxyProtocolError(f"PROXY v2: unknown command {command}")
-    family, transport = fam >> 4, fam & 0xF
-    if family > 3 or transport > 2:
-        raise ProxyProtocolError(f"PROXY v2: unknown address family or protocol 0x{fam:02x}")
+    _check_v2_fixed(header)
+    command = header[12] & 0xF
+    family, transport = header[13] >> 4, header[13] & 0xF
     body = memoryview(header)[V2_FIXED:]
     size = _V2_ADDRESS_SIZES.get(family, 0)
     if len(body) < size:
@@ -149,6 +146,21 @@ def _parse_v2(header: bytes) -> ProxyHeader:
     sport = int.from_bytes(ports[:2], "big")
     dport = int.from_bytes(ports[2:], "big")
     return ProxyHeader(2, (src, sport), (dst, dport), tls)
+
+
+def _check_v2_fixed(data: bytes) -> None:
+    """The version-and-command and family-and-protocol bytes of a v2 header, those of them
+    ``data`` holds (bytes 12 and 13)."""
+    if len(data) > 12:
+        ver_cmd = data[12]
+        if ver_cmd >> 4 != 2:
+            raise ProxyProtocolError(f"PROXY v2: unknown version {ver_cmd >> 4}")
+        if ver_cmd & 0xF not in (0, 1):
+            raise ProxyProtocolError(f"PROXY v2: unknown command {ver_cmd & 0xF}")
+    if len(data) > 13:
+        fam = data[13]
+        if fam >> 4 > 3 or fam & 0xF > 2:
+            raise ProxyProtocolError(f"PROXY v2: unknown address family or protocol 0x{fam:02x}")
 
 
 def _tlvs(rest: memoryview) -> bool:

@@ -268,6 +268,37 @@ async def test_without_a_valid_header_or_from_elsewhere_the_connection_is_closed
     assert refused["proxy_protocol"] == 4
 
 
+async def test_a_listener_that_stops_drops_the_sockets_still_sending_their_header(
+    make_backend, make_proxy
+) -> None:
+    from lbproxy.config import parse_config
+
+    a = await make_backend("A")
+    doc = config_doc([a.address], listener=pp_listener())
+    doc["listeners"][0]["proxy_protocol"]["timeout"] = "120s"  # far beyond the wait below
+    proxy: Proxy = await make_proxy(doc)
+    port = proxy.listeners.address("web").port
+    half = pp.build_v2(("192.0.2.1", 1000), ("192.0.2.2", 80))[:10]
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(half)
+    await writer.drain()
+    # The acceptor has taken it (the header is awaited) before the listener moves away.
+    acceptor = proxy.listeners.bound["web"].server
+    await wait_for(lambda: len(acceptor.readers) == 1, what="the header awaited")
+    doc["listeners"][0]["bind"] = f"{LOOPBACK}:{free_port()}"
+    assert (await proxy.apply_config(parse_config(doc), "test")).ok
+    try:
+        # Closed with the listener, not held until the header timeout (two minutes).
+        async with asyncio.timeout(20):
+            assert await reader.read() == b""
+    except ConnectionResetError:
+        pass
+    finally:
+        writer.close()
+    assert acceptor.readers == {} and acceptor.pending == 0
+    assert not [p for _, p, _ in a.requests if p != "/health"]
+
+
 async def test_https_and_http2_behind_haproxy(
     make_backend, make_proxy, haproxy, tmp_path: Path
 ) -> None:

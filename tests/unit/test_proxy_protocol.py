@@ -129,6 +129,21 @@ def test_truncated_asks_for_more() -> None:
         pp.parse(full[:20])  # a header cut short is refused, never read past
 
 
+def test_v2_bad_fixed_bytes_fail_before_the_length_is_waited_for() -> None:
+    # A bad version, command, family or protocol says so with the byte that carries it,
+    # not after the (up to 64 KiB) its length field claims: the listener closes at once
+    # instead of holding the socket until the header timeout.
+    for bad, why in (
+        (pp.V2_SIGNATURE + b"\x11", "version 1"),
+        (pp.V2_SIGNATURE + b"\x22", "command 2"),
+        (pp.V2_SIGNATURE + b"\x21\x41", "family or protocol 0x41"),
+        (pp.V2_SIGNATURE + b"\x21\x13\xff\xff", "family or protocol 0x13"),
+    ):
+        with pytest.raises(ProxyProtocolError, match=why):
+            pp.header_length(bad)
+    assert pp.header_length(pp.V2_SIGNATURE + b"\x21\x11") == MORE
+
+
 def test_build_and_read_back() -> None:
     for build in (pp.build_v1, pp.build_v2):
         h, _ = read(build(("192.0.2.7", 5000), ("198.51.100.1", 80)))
