@@ -338,4 +338,4 @@ class Exchange(ExchangeBase):
             shapers=down.shapers,
             protocol=down.protocol,
         )
-        tunnel.start(client_pending, backend_pending)
+        tunnel.start(client_pending, backend_pending, down.write_paused)

@@ -124,10 +124,13 @@ class Tunnel(TunnelBase):
         self.ending: str | None = None  # why the proxy is closing it ("drain", "shutdown")
         self.injected = 0  # close frames the proxy has written so far (0..2)
 
-    def start(self, client_pending: bytes, upstream_pending: bytes) -> None:
-        """Hand both transports to the tunnel and flush what arrived with the handshake."""
+    def start(self, client_pending: bytes, upstream_pending: bytes, client_full: bool) -> None:
+        """Hand both transports to the tunnel and flush what arrived with the handshake.
+        ``client_full``: the client's transport is paused for writing already (behind on an
+        earlier response); only its resume will come, to the tunnel."""
         client, upstream = self.client, self.upstream
         ends = self.ends = (End(self, upstream, True), End(self, client, False))
+        ends[1].blocked = client_full
         client.set_protocol(ends[0])
         upstream.set_protocol(ends[1])
         self.listener.live.add(self)
@@ -141,7 +144,7 @@ class Tunnel(TunnelBase):
             client_end.data_received(client_pending)
         if not client_end.capped:
             client.resume_reading()
-        if not server_end.capped:
+        if not server_end.capped and not server_end.blocked:
             upstream.resume_reading()
 
     def live_bytes(self) -> tuple[int, int]:

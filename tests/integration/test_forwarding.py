@@ -13,10 +13,13 @@ import gc
 import hashlib
 import json
 import os
+import socket
+from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.integration.test_websocket import accept_for, frame_head, upgrade_request
 from tests.support import (
     RawServer,
     RssSampler,
@@ -542,3 +545,123 @@ async def test_hop_by_hop_response_headers_removed(make_proxy):
         writer.close()
     assert (resp.status, resp.body) == (200, b"ok")
     assert resp.headers == [("Content-Length", "2"), ("X-Kept", "yes")]
+
+
+# ------------------------------------------------------------------ pipelined behind a full buffer
+
+
+async def _pipelined_behind_a_full_buffer(make_proxy: Any, upgrade: bool) -> bool | None:
+    """One try: a client with a small receive buffer pipelines two GETs (the second a
+    WebSocket upgrade with ``upgrade``) and reads slowly until the second reaches the
+    backend, then stops reading. Returns None when the first response happened to end with
+    the client's buffer below its mark (nothing to test this time), else whether the
+    second's backend was held back (then both answers are checked whole once the client
+    reads again)."""
+    first, second = 100 * 1024, 32 * MiB
+    # The second answer: a body, or a 101 and binary frames of one block each.
+    unit = frame_head(0x2, len(PATTERN_BLOCK)) + PATTERN_BLOCK if upgrade else PATTERN_BLOCK
+    got_second = asyncio.Event()
+    backend_writer: list[asyncio.StreamWriter] = []
+    sent = [0]
+    proxies: list[Any] = []
+    behind: list[bool] = []  # whether the client was behind when the second request came
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % first + pattern(first))
+        await writer.drain()
+        _, fields = await read_request_head(reader)
+        # Read at once, before this backend answers anything: the client's state when the
+        # proxy connected here (it can only have caught up since, never fallen behind).
+        (conn,) = [c for c in proxies[0].connections() if getattr(c, "exchange", None)]
+        behind.append(conn.write_paused)
+        backend_writer.append(writer)
+        got_second.set()
+        if upgrade:
+            key = dict((k.lower(), v) for k, v in fields)["sec-websocket-key"]
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                % accept_for(key).encode()
+            )
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % second)
+        for _ in range(second // len(PATTERN_BLOCK)):
+            writer.write(unit)
+            sent[0] += len(PATTERN_BLOCK)
+            await writer.drain()
+
+    async with RawServer(backend) as srv:
+        proxy = await make_proxy(config_doc([srv.address], group=NO_CHECKS))
+        proxies.append(proxy)
+        a = proxy.listeners.address("web")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (a.host, a.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        # The proxy's side of the connection with a small fixed send buffer too (a slow
+        # path to the client), so that the proxy's own buffer is what fills, soon.
+        await wait_for(lambda: len(proxy.connections()) == 1, what="the connection accepted")
+        (front,) = proxy.connections()
+        front.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        then = upgrade_request() if upgrade else get("/two", extra="Connection: close\r\n")
+        writer.write(get("/one") + then)
+        got = bytearray()
+        try:
+            # Read slowly (the client's buffer drains and fills in turn) until the second
+            # request is at the backend, then not at all.
+            while not got_second.is_set():
+                reading = asyncio.ensure_future(reader.read(1024))
+                waiting = asyncio.ensure_future(got_second.wait())
+                await asyncio.wait({reading, waiting}, timeout=30, return_when="FIRST_COMPLETED")
+                waiting.cancel()
+                if reading.done():
+                    got += reading.result()
+                else:  # cancelled before it took anything: what arrived stays in the reader
+                    reading.cancel()
+                    await asyncio.gather(reading, return_exceptions=True)
+                    assert got_second.is_set(), "the second request never reached the backend"
+            if not behind[0]:
+                return None
+            # The second backend connection is not read while the client is behind (for an
+            # upgrade, not even its 101: the tunnel starts once the client has caught up)...
+            waiting = [c for c in proxy.connections() if getattr(c, "exchange", None)]
+            held = bool(waiting) and not waiting[0].exchange.dispatch.up.transport.is_reading()
+            if held:
+                # ...so its backend stops once the socket buffers are full, and the proxy
+                # holds no more than its own buffers' marks.
+                await wait_for(
+                    lambda: backend_writer[0].transport.get_write_buffer_size() > 0,
+                    what="the backend held back",
+                )
+                assert sent[0] < second and proxy_buffered(proxy) < BUFFER_BOUND
+                # Then the client reads: both answers whole, in order.
+                got += await asyncio.wait_for(reader.read(-1), 60)
+                h1, _, rest = bytes(got).partition(b"\r\n\r\n")
+                assert h1.startswith(b"HTTP/1.1 200") and rest[:first] == pattern(first)
+                h2, _, b2 = rest[first:].partition(b"\r\n\r\n")
+                assert h2.startswith(b"HTTP/1.1 101" if upgrade else b"HTTP/1.1 200")
+                assert b2 == unit * (second // len(PATTERN_BLOCK))
+            return held
+        finally:
+            writer.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("upgrade", [False, True], ids=["request", "websocket"])
+async def test_a_pipelined_request_behind_a_full_client_buffer_starts_its_backend_paused(
+    make_proxy, upgrade
+):
+    # A client that pipelines requests and stops reading: the first answer ends with the
+    # client's buffer over its mark, and the transport says pause only once. Without
+    # starting the second backend paused (and the tunnel, for an upgrade, blocked), the
+    # proxy read the whole second answer, of any size, into memory.
+    for _ in range(8):
+        held = await _pipelined_behind_a_full_buffer(make_proxy, upgrade)
+        if held is not None:
+            assert held, "the second backend was read while the client was behind"
+            return
+    pytest.fail("in 8 tries the first answer never ended with the client's buffer full")

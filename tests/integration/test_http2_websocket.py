@@ -580,7 +580,8 @@ async def test_a_client_that_stops_reading_pauses_the_backend(make_proxy, cert):
 async def test_a_client_paused_during_the_connect_pauses_the_tunnel(make_proxy, cert):
     """A client that stopped reading while its WebSocket's backend connect was under way (the
     backend's TLS handshake held here) had its stream marked paused with no backend to pause;
-    once the 101 came the tunnel must still pause the backend, not read it into the proxy."""
+    once connected the backend must be paused all the same (its 101 waits for the client), not
+    read into the proxy, and everything flows once the client reads again."""
     from lbproxy.proxy.http2 import Http2Connection
     from lbproxy.proxy.http2_stream import WebSocketStream
 
@@ -657,7 +658,13 @@ async def test_a_client_paused_during_the_connect_pauses_the_tunnel(make_proxy, 
 
     def backend_paused() -> bool:
         t = tunnels(proxy)
-        return bool(t) and not t[0].upstream.is_reading()
+        if t:  # the 101 was read: the tunnel pauses the backend
+            return not t[0].upstream.is_reading()
+        # Connected while the client is behind: the backend starts paused, its 101 waits
+        # (``Dispatch._attach``) until the client reads again.
+        ex = stream.exchange
+        up = ex.dispatch.up if ex is not None else None
+        return up is not None and not up.transport.is_reading()
 
     before = buffered()
     release.set()
@@ -665,11 +672,15 @@ async def test_a_client_paused_during_the_connect_pauses_the_tunnel(make_proxy, 
     await wait_for(
         lambda: backend_paused() or buffered() - before > 8 * MiB,
         timeout=30,
-        what="the tunnel's backend paused (or read into the proxy)",
+        what="the WebSocket's backend paused (or read into the proxy)",
     )
     assert backend_paused()
     # What the download left buffered aside, at most a read or two of the 16 MiB frame.
     assert buffered() - before <= MiB
+    # The client reads again: the WebSocket opens and its frame comes whole.
+    transport.resume_reading()
+    assert (await asyncio.wait_for(ws.head, 60))[":status"] == "200"
+    assert await c.recv(ws, len(data), timeout=60) == data
     await c.close()
     acceptor.cancel()
     for task in tasks:
