@@ -97,7 +97,7 @@ def make_tunnel(
         access=AccessLog(AccessLogConfig(enabled=False)),
         policy=policy,
     )
-    t.start(b"", b"")
+    t.start(b"", b"", False)
     return t, client, upstream, ls
 
 
