@@ -249,15 +249,19 @@ async def raw_request(host: str, port: int, data: bytes, read_timeout: float = 5
 # requests, exact response heads, and backends that misbehave on purpose.
 
 
+# A WebSocket upgrade of /ws as a client writes it by hand (RFC 6455's sample key).
+WS_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
 async def raw_websocket(proxy: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A WebSocket upgraded by hand through ``proxy``'s ``web`` listener, past its 101: for a
     client that ends without a close frame or never answers one."""
     address = proxy.listeners.address("web")
     reader, writer = await asyncio.open_connection(address.host, address.port)
-    writer.write(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
+    writer.write(WS_UPGRADE)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 101"), head
     return reader, writer

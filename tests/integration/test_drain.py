@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 
 from lbproxy.config import parse_config
 from lbproxy.wire import wsframes
-from tests.support import RawServer, config_doc, proxy_url, start_proxy, wait_for
+from tests.support import WS_UPGRADE, RawServer, config_doc, proxy_url, start_proxy, wait_for
 
 NO_CHECKS = {"health_check": {"enabled": False}}
 JSON = {"Content-Type": "application/json"}  # the admin refuses a write without it (415)
@@ -198,10 +198,7 @@ async def test_close_frame_waits_for_the_frame_in_flight(make_proxy, make_admin)
         admin = await make_admin(proxy)
         addr = proxy.listeners.address("web")
         reader, writer = await asyncio.open_connection(addr.host, addr.port)
-        writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
+        writer.write(WS_UPGRADE)
         await reader.readuntil(b"\r\n\r\n")
         received = bytearray(await reader.readexactly(len(first) + 10_000))
         async with aiohttp.ClientSession() as s:

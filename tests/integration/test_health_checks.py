@@ -24,6 +24,7 @@ from lbproxy.control.app import Proxy
 from lbproxy.core.health import State
 from lbproxy.core.snapshot import ServerState
 from tests.support import (
+    WS_UPGRADE,
     Backend,
     backend_app,
     config_doc,
@@ -400,10 +401,7 @@ async def test_all_down_503_with_retry_after_then_recovery(make_backend, make_pr
             assert r.headers["Retry-After"].isdigit()
         where = proxy.listeners.address("web")
         reader, writer = await asyncio.open_connection(where.host, where.port)
-        writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
+        writer.write(WS_UPGRADE)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         writer.close()
         assert head.startswith(b"HTTP/1.1 503 ")

@@ -92,13 +92,18 @@ def doc(slow_start: str = "10s", servers: tuple[str, ...] = ("127.0.0.1:5001",))
     )
 
 
-def test_ramp_survives_a_reload_that_keeps_the_server() -> None:
+def committed(config: Any) -> tuple[RuntimeState, Holder]:
+    """A runtime state with ``config`` built and committed, and the holder of its snapshot."""
     state = RuntimeState(metrics.Registry())
-    snap, _ = state.build(doc())
+    snap, _ = state.build(config)
     state.commit(snap)
-    holder = Holder(snap)
+    return state, Holder(snap)
+
+
+def test_ramp_survives_a_reload_that_keeps_the_server() -> None:
+    state, holder = committed(doc())
     ramps = Ramps(holder, state.registry)
-    server = snap.groups["g"].servers[0]
+    server = holder.current.groups["g"].servers[0]
     ramps.begin(server, 10.0, "joined")
     since = server.ramp_since
     assert since is not None and server.effective == 1
@@ -117,12 +122,9 @@ def test_ramp_survives_a_reload_that_keeps_the_server() -> None:
 
 
 def test_a_server_removed_while_ramping_leaves_no_weight_series() -> None:
-    state = RuntimeState(metrics.Registry())
-    snap, _ = state.build(doc(servers=("127.0.0.1:5001", "127.0.0.1:5002")))
-    state.commit(snap)
-    holder = Holder(snap)
+    state, holder = committed(doc(servers=("127.0.0.1:5001", "127.0.0.1:5002")))
     ramps = Ramps(holder, state.registry)
-    gone = snap.groups["g"].servers[1]
+    gone = holder.current.groups["g"].servers[1]
     ramps.begin(gone, 10.0, "joined")
     since = gone.ramp_since
     assert since is not None and gone.id in state.registry.backend_weight
@@ -140,12 +142,11 @@ def test_a_server_removed_while_ramping_leaves_no_weight_series() -> None:
 
 
 def test_no_window_no_ramp() -> None:
-    state = RuntimeState(metrics.Registry())
-    snap, _ = state.build(doc("0s"))
-    state.commit(snap)
-    ramps = Ramps(Holder(snap), state.registry)
-    server = snap.groups["g"].servers[0]
-    ramps.begin(server, snap.groups["g"].config.slow_start, "joined")
+    state, holder = committed(doc("0s"))
+    ramps = Ramps(holder, state.registry)
+    group = holder.current.groups["g"]
+    server = group.servers[0]
+    ramps.begin(server, group.config.slow_start, "joined")
     assert server.ramp_since is None and server.effective == server.weight * SCALE
 
 
@@ -153,12 +154,9 @@ def test_ramps_begin_when_a_server_joins_comes_back_up_or_is_ready_again() -> No
     from lbproxy.control.server_control import ServerControl
     from lbproxy.core.health import State, Transition
 
-    state = RuntimeState(metrics.Registry())
-    snap, _ = state.build(doc(servers=("127.0.0.1:5001", "127.0.0.1:5002")))
-    state.commit(snap)
-    holder = Holder(snap)
+    state, holder = committed(doc(servers=("127.0.0.1:5001", "127.0.0.1:5002")))
     control = ServerControl(state, state.registry, holder, checks=False, events=EventLog(time.time))
-    a, b = snap.groups["g"].servers
+    a, b = holder.current.groups["g"].servers
     assert a.ramp_since is None and b.ramp_since is None  # at start: none
     # DOWN -> UP (the checker's transition, or the supervisor's view in a worker).
     a.health.state = State.UP
