@@ -217,9 +217,10 @@ class Dispatch:
         conn.handler = ex
         self.up = conn
         if ex.down.write_paused:
-            # The client is still behind on an earlier response (pipelined requests): its
-            # transport will not say pause again, only resume, so this backend starts paused
-            # or the whole of its answer would be read into memory.
+            # The client is still behind (an earlier pipelined response; on HTTP/2, the
+            # connection's other streams): its transport will not say pause again, only
+            # resume, so this backend starts paused or its whole answer would be read into
+            # memory.
             conn.transport.pause_reading()
         head = upstream_head(ex, server)
         with_body = bool(self.pending)

@@ -536,10 +536,10 @@ class WebSocketStream(Stream):
         if self.unacked:
             self.conn.ack(self.sid, self.unacked)
             self.unacked = 0
-        # What ``write_paused`` said was the exchange's: paused while the backend connect was
-        # under way, it paused nothing (no backend yet), and kept, the carrier would never be
-        # told ``writable(False)`` for a client that stopped reading. Anew for the tunnel,
-        # once it has started (its start resumes reading the backend).
+        # What ``write_paused`` said was the exchange's (the backend started paused for it,
+        # ``Dispatch._attach``); the tunnel's start resumes reading the backend, and kept, the
+        # carrier would never be told ``writable(False)`` for a client still behind. Anew for
+        # the tunnel, once it has started.
         self.write_paused = False
         loop = self.conn.loop
         if self.closed:  # the 200 could not go out: the tunnel learns it once it has started
