@@ -39,7 +39,7 @@ written here: h2's close_connection() would put its state machine in CLOSED at o
 WebSockets: with the listener's ``http2_websocket`` (as it was when the connection opened: a
 reload changes it for new connections), SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441) is
 offered and an extended CONNECT with ``:protocol: websocket`` becomes an HTTP/1.1
-Upgrade toward the backend (its stream is a ``http2_stream.WebSocketStream``); after its 101
+Upgrade toward the backend (its stream is a ``WebSocketStream``, here); after its 101
 the stream is a tunnel's client side (``http2_tunnel``). Without it, browsers open their
 WebSocket on a separate HTTP/1.1 connection. No h2c.
 """
@@ -47,9 +47,10 @@ WebSocket on a separate HTTP/1.1 connection. No h2c.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -67,10 +68,12 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
+from ..wire.http1 import RequestHead, parse_response_head
 from .client_socket import CLOSED
 from .exchange import Exchange
-from .http2_fields import extended_connect
-from .http2_stream import H2Socket, Stream, WebSocketStream
+from .http2_fields import extended_connect, websocket_fields, websocket_key
+from .http2_stream import H2Socket, Stream, StreamOut
+from .http2_tunnel import StreamTransport
 
 if TYPE_CHECKING:
     from .client_socket import ListenerHandle
@@ -105,6 +108,9 @@ class Http2Connection(H2Socket):
         # Whether SETTINGS_ENABLE_CONNECT_PROTOCOL was advertised (``http2_websocket`` at
         # connection_made): a reload changing it must not refuse what this connection offered.
         self.websocket = False
+
+    def accepted_at(self, when: float) -> None:
+        self.last = self.reset_time = when
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -253,7 +259,7 @@ class Http2Connection(H2Socket):
             if stream.out:
                 stream.drain()
 
-    def stream_done(self, stream: Stream) -> None:
+    def stream_done(self, stream: StreamOut) -> None:
         if self.streams.get(stream.sid) is stream:
             del self.streams[stream.sid]
         if not self.streams:
@@ -372,3 +378,147 @@ class Http2Connection(H2Socket):
             ex.idle_timed_out()
             return 0.0
         return deadline
+
+
+class WebSocketStream(Stream):
+    """The stream of an RFC 8441 extended CONNECT (``http2_websocket``): an exchange's
+    ``Downstream`` up to the backend's 101, then the client side of its tunnel, carried in
+    DATA frames both ways (``CarriedStream`` for its ``http2_tunnel.StreamTransport``).
+    Before the 101 the client's bytes are held, unacknowledged (a stream window at most)."""
+
+    __slots__ = ("carrier", "early", "half_end")
+
+    def __init__(self, conn: H2Socket, sid: int) -> None:
+        super().__init__(conn, sid)
+        self.ws_key = websocket_key()  # the Sec-WebSocket-Key the backend gets (HTTP/2 has none)
+        self.early: list[bytes] = []  # the client's bytes before the 101
+        self.carrier: StreamTransport | None = None  # after the 101: the tunnel's side
+        self.half_end = False  # END_STREAM waits for ``out`` to drain, the stream stays open
+
+    def request(self, raw: Iterable[tuple[bytes, bytes]], ended: bool) -> RequestHead | None:
+        req = super().request(raw, ended)
+        if req is not None and req.upgrade is None:
+            self.ws_key = b""  # not a WebSocket after all: an ordinary request
+        return req
+
+    def data(self, data: bytes, size: int) -> None:
+        carrier = self.carrier
+        if carrier is not None:
+            self.last = self.conn.loop.time()
+            carrier.received(data, size)
+            return
+        ex = self.exchange
+        if self.ws_key and ex is not None and not ex.done:
+            self.last = self.conn.loop.time()
+            self.early.append(data)
+            self.unacked += size
+            return
+        super().data(data, size)
+
+    def request_ended(self) -> None:
+        carrier = self.carrier
+        if carrier is None:
+            super().request_ended()
+            return
+        self.request_complete = True
+        carrier.ended()
+
+    def sync_upstream(self) -> None:
+        carrier = self.carrier
+        if carrier is None:
+            super().sync_upstream()
+            return
+        if self.half_end and not self.out and not self.closed:
+            self._end_output()  # what waited for a window went out: now the half-close
+        want = bool(self.out) or self.conn.write_paused
+        if want != self.write_paused and not self.closed:
+            self.write_paused = want
+            carrier.writable(not want)
+
+    def client_reset(self) -> None:
+        super().client_reset()
+        carrier = self.carrier
+        if carrier is not None:
+            carrier.lost()
+
+    def tunneling(self) -> bool:
+        carrier = self.carrier
+        return carrier is not None and not carrier.closing
+
+    def upgrade(self, head: bytes) -> tuple[asyncio.Transport, bytes]:
+        """The backend's 101 to an extended CONNECT (RFC 8441): the stream answers 200 with
+        the subprotocol and extensions the backend chose, and becomes the tunnel's client
+        transport; the connection and its slot stay the HTTP/2 connection's."""
+        resp = parse_response_head(bytearray(head))
+        assert resp is not None  # the response side parsed this very head
+        self._headers(websocket_fields(resp), False)
+        self.exchange = None
+        self.slot = None  # the connection's, not the tunnel's to give back
+        self.carrier = carrier = StreamTransport(self)
+        # The tunnel counts itself a connection when it closes: this stream is one while open.
+        self.conn.lr.stats.connections_active += 1
+        pending = b"".join(self.early)
+        self.early.clear()
+        self.conn.bytes_in -= len(pending)  # the tunnel counts it
+        if self.unacked:
+            self.conn.ack(self.sid, self.unacked)
+            self.unacked = 0
+        # What ``write_paused`` said was the exchange's (the backend started paused for it,
+        # ``Dispatch._attach``); the tunnel's start resumes reading the backend, and kept, the
+        # carrier would never be told ``writable(False)`` for a client still behind. Anew for
+        # the tunnel, once it has started.
+        self.write_paused = False
+        loop = self.conn.loop
+        if self.closed:  # the 200 could not go out: the tunnel learns it once it has started
+            loop.call_soon(carrier.lost)
+        else:
+            loop.call_soon(self.sync_upstream)
+        self.conn.send()
+        return carrier, pending
+
+    def end_output(self) -> None:
+        """A tunnel's half-close toward the client: END_STREAM once ``out`` is sent; the
+        stream stays open for what the client still sends."""
+        if self.closed or self.end_sent:
+            return
+        self.push_tail()
+        if self.out:
+            self.half_end = True
+        else:
+            self._end_output()
+        self.conn.send()
+
+    def _end_output(self) -> None:
+        self.half_end = False
+        if not self.end_sent:
+            self.end_sent = True
+            with contextlib.suppress(ProtocolError):
+                self.conn.h2.end_stream(self.sid)
+
+    # ------------------------------------------------------------------ CarriedStream
+    def gone(self) -> bool:
+        return self.closed
+
+    def carried_in(self, n: int, size: int, ack: bool) -> None:
+        conn = self.conn
+        conn.bytes_in -= n  # the tunnel counts it
+        if ack and not self.closed:
+            conn.ack(self.sid, size)
+        else:
+            self.unacked += size
+
+    def release_held(self) -> None:
+        if self.unacked and not self.closed:
+            self.conn.ack(self.sid, self.unacked)
+            self.unacked = 0
+            self.conn.send()
+
+    def carried_out(self, data: bytes) -> None:
+        self.write(data)
+        self.conn.bytes_out -= len(data)  # the tunnel counts it
+
+    def waiting_out(self) -> int:
+        return sum(map(len, self.out)) + (len(self.tail) if self.tail is not None else 0)
+
+    def extra_info(self, name: str, default: Any) -> Any:
+        return self.conn.transport.get_extra_info(name, default)

@@ -11,12 +11,12 @@ timer, GOAWAY, abuse limits) is ``http2.Http2Connection``, a subclass of ``H2Soc
 stream names only this base, so this module does not import ``http2`` back, and its calls
 stay native under mypyc.
 
-An RFC 8441 extended CONNECT (``http2_websocket``) has its own stream (``WebSocketStream``,
-a subclass, so an ordinary stream's calls test for no tunnel): it goes to the backend as an
-HTTP/1.1 Upgrade; after the 101 the stream answers 200 and is the client side of the tunnel
-(``upgrade``: ``http2_tunnel.StreamTransport`` over it, DATA both ways). Both classes live
-here beside ``H2Socket``, which they name: a module above this one would deepen the import
-stack (``tests/unit/test_layers.py``).
+A stream's way out (the head, DATA as far as the windows allow, END_STREAM) is its base
+``StreamOut``; the request and the exchange's side are ``Stream``. An RFC 8441 extended
+CONNECT (``http2_websocket``) has a subclass of its own, ``http2.WebSocketStream`` (there,
+beside the connection that opens it: a module between this one and ``http2`` would deepen
+the import stack, ``tests/unit/test_layers.py``): an ordinary stream's calls test for no
+tunnel.
 """
 
 from __future__ import annotations
@@ -27,24 +27,22 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
-from ..wire.http1 import ParseError, RequestHead, ResponseHead, parse_response_head
+from ..wire.http1 import ParseError, RequestHead, ResponseHead
 from .client_socket import CLOSED, ClientSocket
 from .exchange_base import record
 from .http2_fields import (
     error_response,
     request_head,
     response_fields,
-    websocket_fields,
-    websocket_key,
 )
-from .http2_tunnel import CarriedStream, StreamTransport
+from .http2_tunnel import CarriedStream
 
 if TYPE_CHECKING:
     from ..config.model import Forwarding
@@ -84,7 +82,7 @@ class H2Socket(ClientSocket):
             )
         )
         self.flush_soon = False  # a flush is scheduled for the end of this loop turn
-        self.tails: list[Stream] = []  # streams holding this turn's last DATA (``Stream.tail``)
+        self.tails: list[StreamOut] = []  # streams holding this turn's last DATA (``tail``)
 
     def send(self) -> None:
         """Write what the h2 state machine has queued, at the end of this turn of the loop:
@@ -112,51 +110,35 @@ class H2Socket(ClientSocket):
         if size and self.phase != CLOSED:
             self.h2.acknowledge_received_data(size, sid)
 
-    def stream_done(self, stream: Stream) -> None:
+    def stream_done(self, stream: StreamOut) -> None:
         """``stream`` is over: nothing more goes out on it."""
         raise NotImplementedError
 
 
-class Stream(CarriedStream):
-    """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange.
-    ``CarriedStream`` is its base so that the tunnel transport's calls on a
-    ``WebSocketStream`` stay native; only that subclass carries a tunnel."""
+class StreamOut(CarriedStream):
+    """An HTTP/2 stream's way out: the head, then the response's bytes in DATA frames as far
+    as the client's windows allow, the rest waiting in ``out`` with the backend paused
+    (``sync_upstream``) until WINDOW_UPDATEs drain it (``drain``); END_STREAM after the last.
+    ``Stream``, its subclass, is the rest of the stream."""
 
     __slots__ = (
-        "cert_headers",
-        "chunked",
-        "client_addr",
-        "client_ip",
         "closed",
         "conn",
         "end_sent",
         "ending",
-        "exchange",
         "head_sent",
         "last",
         "out",
-        "paused",
         "request_complete",
-        "shapers",
         "sid",
-        "slot",
         "tail",
-        "unacked",
         "write_paused",
-        "ws_key",
     )
-
-    protocol = "HTTP/2"
-    chunked_ok = False  # the body's payload goes out in DATA frames, never chunk framing
 
     def __init__(self, conn: H2Socket, sid: int) -> None:
         self.conn = conn
         self.sid = sid
-        self.client_ip = conn.client_ip
-        self.client_addr = conn.client_addr
         self.last = conn.last
-        self.exchange: Exchange | None = None
-        self.chunked = False  # the request body goes to the backend chunked (no length given)
         self.request_complete = False  # END_STREAM from the client
         self.head_sent = False
         self.out: deque[bytes] = deque()  # response bytes beyond the client's window
@@ -167,85 +149,7 @@ class Stream(CarriedStream):
         self.ending = False  # END_STREAM waits for ``out`` to drain
         self.end_sent = False
         self.closed = False  # answered, cut or reset: nothing more goes out
-        self.paused = False  # the exchange takes no more body: received DATA is not acked
-        self.unacked = 0
         self.write_paused = False  # the backend is paused: bytes wait for a window or the socket
-        # The connection's edge (mTLS headers, per-client slot: no tunnel takes it over HTTP/2).
-        self.cert_headers = conn.cert_headers
-        self.slot = conn.slot
-        self.shapers = conn.shapers
-        self.ws_key = b""  # an extended CONNECT's (``WebSocketStream``)
-
-    # ------------------------------------------------------------------ request
-    def request(self, raw: Iterable[tuple[bytes, bytes]], ended: bool) -> RequestHead | None:
-        """The stream's request as an HTTP/1.1 head, for the connection to give an exchange;
-        None when it is refused (answered on the stream: 400, 414, 431, 501)."""
-        t_start = _clock()
-        self.request_complete = ended
-        lr = self.conn.lr
-        try:
-            req = request_head(raw, ended, lr.limits, self.ws_key)
-        except ParseError as exc:
-            log.info("%s: bad HTTP/2 request: %s", self.client_addr, exc.reason)
-            self._refuse(t_start, exc.status, exc.reason)
-            return None
-        self.chunked = req.chunked
-        return req
-
-    def _refuse(self, t_start: float, status: int, reason: str) -> None:
-        """A request that never became an exchange: answered on its stream."""
-        n = self.send_error(status, reason, ())
-        lr = self.conn.lr
-        record(
-            self.conn.ctx, lr, self.client_addr, lr.group.name, "", status, None, t_start,
-            None, 0, n, protocol=self.protocol,
-        )  # fmt: skip
-
-    def data(self, data: bytes, size: int) -> None:
-        self.last = self.conn.loop.time()
-        ex = self.exchange
-        if ex is None or ex.done or ex.req_done:
-            self.conn.ack(self.sid, size)  # body after the answer: dropped
-            return
-        if data:
-            ex.request_data(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-        if self.paused and not ex.done:
-            self.unacked += size
-        else:
-            self.conn.ack(self.sid, size)
-
-    def request_ended(self) -> None:
-        self.request_complete = True
-        ex = self.exchange
-        if ex is None or ex.done:
-            return
-        if self.chunked:
-            ex.request_data(b"0\r\n\r\n")
-        elif not ex.req_done:
-            ex.fail(400, "the request body is shorter than its content-length")
-
-    # ------------------------------------------------------------------ Downstream
-    def send_head(
-        self, resp: ResponseHead, extra: tuple[bytes, ...], kind: int, ended: bool
-    ) -> int:
-        return self._headers(response_fields(resp, extra), ended)
-
-    def _headers(self, fields: list[tuple[bytes, bytes]], ended: bool) -> int:
-        self.head_sent = True
-        try:
-            self.conn.h2.send_headers(self.sid, fields, end_stream=ended)
-        except ProtocolError as exc:  # a field HTTP/2 cannot carry
-            log.warning("%s: response head not sendable over HTTP/2: %s", self.client_addr, exc)
-            with contextlib.suppress(ProtocolError):
-                self.conn.h2.reset_stream(self.sid, ErrorCodes.INTERNAL_ERROR)
-            ex = self.exchange
-            if ex is not None:
-                # After the exchange's send_head returns: it lets its backend go as after a cut.
-                self.conn.loop.call_soon(_cut, ex)
-            self._finished()
-            return 0
-        self.end_sent = ended
-        return sum(len(k) + len(v) + 4 for k, v in fields)  # as an HTTP/1.1 head would count
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -323,19 +227,6 @@ class Stream(CarriedStream):
             return
         self.sync_upstream()
 
-    def sync_upstream(self) -> None:
-        """Pause the backend while this stream's bytes wait for a window or the socket."""
-        ex = self.exchange
-        if ex is None or ex.done:
-            return
-        want = bool(self.out) or self.conn.write_paused
-        if want != self.write_paused:
-            self.write_paused = want
-            if want:
-                ex.pause_upstream()
-            else:
-                ex.resume_upstream()
-
     def flush(self) -> None:
         self.conn.send()
 
@@ -378,6 +269,139 @@ class Stream(CarriedStream):
         except ProtocolError:  # the stream closed under us
             pass
         self._finished()
+
+    def sync_upstream(self) -> None:
+        """Pause the backend while this stream's bytes wait for a window or the socket."""
+        raise NotImplementedError
+
+    def client_reset(self) -> None:
+        """The client reset the stream, or the connection is gone."""
+        raise NotImplementedError
+
+    def _finished(self) -> None:
+        """Answered or cut: the stream is over."""
+        raise NotImplementedError
+
+
+class Stream(StreamOut):
+    """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange (the
+    way its bytes go out is ``StreamOut``'s). ``CarriedStream`` is a base so that the tunnel
+    transport's calls on a ``http2.WebSocketStream`` stay native; only that subclass carries
+    a tunnel."""
+
+    __slots__ = (
+        "cert_headers",
+        "chunked",
+        "client_addr",
+        "client_ip",
+        "exchange",
+        "paused",
+        "shapers",
+        "slot",
+        "unacked",
+        "ws_key",
+    )
+
+    protocol = "HTTP/2"
+    chunked_ok = False  # the body's payload goes out in DATA frames, never chunk framing
+
+    def __init__(self, conn: H2Socket, sid: int) -> None:
+        super().__init__(conn, sid)
+        self.client_ip = conn.client_ip
+        self.client_addr = conn.client_addr
+        self.exchange: Exchange | None = None
+        self.chunked = False  # the request body goes to the backend chunked (no length given)
+        self.paused = False  # the exchange takes no more body: received DATA is not acked
+        self.unacked = 0
+        # The connection's edge (mTLS headers, per-client slot: no tunnel takes it over HTTP/2).
+        self.cert_headers = conn.cert_headers
+        self.slot = conn.slot
+        self.shapers = conn.shapers
+        self.ws_key = b""  # an extended CONNECT's (``WebSocketStream``)
+
+    # ------------------------------------------------------------------ request
+    def request(self, raw: Iterable[tuple[bytes, bytes]], ended: bool) -> RequestHead | None:
+        """The stream's request as an HTTP/1.1 head, for the connection to give an exchange;
+        None when it is refused (answered on the stream: 400, 414, 431, 501)."""
+        t_start = _clock()
+        self.request_complete = ended
+        lr = self.conn.lr
+        try:
+            req = request_head(raw, ended, lr.limits, self.ws_key)
+        except ParseError as exc:
+            log.info("%s: bad HTTP/2 request: %s", self.client_addr, exc.reason)
+            self._refuse(t_start, exc.status, exc.reason)
+            return None
+        self.chunked = req.chunked
+        return req
+
+    def _refuse(self, t_start: float, status: int, reason: str) -> None:
+        """A request that never became an exchange: answered on its stream."""
+        n = self.send_error(status, reason, ())
+        lr = self.conn.lr
+        record(
+            self.conn.ctx, lr, self.client_addr, lr.group.name, "", status, None, t_start,
+            None, 0, n, protocol=self.protocol,
+        )  # fmt: skip
+
+    def data(self, data: bytes, size: int) -> None:
+        self.last = self.conn.loop.time()
+        ex = self.exchange
+        if ex is None or ex.done or ex.req_done:
+            self.conn.ack(self.sid, size)  # body after the answer: dropped
+            return
+        if data:
+            ex.request_data(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        if self.paused and not ex.done:
+            self.unacked += size
+        else:
+            self.conn.ack(self.sid, size)
+
+    def request_ended(self) -> None:
+        self.request_complete = True
+        ex = self.exchange
+        if ex is None or ex.done:
+            return
+        if self.chunked:
+            ex.request_data(b"0\r\n\r\n")
+        elif not ex.req_done:
+            ex.fail(400, "the request body is shorter than its content-length")
+
+    # ------------------------------------------------------------------ Downstream
+    def send_head(
+        self, resp: ResponseHead, extra: tuple[bytes, ...], kind: int, ended: bool
+    ) -> int:
+        return self._headers(response_fields(resp, extra), ended)
+
+    def _headers(self, fields: list[tuple[bytes, bytes]], ended: bool) -> int:
+        self.head_sent = True
+        try:
+            self.conn.h2.send_headers(self.sid, fields, end_stream=ended)
+        except ProtocolError as exc:  # a field HTTP/2 cannot carry
+            log.warning("%s: response head not sendable over HTTP/2: %s", self.client_addr, exc)
+            with contextlib.suppress(ProtocolError):
+                self.conn.h2.reset_stream(self.sid, ErrorCodes.INTERNAL_ERROR)
+            ex = self.exchange
+            if ex is not None:
+                # After the exchange's send_head returns: it lets its backend go as after a cut.
+                self.conn.loop.call_soon(_cut, ex)
+            self._finished()
+            return 0
+        self.end_sent = ended
+        return sum(len(k) + len(v) + 4 for k, v in fields)  # as an HTTP/1.1 head would count
+
+    def sync_upstream(self) -> None:
+        """Pause the backend while this stream's bytes wait for a window or the socket."""
+        ex = self.exchange
+        if ex is None or ex.done:
+            return
+        want = bool(self.out) or self.conn.write_paused
+        if want != self.write_paused:
+            self.write_paused = want
+            if want:
+                ex.pause_upstream()
+            else:
+                ex.resume_upstream()
 
     def _finished(self) -> None:
         self.closed = True
@@ -451,150 +475,6 @@ class Stream(CarriedStream):
     def tunneling(self) -> bool:
         """Whether the stream carries an open tunnel (whose idle timeout is the tunnel's)."""
         return False
-
-
-class WebSocketStream(Stream):
-    """The stream of an RFC 8441 extended CONNECT (``http2_websocket``): an exchange's
-    ``Downstream`` up to the backend's 101, then the client side of its tunnel, carried in
-    DATA frames both ways (``CarriedStream`` for its ``http2_tunnel.StreamTransport``).
-    Before the 101 the client's bytes are held, unacknowledged (a stream window at most)."""
-
-    __slots__ = ("carrier", "early", "half_end")
-
-    def __init__(self, conn: H2Socket, sid: int) -> None:
-        super().__init__(conn, sid)
-        self.ws_key = websocket_key()  # the Sec-WebSocket-Key the backend gets (HTTP/2 has none)
-        self.early: list[bytes] = []  # the client's bytes before the 101
-        self.carrier: StreamTransport | None = None  # after the 101: the tunnel's side
-        self.half_end = False  # END_STREAM waits for ``out`` to drain, the stream stays open
-
-    def request(self, raw: Iterable[tuple[bytes, bytes]], ended: bool) -> RequestHead | None:
-        req = super().request(raw, ended)
-        if req is not None and req.upgrade is None:
-            self.ws_key = b""  # not a WebSocket after all: an ordinary request
-        return req
-
-    def data(self, data: bytes, size: int) -> None:
-        carrier = self.carrier
-        if carrier is not None:
-            self.last = self.conn.loop.time()
-            carrier.received(data, size)
-            return
-        ex = self.exchange
-        if self.ws_key and ex is not None and not ex.done:
-            self.last = self.conn.loop.time()
-            self.early.append(data)
-            self.unacked += size
-            return
-        super().data(data, size)
-
-    def request_ended(self) -> None:
-        carrier = self.carrier
-        if carrier is None:
-            super().request_ended()
-            return
-        self.request_complete = True
-        carrier.ended()
-
-    def sync_upstream(self) -> None:
-        carrier = self.carrier
-        if carrier is None:
-            super().sync_upstream()
-            return
-        if self.half_end and not self.out and not self.closed:
-            self._end_output()  # what waited for a window went out: now the half-close
-        want = bool(self.out) or self.conn.write_paused
-        if want != self.write_paused and not self.closed:
-            self.write_paused = want
-            carrier.writable(not want)
-
-    def client_reset(self) -> None:
-        super().client_reset()
-        carrier = self.carrier
-        if carrier is not None:
-            carrier.lost()
-
-    def tunneling(self) -> bool:
-        carrier = self.carrier
-        return carrier is not None and not carrier.closing
-
-    def upgrade(self, head: bytes) -> tuple[asyncio.Transport, bytes]:
-        """The backend's 101 to an extended CONNECT (RFC 8441): the stream answers 200 with
-        the subprotocol and extensions the backend chose, and becomes the tunnel's client
-        transport; the connection and its slot stay the HTTP/2 connection's."""
-        resp = parse_response_head(bytearray(head))
-        assert resp is not None  # the response side parsed this very head
-        self._headers(websocket_fields(resp), False)
-        self.exchange = None
-        self.slot = None  # the connection's, not the tunnel's to give back
-        self.carrier = carrier = StreamTransport(self)
-        # The tunnel counts itself a connection when it closes: this stream is one while open.
-        self.conn.lr.stats.connections_active += 1
-        pending = b"".join(self.early)
-        self.early.clear()
-        self.conn.bytes_in -= len(pending)  # the tunnel counts it
-        if self.unacked:
-            self.conn.ack(self.sid, self.unacked)
-            self.unacked = 0
-        # What ``write_paused`` said was the exchange's (the backend started paused for it,
-        # ``Dispatch._attach``); the tunnel's start resumes reading the backend, and kept, the
-        # carrier would never be told ``writable(False)`` for a client still behind. Anew for
-        # the tunnel, once it has started.
-        self.write_paused = False
-        loop = self.conn.loop
-        if self.closed:  # the 200 could not go out: the tunnel learns it once it has started
-            loop.call_soon(carrier.lost)
-        else:
-            loop.call_soon(self.sync_upstream)
-        self.conn.send()
-        return carrier, pending
-
-    def end_output(self) -> None:
-        """A tunnel's half-close toward the client: END_STREAM once ``out`` is sent; the
-        stream stays open for what the client still sends."""
-        if self.closed or self.end_sent:
-            return
-        self.push_tail()
-        if self.out:
-            self.half_end = True
-        else:
-            self._end_output()
-        self.conn.send()
-
-    def _end_output(self) -> None:
-        self.half_end = False
-        if not self.end_sent:
-            self.end_sent = True
-            with contextlib.suppress(ProtocolError):
-                self.conn.h2.end_stream(self.sid)
-
-    # ------------------------------------------------------------------ CarriedStream
-    def gone(self) -> bool:
-        return self.closed
-
-    def carried_in(self, n: int, size: int, ack: bool) -> None:
-        conn = self.conn
-        conn.bytes_in -= n  # the tunnel counts it
-        if ack and not self.closed:
-            conn.ack(self.sid, size)
-        else:
-            self.unacked += size
-
-    def release_held(self) -> None:
-        if self.unacked and not self.closed:
-            self.conn.ack(self.sid, self.unacked)
-            self.unacked = 0
-            self.conn.send()
-
-    def carried_out(self, data: bytes) -> None:
-        self.write(data)
-        self.conn.bytes_out -= len(data)  # the tunnel counts it
-
-    def waiting_out(self) -> int:
-        return sum(map(len, self.out)) + (len(self.tail) if self.tail is not None else 0)
-
-    def extra_info(self, name: str, default: Any) -> Any:
-        return self.conn.transport.get_extra_info(name, default)
 
 
 def _cut(ex: Exchange) -> None:

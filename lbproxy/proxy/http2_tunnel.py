@@ -21,9 +21,9 @@ differs is only how bytes move on the client side:
 Bytes are counted once: the tunnel counts the payloads, so the connection's own counters
 keep only the HTTP/2 framing around them.
 
-What the transport needs of its stream is ``CarriedStream`` (the base of
-``http2_stream.Stream``; ``WebSocketStream``, its subclass, is the one that carries), so this
-module does not import ``http2_stream`` back.
+What the transport needs of its stream is ``CarriedStream`` (a base of
+``http2_stream.Stream``; ``http2.WebSocketStream``, its subclass, is the one that carries), so
+this module does not import either back.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 
 class CarriedStream:
-    """An HTTP/2 stream as its ``StreamTransport`` sees it (``http2_stream.WebSocketStream``)."""
+    """An HTTP/2 stream as its ``StreamTransport`` sees it (``http2.WebSocketStream``)."""
 
     def gone(self) -> bool:
         """Reset, cut or ended: nothing more goes out on it."""
