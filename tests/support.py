@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 
 from lbproxy.config import Config, parse_config
 from lbproxy.control.app import Proxy
+from lbproxy.control.loading import ConfigFile
 
 # A wait's timeout is a hang guard, never a speed check: what a test expects within ``timeout``
 # on an idle machine is given HANG_GUARD times as long, so a machine whose cores are busy with
@@ -211,7 +212,7 @@ def config_doc(
 async def start_proxy(doc: dict[str, Any] | Config, path: str | None = None) -> Proxy:
     """Start a proxy in this event loop and wait until every checked server is up."""
     config = doc if isinstance(doc, Config) else parse_config(doc)
-    proxy = Proxy(config, path)
+    proxy = Proxy(config, ConfigFile(path) if path is not None else None)
     await proxy.start()
     groups = proxy.holder.current.groups.values()
     await wait_for(

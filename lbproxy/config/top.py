@@ -153,6 +153,16 @@ class Admin:
         ),
     ] = None
 
+    def insecure_warning(self) -> str | None:
+        """The warning an open admin (``insecure: true``, no token) logs at every start and
+        reload, or None."""
+        if self.insecure and not self.token:
+            return (
+                f"admin.insecure: the admin on {self.bind} takes reloads and server changes "
+                "from anyone who can reach it (no token); set admin.token_file to close it"
+            )
+        return None
+
     @staticmethod
     def _rules(raw: Mapping[str, Any], value: object) -> list[Problem]:
         out: list[Problem] = []

@@ -33,14 +33,15 @@ from ..core.health import Event, Transition
 from ..core.history import EventLog
 from ..core.snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
 from ..proxy.access_log import AccessLog
+from ..proxy.client import ClientConnection
 from ..proxy.client_socket import ClientSocket
 from ..proxy.context import Context
-from ..proxy.listener import BindError, Listeners, Opening, probe_binds
+from ..proxy.http2 import Http2Connection
+from ..proxy.listener import BindError, Fronts, Listeners, Opening, probe_binds
 from ..proxy.tunnel import IdleSweeper, Tunnel
 from .checker import Checker
 from .discovery import Discovery, resolve_names
 from .fleet_member import FleetMember
-from .loading import insecure_warning, loads_config, read_config_file
 from .server_control import ServerControl
 from .shutdown import connections, end_connections
 from .sweep import Sweeper
@@ -48,12 +49,21 @@ from .sweep import Sweeper
 if TYPE_CHECKING:
     # Annotations only (no dataclass here holds them, whose compiled form would look the
     # names up at import).
-    from ..config.groups import Discovery as DiscoverySpec
-    from ..config.groups import Server
+    from ..config.servers import Discovery as DiscoverySpec
+    from ..config.servers import Server
     from ..config.top import Admin, Config
     from .cluster import FleetLink
 
 log = logging.getLogger("lbproxy")
+
+
+class ConfigSource(Protocol):
+    """Where a reload reads the config (``loading.ConfigFile``; given by whoever starts the
+    proxy, so that this module imports neither the loader nor the schema at run time)."""
+
+    path: str
+
+    def read(self) -> tuple[bytes, Config]: ...
 
 
 class PendingBind(Protocol):
@@ -133,12 +143,13 @@ class Proxy:
     def __init__(
         self,
         config: Config,
-        config_path: str | None = None,
+        source: ConfigSource | None = None,
         role: Role = Role(),
         discovered: dict[str, tuple[DiscoverySpec, tuple[Server, ...]]] | None = None,
     ) -> None:
         self.role = role
-        self.config_path = config_path
+        self.source = source  # None: nothing to reload from (a worker, a test)
+        self.config_path = source.path if source is not None else None
         self.config_raw: bytes | None = None  # the bytes of the config in force, when known
         self.on_applied: Callable[[bytes], None] | None = None
         self.on_discovered: Callable[[], None] | None = None  # the supervisor's hand-over
@@ -162,7 +173,8 @@ class Proxy:
         )
         self.access = AccessLog(config.access_log)
         self.ctx = Context(self.registry, self.access, PassiveHealth(self.servers.transition))
-        self.listeners = Listeners(self.ctx, reuse_port=role.reuse_port)
+        fronts = Fronts(http1=ClientConnection, http2=Http2Connection)
+        self.listeners = Listeners(self.ctx, fronts, reuse_port=role.reuse_port)
         self.checker = Checker(self.servers.transition, self.registry)
         self.reload_lock = asyncio.Lock()
         self.last_reload: tuple[float, bool, str] = (time.time(), True, "started")
@@ -232,14 +244,12 @@ class Proxy:
     async def reload(self, trigger: str) -> ReloadResult:
         """Load the config file again and swap it in, or change nothing and say why."""
         async with self.reload_lock:
-            path = self.config_path
-            assert path is not None
+            assert self.source is not None
             try:
-                raw = read_config_file(path)
-                config = loads_config(raw, path)
+                raw, config = self.source.read()
             except ConfigError as exc:
                 return self._reload_failed(trigger, exc.problems)
-            warning = insecure_warning(config.admin)
+            warning = config.admin.insecure_warning()
             if warning is not None and self.admin is not None:
                 log.warning("%s", warning)  # at every reload, as at the start
             result = await self.apply_config(config, trigger)

@@ -42,13 +42,13 @@ from redis.exceptions import RedisError
 
 from ..core import fleet
 from ..core.fleet import Entry, Instance
-from ..core.snapshot import Holder
-from ..proxy.edge import Edges
 from .cluster_limits import RATE_PERIOD, FleetLimits
 from .fleet_shed import FleetSheds
 
-if TYPE_CHECKING:  # annotations only: server_control at run time would deepen the imports
+if TYPE_CHECKING:  # annotations only: at run time they would deepen the imports
     from ..config.top import Cluster
+    from ..core.snapshot import Holder
+    from ..proxy.edge import Edges
     from .server_control import ServerControl
 
 log = logging.getLogger("lbproxy")

@@ -25,11 +25,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..core.snapshot import Holder
-from ..proxy.edge import Edges
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: at run time they would deepen the imports
     import redis.asyncio as aioredis
+
+    from ..core.snapshot import Holder
+    from ..proxy.edge import Edges
 
 log = logging.getLogger("lbproxy")
 

@@ -36,9 +36,9 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from ..config.groups import Discovery as Spec
-from ..config.groups import Server
 from ..config.model import DEFAULT_DNS_TIMEOUT, Address
+from ..config.servers import Discovery as Spec
+from ..config.servers import Server
 from ..core import metrics
 from ..core.dns import Answer, Discovered, SrvRecord, Tracker, address_servers, srv_servers
 

@@ -19,10 +19,24 @@ from ..config.backend import BackendTls
 from ..config.load import load_yaml, read_config_file, with_lines
 from ..config.model import ConfigError
 from ..config.sections import Certificate, Tls
-from ..config.top import Admin, Config, parse_config
+from ..config.top import Config, parse_config
 from ..proxy import tls, upstream_tls
 
-__all__ = ["insecure_warning", "load_config", "loads_config", "read_config_file"]
+__all__ = ["ConfigFile", "load_config", "loads_config", "read_config_file"]
+
+
+class ConfigFile:
+    """The config file a proxy was started from and reloads: ``read`` gives its bytes and
+    the config they validate to (a ConfigError, every problem with its line, when they do
+    not). Given to ``app.Proxy`` by whoever starts it, so that the app imports neither this
+    loader nor the schema at run time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def read(self) -> tuple[bytes, Config]:
+        raw = read_config_file(self.path)
+        return raw, loads_config(raw, self.path)
 
 
 def load_config(path: str) -> Config:
@@ -174,14 +188,3 @@ def _checked_token(value: str, source: str) -> str:
         # The value is a secret: never echo it.
         raise ValueError(f"{source}: expected a token of visible ASCII characters, no spaces")
     return value
-
-
-def insecure_warning(admin: Admin) -> str | None:
-    """The warning an open admin (``insecure: true``, no token) logs at every start and
-    reload, or None."""
-    if admin.insecure and not admin.token:
-        return (
-            f"admin.insecure: the admin on {admin.bind} takes reloads and server changes "
-            "from anyone who can reach it (no token); set admin.token_file to close it"
-        )
-    return None

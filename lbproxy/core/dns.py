@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from ..config.groups import Discovery, Server
 from ..config.model import DISCOVERY_EMPTY_INTERVALS, MIN_DISCOVERY_INTERVAL, Address
+from ..config.servers import Discovery, Server
 
 if TYPE_CHECKING:
     from ..config.top import Config

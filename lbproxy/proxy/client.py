@@ -71,6 +71,9 @@ class ClientConnection(ClientSocket):
         # (the accept, or its first byte); 0.0 between requests.
         self.head_start = self.last
 
+    def accepted_at(self, when: float) -> None:
+        self.last = self.head_start = when
+
     # ------------------------------------------------------------------ client transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

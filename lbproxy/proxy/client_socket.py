@@ -82,6 +82,11 @@ class ClientSocket(asyncio.Protocol):
         self.shapers: Bandwidth | None = None  # the listener's bandwidth cap, if any
         self.write_paused = False  # the client's write buffer is full
 
+    def accepted_at(self, when: float) -> None:
+        """Count this connection's time from ``when``, its accept: a TLS connection's front
+        end is made once the handshake is done, and the handshake counts too."""
+        self.last = when
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Counted and open, unless over ``connections_per_client`` (then closed at once,
         counted as refused; ``phase`` says so)."""

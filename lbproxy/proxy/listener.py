@@ -40,14 +40,12 @@ import logging
 import resource
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..config.model import ACCEPT_RETRY_DELAY, Address
 from . import tls
-from .client import ClientConnection
 from .client_socket import ClientSocket, ListenerHandle
-from .http2 import Http2Connection
 from .proxied import HeaderReader
 
 if TYPE_CHECKING:
@@ -83,37 +81,56 @@ _SKIP_ERRNOS = frozenset(
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
+# A front end: the protocol that speaks HTTP on an accepted connection, made for it
+# (``client.ClientConnection`` for HTTP/1.x, ``http2.Http2Connection`` for h2).
+Front = Callable[["Context", ListenerHandle], ClientSocket]
+
+
+class Fronts:
+    """The front ends a listener hands its connections to: ``http1`` (plain connections, and
+    TLS ones whose ALPN did not choose h2) and ``http2``. The app gives them: the listener
+    only accepts, so it sits beside the data path rather than on top of all of it."""
+
+    __slots__ = ("http1", "http2")
+
+    def __init__(self, http1: Front, http2: Front) -> None:
+        self.http1 = http1
+        self.http2 = http2
+
+
 class Alpn(asyncio.Protocol):
     """The protocol of an accepted TLS connection until its handshake is done: then the
-    front end ALPN chose (``h2``: ``Http2Connection``, otherwise ``ClientConnection``) takes
-    the transport over."""
+    front end ALPN chose (``h2``: ``fronts.http2``, otherwise ``fronts.http1``) takes the
+    transport over."""
 
     def __init__(
-        self, ctx: Context, handle: ListenerHandle, proxied: ProxyHeader | None = None
+        self,
+        ctx: Context,
+        handle: ListenerHandle,
+        fronts: Fronts,
+        proxied: ProxyHeader | None = None,
     ) -> None:
         self.ctx = ctx
         self.handle = handle
+        self.fronts = fronts
         self.proxied = proxied
         self.accepted = asyncio.get_running_loop().time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
         chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-        front: ClientSocket
-        # client_header_timeout counts from the accept, the handshake included.
-        if chosen == "h2":
-            front = Http2Connection(self.ctx, self.handle)
-            front.last = front.reset_time = self.accepted
-        else:
-            front = ClientConnection(self.ctx, self.handle)
-            front.last = front.head_start = self.accepted
+        make = self.fronts.http2 if chosen == "h2" else self.fronts.http1
+        front = make(self.ctx, self.handle)
+        front.accepted_at(self.accepted)  # client_header_timeout counts the handshake too
         front.proxied = self.proxied
         transport.set_protocol(front)
         front.connection_made(transport)
 
 
-def _plain(ctx: Context, handle: ListenerHandle, proxied: ProxyHeader | None) -> ClientConnection:
-    front = ClientConnection(ctx, handle)
+def _plain(
+    ctx: Context, handle: ListenerHandle, make: Front, proxied: ProxyHeader | None
+) -> ClientSocket:
+    front = make(ctx, handle)
     front.proxied = proxied
     return front
 
@@ -292,6 +309,7 @@ class Acceptor:
         cfg = lr.config
         stats = lr.stats
         ctx = self.owner.ctx
+        fronts = self.owner.fronts
         ssl_ctx = None
         if cfg.tls is not None:
             ssl_ctx = self.owner.tls_contexts.get(lr.name)
@@ -303,11 +321,13 @@ class Acceptor:
         coro: Coroutine[Any, Any, Any]
         try:
             if ssl_ctx is None:
-                coro = self.loop.connect_accepted_socket(lambda: _plain(ctx, handle, proxied), conn)
-            else:
-                # The front end is chosen once the handshake has settled ALPN (h2_front.Alpn).
                 coro = self.loop.connect_accepted_socket(
-                    lambda: Alpn(ctx, handle, proxied),
+                    lambda: _plain(ctx, handle, fronts.http1, proxied), conn
+                )
+            else:
+                # The front end is chosen once the handshake has settled ALPN (Alpn).
+                coro = self.loop.connect_accepted_socket(
+                    lambda: Alpn(ctx, handle, fronts, proxied),
                     conn,
                     ssl=ssl_ctx,
                     ssl_handshake_timeout=cfg.timeouts.client_header,
@@ -362,8 +382,9 @@ class Opening:
 
 
 class Listeners:
-    def __init__(self, ctx: Context, reuse_port: bool = False) -> None:
+    def __init__(self, ctx: Context, fronts: Fronts, reuse_port: bool = False) -> None:
         self.ctx = ctx
+        self.fronts = fronts
         # Workers share each listening address through SO_REUSEPORT; a lone process does not
         # set it, so a second lbproxy started by mistake fails to bind instead of sharing.
         self.reuse_port = reuse_port

@@ -142,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(config: Config, path: str, signals: Signals) -> int:
     signals.attach()
     from ..control.app import Proxy
+    from ..control.loading import ConfigFile
     from ..proxy.listener import BindError
 
-    proxy = Proxy(config, path)
+    proxy = Proxy(config, ConfigFile(path))
     try:
         started = await signals.until_stopped(proxy.start())
     except BindError as exc:
@@ -164,6 +165,7 @@ async def _serve(config: Config, path: str, signals: Signals) -> int:
 async def _supervise(config: Config, raw: bytes, path: str, workers: int, signals: Signals) -> int:
     signals.attach()
     from ..control.app import Proxy, Role
+    from ..control.loading import ConfigFile
     from ..proxy.listener import BindError
     from .supervisor import Supervisor
 
@@ -172,7 +174,7 @@ async def _supervise(config: Config, raw: bytes, path: str, workers: int, signal
             # Each worker would get a port of its own: nothing would be shared.
             log.error("listeners[%d].bind: port 0 cannot be shared by workers; name a port", i)
             return EXIT_CONFIG
-    sup = Supervisor(Proxy(config, path, Role(serve=False, check=True)), raw, workers)
+    sup = Supervisor(Proxy(config, ConfigFile(path), Role(serve=False, check=True)), raw, workers)
     signals.stopping = f"stopping {workers} workers gracefully"
     signals.now = sup.stop_now
     try:
@@ -202,7 +204,6 @@ async def _run(
     """Admin, file watch and signals around a started proxy (or supervisor), until a stop
     signal; then the shutdown order: watcher, admin listener, ``close``, admin."""
     from ..control.admin import AdminServer
-    from ..control.loading import insecure_warning
     from ..control.reload import FileWatcher
 
     admin = AdminServer(proxy, workers)
@@ -217,7 +218,7 @@ async def _run(
     watcher = FileWatcher(proxy)
     watcher.start()
     log.info("admin on %s/", admin.url)
-    warning = insecure_warning(proxy.holder.current.config.admin)
+    warning = proxy.holder.current.config.admin.insecure_warning()
     if warning is not None:
         log.warning("%s", warning)  # at every start, and at every reload (Proxy.reload)
     sd_notify("READY=1")
