@@ -54,7 +54,7 @@ class Dispatch:
     __slots__ = (
         "capped",
         "conn_key",
-        "connect_task",
+        "connecting",
         "pending",
         "pending_size",
         "replay",
@@ -67,7 +67,9 @@ class Dispatch:
         self.tried: list[ServerState] = []
         self.server: ServerState | None = None
         self.up: upstream.UpstreamConnection | None = None
-        self.connect_task: asyncio.Task[None] | None = None
+        # A new connection under way: ``upstream.Connecting``, or a task for one with a PROXY
+        # header or TLS (their handshakes are coroutines); both are cancelled the same way.
+        self.connecting: upstream.Connecting | asyncio.Task[None] | None = None
         self.capped = False  # reading the backend paused by the listener's bandwidth cap
         self.pending: list[bytes] = []  # body bytes not yet written to a backend
         self.pending_size = 0
@@ -175,41 +177,42 @@ class Dispatch:
         )
         if conn is not None:
             self._attach(ex, conn)
+            return
+        ex.pause(P_WAITING)
+        timeout = ex.lr.config.timeouts.connect
+        if not preface and group.config.tls is None and upstream.taskless(server.connect_to):
+            # The common case, in the loop's callbacks: no task per new connection.
+            self.connecting = upstream.Connecting(
+                ex.loop,
+                server.connect_to,
+                timeout,
+                lambda conn, exc: self._connected(ex, server, timeout, conn, exc),
+            )
         else:
-            ex.pause(P_WAITING)
-            timeout = ex.lr.config.timeouts.connect
-            self.connect_task = ex.loop.create_task(self._connect(ex, server, timeout, preface))
+            self.connecting = ex.loop.create_task(_connect(self, ex, server, timeout, preface))
 
-    async def _connect(
-        self, ex: ExchangeBase, server: ServerState, timeout: float, preface: bytes
+    def _connected(
+        self,
+        ex: ExchangeBase,
+        server: ServerState,
+        timeout: float,
+        conn: upstream.UpstreamConnection | None,
+        exc: BaseException | None,
     ) -> None:
-        tls = ex.group.config.tls
-        try:
-            conn = await upstream.open_to(server, tls, timeout, preface)
-        except (ssl.SSLError, upstream_tls.TlsError, ConnectionResetError) as exc:
-            self.connect_task = None
-            if tls is None:  # a plain connect reset: as any failed connect
-                self.failed(ex, server, "connect", describe(exc), True)
-            else:  # with TLS a reset comes from the handshake (a TCP connect is refused)
-                server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
-                why = upstream_tls.describe(exc)
-                self.failed(ex, server, "connect", f"TLS handshake failed: {why}", True)
-        except TimeoutError:
-            self.connect_task = None
-            self.failed(ex, server, "timeout", f"connect timeout after {timeout:g}s", True)
-        except OSError as exc:
-            self.connect_task = None
-            if exc.errno in OUT_OF_RESOURCES:
-                self._out_of_resources(ex, exc)
-            else:
-                self.failed(ex, server, "connect", describe(exc), True)
-        else:
-            self.connect_task = None
+        """A new connection's connect is over: send the request on it, or count the
+        failure and retry or answer."""
+        self.connecting = None
+        if conn is not None:
             if ex.done or self.server is not server:
                 conn.close()
                 return
             conn.key = self.conn_key
             self._attach(ex, conn)
+        elif isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
+            self._out_of_resources(ex, exc)
+        elif exc is not None:
+            kind, reason = _failure(exc, server, ex.group.config.tls is not None, timeout)
+            self.failed(ex, server, kind, reason, True)
 
     def _attach(self, ex: ExchangeBase, conn: upstream.UpstreamConnection) -> None:
         server = self.server
@@ -323,9 +326,10 @@ class Dispatch:
         if server is not None and server in self.tried:
             server.active -= 1
         self.server = None
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
+        connecting = self.connecting
+        if connecting is not None:
+            self.connecting = None
+            connecting.cancel()
         up = self.up
         if up is None:
             return
@@ -338,6 +342,30 @@ class Dispatch:
             last.pool.put(up, ex.loop.time(), ex.group.config.keepalive_connections)
         else:
             up.close()
+
+
+async def _connect(
+    d: Dispatch, ex: ExchangeBase, server: ServerState, timeout: float, preface: bytes
+) -> None:
+    """A new connection with a PROXY header or TLS (their handshakes are coroutines)."""
+    try:
+        conn = await upstream.open_to(server, ex.group.config.tls, timeout, preface)
+    except (OSError, upstream_tls.TlsError) as exc:  # TimeoutError, ssl.SSLError too
+        d._connected(ex, server, timeout, None, exc)
+    else:
+        d._connected(ex, server, timeout, conn, None)
+
+
+def _failure(exc: BaseException, server: ServerState, tls: bool, timeout: float) -> tuple[str, str]:
+    """How a failed connect counts: its kind and reason; a TLS handshake's failure is counted
+    by its reason in the server's ``tls_failures`` too."""
+    if isinstance(exc, (ssl.SSLError, upstream_tls.TlsError, ConnectionResetError)) and tls:
+        # With TLS a reset comes from the handshake (a TCP connect is refused).
+        server.stats.tls_failures[upstream_tls.failure_reason(exc)] += 1
+        return "connect", f"TLS handshake failed: {upstream_tls.describe(exc)}"
+    if isinstance(exc, TimeoutError):
+        return "timeout", f"connect timeout after {timeout:g}s"
+    return "connect", describe(exc)
 
 
 def hash_key(ex: ExchangeBase) -> str:

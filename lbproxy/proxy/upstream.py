@@ -7,6 +7,8 @@ Owns:
   the backend sends (an idle keep-alive connection has nothing legitimate to say);
 - ``open_to``: a new connection to a server as its group asks (``preface_and_key``: the
   PROXY header it starts with and the pool key a reused one must have);
+- ``Connecting``: a new plain connection (no PROXY header, no TLS: the common case) opened
+  without a task, in the loop's callbacks;
 - ``connect``: a TCP connect bounded by the listener's connect timeout, to a server's
   resolved addresses (IP literals: no name lookup per connect), tried in order; with the
   group's ``proxy_protocol``, its header written first, on the bare socket (before TLS, as
@@ -19,10 +21,12 @@ Owns:
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 import ssl
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config.model import Address
 from ..wire import proxy_protocol
@@ -128,6 +132,165 @@ class UpstreamConnection(asyncio.Protocol):
         if ctx is not None:
             self.tls = None
             ctx.remember(self.tls_server, self.transport.get_extra_info("ssl_object"))
+
+
+# The result of a connect: the connection, or why there is none (OSError, TimeoutError).
+Done = Callable[["UpstreamConnection | None", "BaseException | None"], None]
+_LITERALS: dict[str, bool] = {}  # host -> whether it is an IP address (one entry a server)
+
+
+def _is_literal(host: str) -> bool:
+    known = _LITERALS.get(host)
+    if known is None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            socket.inet_pton(family, host)
+            known = True
+        except OSError:
+            known = False
+        if len(_LITERALS) < 65536:
+            _LITERALS[host] = known
+    return known
+
+
+def taskless(addresses: Sequence[Address]) -> bool:
+    """Whether ``Connecting`` can open a connection to ``addresses``: IP addresses only (a
+    name that did not resolve at load is looked up at each connect, by ``connect``)."""
+    for a in addresses:
+        if not _is_literal(a.host):
+            return False
+    return bool(addresses)
+
+
+class Connecting:
+    """A plain TCP connect to ``addresses`` (IP addresses: ``taskless``), each in turn, all
+    within ``timeout``, without a task: a non-blocking socket's connect, the loop's writer
+    callback when it is settled, a timer for the timeout; then the socket becomes an
+    ``UpstreamConnection``'s transport (``create_connection(sock=...)``, stepped through by
+    hand as the listener does with accepted sockets). ``done`` is called once, from a loop
+    callback, with the connection or the last error (TimeoutError past ``timeout``), unless
+    ``cancel`` came first. A task, its timeout scope and its coroutine frames cost about as
+    much as the connect itself (measured: bench/CONNECT.md)."""
+
+    __slots__ = ("addresses", "coro", "done", "fd", "i", "loop", "over", "sock", "timer")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        addresses: Sequence[Address],
+        timeout: float,
+        done: Done,
+    ) -> None:
+        self.loop = loop
+        self.addresses = addresses
+        self.done = done
+        self.i = 0
+        self.sock: socket.socket | None = None
+        self.fd = -1  # the socket's, while the loop watches it
+        self.coro: Coroutine[Any, Any, Any] | None = None
+        self.over = False
+        self.timer = loop.call_later(timeout, self._timed_out)
+        self._next()
+
+    def _next(self) -> None:
+        address = self.addresses[self.i]
+        try:
+            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # out of descriptors or memory
+            self.loop.call_soon(self._failed, exc)
+            return
+        self.sock = sock
+        sock.setblocking(False)
+        err = sock.connect_ex((address.host, address.port))
+        if err == errno.EINPROGRESS or err == 0:
+            # Settled (made or refused) when the socket turns writable; even at once (0)
+            # the result is given from a callback, never inside the caller.
+            self.fd = sock.fileno()
+            self.loop.add_writer(self.fd, self._writable)
+        else:
+            self.loop.call_soon(self._failed, OSError(err, os.strerror(err)))
+
+    def _unwatch(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_writer(self.fd)
+            self.fd = -1
+
+    def _writable(self) -> None:
+        self._unwatch()
+        sock = self.sock
+        if sock is None or self.over:
+            return
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed(OSError(err, os.strerror(err)))
+            return
+        self.timer.cancel()  # connected: the transport is made at the loop's next turn
+        self.sock = None
+        self.coro = self.loop.create_connection(UpstreamConnection, sock=sock)
+        self._step()
+
+    def _failed(self, exc: OSError) -> None:
+        """This address failed: the next one, or the end."""
+        if self.over:
+            return
+        sock = self.sock
+        if sock is not None:
+            self.sock = None
+            sock.close()
+        self.i += 1
+        if self.i < len(self.addresses):
+            self._next()
+        else:
+            self._finish(None, exc)
+
+    def _timed_out(self) -> None:
+        self._unwatch()
+        sock = self.sock
+        if sock is not None:
+            self.sock = None
+            sock.close()
+        self._finish(None, TimeoutError())
+
+    def _step(self) -> None:
+        coro = self.coro
+        assert coro is not None
+        try:
+            waiting = coro.send(None)
+        except StopIteration as stop:
+            self.coro = None
+            self._finish(stop.value[1], None)
+            return
+        except Exception as exc:  # the socket could not become a transport
+            self.coro = None
+            self._finish(None, exc)
+            return
+        if hasattr(waiting, "add_done_callback"):
+            waiting.add_done_callback(lambda _: self._step())
+        else:  # a bare yield: go on at the next turn of the loop
+            self.loop.call_soon(self._step)
+
+    def _finish(self, conn: UpstreamConnection | None, exc: BaseException | None) -> None:
+        if self.over:
+            if conn is not None:
+                conn.close()  # cancelled while its transport was being made
+            return
+        self.over = True
+        self.timer.cancel()
+        self.done(conn, exc)
+
+    def cancel(self) -> None:
+        """No result wanted any more: the socket closed (a transport under way is closed
+        when it is made)."""
+        if self.over:
+            return
+        self.over = True
+        self.timer.cancel()
+        self._unwatch()
+        sock = self.sock
+        if sock is not None:
+            self.sock = None
+            sock.close()
 
 
 async def connect(

@@ -665,3 +665,65 @@ async def test_a_pipelined_request_behind_a_full_client_buffer_starts_its_backen
             assert held, "the second backend was read while the client was behind"
             return
     pytest.fail("in 8 tries the first answer never ended with the client's buffer full")
+
+
+class _TasklessBackend(asyncio.Protocol):
+    """A backend in Protocol callbacks (no task of its own, unlike asyncio.start_server and
+    aiohttp): answers each request ``ok`` and closes, so that every request needs a new
+    backend connection; an upgrade is answered 101 and its connection left open."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport  # uvloop's: not registered as an asyncio.Transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if b"\r\n\r\n" not in self.buf:
+            return
+        if b"upgrade: websocket" in self.buf.lower():
+            key = self.buf.split(b"Sec-WebSocket-Key: ")[1].split(b"\r\n")[0].decode()
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %b\r\n\r\n"
+                % accept_for(key).encode()
+            )
+            return
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        )
+        self.transport.close()
+
+
+async def test_a_new_backend_connection_is_opened_without_a_task(make_proxy):
+    """A new plain connection to a backend (no PROXY header, no TLS: the common case) is
+    opened in the loop's callbacks (``upstream.Connecting``): not one task for requests that
+    each need a new backend connection, nor for a WebSocket upgrade. (Before, each new
+    backend connection was a task: this counted 6.)"""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_TasklessBackend, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await make_proxy(
+        config_doc([f"127.0.0.1:{port}"], group={"health_check": {"enabled": False}})
+    )
+    created: list[Any] = []
+    before = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        created.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(counting)
+    try:
+        reader, writer = await open_proxy(proxy)
+        for _ in range(5):
+            writer.write(b"GET / HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+            resp = await read_response(reader)
+            assert (resp.status, resp.body) == (200, b"ok")
+        writer.write(upgrade_request())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        writer.close()
+    finally:
+        loop.set_task_factory(before)
+        server.close()
+    assert created == []
