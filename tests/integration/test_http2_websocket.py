@@ -582,8 +582,7 @@ async def test_a_client_paused_during_the_connect_pauses_the_tunnel(make_proxy, 
     backend's TLS handshake held here) had its stream marked paused with no backend to pause;
     once connected the backend must be paused all the same (its 101 waits for the client), not
     read into the proxy, and everything flows once the client reads again."""
-    from lbproxy.proxy.http2 import Http2Connection
-    from lbproxy.proxy.http2 import WebSocketStream
+    from lbproxy.proxy.http2 import Http2Connection, WebSocketStream
 
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(*cert)
