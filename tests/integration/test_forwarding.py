@@ -688,9 +688,7 @@ class _TasklessBackend(asyncio.Protocol):
                 % accept_for(key).encode()
             )
             return
-        self.transport.write(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-        )
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
         self.transport.close()
 
 
