@@ -180,7 +180,7 @@ class Dispatch:
             return
         ex.pause(P_WAITING)
         timeout = ex.lr.config.timeouts.connect
-        if not preface and group.config.tls is None and upstream.taskless(server.connect_to):
+        if not preface and group.config.tls is None:
             # The common case, in the loop's callbacks: no task per new connection.
             self.connecting = upstream.Connecting(
                 ex.loop,

@@ -21,8 +21,6 @@ Owns:
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import socket
 import ssl
 from collections.abc import Callable, Coroutine, Sequence
@@ -136,43 +134,29 @@ class UpstreamConnection(asyncio.Protocol):
 
 # The result of a connect: the connection, or why there is none (OSError, TimeoutError).
 Done = Callable[["UpstreamConnection | None", "BaseException | None"], None]
-_LITERALS: dict[str, bool] = {}  # host -> whether it is an IP address (one entry a server)
-
-
-def _is_literal(host: str) -> bool:
-    known = _LITERALS.get(host)
-    if known is None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            socket.inet_pton(family, host)
-            known = True
-        except OSError:
-            known = False
-        if len(_LITERALS) < 65536:
-            _LITERALS[host] = known
-    return known
-
-
-def taskless(addresses: Sequence[Address]) -> bool:
-    """Whether ``Connecting`` can open a connection to ``addresses``: IP addresses only (a
-    name that did not resolve at load is looked up at each connect, by ``connect``)."""
-    for a in addresses:
-        if not _is_literal(a.host):
-            return False
-    return bool(addresses)
 
 
 class Connecting:
-    """A plain TCP connect to ``addresses`` (IP addresses: ``taskless``), each in turn, all
-    within ``timeout``, without a task: a non-blocking socket's connect, the loop's writer
-    callback when it is settled, a timer for the timeout; then the socket becomes an
-    ``UpstreamConnection``'s transport (``create_connection(sock=...)``, stepped through by
-    hand as the listener does with accepted sockets). ``done`` is called once, from a loop
-    callback, with the connection or the last error (TimeoutError past ``timeout``), unless
-    ``cancel`` came first. A task, its timeout scope and its coroutine frames cost about as
-    much as the connect itself (measured: bench/CONNECT.md)."""
+    """A plain TCP connect to ``addresses`` (a server's ``connect_to``), each in turn, all
+    within ``timeout``, as ``connect`` does but without a task: uvloop's ``create_connection``
+    coroutine stepped through by hand (as the listener does with accepted sockets: each
+    future it waits on steps it on when done), and a timer that cancels that wait at the
+    timeout. ``done`` is called once, from a loop callback, with the connection or the last
+    error (TimeoutError past ``timeout``), unless ``cancel`` came first. Measured per
+    connect against a task with its timeout scope: about 10-20 µs less (bench/CONNECT.md)."""
 
-    __slots__ = ("addresses", "coro", "done", "fd", "i", "loop", "over", "sock", "timer")
+    __slots__ = (
+        "addresses",
+        "coro",
+        "done",
+        "i",
+        "loop",
+        "over",
+        "starting",
+        "timed_out",
+        "timer",
+        "waiting",
+    )
 
     def __init__(
         self,
@@ -185,90 +169,56 @@ class Connecting:
         self.addresses = addresses
         self.done = done
         self.i = 0
-        self.sock: socket.socket | None = None
-        self.fd = -1  # the socket's, while the loop watches it
         self.coro: Coroutine[Any, Any, Any] | None = None
+        self.waiting: asyncio.Future[Any] | None = None
         self.over = False
+        self.timed_out = False
         self.timer = loop.call_later(timeout, self._timed_out)
+        # While the constructor runs, a result (a socket that cannot even be made) is given
+        # at the next turn: the caller has not kept this object yet.
+        self.starting = True
         self._next()
+        self.starting = False
 
     def _next(self) -> None:
         address = self.addresses[self.i]
-        try:
-            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:  # out of descriptors or memory
-            self.loop.call_soon(self._failed, exc)
-            return
-        self.sock = sock
-        sock.setblocking(False)
-        err = sock.connect_ex((address.host, address.port))
-        if err == errno.EINPROGRESS or err == 0:
-            # Settled (made or refused) when the socket turns writable; even at once (0)
-            # the result is given from a callback, never inside the caller.
-            self.fd = sock.fileno()
-            self.loop.add_writer(self.fd, self._writable)
-        else:
-            self.loop.call_soon(self._failed, OSError(err, os.strerror(err)))
-
-    def _unwatch(self) -> None:
-        if self.fd >= 0:
-            self.loop.remove_writer(self.fd)
-            self.fd = -1
-
-    def _writable(self) -> None:
-        self._unwatch()
-        sock = self.sock
-        if sock is None or self.over:
-            return
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._failed(OSError(err, os.strerror(err)))
-            return
-        self.timer.cancel()  # connected: the transport is made at the loop's next turn
-        self.sock = None
-        self.coro = self.loop.create_connection(UpstreamConnection, sock=sock)
+        self.coro = self.loop.create_connection(UpstreamConnection, address.host, address.port)
         self._step()
-
-    def _failed(self, exc: OSError) -> None:
-        """This address failed: the next one, or the end."""
-        if self.over:
-            return
-        sock = self.sock
-        if sock is not None:
-            self.sock = None
-            sock.close()
-        self.i += 1
-        if self.i < len(self.addresses):
-            self._next()
-        else:
-            self._finish(None, exc)
-
-    def _timed_out(self) -> None:
-        self._unwatch()
-        sock = self.sock
-        if sock is not None:
-            self.sock = None
-            sock.close()
-        self._finish(None, TimeoutError())
 
     def _step(self) -> None:
         coro = self.coro
-        assert coro is not None
+        if coro is None:
+            return
+        self.waiting = None
         try:
             waiting = coro.send(None)
         except StopIteration as stop:
             self.coro = None
             self._finish(stop.value[1], None)
             return
-        except Exception as exc:  # the socket could not become a transport
+        except OSError as exc:
             self.coro = None
-            self._finish(None, exc)
+            self.i += 1
+            if not self.over and self.i < len(self.addresses):
+                self._next()  # the next address, within the same timeout
+            else:
+                self._finish(None, exc)
+            return
+        except BaseException as exc:  # cancelled: at the timeout, or by ``cancel``
+            self.coro = None
+            self._finish(None, TimeoutError() if self.timed_out else exc)
             return
         if hasattr(waiting, "add_done_callback"):
+            self.waiting = waiting
             waiting.add_done_callback(lambda _: self._step())
         else:  # a bare yield: go on at the next turn of the loop
             self.loop.call_soon(self._step)
+
+    def _timed_out(self) -> None:
+        self.timed_out = True
+        waiting = self.waiting
+        if waiting is not None:
+            waiting.cancel()  # the coroutine closes its socket and raises CancelledError
 
     def _finish(self, conn: UpstreamConnection | None, exc: BaseException | None) -> None:
         if self.over:
@@ -277,20 +227,20 @@ class Connecting:
             return
         self.over = True
         self.timer.cancel()
-        self.done(conn, exc)
+        if self.starting:
+            self.loop.call_soon(self.done, conn, exc)
+        else:
+            self.done(conn, exc)
 
     def cancel(self) -> None:
-        """No result wanted any more: the socket closed (a transport under way is closed
-        when it is made)."""
+        """No result wanted any more: the connect is abandoned (its socket closed)."""
         if self.over:
             return
         self.over = True
         self.timer.cancel()
-        self._unwatch()
-        sock = self.sock
-        if sock is not None:
-            self.sock = None
-            sock.close()
+        waiting = self.waiting
+        if waiting is not None:
+            waiting.cancel()
 
 
 async def connect(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import struct
@@ -29,7 +30,16 @@ from aiohttp import web
 from lbproxy.control.app import Proxy
 from lbproxy.core.health import State
 from lbproxy.core.snapshot import ServerState
-from tests.support import Backend, backend_app, config_doc, free_port, proxy_url, wait_for
+from tests.support import (
+    Backend,
+    backend_app,
+    config_doc,
+    free_port,
+    open_proxy,
+    proxy_url,
+    read_response,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -286,6 +296,46 @@ async def test_connect_timeout_marks_down_and_retries(make_backend, make_proxy, 
         (line,) = down_lines(caplog, sh)
         assert "passive failure: connect timeout after 0.2s" in line
     finally:
+        blackhole.close()
+
+
+async def test_an_exchange_ended_while_connecting_abandons_the_connect(make_proxy):
+    """The exchange ends while the proxy is still connecting to its server (here the
+    listener's idle_timeout answers 504): the connect is abandoned at once, its socket closed
+    (``upstream.Connecting.cancel``), not left to its connect timeout (a minute here), and
+    the server is not blamed."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    filler = socket.create_connection(blackhole.getsockname())  # fills the accept queue
+    try:
+        hole = f"127.0.0.1:{blackhole.getsockname()[1]}"
+        listener = {"connect_timeout": "60s", "idle_timeout": "1s"}
+        doc = config_doc([hole], group={"health_check": {"enabled": False}}, listener=listener)
+        proxy = await make_proxy(doc)
+        sh = server(proxy, hole)
+
+        def sockets() -> int:
+            """This process's open sockets (the proxy runs in it)."""
+            n = 0
+            for fd in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+                    n += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+            return n
+
+        before = sockets()
+        reader, writer = await open_proxy(proxy)
+        writer.write(b"GET / HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+        await wait_for(lambda: sh.active == 1, what="the proxy to connect to the server")
+        assert sockets() == before + 3  # the test's socket, the accepted one, the connect's
+        resp = await read_response(reader)
+        assert resp.status == 504
+        writer.close()
+        await wait_for(lambda: sh.active == 0, what="the exchange to let the server go")
+        await wait_for(lambda: sockets() == before, what="every socket of the exchange to close")
+        assert sh.stats.errors["timeout"] == 0 and sh.stats.errors["connect"] == 0
+    finally:
+        filler.close()
         blackhole.close()
 
 
