@@ -418,9 +418,10 @@ async def test_cluster_scope_on_redis_failure_open_and_closed(fleet: Fleet) -> N
     assert admitted == 0 and refused > 0  # closed: refused while Redis is away
     admitted, refused, _ = await hammer([opened], 0.3)
     assert admitted >= 5  # open: the local bucket decides (burst 5)
-    assert closed.registry.listener("web").cluster_fallbacks["closed"] == refused or (
-        closed.registry.listener("web").cluster_fallbacks["closed"] > 0
-    )
+    # Refusals for want of Redis are counted as such. Not exactly ``refused``: a batch round
+    # that tries Redis again lets the rate table decide for a moment (its 429s are not
+    # fallbacks), and the count has been seen a few percent above the 429s the clients read.
+    assert closed.registry.listener("web").cluster_fallbacks["closed"] > 0
     await wait_for(
         lambda: opened.registry.listener("web").cluster_fallbacks["open"] > 0,
         2.0,
