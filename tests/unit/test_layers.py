@@ -36,6 +36,11 @@ IO_LIBRARIES = ("asyncio", "ssl", "uvloop", "aiohttp", "selectors")
 # imports of annotations alone are made for type checking only. The core's chain is snapshot
 # (3). A ratchet: it may only go down.
 MAX_DEPTH = 8
+# A module a reader can hold in mind, a class that owns one thing: about 600 and 300 lines.
+# Byte parsers written out for speed may be longer, each saying so in its docstring.
+MAX_MODULE_LINES = 600
+MAX_CLASS_LINES = 300
+LONG_PARSERS = ("lbproxy.wire.http1",)
 
 
 def _module(path: Path) -> str:
@@ -188,6 +193,25 @@ def test_the_import_stack_is_shallow() -> None:
     graph, _ = _graph(runtime=True)
     path = _longest(graph)
     assert len(path) <= MAX_DEPTH, " -> ".join(path)
+
+
+def test_no_module_or_class_is_too_long() -> None:
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _module(path)
+        text = path.read_text()
+        lines = text.count("\n")
+        if name in LONG_PARSERS:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            assert "long" in doc, f"{name}: a long parser says why in its docstring"
+        elif lines > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    too_long.append(f"{name}.{node.name}: {size} lines")
+    assert not too_long, "\n".join(too_long)
 
 
 def test_the_checks_find_what_they_look_for() -> None:
