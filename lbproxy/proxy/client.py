@@ -59,8 +59,13 @@ _P_PIPELINED = 2  # a request that came early waits for the current response
 class ClientConnection(ClientSocket):
     """One HTTP/1.x client connection (see the module docstring); the exchanges' Downstream."""
 
-    def __init__(self, ctx: Context, handle: ListenerHandle) -> None:
-        super().__init__(ctx, handle)
+    def __init__(
+        self,
+        ctx: Context,
+        handle: ListenerHandle,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(ctx, handle, loop)
         self.exchange: Exchange | None = None  # the request being answered (phase ACTIVE)
         self.buf = bytearray()
         self.keep_alive = True

@@ -54,11 +54,18 @@ class ClientSocket(asyncio.Protocol):
     listener's per-client limits (``slot``), read through its bandwidth cap (``shapers``),
     the X-Client-Cert-* lines of a verified client certificate (``cert_headers``)."""
 
-    def __init__(self, ctx: Context, handle: ListenerHandle) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        handle: ListenerHandle,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.ctx = ctx
         self.handle = handle
         self.lr = handle.runtime
-        self.loop = asyncio.get_running_loop()
+        # The listener hands its loop down: asyncio.get_running_loop() costs a getpid
+        # system call each time.
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         # The client: the socket's peer, or the one a PROXY protocol header named (read by
         # the listener before this protocol was made: ``proxied``). The one source of the

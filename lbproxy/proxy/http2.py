@@ -96,8 +96,13 @@ _P_UNREAD = 1  # why the client's socket is not read (a bit of ClientSocket.paus
 class Http2Connection(H2Socket):
     """One HTTP/2 client connection (see the module docstring)."""
 
-    def __init__(self, ctx: Context, handle: ListenerHandle) -> None:
-        super().__init__(ctx, handle)
+    def __init__(
+        self,
+        ctx: Context,
+        handle: ListenerHandle,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(ctx, handle, loop)
         self.streams: dict[int, Stream] = {}
         self.reset_budget = float(RAPID_RESET_BURST)
         self.reset_time = self.last

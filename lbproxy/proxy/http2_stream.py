@@ -69,8 +69,13 @@ class H2Socket(ClientSocket):
     queued written once a turn of the loop, received bytes acknowledged. The rest is
     ``http2.Http2Connection``'s (``stream_done`` too: declared here, it raises)."""
 
-    def __init__(self, ctx: Context, handle: ListenerHandle) -> None:
-        super().__init__(ctx, handle)
+    def __init__(
+        self,
+        ctx: Context,
+        handle: ListenerHandle,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(ctx, handle, loop)
         self.h2 = H2Connection(
             H2Configuration(
                 client_side=False,

@@ -83,7 +83,7 @@ _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 
 # A front end: the protocol that speaks HTTP on an accepted connection, made for it
 # (``client.ClientConnection`` for HTTP/1.x, ``http2.Http2Connection`` for h2).
-Front = Callable[["Context", ListenerHandle], ClientSocket]
+Front = Callable[["Context", ListenerHandle, asyncio.AbstractEventLoop], ClientSocket]
 
 
 class Fronts:
@@ -108,19 +108,21 @@ class Alpn(asyncio.Protocol):
         ctx: Context,
         handle: ListenerHandle,
         fronts: Fronts,
-        proxied: ProxyHeader | None = None,
+        loop: asyncio.AbstractEventLoop,
+        proxied: ProxyHeader | None,
     ) -> None:
         self.ctx = ctx
         self.handle = handle
         self.fronts = fronts
+        self.loop = loop
         self.proxied = proxied
-        self.accepted = asyncio.get_running_loop().time()
+        self.accepted = loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
         chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         make = self.fronts.http2 if chosen == "h2" else self.fronts.http1
-        front = make(self.ctx, self.handle)
+        front = make(self.ctx, self.handle, self.loop)
         front.accepted_at(self.accepted)  # client_header_timeout counts the handshake too
         front.proxied = self.proxied
         transport.set_protocol(front)
@@ -128,9 +130,13 @@ class Alpn(asyncio.Protocol):
 
 
 def _plain(
-    ctx: Context, handle: ListenerHandle, make: Front, proxied: ProxyHeader | None
+    ctx: Context,
+    handle: ListenerHandle,
+    make: Front,
+    loop: asyncio.AbstractEventLoop,
+    proxied: ProxyHeader | None,
 ) -> ClientSocket:
-    front = make(ctx, handle)
+    front = make(ctx, handle, loop)
     front.proxied = proxied
     return front
 
@@ -310,6 +316,7 @@ class Acceptor:
         stats = lr.stats
         ctx = self.owner.ctx
         fronts = self.owner.fronts
+        loop = self.loop
         ssl_ctx = None
         if cfg.tls is not None:
             ssl_ctx = self.owner.tls_contexts.get(lr.name)
@@ -322,12 +329,12 @@ class Acceptor:
         try:
             if ssl_ctx is None:
                 coro = self.loop.connect_accepted_socket(
-                    lambda: _plain(ctx, handle, fronts.http1, proxied), conn
+                    lambda: _plain(ctx, handle, fronts.http1, loop, proxied), conn
                 )
             else:
                 # The front end is chosen once the handshake has settled ALPN (Alpn).
                 coro = self.loop.connect_accepted_socket(
-                    lambda: Alpn(ctx, handle, fronts, proxied),
+                    lambda: Alpn(ctx, handle, fronts, loop, proxied),
                     conn,
                     ssl=ssl_ctx,
                     ssl_handshake_timeout=cfg.timeouts.client_header,

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -399,6 +399,44 @@ def strace_binary() -> str:
     return found
 
 
+async def syscalls(pid: int, names: str, work: Callable[[], Awaitable[None]]) -> dict[str, int]:
+    """How many of the system calls ``names`` (strace's ``trace=`` list) the process ``pid``
+    and its threads make while ``work`` runs, counted with strace."""
+    tracer = await asyncio.create_subprocess_exec(
+        strace_binary(),
+        "-f",
+        "-c",
+        "-e",
+        f"trace={names}",
+        "-p",
+        str(pid),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert tracer.stderr is not None
+    # strace says so once it is attached to the process (then to its threads).
+    line = await asyncio.wait_for(tracer.stderr.readline(), 30)
+    assert b"attached" in line, line
+    await work()
+    tracer.send_signal(signal.SIGINT)
+    report = (await asyncio.wait_for(tracer.stderr.read(), 30)).decode()
+    await tracer.wait()
+    counts = {name: 0 for name in names.split(",")}
+    for row in report.splitlines():
+        cols = row.split()
+        if cols and cols[-1] in counts and cols[0][0].isdigit():
+            counts[cols[-1]] = int(cols[3])
+    return counts
+
+
+async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"GET /whoami HTTP/1.1\r\nHost: lb\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    await reader.readexactly(length)
+
+
 async def test_a_keep_alive_request_makes_no_getpid_call(make_backend, tmp_path):
     """asyncio.get_running_loop() checks for a fork with a getpid system call on every call;
     an exchange once asked for the loop that way, one system call per request for nothing.
@@ -415,32 +453,37 @@ async def test_a_keep_alive_request_makes_no_getpid_call(make_backend, tmp_path)
             what="lbproxy to serve a request through its listener",
         )
         reader, writer = await asyncio.open_connection("127.0.0.1", listen)
-        tracer = await asyncio.create_subprocess_exec(
-            strace_binary(),
-            "-f",
-            "-c",
-            "-e",
-            "trace=getpid",
-            "-p",
-            str(lb.proc.pid),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        assert tracer.stderr is not None
-        # strace says so once it is attached to the process (then to its threads).
-        line = await asyncio.wait_for(tracer.stderr.readline(), 30)
-        assert b"attached" in line, line
-        request = b"GET /whoami HTTP/1.1\r\nHost: lb\r\n\r\n"
-        for _ in range(requests):
-            writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-            await reader.readexactly(length)
+
+        async def work() -> None:
+            for _ in range(requests):
+                await one_request(reader, writer)
+
+        counted = await syscalls(lb.proc.pid, "getpid", work)
         writer.close()
-        tracer.send_signal(signal.SIGINT)
-        report = (await asyncio.wait_for(tracer.stderr.read(), 30)).decode()
-        await tracer.wait()
-    calls = [int(row.split()[3]) for row in report.splitlines() if row.endswith(" getpid")]
-    counted = calls[0] if calls else 0
-    assert counted < requests // 4, report
+    assert counted["getpid"] < requests // 4, counted
+
+
+async def test_a_new_connection_makes_no_getpid_call(make_backend, tmp_path):
+    """A new client connection once made a getpid system call for nothing: its protocol
+    asked asyncio for the running loop (and a TLS one did twice). Now the listener hands its
+    loop down: far fewer getpid calls than connections."""
+    backend = await make_backend("A")
+    listen, admin = free_port(), free_port()
+    path = write(tmp_path, config_text(listen, admin, [backend.address]))
+    connections = 300
+    async with lbproxy(path) as lb, aiohttp.ClientSession() as session:
+        await wait_for(
+            lambda: serving(session, f"http://127.0.0.1:{listen}/whoami", "A"),
+            timeout=15,
+            what="lbproxy to serve a request through its listener",
+        )
+
+        async def work() -> None:
+            for _ in range(connections):
+                reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+                await one_request(reader, writer)
+                writer.close()
+                await writer.wait_closed()
+
+        counted = await syscalls(lb.proc.pid, "getpid", work)
+    assert counted["getpid"] < connections // 4, counted
