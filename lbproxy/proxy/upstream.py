@@ -143,7 +143,7 @@ class Connecting:
     future it waits on steps it on when done), and a timer that cancels that wait at the
     timeout. ``done`` is called once, from a loop callback, with the connection or the last
     error (TimeoutError past ``timeout``), unless ``cancel`` came first. Measured per
-    connect against a task with its timeout scope: about 10-20 µs less (bench/CONNECT.md)."""
+    connect against a task with its timeout scope: about 25 µs less (bench/CONNECT.md)."""
 
     __slots__ = (
         "addresses",
@@ -204,6 +204,8 @@ class Connecting:
             else:
                 self._finish(None, exc)
             return
+        except (KeyboardInterrupt, SystemExit):
+            raise
         except BaseException as exc:  # cancelled: at the timeout, or by ``cancel``
             self.coro = None
             self._finish(None, TimeoutError() if self.timed_out else exc)
@@ -211,6 +213,8 @@ class Connecting:
         if hasattr(waiting, "add_done_callback"):
             self.waiting = waiting
             waiting.add_done_callback(lambda _: self._step())
+            if self.timed_out or self.over:  # it came due while no wait was there to cancel
+                waiting.cancel()
         else:  # a bare yield: go on at the next turn of the loop
             self.loop.call_soon(self._step)
 
