@@ -50,7 +50,9 @@ from bench import procfs
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("direct", "lbproxy", "nginx", "haproxy")  # the default run
 LBPROXY = [sys.executable, "-m", "lbproxy"]
-EXTRA = ("uvtunnel",)  # on request: bench.uvtunnel, the cheapest uvloop tunnel (WS only)
+# On request: bench.uvtunnel, the cheapest uvloop tunnel (WS only); bench.h2bare, the h2
+# package answering by itself (HTTP/2 only), with h2's HPACK encoder or lbproxy's.
+EXTRA = ("uvtunnel", "h2bare", "h2bare-static")
 Value = float | None
 
 
@@ -340,6 +342,7 @@ class Target:
     serves_http = True
     serves_h2 = False  # an https listener with HTTP/2 on h2_port (the h2 phase)
     serves_h2ws = False  # ... where /ws is a WebSocket over HTTP/2 (RFC 8441, the h2ws phase)
+    only_phases: frozenset[str] | None = None  # a floor measured in these phases only
 
     def __init__(self, backends: Backends, procs: Procs, pinning: Pinning, tmp: Path) -> None:
         self.backends = backends
@@ -363,7 +366,8 @@ class Target:
             wait_port(self.http_port, self.proc, self.name)
         if self.serves_h2:
             wait_port(self.h2_port, self.proc, self.name)
-        wait_port(self.ws_port, self.proc, self.name)
+        if self.only_phases is None:
+            wait_port(self.ws_port, self.proc, self.name)
         time.sleep(0.3)  # let nginx's worker come up
 
     def command(self) -> list[str]:
@@ -426,6 +430,28 @@ class UvTunnel(Target):
     def command(self) -> list[str]:
         ports = ",".join(map(str, self.backends.ws_ports))
         return [sys.executable, "-m", "bench.uvtunnel", str(self.ws_port), ports]
+
+
+class H2Bare(Target):
+    """bench.h2bare: the h2 package answering every request itself (no proxying), the floor
+    under lbproxy's HTTP/2 cost while it keeps h2; ``h2bare-static`` the same with lbproxy's
+    HPACK encoder (``wire.hpack_static.StaticEncoder``) in place of h2's."""
+
+    name = "h2bare"
+    serves_http = False
+    serves_h2 = True
+    only_phases = frozenset({"h2"})
+    encoder = "h2"
+
+    def command(self) -> list[str]:
+        cert, key = self.certificate()
+        return [sys.executable, "-m", "bench.h2bare", str(self.h2_port), cert, key,
+                "--encoder", self.encoder]  # fmt: skip
+
+
+class H2BareStatic(H2Bare):
+    name = "h2bare-static"
+    encoder = "lbproxy"
 
 
 class Lbproxy(Target):
@@ -625,6 +651,8 @@ class Baseline(Lbproxy):
 TARGET_CLASSES: dict[str, type[Target]] = {
     "direct": Direct,
     "uvtunnel": UvTunnel,
+    "h2bare": H2Bare,
+    "h2bare-static": H2BareStatic,
     "lbproxy": Lbproxy,
     "baseline": Baseline,
     "lbproxy-policy": LbproxyPolicy,
@@ -996,6 +1024,8 @@ def run_phases(targets: list[Target], s: Settings, phases: set[str], results: Re
             for t in targets:
                 if t.name in dead or (r > 0 and isinstance(t, Direct)):
                     continue
+                if t.only_phases is not None and phase not in t.only_phases:
+                    continue
                 if phase == "http" and not t.serves_http:
                     continue
                 if phase == "h2" and not t.serves_h2:
@@ -1282,7 +1312,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default=",".join(TARGETS),
         help="comma-separated targets among direct,lbproxy,nginx,haproxy (default: all) and "
-        "uvtunnel (the cheapest uvloop tunnel, WebSocket phases only)",
+        "uvtunnel (the cheapest uvloop tunnel, WebSocket phases only), h2bare and "
+        "h2bare-static (the h2 package answering by itself, HTTP/2 phase only)",
     )
     p.add_argument(
         "--phases",

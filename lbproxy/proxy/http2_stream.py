@@ -34,6 +34,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 
+from ..wire.hpack_static import StaticEncoder
 from ..wire.http1 import ParseError, RequestHead, ResponseHead
 from .client_socket import CLOSED, ClientSocket
 from .exchange_base import record
@@ -86,6 +87,10 @@ class H2Socket(ClientSocket):
                 normalize_outbound_headers=False,
             )
         )
+        # Header blocks without the dynamic table, each field's encoding made once and shared
+        # (``wire.hpack_static``): h2's own encoder searched, indexed and Huffman-coded every
+        # field of every response in Python again (bench/H2.md).
+        self.h2.encoder = StaticEncoder()  # type: ignore[assignment]
         self.flush_soon = False  # a flush is scheduled for the end of this loop turn
         self.tails: list[StreamOut] = []  # streams holding this turn's last DATA (``tail``)
 

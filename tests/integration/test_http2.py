@@ -286,6 +286,43 @@ async def test_a_small_response_ends_in_its_data_frame(make_backend, make_proxy,
     c.close()
 
 
+async def test_response_heads_use_no_dynamic_table(make_backend, make_proxy, cert):
+    """Response heads are coded without HPACK's dynamic table (``wire.hpack_static``): the
+    first block sets the client's table to 0, every field is a static-table index or a
+    literal, so the client's table stays empty and the same head codes to the same bytes
+    every time (h2's own encoder indexed the fields: the table would hold them); a client that
+    lowers SETTINGS_HEADER_TABLE_SIZE to 0 and allows no table at all decodes them too."""
+    a = await make_backend("A")
+    proxy = await make_proxy(h2_doc([a.address], cert))
+    addr = proxy.listeners.address("secure")
+
+    async def heads(c: RawH2) -> list[tuple[bytes, dict[str, str]]]:
+        out = []
+        for _ in range(3):
+            sid = c.request("/whoami")
+            while True:
+                f = await c.frame()
+                assert f is not None
+                if f.stream_id == sid and isinstance(f, HeadersFrame):
+                    out.append((f.data, c.decode(f)))
+                    break
+        return out
+
+    c = await RawH2.connect(addr.host, addr.port, cert[0])
+    got = await heads(c)
+    assert all(h[":status"] == "200" and "content-type" in h for _, h in got), got
+    assert len(c.dec.header_table.dynamic_entries) == 0
+    assert got[0][0][0] == 0x20  # a dynamic table size update to 0, then the fields
+    (b1, h1), (b2, h2) = got[1:]
+    assert h1 != h2 or b1 == b2  # the same head (the date may have moved on), the same bytes
+    c.close()
+
+    strict = await RawH2.connect(addr.host, addr.port, cert[0], settings={1: 0})
+    strict.dec.max_allowed_table_size = 0  # an indexed field would be a decoding error
+    assert all(h[":status"] == "200" for _, h in await heads(strict))
+    strict.close()
+
+
 async def test_large_download_to_a_client_that_stops_reading_is_flow_controlled(
     make_backend, make_proxy, cert
 ):
