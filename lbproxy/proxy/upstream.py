@@ -33,6 +33,7 @@ from . import upstream_tls
 if TYPE_CHECKING:
     from ..config.groups import BackendTls, ServerGroup
     from ..core.snapshot import ServerState
+    from .exchange_base import ExchangeBase
 
 Addresses = tuple[tuple[str, int] | None, tuple[str, int] | None]
 
@@ -67,7 +68,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.handler: Handler | None = None
+        # The exchange using it (an ``ExchangeBase``, a native class: its calls stay native
+        # under mypyc, where a ``Handler`` protocol's go through Python's method lookup).
+        self.handler: ExchangeBase | None = None
         self.reused = False  # True once taken from a pool: a reset then means "stale", not "dead"
         self.closed = False
         self.idle_since = 0.0
