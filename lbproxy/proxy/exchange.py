@@ -174,7 +174,7 @@ class Exchange(ExchangeBase):
         self.sent()
         self.resume(P_WAITING)
 
-    # ------------------------------------------------------------------ upstream.Handler
+    # ------------------------------------------------------------------ UpstreamConnection.handler
     def upstream_data(self, data: bytes) -> None:
         self.down.last = self.loop.time()
         if self.down.shapers is not None:

@@ -331,7 +331,7 @@ class ExchangeBase:
         the bytes each side sent beyond the handshake."""
         raise NotImplementedError
 
-    # upstream.Handler: the backend connection in use reports here.
+    # UpstreamConnection.handler: the backend connection in use reports here.
     def upstream_data(self, data: bytes) -> None:
         raise NotImplementedError
 

@@ -44,16 +44,6 @@ class Client(Protocol):
     def addresses(self) -> Addresses: ...
 
 
-class Handler(Protocol):
-    """What an upstream connection reports to the client side using it."""
-
-    def upstream_data(self, data: bytes) -> None: ...
-    def upstream_eof(self) -> None: ...
-    def upstream_lost(self, exc: Exception | None) -> None: ...
-    def upstream_pause(self) -> None: ...
-    def upstream_resume(self) -> None: ...
-
-
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "closed",
@@ -68,8 +58,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        # The exchange using it (an ``ExchangeBase``, a native class: its calls stay native
-        # under mypyc, where a ``Handler`` protocol's go through Python's method lookup).
+        # The exchange using it, told of the backend's bytes, EOF, loss and flow control (its
+        # ``upstream_*`` methods). Typed as the native class, not a protocol: its calls stay
+        # native under mypyc, where a protocol's go through Python's method lookup.
         self.handler: ExchangeBase | None = None
         self.reused = False  # True once taken from a pool: a reset then means "stale", not "dead"
         self.closed = False
