@@ -63,6 +63,9 @@ INTERPRETED = frozenset(
         "wire.__init__",
     }
 )
+# Plain C extensions of the compiled build (byte parsers; each has its Python path for the
+# pure build, chosen at import): module name -> source.
+C_EXTENSIONS = {"wire._headscan": "lbproxy/wire/_headscan.c"}
 GROUP = "lbproxy._mypyc"  # the shared library of every compiled module: lbproxy/_mypyc__mypyc*.so
 
 
@@ -128,7 +131,13 @@ def ext_modules() -> list[object]:
     sources = compiled_sources()
     if not sources:  # mypyc would fall back to mypy's own file list and compile all of that
         raise SystemExit("lbproxy: INTERPRETED leaves no module to compile (setup.py)")
-    return list(mypycify([*mypy_args, *sources], opt_level="3", group_name=GROUP))
+    from setuptools import Extension
+
+    scanners = [
+        Extension(f"lbproxy.{name}", [src], extra_compile_args=["-O2"])
+        for name, src in C_EXTENSIONS.items()
+    ]
+    return [*mypycify([*mypy_args, *sources], opt_level="3", group_name=GROUP), *scanners]
 
 
 if __name__ == "__main__":  # setuptools runs it so; tests import it for INTERPRETED

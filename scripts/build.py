@@ -48,7 +48,9 @@ def wanted() -> str:
 
 def fingerprint(root: Path = ROOT) -> str:
     h = hashlib.sha256(sys.version.encode())
-    files = [*sorted((root / "lbproxy").rglob("*.py")), root / "setup.py", root / "pyproject.toml"]
+    pkg = root / "lbproxy"
+    sources = sorted([*pkg.rglob("*.py"), *pkg.rglob("*.c")])  # the C scanners too
+    files = [*sources, root / "setup.py", root / "pyproject.toml"]
     for path in files:
         h.update(b"\0" + path.relative_to(root).as_posix().encode() + b"\0")
         h.update(path.read_bytes())

@@ -23,6 +23,7 @@ the work they do.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
@@ -183,6 +184,23 @@ def _known_names() -> dict[bytes, int]:
 
 
 _KNOWN_NAMES = _known_names()
+
+Specials = list[tuple[int, int, bytes]]  # (kind, line number, value without its OWS)
+Scan = Callable[[bytes], "tuple[list[bytes], Specials] | None"]
+
+
+def _c_scanner() -> Scan | None:
+    """The C scanner of the compiled build (``_headscan.c``: one pass, no object per line
+    beyond the lines); None in the pure build, where the parsers do the same in Python."""
+    try:
+        from . import _headscan
+    except ImportError:
+        return None
+    _headscan.configure(_SPECIAL)
+    return _headscan.scan
+
+
+_scan: Scan | None = _c_scanner()
 _KNOWN_METHODS = frozenset(
     (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE")
 )
@@ -426,7 +444,15 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
     head = buf[pos:end]
     if type(head) is not bytes:
         head = bytes(head)
-    lines = head.split(b"\r\n")
+    # The C scanner (compiled build) splits a head that is valid in the common way and finds
+    # its special fields in one pass; anything unusual, or the pure build, takes the Python
+    # path below, which checks the same and says what is wrong.
+    scanned = _scan(head) if _scan is not None else None
+    specials: Specials | None = None
+    if scanned is not None:
+        lines, specials = scanned
+    else:
+        lines = head.split(b"\r\n")
     line = lines[0]
     if len(line) > limits.max_request_line:
         raise ParseError(414, "request line too long")
@@ -434,7 +460,10 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
         raise ParseError(431, "too many header fields")
     # The split found len(lines) - 1 CRLF pairs; deleting CR, LF and the forbidden bytes
     # must remove exactly those, else there is a bare CR or LF or a forbidden byte.
-    if len(head) - len(head.translate(None, _HEAD_DELETE)) != 2 * len(lines) - 2:
+    if (
+        specials is None
+        and len(head) - len(head.translate(None, _HEAD_DELETE)) != 2 * len(lines) - 2
+    ):
         raise ParseError(400, _describe_bad_bytes(head))
 
     parts = line.split(b" ")
@@ -454,11 +483,8 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
     if not target or b"\t" in target:
         raise ParseError(400, "invalid request target")
 
-    # The field loop is written out here and in parse_response_head rather than shared:
-    # a helper call plus packing its results costs about as much as parsing a header. A plain
-    # field costs a partition and a dict lookup: only the fields a rule needs have their value
-    # stripped and kept, the others stay as the line received.
-    known = _KNOWN_NAMES
+    if specials is None:
+        specials = _specials(lines, 400)
     host: bytes | None = None
     host_count = 0
     host_line = 0
@@ -466,17 +492,7 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
     hop: list[int] | None = None
     forwarded: list[int] | None = None
     close_lines: list[int] | None = None
-    fields = enumerate(lines)
-    next(fields)  # the request line
-    for i, line in fields:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise ParseError(400, _describe_bad_line(line))
-        kind = known.get(name)
-        if kind is None:
-            kind = _classify_name(name, 400)
-        if not kind:
-            continue
+    for kind, i, value in specials:
         if kind >= _K_HOP:
             if kind == _K_HOP:
                 hop = [i] if hop is None else [*hop, i]
@@ -485,9 +501,6 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
             else:
                 close_lines = [i] if close_lines is None else [*close_lines, i]
             continue
-        # The byte check above leaves SP and HTAB as the only whitespace, so the faster
-        # argument-less strip() removes exactly the OWS of RFC 9110 5.5.
-        value = value.strip()
         if kind == _K_HOST:
             host = value
             host_count += 1
@@ -593,9 +606,14 @@ def parse_response_head(buf: bytes | bytearray, max_size: int = 65536) -> Respon
     head = buf[:end]
     if type(head) is not bytes:
         head = bytes(head)
-    lines = head.split(b"\r\n")
-    if len(head) - len(head.translate(None, _HEAD_DELETE)) != 2 * len(lines) - 2:
-        raise ParseError(502, _describe_bad_bytes(head))
+    scanned = _scan(head) if _scan is not None else None  # as in parse_request_head
+    specials: Specials | None = None
+    if scanned is not None:
+        lines, specials = scanned
+    else:
+        lines = head.split(b"\r\n")
+        if len(head) - len(head.translate(None, _HEAD_DELETE)) != 2 * len(lines) - 2:
+            raise ParseError(502, _describe_bad_bytes(head))
 
     parts = lines[0].split(b" ", 2)
     if len(parts) == 3:
@@ -615,28 +633,20 @@ def parse_response_head(buf: bytes | bytearray, max_size: int = 65536) -> Respon
     if status is None:
         raise ParseError(502, "invalid status code")
 
-    known = _KNOWN_NAMES
+    if specials is None:
+        specials = _specials(lines, 502)
     framing: list[tuple[int, bytes]] | None = None
     hop: list[int] | None = None
     length_lines: list[int] | None = None
     close_lines: list[int] | None = None
-    fields = enumerate(lines)
-    next(fields)  # the status line
-    for i, line in fields:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise ParseError(502, _describe_bad_line(line))
-        kind = known.get(name)
-        if kind is None:
-            kind = _classify_name(name, 502)
-        if not kind or kind in (_K_HOST, _K_FORWARDED):
+    for kind, i, value in specials:
+        if kind in (_K_HOST, _K_FORWARDED):
             continue
         if kind == _K_HOP:
             hop = [i] if hop is None else [*hop, i]
         elif kind == _K_CLOSE:
             close_lines = [i] if close_lines is None else [*close_lines, i]
         else:
-            value = value.strip()
             if framing is None:
                 framing = [(kind, value)]
             else:
@@ -699,6 +709,28 @@ def parse_response_head(buf: bytes | bytearray, max_size: int = 65536) -> Respon
         raw_len=raw_len,
         hop=hop,
     )
+
+
+def _specials(lines: list[bytes], status: int) -> Specials:
+    """The Python path of the C scanner, for a head whose bytes are checked: each field line
+    checked (a colon, a token name: else ParseError(``status``)) and its kind looked up;
+    (kind, line number, value without its OWS) for each that is not plain."""
+    known = _KNOWN_NAMES
+    out: Specials = []
+    fields = enumerate(lines)
+    next(fields)  # the start line
+    for i, line in fields:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise ParseError(status, _describe_bad_line(line))
+        kind = known.get(name)
+        if kind is None:
+            kind = _classify_name(name, status)
+        if kind:
+            # The byte check leaves SP and HTAB as the only whitespace, so the faster
+            # argument-less strip() removes exactly the OWS of RFC 9110 5.5.
+            out.append((kind, i, value.strip()))
+    return out
 
 
 def _skip_empty_lines(buf: bytes | bytearray) -> int:
