@@ -196,11 +196,11 @@ def _c_scanner() -> Scan | None:
     """The C scanner of the compiled build (``_headscan.c``: one pass, no object per line
     beyond the lines); None in the pure build, where the parsers do the same in Python."""
     try:
-        from . import _headscan
+        from ._headscan import configure, scan
     except ImportError:
         return None
-    _headscan.configure(_SPECIAL)
-    return _headscan.scan
+    configure(_SPECIAL)
+    return scan
 
 
 _scan: Scan | None = _c_scanner()

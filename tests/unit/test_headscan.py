@@ -1,9 +1,18 @@
 """wire/_headscan.c, the compiled build's one-pass head scanner: whatever head it is given,
 the parsers decide exactly as the Python path decides alone (same head, or same status and
 reason), on valid, special and random or mutated heads; and a head the scanner finds unusual
-(it answers None) is left to the Python path, never refused by it."""
+(it answers None) is left to the Python path, never refused by it. The pure build has no
+scanner: there the same C source is compiled by the test, and checked alike."""
 
 from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.util
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -11,7 +20,7 @@ from hypothesis import strategies as st
 
 from lbproxy import buildinfo
 from lbproxy.wire import http1
-from lbproxy.wire.http1 import Limits, ParseError, parse_request_head, parse_response_head
+from lbproxy.wire.http1 import Limits, ParseError, Scan, parse_request_head, parse_response_head
 from tests.support import expected_build
 from tests.unit.test_http1 import (
     BROWSER,
@@ -81,23 +90,38 @@ def outcome(parse, *args):
     return {name: getattr(head, name) for name in names}
 
 
+@functools.cache
+def scanner() -> Scan:
+    """The compiled build's scanner; in the pure build (which has none, by design) the same
+    C source compiled here, so that both runs check it against the Python path."""
+    if expected_build() != buildinfo.PURE:
+        assert http1._scan is not None  # the compiled build loads it
+        return http1._scan
+    assert http1._scan is None  # the pure build takes the Python path
+    out = Path(tempfile.mkdtemp(prefix="headscan-"))
+    so = out / ("_headscan" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    include = sysconfig.get_paths()["include"]
+    src = Path(http1.__file__).with_name("_headscan.c")
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", f"-I{include}", str(src), "-o", str(so)],
+                   check=True)  # fmt: skip
+    spec = importlib.util.spec_from_file_location("_headscan", so)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.configure(http1._SPECIAL)
+    scan: Scan = module.scan
+    return scan
+
+
 def both_paths(monkeypatch: pytest.MonkeyPatch, parse, *args):
-    with_c = outcome(parse, *args)
     with monkeypatch.context() as m:
+        m.setattr(http1, "_scan", scanner())
+        with_c = outcome(parse, *args)
         m.setattr(http1, "_scan", None)
         python = outcome(parse, *args)
     assert with_c == python, args[0]
     return with_c
-
-
-@pytest.fixture(autouse=True)
-def _compiled_only() -> None:
-    # The pure build has no C scanner by design (setup.py builds it with the compiled one):
-    # its parsers take the Python path, which the other tests of test_http1 cover.
-    if expected_build() == buildinfo.PURE:
-        assert http1._scan is None
-        pytest.skip("the pure build has no C scanner (its Python path is test_http1's)")
-    assert http1._scan is not None
 
 
 @pytest.mark.parametrize("buf", SPECIAL_REQUESTS)
@@ -112,8 +136,7 @@ def test_responses_decide_alike(monkeypatch: pytest.MonkeyPatch, buf: bytes) -> 
 
 
 def test_the_scanner_splits_and_finds_the_special_fields() -> None:
-    scan = http1._scan
-    assert scan is not None
+    scan = scanner()
     head = b"GET / HTTP/1.1\r\nhost:  a \r\nAccept: */*\r\nCONNECTION:close\t"
     assert scan(head) == (
         [b"GET / HTTP/1.1", b"host:  a ", b"Accept: */*", b"CONNECTION:close\t"],
