@@ -35,6 +35,8 @@ TIME_BUCKETS = (
 )
 # Buckets for WebSocket lifetimes: a second to a day.
 WS_BUCKETS = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
+# Status codes as the "code" label, made once: str(code) was a string made per request.
+_CODES = [str(code) for code in range(1000)]
 
 # drain: the proxy closed it (close frames both ways) because its server was draining;
 # policy: because the client broke the listener's WebSocket message policy.
@@ -184,7 +186,7 @@ class ListenerStats:
     def count_request(
         self, group: str, server: str, code: int, duration: float, protocol: str = "HTTP/1.1"
     ) -> None:
-        key = (group, server, str(code))
+        key = (group, server, _CODES[code] if 0 <= code < 1000 else str(code))
         self.requests[key] = self.requests.get(key, 0) + 1
         self.protocols[protocol] = self.protocols.get(protocol, 0) + 1
         h = self.request_duration.get(group)

@@ -113,7 +113,8 @@ def upstream_request_head(
     lines = req.lines
     hop = req.hop
     out = lines.copy()
-    out[0] = req.method + b" " + req.target + b" HTTP/1.1"
+    if req.version != 1:  # an HTTP/1.1 request line is sent as it came (the parser split it)
+        out[0] = req.method + b" " + req.target + b" HTTP/1.1"
     host = req.host
     host_line = req.host_line
     if host_line and req.absolute:
