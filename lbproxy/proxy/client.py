@@ -42,6 +42,7 @@ from ..wire.http1 import (
 )
 from .client_socket import ACTIVE, CLOSED, HEAD, P_BANDWIDTH, ClientSocket, ListenerHandle
 from .exchange import BUFFER_LIMIT, Exchange, record
+from .exchange_base import Downstream
 
 if TYPE_CHECKING:
     from .context import Context
@@ -56,7 +57,7 @@ _P_EXCHANGE = 1  # the exchange takes no more body (connecting, or the backend i
 _P_PIPELINED = 2  # a request that came early waits for the current response
 
 
-class ClientConnection(ClientSocket):
+class ClientConnection(ClientSocket, Downstream):
     """One HTTP/1.x client connection (see the module docstring); the exchanges' Downstream."""
 
     def __init__(

@@ -58,6 +58,8 @@ class Downstream(Protocol):
     """The client side of an exchange, as the exchange sees it (one per front end).
 
     Writes are counted by the exchange for its access-log line; the front end counts its own.
+    The front ends name it as a base (``ClientConnection``, ``http2_stream.Stream``): mypyc
+    then calls them natively (a protocol's calls are Python method lookups otherwise).
     """
 
     client_ip: str

@@ -37,7 +37,7 @@ from h2.exceptions import ProtocolError
 from ..wire.hpack_static import StaticEncoder
 from ..wire.http1 import ParseError, RequestHead, ResponseHead
 from .client_socket import CLOSED, ClientSocket
-from .exchange_base import record
+from .exchange_base import Downstream, record
 from .http2_fields import (
     error_response,
     request_head,
@@ -293,7 +293,7 @@ class StreamOut(CarriedStream):
         raise NotImplementedError
 
 
-class Stream(StreamOut):
+class Stream(StreamOut, Downstream):
     """One HTTP/2 stream: a request and its response, the ``Downstream`` of its exchange (the
     way its bytes go out is ``StreamOut``'s). ``CarriedStream`` is a base so that the tunnel
     transport's calls on a ``http2.WebSocketStream`` stay native; only that subclass carries
