@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config.model import Address
+from ..core.pool import Idle
 from ..wire import proxy_protocol
 from . import upstream_tls
 
@@ -44,7 +45,7 @@ class Client(Protocol):
     def addresses(self) -> Addresses: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol, Idle):  # Idle: its pool reads it natively
     __slots__ = (
         "closed",
         "handler",
