@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:  # annotations only: at run time they would deepen the imports
     import redis.asyncio as aioredis
@@ -33,10 +33,10 @@ if TYPE_CHECKING:  # annotations only: at run time they would deepen the imports
 
 log = logging.getLogger("lbproxy")
 
-RATE_PERIOD = 0.1  # seconds between rate batches
-CONN_EXPIRY_MS = 3000  # an instance's connection count older than this no longer counts
+RATE_PERIOD: Final = 0.1  # seconds between rate batches
+CONN_EXPIRY_MS: Final = 3000  # an instance's connection count older than this no longer counts
 
-_RATES = """
+_RATES: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local rate, burst, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -56,7 +56,7 @@ end
 return out
 """
 
-_CONNS = """
+_CONNS: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me, expiry, limit, full = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -24,9 +24,9 @@ from ..core.metrics import BACKEND_STATES, Histogram, Registry, ServerStats, mer
 
 # A family's type, as Prometheus names it.
 Kind = Literal["counter", "gauge", "histogram"]
-COUNTER: Kind = "counter"
-GAUGE: Kind = "gauge"
-HISTOGRAM: Kind = "histogram"
+COUNTER: Final[Kind] = "counter"
+GAUGE: Final[Kind] = "gauge"
+HISTOGRAM: Final[Kind] = "histogram"
 
 # One sample: its label values (in the family's label order) and a number, or a Histogram for
 # a histogram family.

@@ -6,8 +6,10 @@ bucket may go into debt by one read. The pausing and resuming of readers that th
 
 from __future__ import annotations
 
-BURST_SECONDS = 0.05  # how much unused rate a quiet moment may save up
-MIN_BURST = 16384
+from typing import Final
+
+BURST_SECONDS: Final = 0.05  # how much unused rate a quiet moment may save up
+MIN_BURST: Final = 16384
 
 
 class ByteBucket:

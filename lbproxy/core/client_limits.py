@@ -36,10 +36,11 @@ Redis: the decisions stay local, and ``control.cluster`` reconciles them in batc
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Final
 
 from ..wire.cidrs import Cidrs
 
-MAX_KEY = 64  # longest X-Forwarded-For entry used as a key (an IPv6 address is at most 45)
+MAX_KEY: Final = 64  # longest X-Forwarded-For entry used as a key (an IPv6 address is at most 45)
 
 
 def client_key(xff: list[bytes], trusted: Cidrs, peer: str) -> str:

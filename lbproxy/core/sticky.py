@@ -37,7 +37,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 from urllib.parse import unquote
 
 from ..wire.http1 import target_path
@@ -62,12 +62,14 @@ __all__ = [
     "token_map",
 ]
 
-DEFAULT_MAX_ENTRIES = 100_000
-MAX_KEY_LENGTH = 256  # a longer sid or cookie value is not a session id we pin
-MAX_HANDSHAKE = 65536  # bytes of a handshake body looked at; an open packet is ~100 bytes
-HANDSHAKE_PROBE_LIMIT = 4096  # bytes of a passing handshake body kept for its sid (~100 needed)
+DEFAULT_MAX_ENTRIES: Final = 100_000
+MAX_KEY_LENGTH: Final = 256  # a longer sid or cookie value is not a session id we pin
+MAX_HANDSHAKE: Final = 65536  # bytes of a handshake body looked at; an open packet is ~100 bytes
+HANDSHAKE_PROBE_LIMIT: Final = (
+    4096  # bytes of a passing handshake body kept for its sid (~100 needed)
+)
 
-_TOKEN_KEY = b"lbproxy-sticky"
+_TOKEN_KEY: Final = b"lbproxy-sticky"
 _COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # RFC 6265 cookie-octet: printable US-ASCII except space, DQUOTE, comma, semicolon, backslash.
 _COOKIE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")

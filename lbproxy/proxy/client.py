@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..wire import headers
 from ..wire.http1 import (
@@ -53,8 +53,8 @@ log = logging.getLogger("lbproxy.http")
 _clock = time.perf_counter
 
 # Why client reading is paused (a bit each; reading resumes when none is left).
-_P_EXCHANGE = 1  # the exchange takes no more body (connecting, or the backend is full)
-_P_PIPELINED = 2  # a request that came early waits for the current response
+_P_EXCHANGE: Final = 1  # the exchange takes no more body (connecting, or the backend is full)
+_P_PIPELINED: Final = 2  # a request that came early waits for the current response
 
 
 class ClientConnection(ClientSocket, Downstream):

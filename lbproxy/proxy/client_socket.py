@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..config.model import LINGER_TIMEOUT
 from ..wire import headers
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbproxy.http")
 _clock = time.perf_counter
 
-P_BANDWIDTH = 4  # a bit of ``ClientSocket.paused``: the listener's bandwidth cap (shaping)
+P_BANDWIDTH: Final = 4  # a bit of ``ClientSocket.paused``: the listener's bandwidth cap (shaping)
 # A front end's phase: reading a request head, in a request, closed (or lingering).
 HEAD, ACTIVE, CLOSED = 0, 1, 2
 

@@ -45,8 +45,8 @@ _clock = time.perf_counter
 # connect() failures that are the proxy's own shortage, not the backend's.
 OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-REPLAY_LIMIT = 65536  # bytes of an idempotent request body kept for a retry
-BUFFER_LIMIT = 65536  # client bytes buffered ahead (pipelining, body before connect)
+REPLAY_LIMIT: Final = 65536  # bytes of an idempotent request body kept for a retry
+BUFFER_LIMIT: Final = 65536  # client bytes buffered ahead (pipelining, body before connect)
 
 # Why the exchange takes no more request body (a bit each; reading resumes when none is left).
 # Flow control, not the exchange's state: any of these can hold in most states.

@@ -22,6 +22,7 @@ Content-Length and Accept-Ranges gone, a strong ETag made weak, Vary extended.
 from __future__ import annotations
 
 import zlib
+from typing import Final
 
 from ..config.model import Gzip
 from ..wire.http1 import (
@@ -35,9 +36,9 @@ from ..wire.http1 import (
 )
 
 NONE, VARY, GZIP = 0, 1, 2
-LEVEL = 1  # nginx's default gzip_comp_level: most of the saving for little CPU
+LEVEL: Final = 1  # nginx's default gzip_comp_level: most of the saving for little CPU
 _NEVER = frozenset({101, 204, 206, 304})
-_LAST_CHUNK = b"0\r\n\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 def _values(fields: list[tuple[bytes, bytes]], lname: bytes) -> list[bytes]:

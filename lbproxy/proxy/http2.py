@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -81,16 +81,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lbproxy.http2")
 
-MAX_CONCURRENT_STREAMS = 128  # as nginx; browsers open up to 100
-STREAM_WINDOW = 65535  # the protocol's initial stream window, kept
+MAX_CONCURRENT_STREAMS: Final = 128  # as nginx; browsers open up to 100
+STREAM_WINDOW: Final = 65535  # the protocol's initial stream window, kept
 CONNECTION_WINDOW = MAX_CONCURRENT_STREAMS * STREAM_WINDOW
-RAPID_RESET_BURST = 100  # streams a client may reset before their answer, at once
-RAPID_RESET_RATE = 50.0  # ... and a second after that
-GOAWAY_GRACE = 1.0  # seconds the first GOAWAY waits for its PING to come back
-_LAST_STREAM_ID = 2**31 - 1
-_PING = b"lbproxyG"
-FLUSH_AT_ONCE = 16384  # a client read this large is answered at once, not at the turn's end
-_P_UNREAD = 1  # why the client's socket is not read (a bit of ClientSocket.paused)
+RAPID_RESET_BURST: Final = 100  # streams a client may reset before their answer, at once
+RAPID_RESET_RATE: Final = 50.0  # ... and a second after that
+GOAWAY_GRACE: Final = 1.0  # seconds the first GOAWAY waits for its PING to come back
+_LAST_STREAM_ID: Final = 2**31 - 1
+_PING: Final = b"lbproxyG"
+FLUSH_AT_ONCE: Final = 16384  # a client read this large is answered at once, not at the turn's end
+_P_UNREAD: Final = 1  # why the client's socket is not read (a bit of ClientSocket.paused)
 
 
 class Http2Connection(H2Socket):

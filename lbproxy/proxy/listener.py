@@ -41,7 +41,7 @@ import resource
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..config.model import ACCEPT_RETRY_DELAY, Address
 from . import tls
@@ -57,8 +57,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lbproxy.proxy.listener")
 
-BACKLOG = 2048
-ACCEPT_BATCH = 64  # connections accepted per readiness callback, then other events get a turn
+BACKLOG: Final = 2048
+ACCEPT_BATCH: Final = (
+    64  # connections accepted per readiness callback, then other events get a turn
+)
 # accept() errors that concern one connection only (Linux reports a new connection's pending
 # network error there): skip it and go on.
 _SKIP_ERRNOS = frozenset(

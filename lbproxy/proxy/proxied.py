@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import Final
 
 from ..wire import proxy_protocol
 from ..wire.proxy_protocol import MORE, ProxyHeader, ProxyProtocolError
 
-PEEK = 4096  # bytes looked at per readiness: a v1 line, or a v2 header with its usual TLVs
+PEEK: Final = 4096  # bytes looked at per readiness: a v1 line, or a v2 header with its usual TLVs
 
 # (the header, or None and why it failed)
 Done = Callable[[socket.socket, ProxyHeader | None, str], None]

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Final
 
 from ..core.bandwidth import ByteBucket
 
-MIN_WAIT = 0.002  # timer granularity: never wake more often than this
+MIN_WAIT: Final = 0.002  # timer granularity: never wake more often than this
 
 
 class Shaper:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..config.model import WS_CLOSE_FRAME_WAIT, WS_CLOSE_HANDSHAKE_TIMEOUT
 from ..core.metrics import close_class
@@ -53,8 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbproxy.proxy.tunnel")
 
 # How often IdleSweeper looks: a quarter of the shortest idle timeout, within these bounds.
-SWEEP_MIN = 0.05
-SWEEP_MAX = 1.0
+SWEEP_MIN: Final = 0.05
+SWEEP_MAX: Final = 1.0
 
 
 class Tunnel(TunnelBase):

@@ -19,7 +19,7 @@ their calls stay native under mypyc.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..wire.wsframes import (
     GOING_AWAY,
@@ -42,9 +42,9 @@ if TYPE_CHECKING:
     from .shaping import Bandwidth, Shaper
 
 # What a frame-aware side does with what it reads.
-_FORWARD = 0  # pass it on
-_INJECT = 1  # pass it on up to the next frame boundary, then send ``pending`` instead
-_DROP = 2  # the proxy has sent its own close frame: read (for the reply), pass nothing on
+_FORWARD: Final = 0  # pass it on
+_INJECT: Final = 1  # pass it on up to the next frame boundary, then send ``pending`` instead
+_DROP: Final = 2  # the proxy has sent its own close frame: read (for the reply), pass nothing on
 
 
 class TunnelBase:

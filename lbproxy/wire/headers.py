@@ -13,6 +13,7 @@ copy and a join, not an object per field.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
 from .http1 import RequestHead, ResponseHead
 
@@ -31,7 +32,7 @@ _FORWARDED_SET = frozenset({b"x-forwarded-host", b"x-real-ip"})
 # The WebSocket extension offer (permessage-deflate, RFC 7692), dropped from an upgrade on a
 # listener with a max_message_size: nothing offered, nothing compressed, so a message's size is
 # its frames' payload lengths (tunnel_end.TunnelBase.police).
-WS_EXTENSIONS = b"sec-websocket-extensions"
+WS_EXTENSIONS: Final = b"sec-websocket-extensions"
 # Set only by the proxy, from a verified client certificate (mutual TLS): a client's own are
 # removed on every listener, so a backend can trust them whatever the listener.
 CLIENT_CERT = frozenset({b"x-client-cert-subject", b"x-client-cert-fingerprint"})

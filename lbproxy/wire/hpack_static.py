@@ -24,7 +24,7 @@ The decoding side stays the hpack package's (h2's inbound checks are kept).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from hpack import HeaderTuple
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
@@ -42,10 +42,10 @@ _CODES: list[int] = list(REQUEST_CODES)
 _LENGTHS: list[int] = list(REQUEST_CODES_LENGTH)
 
 CACHE_MAX = 4096  # encoded fields kept (shared by every connection); emptied when full
-CACHED_FIELD_MAX = 512  # longer fields (say a large cookie) are encoded each time, not kept
+CACHED_FIELD_MAX: Final = 512  # longer fields (say a large cookie) are encoded each time, not kept
 _cache: dict[tuple[bytes, bytes], bytes] = {}
 
-_SIZE_UPDATE_TO_0 = b"\x20"  # 001 prefix, size 0 (RFC 7541 6.3)
+_SIZE_UPDATE_TO_0: Final = b"\x20"  # 001 prefix, size 0 (RFC 7541 6.3)
 
 
 class StaticEncoder:

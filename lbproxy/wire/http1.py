@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = [
     "BODY_CHUNKED",
@@ -47,12 +48,12 @@ __all__ = [
     "response_body_kind",
 ]
 
-BODY_NONE = 0
-BODY_LENGTH = 1
-BODY_CHUNKED = 2
-BODY_CLOSE = 3
+BODY_NONE: Final = 0
+BODY_LENGTH: Final = 1
+BODY_CHUNKED: Final = 2
+BODY_CLOSE: Final = 3
 
-CHUNKED_EOF = b"0\r\n\r\n"
+CHUNKED_EOF: Final = b"0\r\n\r\n"
 
 
 class ParseError(Exception):
@@ -81,8 +82,8 @@ class Limits:
 # the allowed bytes (or, for a whole head, what the deletion of the forbidden ones removes)
 # tells in one C-level pass what a Python loop or a regex would take far longer to find.
 
-_DIGITS = b"0123456789"
-_ALPHA = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_DIGITS: Final = b"0123456789"
+_ALPHA: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _TCHAR = _ALPHA + _DIGITS + b"!#$%&'*+-.^_`|~"  # RFC 9110 5.6.2 token
 _OBS_TEXT = bytes(range(0x80, 0x100))
 _VCHAR_SP = bytes(range(0x20, 0x7F))
@@ -95,8 +96,8 @@ _HEAD_OK = _FIELD_VALUE_OK + b"\r\n"
 # RFC 3986 host (reg-name, IP-literal, IPv4) and ":" port; no userinfo, path or whitespace.
 _HOST_OK = _ALPHA + _DIGITS + b"-._~!$&'()*+,;=:[]%"
 
-_TOKEN_RE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_QUOTED_RE = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_TOKEN_RE: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED_RE: Final = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 # RFC 9112 7.1.1: chunk-size [ chunk-ext ], chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
 _CHUNK_SIZE_LINE = re.compile(
     rb"([0-9A-Fa-f]+)(?:[ \t]*;[ \t]*"
@@ -112,28 +113,28 @@ _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*://")
 
 # RFC 9112 2.2 asks servers to skip "at least one" empty line before a request line; a
 # client that sends more than a few is not a client we want to keep reading from.
-_MAX_LEADING_EMPTY_LINES = 4
-_MAX_TRAILER_FIELDS = 100
-_MAX_CHUNK_SIZE = (1 << 63) - 1
+_MAX_LEADING_EMPTY_LINES: Final = 4
+_MAX_TRAILER_FIELDS: Final = 100
+_MAX_CHUNK_SIZE: Final = (1 << 63) - 1
 
 # --- header name classification ----------------------------------------------------------
 # One dict lookup both validates a name (every key is a token) and says whether it matters
 # for framing; names not in it take the slow path (_classify_name) once per occurrence.
 
-_K_PLAIN = 0
-_K_CONTENT_LENGTH = 1
-_K_TRANSFER_ENCODING = 2
-_K_CONNECTION = 3
-_K_UPGRADE = 4
-_K_HOST = 5
-_K_EXPECT = 6
+_K_PLAIN: Final = 0
+_K_CONTENT_LENGTH: Final = 1
+_K_TRANSFER_ENCODING: Final = 2
+_K_CONNECTION: Final = 3
+_K_UPGRADE: Final = 4
+_K_HOST: Final = 5
+_K_EXPECT: Final = 6
 # Not framing, but what a proxy changes: their line numbers are noted (``hop``, ``forwarded``)
 # so that a head is forwarded as received without every line becoming a Python object.
-_K_HOP = 7  # the other hop-by-hop fields (RFC 9110 7.6.1)
+_K_HOP: Final = 7  # the other hop-by-hop fields (RFC 9110 7.6.1)
 # X-Forwarded-*, X-Real-IP, and the names only the balancer sets (headers.BALANCER_OWNED,
 # headers.CLIENT_CERT): replaced or dropped in a request; plain in a response.
-_K_FORWARDED = 8
-_K_CLOSE = 9  # a field named "close": hop-by-hop when Connection lists the token
+_K_FORWARDED: Final = 8
+_K_CLOSE: Final = 9  # a field named "close": hop-by-hop when Connection lists the token
 
 _SPECIAL: dict[bytes, int] = {
     b"content-length": _K_CONTENT_LENGTH,
@@ -211,7 +212,7 @@ _KNOWN_METHODS = frozenset(
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _STATUS_CODES = {str(code).encode(): code for code in range(100, 600)}
 _VALID_HOSTS: set[bytes] = set()
-_VALID_HOSTS_MAX = 1024
+_VALID_HOSTS_MAX: Final = 1024
 # Connection values seen on almost every request; saves a split and a set build.
 _CONNECTION_CACHE: dict[bytes, frozenset[bytes]] = {
     v: frozenset((v,)) for v in (b"keep-alive", b"close", b"upgrade")
@@ -965,13 +966,13 @@ def response_body_kind(request_method: bytes, head: ResponseHead) -> int:
 
 
 # The two line-reading states come first so that one comparison selects them.
-_S_SIZE = 0
-_S_TRAILER = 1
-_S_DATA = 2
-_S_DATA_CR = 3
-_S_DATA_LF = 4
-_S_DONE = 5
-_S_FAILED = 6
+_S_SIZE: Final = 0
+_S_TRAILER: Final = 1
+_S_DATA: Final = 2
+_S_DATA_CR: Final = 3
+_S_DATA_LF: Final = 4
+_S_DONE: Final = 5
+_S_FAILED: Final = 6
 
 
 class ChunkedTracker:

@@ -15,13 +15,14 @@ carry no client address: the connection's own address stands (the balancer's hea
 from __future__ import annotations
 
 import ipaddress
+from typing import Final
 
-V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-V1_PREFIX = b"PROXY "
-V1_MAX = 107  # the longest v1 line, CRLF included (the spec's bound)
-V2_FIXED = 16  # signature, version and command, family and protocol, length
-MORE = -1  # header_length: every byte given is header; peek again
-PP2_TYPE_SSL = 0x20  # the TLV a balancer that ended TLS may add (its client's TLS)
+V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_PREFIX: Final = b"PROXY "
+V1_MAX: Final = 107  # the longest v1 line, CRLF included (the spec's bound)
+V2_FIXED: Final = 16  # signature, version and command, family and protocol, length
+MORE: Final = -1  # header_length: every byte given is header; peek again
+PP2_TYPE_SSL: Final = 0x20  # the TLV a balancer that ended TLS may add (its client's TLS)
 
 
 class ProxyProtocolError(ValueError):
