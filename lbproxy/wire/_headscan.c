@@ -2,7 +2,8 @@
  * (issue 27), for wire/http1.py's parsers; built with the compiled build (setup.py), absent
  * from the pure one, where http1.py does the same work in Python.
  *
- * scan(head) takes a head without its final CRLFCRLF and returns (lines, specials):
+ * scan(buffer, start, end) takes a head, buffer[start:end] (bytes or a bytearray), without
+ * its final CRLFCRLF and returns (lines, specials):
  *   lines     the head split at CRLF, as bytes.split(b"\r\n") would;
  *   specials  (kind, line number, value without its leading and trailing SP/HTAB) for each
  *             field line whose name, lower-cased, is a key of the table given to
@@ -89,13 +90,34 @@ static long kind_of(const unsigned char *name, Py_ssize_t len) {
     return 0;
 }
 
-static PyObject *scan(PyObject *self, PyObject *arg) {
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "scan() takes bytes");
+static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t from, to, size;
+    const char *data;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "scan() takes (buffer, start, end)");
         return NULL;
     }
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(arg);
-    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    if (PyBytes_Check(args[0])) {
+        data = PyBytes_AS_STRING(args[0]);
+        size = PyBytes_GET_SIZE(args[0]);
+    } else if (PyByteArray_Check(args[0])) {
+        data = PyByteArray_AS_STRING(args[0]);
+        size = PyByteArray_GET_SIZE(args[0]);
+    } else {
+        PyErr_SetString(PyExc_TypeError, "scan() takes bytes or a bytearray");
+        return NULL;
+    }
+    from = PyLong_AsSsize_t(args[1]);
+    to = PyLong_AsSsize_t(args[2]);
+    if ((from == -1 || to == -1) && PyErr_Occurred())
+        return NULL;
+    if (from < 0 || to < from || to > size) {
+        PyErr_SetString(PyExc_ValueError, "scan(): start and end out of the buffer");
+        return NULL;
+    }
+    /* Nothing below calls back into Python code that could resize a bytearray. */
+    const unsigned char *p = (const unsigned char *)data + from;
+    Py_ssize_t n = to - from;
     PyObject *lines = PyList_New(0);
     PyObject *specials = PyList_New(0);
     if (lines == NULL || specials == NULL)
@@ -133,9 +155,21 @@ static PyObject *scan(PyObject *self, PyObject *arg) {
                     a++;
                 while (b > a && (p[b - 1] == ' ' || p[b - 1] == '\t'))
                     b--;
-                PyObject *t = Py_BuildValue("(lny#)", kind, number, (const char *)p + a, b - a);
+                PyObject *t = PyTuple_New(3);
                 if (t == NULL)
                     goto fail;
+                PyObject *k = PyLong_FromLong(kind), *num = PyLong_FromSsize_t(number);
+                PyObject *v = PyBytes_FromStringAndSize((const char *)p + a, b - a);
+                if (k == NULL || num == NULL || v == NULL) {
+                    Py_XDECREF(k);
+                    Py_XDECREF(num);
+                    Py_XDECREF(v);
+                    Py_DECREF(t);
+                    goto fail;
+                }
+                PyTuple_SET_ITEM(t, 0, k);
+                PyTuple_SET_ITEM(t, 1, num);
+                PyTuple_SET_ITEM(t, 2, v);
                 r = PyList_Append(specials, t);
                 Py_DECREF(t);
                 if (r < 0)
@@ -163,7 +197,8 @@ fail:
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_O, "The special field names (lower case) and their kinds."},
-    {"scan", scan, METH_O, "(lines, specials) of a head valid in the common way, else None."},
+    {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
+     "(lines, specials) of buffer[start:end], a head valid in the common way, else None."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -190,7 +190,7 @@ def _known_names() -> dict[bytes, int]:
 _KNOWN_NAMES = _known_names()
 
 Specials = list[tuple[int, int, bytes]]  # (kind, line number, value without its OWS)
-Scan = Callable[[bytes], "tuple[list[bytes], Specials] | None"]
+Scan = Callable[[bytes | bytearray, int, int], "tuple[list[bytes], Specials] | None"]
 _NO_SPECIALS: Specials = []  # never appended to
 
 
@@ -446,17 +446,17 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
     raw_len = end + 4
     if raw_len - pos > limits.max_header_size:
         raise ParseError(431, "request head too large")
-    head = buf[pos:end]
-    if type(head) is not bytes:
-        head = bytes(head)
     # The C scanner (compiled build) splits a head that is valid in the common way and finds
-    # its special fields in one pass; anything unusual, or the pure build, takes the Python
-    # path below, which checks the same and says what is wrong.
-    scanned = _scan(head) if _scan is not None else None
+    # its special fields in one pass, in the buffer itself; anything unusual, or the pure
+    # build, takes the Python path below, which checks the same and says what is wrong.
+    scanned = _scan(buf, pos, end) if _scan is not None else None
     specials: Specials | None = None
+    head = b""
     if scanned is not None:
         lines, specials = scanned
     else:
+        part = buf[pos:end]
+        head = part if type(part) is bytes else bytes(part)
         lines = head.split(b"\r\n")
     line = lines[0]
     if len(line) > limits.max_request_line:
@@ -648,14 +648,14 @@ def parse_response_head(buf: bytes | bytearray, max_size: int = 65536) -> Respon
     raw_len = end + 4
     if raw_len > max_size:
         raise ParseError(502, "response head too large")
-    head = buf[:end]
-    if type(head) is not bytes:
-        head = bytes(head)
-    scanned = _scan(head) if _scan is not None else None  # as in parse_request_head
+    scanned = _scan(buf, 0, end) if _scan is not None else None  # as in parse_request_head
     specials: Specials | None = None
     if scanned is not None:
         lines, specials = scanned
     else:
+        head = buf[:end]
+        if type(head) is not bytes:
+            head = bytes(head)
         lines = head.split(b"\r\n")
         if len(head) - len(head.translate(None, _HEAD_DELETE)) != 2 * len(lines) - 2:
             raise ParseError(502, _describe_bad_bytes(head))

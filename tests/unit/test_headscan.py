@@ -138,13 +138,16 @@ def test_responses_decide_alike(monkeypatch: pytest.MonkeyPatch, buf: bytes) -> 
 def test_the_scanner_splits_and_finds_the_special_fields() -> None:
     scan = scanner()
     head = b"GET / HTTP/1.1\r\nhost:  a \r\nAccept: */*\r\nCONNECTION:close\t"
-    assert scan(head) == (
+    assert scan(bytearray(b"xx" + head + b"\r\n\r\n"), 2, 2 + len(head)) == scan(head, 0, len(head))
+    assert scan(head, 0, len(head)) == (
         [b"GET / HTTP/1.1", b"host:  a ", b"Accept: */*", b"CONNECTION:close\t"],
         [(http1._K_HOST, 1, b"a"), (http1._K_CONNECTION, 3, b"close")],
     )
     for unusual in (b"GET / HTTP/1.1\r\n folded: x", b"GET / HTTP/1.1\r\nX : y", b"A\rB",
                     b"A\nB", b"A\r\nB", b"A\r\n: v", b"A\x00", b"A\r\n"):  # fmt: skip
-        assert scan(unusual) is None, unusual
+        assert scan(unusual, 0, len(unusual)) is None, unusual
+    with pytest.raises(ValueError):
+        scan(head, 5, len(head) + 1)
 
 
 @PROPERTY_SETTINGS
