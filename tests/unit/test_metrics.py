@@ -104,6 +104,19 @@ def test_histogram_buckets_are_cumulative_with_le_inclusive():
     assert h.sum == pytest.approx(104.65)
 
 
+def test_histogram_buckets_a_value_where_bisect_left_would():
+    import bisect
+    import random
+
+    rng = random.Random(5)
+    values = [*TIME_BUCKETS, 0.0, -1.0, 1e9, float("nan"), float("inf")]
+    values += [rng.uniform(0, 70) for _ in range(500)] + [rng.uniform(0, 0.01) for _ in range(500)]
+    for v in values:
+        h = Histogram(TIME_BUCKETS)
+        h.observe(v)
+        assert h.counts.index(1) == bisect.bisect_left(TIME_BUCKETS, v), v
+
+
 def test_empty_histogram_has_every_bucket_at_zero():
     h = Histogram(TIME_BUCKETS)
     cum = h.cumulative()
