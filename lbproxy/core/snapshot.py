@@ -221,7 +221,17 @@ def _secret(group: ServerGroup) -> str:
 
 
 class ListenerRuntime:
-    __slots__ = ("config", "group", "groups", "limits", "name", "router", "stats")
+    __slots__ = (
+        "client_header_timeout",
+        "config",
+        "group",
+        "groups",
+        "limits",
+        "name",
+        "request_timeout",
+        "router",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -239,6 +249,10 @@ class ListenerRuntime:
         self.limits = Limits(
             config.max_request_line, config.max_header_size, config.max_header_count
         )
+        # The two timeouts every request reads, as native floats (the config is a pydantic
+        # model: two attribute lookups by name each time).
+        self.client_header_timeout = config.timeouts.client_header
+        self.request_timeout = config.timeouts.request
 
     def route(self, host: bytes | None, target: bytes) -> GroupRuntime:
         router = self.router

@@ -164,7 +164,7 @@ class ClientConnection(ClientSocket, Downstream):
     def _start_head_clock(self, now: float) -> None:
         """The first byte of a request head: client_header_timeout counts from ``now``."""
         self.head_start = now
-        self.wake_at(now + self.lr.config.timeouts.client_header)
+        self.wake_at(now + self.lr.client_header_timeout)
 
     def _start_request(self, req: RequestHead) -> None:
         self.lr = lr = self.handle.runtime  # a keep-alive connection's next request sees a reload

@@ -285,7 +285,7 @@ class ExchangeBase:
         """The whole request is with the server: request_timeout counts from here."""
         self.t_sent = _clock()
         self.sent_at = now = self.loop.time()
-        self.down.wake_at(now + self.lr.config.timeouts.request)
+        self.down.wake_at(now + self.lr.request_timeout)
 
     def pause(self, bit: int) -> None:
         """Take no more request body, for reason ``bit`` (``P_*``)."""

@@ -67,9 +67,10 @@ class Response:
                 return
             if resp is None:
                 return
-            raw = bytes(buf[: resp.raw_len])
-            del buf[: resp.raw_len]
             status = resp.status
+            # The head's own bytes: only a 101 and an interim response are passed on as such.
+            raw = bytes(buf[: resp.raw_len]) if status < 200 else b""
+            del buf[: resp.raw_len]
             aff = ex.affinity
             if status == 101:
                 if ex.upgrade:
