@@ -350,7 +350,13 @@ def client_response_head(
         if resp.hop is not None:
             for i in sorted(resp.hop, reverse=True):
                 del out[i]
-    out[0] = b"HTTP/1.1 %d %s" % (resp.status, resp.reason)
+    line = resp.lines[0]
+    # An HTTP/1.1 status line with its reason's SP is sent as it came: it is what the format
+    # below would make (the parser took only a canonical 3-digit code), without formatting.
+    if resp.version != 1 or len(line) < 13:
+        out[0] = b"HTTP/1.1 %d %s" % (resp.status, resp.reason)
+    else:
+        out[0] = line
     out.extend(extra)
     if chunked:
         out.append(b"Transfer-Encoding: chunked")

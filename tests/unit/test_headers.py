@@ -373,6 +373,18 @@ def test_response_reason_kept_even_unusual_or_empty():
     assert response(out).status == 200
 
 
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 ", b"HTTP/1.1 200", b"HTTP/1.1 503 Service  Unavailable",
+     b"HTTP/1.0 302 Found", b"HTTP/1.1 599 x", b"HTTP/1.1 101 Switching Protocols"],
+)  # fmt: skip
+def test_the_status_line_goes_out_as_if_formatted(status_line: bytes) -> None:
+    """An HTTP/1.1 status line is passed on as it came (not formatted again): the same bytes."""
+    resp = response(status_line + b"\r\nContent-Length: 0\r\n\r\n")
+    out = lines(client(status_line + b"\r\nContent-Length: 0\r\n\r\n"))[0]
+    assert out == b"HTTP/1.1 %d %s" % (resp.status, resp.reason)
+
+
 # ------------------------------------------------------------------------- error responses
 
 
