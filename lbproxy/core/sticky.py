@@ -65,9 +65,8 @@ __all__ = [
 DEFAULT_MAX_ENTRIES: Final = 100_000
 MAX_KEY_LENGTH: Final = 256  # a longer sid or cookie value is not a session id we pin
 MAX_HANDSHAKE: Final = 65536  # bytes of a handshake body looked at; an open packet is ~100 bytes
-HANDSHAKE_PROBE_LIMIT: Final = (
-    4096  # bytes of a passing handshake body kept for its sid (~100 needed)
-)
+# bytes of a passing handshake body kept for its sid (~100 needed)
+HANDSHAKE_PROBE_LIMIT: Final = 4096
 
 _TOKEN_KEY: Final = b"lbproxy-sticky"
 _COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")

@@ -58,9 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbproxy.proxy.listener")
 
 BACKLOG: Final = 2048
-ACCEPT_BATCH: Final = (
-    64  # connections accepted per readiness callback, then other events get a turn
-)
+# connections accepted per readiness callback, then other events get a turn
+ACCEPT_BATCH: Final = 64
 # accept() errors that concern one connection only (Linux reports a new connection's pending
 # network error there): skip it and go on.
 _SKIP_ERRNOS = frozenset(
