@@ -114,7 +114,10 @@ def upstream_request_head(
     lines = req.lines
     hop = req.hop
     out = lines.copy()
-    if req.version != 1:  # an HTTP/1.1 request line is sent as it came (the parser split it)
+    # An HTTP/1.1 request line is sent as it came (the parser split it into these parts)
+    # unless its target was rewritten since (an absolute-form target goes out in origin
+    # form: shorter, so the lengths tell).
+    if req.version != 1 or len(lines[0]) != len(req.method) + len(req.target) + 10:
         out[0] = req.method + b" " + req.target + b" HTTP/1.1"
     host = req.host
     host_line = req.host_line
