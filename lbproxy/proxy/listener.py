@@ -34,13 +34,14 @@ connection is a descriptor.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import logging
 import resource
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from ..config.model import ACCEPT_RETRY_DELAY, Address
@@ -58,8 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbproxy.proxy.listener")
 
 BACKLOG: Final = 2048
-# connections accepted per readiness callback, then other events get a turn
-ACCEPT_BATCH: Final = 64
 # accept() errors that concern one connection only (Linux reports a new connection's pending
 # network error there): skip it and go on.
 _SKIP_ERRNOS = frozenset(
@@ -80,6 +79,8 @@ _SKIP_ERRNOS = frozenset(
     if hasattr(errno, name)
 )
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+# What ``next`` gives back when a driven coroutine has returned.
+_DONE = object()
 
 
 # A front end: the protocol that speaks HTTP on an accepted connection, made for it
@@ -142,7 +143,7 @@ def _plain(
     return front
 
 
-def _peer_ip(conn: socket.socket) -> str:
+def _peer_ip(conn: _socket.socket) -> str:
     try:
         return str(conn.getpeername()[0])
     except OSError:
@@ -179,7 +180,7 @@ class Acceptor:
         self.pending = 0  # accepted, not yet a connection (transport or TLS handshake to come)
         # Sockets whose PROXY header is awaited (``listeners[].proxy_protocol``): a close
         # drops them, rather than handing them to a listener that has stopped.
-        self.readers: dict[socket.socket, HeaderReader] = {}
+        self.readers: dict[_socket.socket, HeaderReader] = {}
         self.retry: asyncio.TimerHandle | None = None
         self.closed = False
         # Held: listening (clients wait in the backlog) but not accepting yet, until
@@ -196,7 +197,11 @@ class Acceptor:
 
     def _add_readers(self) -> None:
         for sock in self.sockets:
-            self.loop.add_reader(sock.fileno(), self._on_readable, sock)
+            # socket.socket's accept() is Python code (and its family and type properties
+            # make enums): the C method under it gives the bare descriptor.
+            accept = sock._accept  # type: ignore[attr-defined]
+            kind = (int(sock.family), int(sock.type), sock.proto)
+            self.loop.add_reader(sock.fileno(), self._on_readable, accept, kind)
 
     def _remove_readers(self) -> None:
         for sock in self.sockets:
@@ -221,18 +226,26 @@ class Acceptor:
         self.pending -= len(self.readers)
         self.readers.clear()
 
-    def _on_readable(self, sock: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, peer = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _SKIP_ERRNOS:
-                    continue
+    def _on_readable(
+        self, accept: Callable[[], tuple[int, Any]], kind: tuple[int, int, int]
+    ) -> None:
+        """One connection a readiness callback, as nginx by default (``multi_accept off``):
+        the socket stays readable while more wait, so the loop comes back at its next turn,
+        other events first. Accepting on until EAGAIN would end every callback on an
+        exception raised and caught (measured: with the Python-level ``socket.accept`` it
+        was a tenth of the CPU of a WebSocket connect-echo-close)."""
+        try:
+            fd, peer = accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno not in _SKIP_ERRNOS:  # else only that connection failed
                 self._pause(exc)
-                return
-            self._take(conn, peer)
+            return
+        # A bare _socket.socket: uvloop's connect_accepted_socket reads its family and type,
+        # which socket.socket would make into enums in Python code, for every connection.
+        # Once the transport has the descriptor, the object lets go of it (``_drive``).
+        self._take(_socket.socket(kind[0], kind[1], kind[2], fd), peer)
 
     def _pause(self, exc: OSError) -> None:
         """Stop accepting for a moment (waiting clients stay in the backlog), then resume."""
@@ -258,7 +271,7 @@ class Acceptor:
         if not self.closed:
             self._add_readers()
 
-    def _take(self, conn: socket.socket, peer: Any) -> None:
+    def _take(self, conn: _socket.socket, peer: Any) -> None:
         handle = self.bound.handle
         lr = handle.runtime
         cfg = lr.config
@@ -286,7 +299,7 @@ class Acceptor:
         else:
             self._hand(conn, None)
 
-    def _proxied(self, conn: socket.socket, header: ProxyHeader | None, why: str) -> None:
+    def _proxied(self, conn: _socket.socket, header: ProxyHeader | None, why: str) -> None:
         """The PROXY header read (or not: ``why``); the ACL then sees the real client."""
         del self.readers[conn]
         lr = self.bound.handle.runtime
@@ -309,7 +322,7 @@ class Acceptor:
             log.debug("listener %s: %s spoke TLS to the balancer", lr.name, header.source)
         self._hand(conn, header if header.source is not None else None)
 
-    def _hand(self, conn: socket.socket, proxied: ProxyHeader | None) -> None:
+    def _hand(self, conn: _socket.socket, proxied: ProxyHeader | None) -> None:
         """Make ``conn`` a connection of its listener (counted in ``pending`` until then)."""
         handle = self.bound.handle
         lr = handle.runtime
@@ -327,35 +340,52 @@ class Acceptor:
                 conn.close()
                 return
         coro: Coroutine[Any, Any, Any]
+        # (connect_accepted_socket asks for a socket.socket; what it uses of one, family,
+        # type and fileno(), a bare _socket.socket has.)
         try:
             if ssl_ctx is None:
                 coro = self.loop.connect_accepted_socket(
-                    lambda: _plain(ctx, handle, fronts.http1, loop, proxied), conn
+                    lambda: _plain(ctx, handle, fronts.http1, loop, proxied),
+                    conn,  # type: ignore[arg-type]
                 )
             else:
                 # The front end is chosen once the handshake has settled ALPN (Alpn).
                 coro = self.loop.connect_accepted_socket(
                     lambda: Alpn(ctx, handle, fronts, loop, proxied),
-                    conn,
+                    conn,  # type: ignore[arg-type]
                     ssl=ssl_ctx,
                     ssl_handshake_timeout=cfg.timeouts.client_header,
                 )
+            steps = coro.__await__()
+            step = next(steps, _DONE)
         except Exception:
+            # Before the transport took the descriptor (uvloop opens it first thing).
             log.exception("listener %s: cannot take an accepted connection", lr.name)
             self.pending -= 1
             conn.close()
             return
-        self._drive(coro, stats if ssl_ctx is not None else None)
+        # The transport has the descriptor now and closes it with itself: the socket object
+        # lets go of it (uvloop closes a file object it was given that is not a
+        # socket.socket, which would close the number again, perhaps another file's by then).
+        conn.detach()
+        self._drive(steps, step, stats if ssl_ctx is not None else None)
 
-    def _drive(self, coro: Coroutine[Any, Any, Any], tls_stats: ListenerStats | None) -> None:
-        """Run ``coro`` (a connect_accepted_socket) to its end without a task: each time it
-        waits on a future, go on when that future is done. A failed TLS handshake is counted
-        in ``tls_stats``."""
-        try:
-            step = coro.send(None)
-        except StopIteration:
+    def _drive(self, steps: Iterator[Any], step: Any, tls_stats: ListenerStats | None) -> None:
+        """Run ``steps`` (a connect_accepted_socket's) to its end without a task: each time
+        it waits on a future (``step``), go on when that future is done. A failed TLS
+        handshake is counted in ``tls_stats``. (``next`` with a default, not ``send``: the
+        end is then no StopIteration caught here, which costs a compiled function a
+        traceback made for it.)"""
+        if step is _DONE:
             self.pending -= 1
-            return
+        elif step is None:  # a bare yield: go on at the next turn of the loop
+            self.loop.call_soon(self._step, steps, tls_stats)
+        else:  # a future: go on when it is done
+            step.add_done_callback(lambda _: self._step(steps, tls_stats))
+
+    def _step(self, steps: Iterator[Any], tls_stats: ListenerStats | None) -> None:
+        try:
+            step = next(steps, _DONE)
         except (Exception, asyncio.CancelledError) as exc:
             # A TLS handshake that failed or timed out; the transport is closed already.
             self.pending -= 1
@@ -363,10 +393,7 @@ class Acceptor:
                 tls_stats.tls_failures[tls.failure_reason(exc)] += 1
             log.debug("listener %s: connection failed: %r", self.bound.handle.runtime.name, exc)
             return
-        if hasattr(step, "add_done_callback"):
-            step.add_done_callback(lambda _: self._drive(coro, tls_stats))
-        else:  # a bare yield: go on at the next turn of the loop
-            self.loop.call_soon(self._drive, coro, tls_stats)
+        self._drive(steps, step, tls_stats)
 
 
 class Opening:

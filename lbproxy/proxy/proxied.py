@@ -12,6 +12,7 @@ acceptor counts it.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import socket
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from ..wire.proxy_protocol import MORE, ProxyHeader, ProxyProtocolError
 PEEK: Final = 4096  # bytes looked at per readiness: a v1 line, or a v2 header with its usual TLVs
 
 # (the header, or None and why it failed)
-Done = Callable[[socket.socket, ProxyHeader | None, str], None]
+Done = Callable[[_socket.socket, ProxyHeader | None, str], None]
 
 
 class HeaderReader:
@@ -32,7 +33,7 @@ class HeaderReader:
     __slots__ = ("buf", "conn", "done", "fd", "loop", "timer", "v1", "v2")
 
     def __init__(
-        self, conn: socket.socket, versions: tuple[str, ...], timeout: float, done: Done
+        self, conn: _socket.socket, versions: tuple[str, ...], timeout: float, done: Done
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.conn = conn

@@ -402,6 +402,13 @@ def strace_binary() -> str:
 async def syscalls(pid: int, names: str, work: Callable[[], Awaitable[None]]) -> dict[str, int]:
     """How many of the system calls ``names`` (strace's ``trace=`` list) the process ``pid``
     and its threads make while ``work`` runs, counted with strace."""
+    return (await syscalls_and_errors(pid, names, work))[0]
+
+
+async def syscalls_and_errors(
+    pid: int, names: str, work: Callable[[], Awaitable[None]]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """``syscalls``, and how many of each failed."""
     tracer = await asyncio.create_subprocess_exec(
         strace_binary(),
         "-f",
@@ -423,11 +430,15 @@ async def syscalls(pid: int, names: str, work: Callable[[], Awaitable[None]]) ->
     report = (await asyncio.wait_for(tracer.stderr.read(), 30)).decode()
     await tracer.wait()
     counts = {name: 0 for name in names.split(",")}
+    errors = dict(counts)
     for row in report.splitlines():
+        # % time, seconds, usecs/call, calls, [errors,] syscall
         cols = row.split()
         if cols and cols[-1] in counts and cols[0][0].isdigit():
             counts[cols[-1]] = int(cols[3])
-    return counts
+            if len(cols) == 6:
+                errors[cols[-1]] = int(cols[4])
+    return counts, errors
 
 
 async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -487,3 +498,43 @@ async def test_a_new_connection_makes_no_getpid_call(make_backend, tmp_path):
 
         counted = await syscalls(lb.proc.pid, "getpid", work)
     assert counted["getpid"] < connections // 4, counted
+
+
+async def test_an_accepted_connection_closes_its_descriptor_once(make_backend, tmp_path):
+    """The listener accepts with the C-level accept and hands uvloop a bare _socket.socket;
+    uvloop closes such a file object itself after closing the transport's descriptor, which
+    would close the same number a second time (EBADF, or by then another file's: a thread
+    may have opened one in between). The object lets go of the descriptor once the
+    transport has it: no close of a connection's fails."""
+    backend = await make_backend("A")
+    listen, admin = free_port(), free_port()
+    path = write(tmp_path, config_text(listen, admin, [backend.address]))
+    connections = 200
+    async with lbproxy(path) as lb, aiohttp.ClientSession() as session:
+        await wait_for(
+            lambda: serving(session, f"http://127.0.0.1:{listen}/whoami", "A"),
+            timeout=15,
+            what="lbproxy to serve a request through its listener",
+        )
+
+        async def work() -> None:
+            for _ in range(connections):
+                reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+                await one_request(reader, writer)
+                writer.close()
+                await writer.wait_closed()
+
+        async def closed_all() -> bool:
+            # The proxy closes each client connection when it sees the client's FIN.
+            async with session.get(f"http://127.0.0.1:{admin}/status") as r:
+                status = await r.json()
+            (web,) = status["listeners"]
+            return bool(web["connections_active"] == 0)
+
+        async def work_and_settle() -> None:
+            await work()
+            await wait_for(closed_all, timeout=30, what="every client connection closed")
+
+        counted, failed = await syscalls_and_errors(lb.proc.pid, "close", work_and_settle)
+    assert counted["close"] >= connections, counted
+    assert failed["close"] == 0, (counted, failed)
