@@ -63,9 +63,12 @@ INTERPRETED = frozenset(
         "wire.__init__",
     }
 )
-# Plain C extensions of the compiled build (byte parsers; each has its Python path for the
-# pure build, chosen at import): module name -> source.
-C_EXTENSIONS = {"wire._headscan": "lbproxy/wire/_headscan.c"}
+# Plain C extensions of the compiled build (the head scanner, the accept loop; each has its
+# Python path for the pure build, chosen at import): module name -> source.
+C_EXTENSIONS = {
+    "wire._headscan": "lbproxy/wire/_headscan.c",
+    "proxy._accept": "lbproxy/proxy/_accept.c",
+}
 GROUP = "lbproxy._mypyc"  # the shared library of every compiled module: lbproxy/_mypyc__mypyc*.so
 
 

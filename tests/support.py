@@ -49,6 +49,31 @@ def expected_build() -> str:
     return {"compiled": "compiled (mypyc)", "pure": "pure"}[os.environ["LBPROXY_EXPECT_BUILD"]]
 
 
+def compile_c_extension(name: str, beside: str) -> Any:
+    """The C extension ``name`` (its source ``name.c`` beside the module file ``beside``),
+    compiled and loaded here: the pure build has none of the compiled build's C modules, and
+    its run checks their sources too (with the system C compiler, as the build does)."""
+    import importlib.machinery
+    import importlib.util
+    import subprocess
+    import sysconfig
+    import tempfile
+    from pathlib import Path
+
+    out = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    so = out / (name + importlib.machinery.EXTENSION_SUFFIXES[0])
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    include = sysconfig.get_paths()["include"]
+    src = Path(beside).with_name(f"{name}.c")
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", f"-I{include}", str(src), "-o", str(so)],
+                   check=True)  # fmt: skip
+    spec = importlib.util.spec_from_file_location(name, so)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

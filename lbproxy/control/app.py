@@ -32,12 +32,13 @@ from ..core.dns import with_discovered
 from ..core.health import Event, Transition
 from ..core.history import EventLog
 from ..core.snapshot import Changes, Holder, RuntimeState, ServerState, Snapshot
+from ..proxy.acceptor import Fronts
 from ..proxy.access_log import AccessLog
 from ..proxy.client import ClientConnection
 from ..proxy.client_socket import ClientSocket
 from ..proxy.context import Context
 from ..proxy.http2 import Http2Connection
-from ..proxy.listener import BindError, Fronts, Listeners, Opening, probe_binds
+from ..proxy.listener import BindError, Listeners, Opening, probe_binds
 from ..proxy.tunnel import IdleSweeper, Tunnel
 from .checker import Checker
 from .discovery import Discovery, resolve_names

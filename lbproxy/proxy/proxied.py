@@ -5,7 +5,7 @@ Owns ``HeaderReader``: one per connection whose header is awaited, a reader call
 bare socket (no task) and one timer (the section's ``timeout``). It peeks at what arrived and
 takes off the socket only bytes that are the header's (``wire.proxy_protocol.header_length``
 says how many), so what follows, a TLS ClientHello or an HTTP request, stays for the front end
-the socket is then handed to (``listener.Acceptor``). A header that is malformed, of a version
+the socket is then handed to (``acceptor.Acceptor``). A header that is malformed, of a version
 not accepted, cut by the client's close or late is a failure: the socket is closed, and the
 acceptor counts it.
 """

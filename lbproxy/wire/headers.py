@@ -148,8 +148,8 @@ def upstream_request_head(
         if gone:
             drop = gone if hop is None else hop + gone
     if no_extensions:
-        offer = _named(lines, WS_EXTENSIONS)
-        if offer:
+        offer = req.extensions
+        if offer is not None:
             drop = offer if drop is None else drop + offer
     if drop is not None:
         for i in sorted(drop, reverse=True):
@@ -197,11 +197,6 @@ def _end_head(
     out.extend(extra)
     out.append(b"\r\n")
     return b"\r\n".join(out)
-
-
-def _named(lines: list[bytes], lname: bytes) -> list[int]:
-    """The indexes of the field lines named ``lname`` (the parser notes only some names)."""
-    return [i for i in range(1, len(lines)) if lines[i].partition(b":")[0].lower() == lname]
 
 
 def _first_value(lines: list[bytes], among: list[int] | None, lname: bytes) -> bytes:

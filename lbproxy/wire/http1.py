@@ -135,6 +135,9 @@ _K_HOP: Final = 7  # the other hop-by-hop fields (RFC 9110 7.6.1)
 # headers.CLIENT_CERT): replaced or dropped in a request; plain in a response.
 _K_FORWARDED: Final = 8
 _K_CLOSE: Final = 9  # a field named "close": hop-by-hop when Connection lists the token
+# Sec-WebSocket-Extensions: an upgrade's offer, dropped under a message size limit (noted in
+# a request, ``extensions``, so that finding it reads no other line; plain in a response).
+_K_EXTENSIONS: Final = 10
 
 _SPECIAL: dict[bytes, int] = {
     b"content-length": _K_CONTENT_LENGTH,
@@ -158,6 +161,7 @@ _SPECIAL: dict[bytes, int] = {
     b"x-client-cert-subject": _K_FORWARDED,
     b"x-client-cert-fingerprint": _K_FORWARDED,
     b"close": _K_CLOSE,
+    b"sec-websocket-extensions": _K_EXTENSIONS,
 }
 
 _COMMON_NAMES = (
@@ -292,11 +296,12 @@ class RequestHead(Head):
     """A parsed, validated request head. Besides ``Head``'s fields: ``forwarded`` lists the
     line numbers of X-Forwarded-For/-Proto/-Host, X-Real-IP and the names only the balancer
     sets (X-Forwarded-Port, X-Forwarded-Client-Srcport, SLB-IP, SLB-ID, X-Client-Cert-*),
-    ``host_line`` that of Host (0: none)."""
+    ``extensions`` those of Sec-WebSocket-Extensions, ``host_line`` that of Host (0: none)."""
 
     __slots__ = (
         "absolute",
         "expect_continue",
+        "extensions",
         "forwarded",
         "host",
         "host_line",
@@ -310,6 +315,7 @@ class RequestHead(Head):
     absolute: bool  # ``host`` is the authority of an absolute-form target
     expect_continue: bool
     forwarded: list[int] | None
+    extensions: list[int] | None
     host_line: int
 
     def __init__(
@@ -329,6 +335,7 @@ class RequestHead(Head):
         raw_len: int,
         hop: list[int] | None = None,
         forwarded: list[int] | None = None,
+        extensions: list[int] | None = None,
         host_line: int = 0,
         absolute: bool = False,
     ) -> None:
@@ -349,6 +356,7 @@ class RequestHead(Head):
         self.absolute = absolute
         self.expect_continue = expect_continue
         self.forwarded = forwarded
+        self.extensions = extensions
         self.host_line = host_line
 
     def __repr__(self) -> str:
@@ -496,6 +504,7 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
     framing: list[tuple[int, bytes]] | None = None
     hop: list[int] | None = None
     forwarded: list[int] | None = None
+    extensions: list[int] | None = None
     close_lines: list[int] | None = None
     # The loop over the fields is written twice: over the C scanner's special fields, and
     # over every line here (the pure build, and what the scanner found unusual), where it
@@ -519,8 +528,10 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
                     hop = [i] if hop is None else [*hop, i]
                 elif kind == _K_FORWARDED:
                     forwarded = [i] if forwarded is None else [*forwarded, i]
-                else:
+                elif kind == _K_CLOSE:
                     close_lines = [i] if close_lines is None else [*close_lines, i]
+                else:
+                    extensions = [i] if extensions is None else [*extensions, i]
                 continue
             # The byte check above leaves SP and HTAB as the only whitespace, so the faster
             # argument-less strip() removes exactly the OWS of RFC 9110 5.5.
@@ -543,8 +554,10 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
                 hop = [i] if hop is None else [*hop, i]
             elif kind == _K_FORWARDED:
                 forwarded = [i] if forwarded is None else [*forwarded, i]
-            else:
+            elif kind == _K_CLOSE:
                 close_lines = [i] if close_lines is None else [*close_lines, i]
+            else:
+                extensions = [i] if extensions is None else [*extensions, i]
             continue
         if kind == _K_HOST:
             host = value
@@ -588,6 +601,7 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
             raw_len=raw_len,
             hop=hop,
             forwarded=forwarded,
+            extensions=extensions,
             host_line=host_line,
             absolute=absolute,
         )
@@ -628,6 +642,7 @@ def parse_request_head(buf: bytes | bytearray, limits: Limits) -> RequestHead | 
         raw_len=raw_len,
         hop=hop,
         forwarded=forwarded,
+        extensions=extensions,
         host_line=host_line,
         absolute=absolute,
     )
@@ -693,7 +708,7 @@ def parse_response_head(buf: bytes | bytearray, max_size: int = 65536) -> Respon
             kind = known.get(name)
             if kind is None:
                 kind = _classify_name(name, 502)
-            if not kind or kind in (_K_HOST, _K_FORWARDED):
+            if not kind or kind in (_K_HOST, _K_FORWARDED, _K_EXTENSIONS):
                 continue
             if kind == _K_HOP:
                 hop = [i] if hop is None else [*hop, i]
@@ -711,7 +726,7 @@ def parse_response_head(buf: bytes | bytearray, max_size: int = 65536) -> Respon
                     hop = [i] if hop is None else [*hop, i]
         specials = _NO_SPECIALS
     for kind, i, value in specials:
-        if kind in (_K_HOST, _K_FORWARDED):
+        if kind in (_K_HOST, _K_FORWARDED, _K_EXTENSIONS):
             continue
         if kind == _K_HOP:
             hop = [i] if hop is None else [*hop, i]

@@ -7,12 +7,6 @@ scanner: there the same C source is compiled by the test, and checked alike."""
 from __future__ import annotations
 
 import functools
-import importlib.machinery
-import importlib.util
-import subprocess
-import sysconfig
-import tempfile
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -21,7 +15,7 @@ from hypothesis import strategies as st
 from lbproxy import buildinfo
 from lbproxy.wire import http1
 from lbproxy.wire.http1 import Limits, ParseError, Scan, parse_request_head, parse_response_head
-from tests.support import expected_build
+from tests.support import compile_c_extension, expected_build
 from tests.unit.test_http1 import (
     BROWSER,
     PROPERTY_SETTINGS,
@@ -31,7 +25,8 @@ from tests.unit.test_http1 import (
     valid_requests,
 )
 
-FIELDS = ("method", "target", "host", "absolute", "expect_continue", "forwarded", "host_line")
+FIELDS = ("method", "target", "host", "absolute", "expect_continue", "forwarded", "extensions")
+FIELDS += ("host_line",)
 COMMON = ("version", "lines", "content_length", "chunked", "keep_alive", "connection")
 COMMON += ("upgrade", "raw_len", "hop")
 
@@ -41,6 +36,8 @@ SPECIAL_REQUESTS = [
     b"GET / HTTP/1.1\r\nhOsT:  a.example \t\r\nCONNECTION: keep-alive, Upgrade\r\n"
     b"Upgrade: websocket\r\nX-Forwarded-For: 1.2.3.4\r\nx-real-ip: 5.6.7.8\r\n"
     b"Keep-Alive: 5\r\nTE: trailers\r\nclose: x\r\nConnection: close\r\nSLB-IP: 1\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"
+    b"Connection: Upgrade\r\nUpgrade: websocket\r\nsec-websocket-EXTENSIONS: x\r\n\r\n",
     b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nabc",
     b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -70,6 +67,8 @@ SPECIAL_RESPONSES = [
     RESPONSE,
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n",
     b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
     b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nclose: 1\r\nKeep-Alive: 5\r\n\r\n",
     b"HTTP/1.1 204\r\nHost: x\r\nX-Forwarded-For: y\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nX : y\r\n\r\n",
@@ -98,17 +97,7 @@ def scanner() -> Scan:
         assert http1._scan is not None  # the compiled build loads it
         return http1._scan
     assert http1._scan is None  # the pure build takes the Python path
-    out = Path(tempfile.mkdtemp(prefix="headscan-"))
-    so = out / ("_headscan" + importlib.machinery.EXTENSION_SUFFIXES[0])
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    include = sysconfig.get_paths()["include"]
-    src = Path(http1.__file__).with_name("_headscan.c")
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", f"-I{include}", str(src), "-o", str(so)],
-                   check=True)  # fmt: skip
-    spec = importlib.util.spec_from_file_location("_headscan", so)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = compile_c_extension("_headscan", http1.__file__)
     module.configure(http1._SPECIAL)
     scan: Scan = module.scan
     return scan

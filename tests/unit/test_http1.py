@@ -128,6 +128,24 @@ def test_wrk_request() -> None:
     assert request_body_kind(h) == BODY_NONE
 
 
+def test_websocket_extension_offers_are_noted_by_line() -> None:
+    """An upgrade loses its Sec-WebSocket-Extensions offer under a message size limit: the
+    parser notes where the offer lines are (any spelling), so finding them reads no other
+    line; in a response the field is plain."""
+    h = req(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\nsec-websocket-EXTENSIONS: x\r\n\r\n"
+    )
+    assert h.extensions == [2, 5]
+    assert h.hop == [3, 4]
+    assert req(WRK).extensions is None
+    r = parse_response_head(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+    )
+    assert r is not None and r.hop == [1, 2]
+
+
 def test_browser_request_keeps_order_and_spelling() -> None:
     h = req(BROWSER)
     assert h.target == b"/rooms/general?since=10"
