@@ -55,6 +55,9 @@ log = logging.getLogger("lbproxy.proxy.tunnel")
 # How often IdleSweeper looks: a quarter of the shortest idle timeout, within these bounds.
 SWEEP_MIN: Final = 0.05
 SWEEP_MAX: Final = 1.0
+# Tunnel.closes: which sides' close frames have passed.
+_CLIENT_CLOSED: Final = 1
+_SERVER_CLOSED: Final = 2
 
 
 class Tunnel(TunnelBase):
@@ -67,6 +70,7 @@ class Tunnel(TunnelBase):
         "client_addr",
         "close_code",
         "close_side",
+        "closes",
         "ending",
         "eofs",
         "first_closer",
@@ -123,6 +127,7 @@ class Tunnel(TunnelBase):
         self.close_code: int | None = None  # and its code (None: a close frame without one)
         self.ending: str | None = None  # why the proxy is closing it ("drain", "shutdown")
         self.injected = 0  # close frames the proxy has written so far (0..2)
+        self.closes = 0  # close frames passed on: _CLIENT_CLOSED | _SERVER_CLOSED
 
     def start(self, client_pending: bytes, upstream_pending: bytes, client_full: bool) -> None:
         """Hand both transports to the tunnel and flush what arrived with the handshake.
@@ -165,6 +170,10 @@ class Tunnel(TunnelBase):
     def count_close(self, side: str, code: int | None) -> None:
         """A close frame passed (or the proxy sent its own): count it, remember the first."""
         self.listener.count_ws_close_code(side, code)
+        if side == "client":
+            self.closes |= _CLIENT_CLOSED
+        elif side == "server":
+            self.closes |= _SERVER_CLOSED
         if self.close_side is None:
             self.close_side = side
             self.close_code = code
@@ -239,9 +248,18 @@ class Tunnel(TunnelBase):
 
     # ------------------------------------------------------------------ transport events
     def side_eof(self, from_client: bool) -> bool:
-        """Half-close: pass the FIN on and keep the other direction flowing until it ends."""
+        """Half-close: pass the FIN on and keep the other direction flowing until it ends;
+        after a close handshake, close both. (RFC 6455 7.1.1: once a close frame has gone each
+        way the WebSocket is closed and the TCP connection is to be closed, the server first:
+        at the server's FIN the proxy closes both, as the client's server, instead of passing
+        the FIN on and waiting for the client's. Nothing more may come either way. Not for a
+        WebSocket over an HTTP/2 stream: there the FIN is the stream's END_STREAM, and closing
+        the stream outright would be a reset, RFC 8441's abnormal closure.)"""
         if self.first_closer is None:
             self.first_closer = "client" if from_client else "server"
+        if self.closes == _CLIENT_CLOSED | _SERVER_CLOSED and self.protocol != "HTTP/2":
+            self.close(None)
+            return False
         peer = self.upstream if from_client else self.client
         if peer.can_write_eof() and not peer.is_closing():
             peer.write_eof()

@@ -336,6 +336,38 @@ async def test_fragments_pass_byte_for_byte_both_ways(make_proxy):
         writer.close()
 
 
+async def test_the_servers_fin_after_a_close_handshake_closes_the_tunnel(make_proxy):
+    """RFC 6455 7.1.1: once a close frame has gone each way the WebSocket is closed, and the
+    server closes the TCP connection first. At the server's FIN the proxy then closes both
+    connections, as the client's server, rather than passing the FIN on and keeping the
+    tunnel open until the client's own (a client that never closes kept it until the idle
+    timeout). A FIN before the handshake is passed on as before (the test below)."""
+    backend_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def backend(reader, writer):
+        await backend_accept(reader, writer)
+        _, op, payload = await read_frame(reader)  # the client's close frame
+        assert op == 0x8
+        writer.write(frame(0x8, payload, mask=None))  # the echo that ends the handshake
+        await writer.drain()
+        writer.close()  # the server closes first
+        backend_done.set_result(None)
+
+    async with RawServer(backend) as srv:
+        proxy = await make_proxy(config_doc([srv.address], group=NO_CHECKS))
+        reader, writer = await open_proxy(proxy)
+        await client_handshake(reader, writer)
+        writer.write(frame(0x8, struct.pack("!H", 1000)))
+        _, op, payload = await asyncio.wait_for(read_frame(reader), 5)
+        assert (op, payload) == (0x8, struct.pack("!H", 1000))
+        await asyncio.wait_for(backend_done, 5)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the proxy's FIN
+        # This client never closes its side: the tunnel is gone all the same.
+        await wait_for(lambda: not tunnels(proxy), timeout=5, what="the tunnel to close")
+        writer.close()
+        assert srv.errors == []
+
+
 async def test_tunnel_is_byte_exact_for_arbitrary_bytes(make_proxy):
     """After the 101 the proxy is a pipe: not even valid frames are needed."""
     up = os.urandom(MiB + 7)
