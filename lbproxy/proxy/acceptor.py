@@ -29,6 +29,7 @@ from __future__ import annotations
 import _socket
 import asyncio
 import errno
+import functools
 import logging
 import os
 import socket
@@ -368,13 +369,13 @@ class Acceptor:
         try:
             if ssl_ctx is None:
                 coro = self.loop.connect_accepted_socket(
-                    lambda: _plain(ctx, handle, fronts.http1, loop, proxied),
+                    functools.partial(_plain, ctx, handle, fronts.http1, loop, proxied),
                     conn,  # type: ignore[arg-type]
                 )
             else:
                 # The front end is chosen once the handshake has settled ALPN (Alpn).
                 coro = self.loop.connect_accepted_socket(
-                    lambda: Alpn(ctx, handle, fronts, loop, proxied),
+                    functools.partial(Alpn, ctx, handle, fronts, loop, proxied),
                     conn,  # type: ignore[arg-type]
                     ssl=ssl_ctx,
                     ssl_handshake_timeout=cfg.timeouts.client_header,
@@ -404,9 +405,11 @@ class Acceptor:
         elif step is None:  # a bare yield: go on at the next turn of the loop
             self.loop.call_soon(self._step, steps, tls_stats)
         else:  # a future: go on when it is done
-            step.add_done_callback(lambda _: self._step(steps, tls_stats))
+            step.add_done_callback(functools.partial(self._step, steps, tls_stats))
 
-    def _step(self, steps: Iterator[Any], tls_stats: ListenerStats | None) -> None:
+    def _step(
+        self, steps: Iterator[Any], tls_stats: ListenerStats | None, _: object = None
+    ) -> None:
         try:
             step = next(steps, _DONE)
         except (Exception, asyncio.CancelledError) as exc:

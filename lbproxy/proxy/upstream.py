@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config.model import Address
@@ -127,6 +127,9 @@ class UpstreamConnection(asyncio.Protocol, Idle):  # Idle: its pool reads it nat
             ctx.remember(self.tls_server, self.transport.get_extra_info("ssl_object"))
 
 
+# What ``next`` gives back when the stepped coroutine has returned.
+_DONE = object()
+
 # The result of a connect: the connection, or why there is none (OSError, TimeoutError).
 Done = Callable[["UpstreamConnection | None", "BaseException | None"], None]
 
@@ -142,12 +145,13 @@ class Connecting:
 
     __slots__ = (
         "addresses",
-        "coro",
         "done",
         "i",
         "loop",
+        "made",
         "over",
         "starting",
+        "steps",
         "timed_out",
         "timer",
         "waiting",
@@ -164,7 +168,11 @@ class Connecting:
         self.addresses = addresses
         self.done = done
         self.i = 0
-        self.coro: Coroutine[Any, Any, Any] | None = None
+        # The create_connection coroutine being stepped (``next`` with a default: its end is
+        # then no StopIteration caught here, which costs a compiled function a traceback),
+        # and the protocol it made (its result, which ``next`` does not give).
+        self.steps: Iterator[Any] | None = None
+        self.made: UpstreamConnection | None = None
         self.waiting: asyncio.Future[Any] | None = None
         self.over = False
         self.timed_out = False
@@ -177,22 +185,24 @@ class Connecting:
 
     def _next(self) -> None:
         address = self.addresses[self.i]
-        self.coro = self.loop.create_connection(UpstreamConnection, address.host, address.port)
+        coro = self.loop.create_connection(self._protocol, address.host, address.port)
+        self.steps = coro.__await__()
         self._step()
 
-    def _step(self) -> None:
-        coro = self.coro
-        if coro is None:
+    def _protocol(self) -> UpstreamConnection:
+        self.made = conn = UpstreamConnection()
+        return conn
+
+    def _step(self, _: object = None) -> None:
+        """Go on (``_``: the future waited on, when it is the one calling)."""
+        steps = self.steps
+        if steps is None:
             return
         self.waiting = None
         try:
-            waiting = coro.send(None)
-        except StopIteration as stop:
-            self.coro = None
-            self._finish(stop.value[1], None)
-            return
+            waiting: Any = next(steps, _DONE)
         except OSError as exc:
-            self.coro = None
+            self.steps = None
             self.i += 1
             if not self.over and self.i < len(self.addresses):
                 self._next()  # the next address, within the same timeout
@@ -202,12 +212,15 @@ class Connecting:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # cancelled: at the timeout, or by ``cancel``
-            self.coro = None
+            self.steps = None
             self._finish(None, TimeoutError() if self.timed_out else exc)
             return
-        if hasattr(waiting, "add_done_callback"):
+        if waiting is _DONE:
+            self.steps = None
+            self._finish(self.made, None)
+        elif waiting is not None:  # a future: go on when it is done
             self.waiting = waiting
-            waiting.add_done_callback(lambda _: self._step())
+            waiting.add_done_callback(self._step)
             if self.timed_out or self.over:  # it came due while no wait was there to cancel
                 waiting.cancel()
         else:  # a bare yield: go on at the next turn of the loop
