@@ -182,21 +182,9 @@ class Dispatch:
         timeout = ex.lr.config.timeouts.connect
         if not preface and group.config.tls is None:
             # The common case, in the loop's callbacks: no task per new connection.
-            self.connecting = self._connecting(ex, server, timeout)
+            self.connecting = _connecting(self, ex, server, timeout)
         else:
             self.connecting = ex.loop.create_task(_connect(self, ex, server, timeout, preface))
-
-    def _connecting(
-        self, ex: ExchangeBase, server: ServerState, timeout: float
-    ) -> upstream.Connecting:
-        # Its own method: a lambda in ``choose`` would make mypyc keep all of choose's locals
-        # in an environment object, made for every request.
-        return upstream.Connecting(
-            ex.loop,
-            server.connect_to,
-            timeout,
-            lambda conn, exc: self._connected(ex, server, timeout, conn, exc),
-        )
 
     def _connected(
         self,
@@ -349,6 +337,19 @@ class Dispatch:
             last.pool.put(up, ex.loop.time(), ex.group.config.keepalive_connections)
         else:
             up.close()
+
+
+def _connecting(
+    d: Dispatch, ex: ExchangeBase, server: ServerState, timeout: float
+) -> upstream.Connecting:
+    """A plain connect for ``d`` (``Dispatch.choose``'s; a function of its own: a lambda in
+    ``choose`` would make mypyc keep all of choose's locals in an object made per request)."""
+    return upstream.Connecting(
+        ex.loop,
+        server.connect_to,
+        timeout,
+        lambda conn, exc: d._connected(ex, server, timeout, conn, exc),
+    )
 
 
 async def _connect(
