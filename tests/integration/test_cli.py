@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -286,7 +288,18 @@ async def answered(session: aiohttp.ClientSession, url: str, status: int) -> boo
     return got is not None and got[0] == status
 
 
-async def test_real_run_serves_then_sigterm_exits_zero(make_backend, tmp_path):
+@dataclasses.dataclass
+class Served:
+    lb: Running
+    session: aiohttp.ClientSession
+    listen: int  # the listener's port
+    admin: int  # the admin's port
+    backend: Any
+
+
+@contextlib.asynccontextmanager
+async def serving_lbproxy(make_backend: Any, tmp_path: Path) -> AsyncIterator[Served]:
+    """lbproxy before one backend ("A"), once it serves a request through its listener."""
     backend = await make_backend("A")
     listen, admin = free_port(), free_port()
     path = write(tmp_path, config_text(listen, admin, [backend.address]))
@@ -296,6 +309,12 @@ async def test_real_run_serves_then_sigterm_exits_zero(make_backend, tmp_path):
             timeout=15,
             what="lbproxy to serve a request through its listener",
         )
+        yield Served(lb, session, listen, admin, backend)
+
+
+async def test_real_run_serves_then_sigterm_exits_zero(make_backend, tmp_path):
+    async with serving_lbproxy(make_backend, tmp_path) as served:
+        lb, session, listen, admin = served.lb, served.session, served.listen, served.admin
         # The admin comes up after the listeners (they serve as soon as they are warm).
         await wait_for(
             lambda: answered(session, f"http://127.0.0.1:{admin}/healthz", 200),
@@ -311,7 +330,7 @@ async def test_real_run_serves_then_sigterm_exits_zero(make_backend, tmp_path):
     assert lb.logged("SIGTERM: shutting down gracefully")
     assert lb.lines[-1].endswith(" INFO lbproxy: stopped")
     assert not lb.logged("Traceback")
-    assert ("GET", "/whoami") in [(m, p) for m, p, _ in backend.requests]
+    assert ("GET", "/whoami") in [(m, p) for m, p, _ in served.backend.requests]
 
 
 async def test_second_signal_exits_at_once_with_a_slow_request_in_flight(make_backend, tmp_path):
@@ -448,28 +467,29 @@ async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     await reader.readexactly(length)
 
 
+async def new_connections(listen: int, n: int) -> None:
+    """``n`` client connections to the listener, one after another, one request each."""
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+        await one_request(reader, writer)
+        writer.close()
+        await writer.wait_closed()
+
+
 async def test_a_keep_alive_request_makes_no_getpid_call(make_backend, tmp_path):
     """asyncio.get_running_loop() checks for a fork with a getpid system call on every call;
     an exchange once asked for the loop that way, one system call per request for nothing.
     Counted with strace on a real process: far fewer getpid calls than requests (the few
     left are the timers' and the health checks', not the requests')."""
-    backend = await make_backend("A")
-    listen, admin = free_port(), free_port()
-    path = write(tmp_path, config_text(listen, admin, [backend.address]))
     requests = 1000
-    async with lbproxy(path) as lb, aiohttp.ClientSession() as session:
-        await wait_for(
-            lambda: serving(session, f"http://127.0.0.1:{listen}/whoami", "A"),
-            timeout=15,
-            what="lbproxy to serve a request through its listener",
-        )
-        reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+    async with serving_lbproxy(make_backend, tmp_path) as served:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.listen)
 
         async def work() -> None:
             for _ in range(requests):
                 await one_request(reader, writer)
 
-        counted = await syscalls(lb.proc.pid, "getpid", work)
+        counted = await syscalls(served.lb.proc.pid, "getpid", work)
         writer.close()
     assert counted["getpid"] < requests // 4, counted
 
@@ -478,25 +498,11 @@ async def test_a_new_connection_makes_no_getpid_call(make_backend, tmp_path):
     """A new client connection once made a getpid system call for nothing: its protocol
     asked asyncio for the running loop (and a TLS one did twice). Now the listener hands its
     loop down: far fewer getpid calls than connections."""
-    backend = await make_backend("A")
-    listen, admin = free_port(), free_port()
-    path = write(tmp_path, config_text(listen, admin, [backend.address]))
     connections = 300
-    async with lbproxy(path) as lb, aiohttp.ClientSession() as session:
-        await wait_for(
-            lambda: serving(session, f"http://127.0.0.1:{listen}/whoami", "A"),
-            timeout=15,
-            what="lbproxy to serve a request through its listener",
+    async with serving_lbproxy(make_backend, tmp_path) as served:
+        counted = await syscalls(
+            served.lb.proc.pid, "getpid", lambda: new_connections(served.listen, connections)
         )
-
-        async def work() -> None:
-            for _ in range(connections):
-                reader, writer = await asyncio.open_connection("127.0.0.1", listen)
-                await one_request(reader, writer)
-                writer.close()
-                await writer.wait_closed()
-
-        counted = await syscalls(lb.proc.pid, "getpid", work)
     assert counted["getpid"] < connections // 4, counted
 
 
@@ -506,35 +512,20 @@ async def test_an_accepted_connection_closes_its_descriptor_once(make_backend, t
     would close the same number a second time (EBADF, or by then another file's: a thread
     may have opened one in between). The object lets go of the descriptor once the
     transport has it: no close of a connection's fails."""
-    backend = await make_backend("A")
-    listen, admin = free_port(), free_port()
-    path = write(tmp_path, config_text(listen, admin, [backend.address]))
     connections = 200
-    async with lbproxy(path) as lb, aiohttp.ClientSession() as session:
-        await wait_for(
-            lambda: serving(session, f"http://127.0.0.1:{listen}/whoami", "A"),
-            timeout=15,
-            what="lbproxy to serve a request through its listener",
-        )
-
-        async def work() -> None:
-            for _ in range(connections):
-                reader, writer = await asyncio.open_connection("127.0.0.1", listen)
-                await one_request(reader, writer)
-                writer.close()
-                await writer.wait_closed()
+    async with serving_lbproxy(make_backend, tmp_path) as served:
 
         async def closed_all() -> bool:
             # The proxy closes each client connection when it sees the client's FIN.
-            async with session.get(f"http://127.0.0.1:{admin}/status") as r:
+            async with served.session.get(f"http://127.0.0.1:{served.admin}/status") as r:
                 status = await r.json()
             (web,) = status["listeners"]
             return bool(web["connections_active"] == 0)
 
         async def work_and_settle() -> None:
-            await work()
+            await new_connections(served.listen, connections)
             await wait_for(closed_all, timeout=30, what="every client connection closed")
 
-        counted, failed = await syscalls_and_errors(lb.proc.pid, "close", work_and_settle)
+        counted, failed = await syscalls_and_errors(served.lb.proc.pid, "close", work_and_settle)
     assert counted["close"] >= connections, counted
     assert failed["close"] == 0, (counted, failed)
